@@ -1,0 +1,1 @@
+"""Datasets, preprocessing into uint8 caches, loaders and latent caches."""

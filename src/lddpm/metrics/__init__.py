@@ -1,0 +1,1 @@
+"""FID, Inception-style score, class accuracy, precision/recall."""

@@ -1,0 +1,1 @@
+"""Noise predictors (U-Net, DiT) and the KL autoencoder."""
