@@ -1,0 +1,291 @@
+"""The study's report: results table (Markdown, CSV, HTML), plots (matplotlib Agg) and index.html."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lddpm.study import Study
+
+SAMPLER_LABELS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)"}
+
+# (heading, row key, format) of the human-readable table; FID's heading gets its N.
+TABLE_COLUMNS = (
+    ("Cell", "name", "{}"),
+    ("Model", "model", "{}"),
+    ("Data", "data", "{}"),
+    ("Sampler", "sampler", "{}"),
+    ("Steps", "steps", "{}"),
+    ("Guidance s", "guidance_scale", "{:g}"),
+    ("Schedule", "schedule", "{}"),
+    ("FID", "fid", "{:.2f}"),
+    ("IS", "inception_score", "{:.2f}"),
+    ("Class acc.", "class_accuracy", "{:.1%}"),
+    ("Precision", "precision", "{:.3f}"),
+    ("Recall", "recall", "{:.3f}"),
+    ("s / image", "seconds_per_image", "{:.4f}"),
+    ("Model evals", "model_evals", "{}"),
+    ("Train images", "train_images", "{:,}"),
+    ("Train time", "train_seconds", "seconds"),
+    ("Status", "status", "{}"),
+)
+
+
+def _fmt(value, spec: str) -> str:
+    """Format one table value; missing values show as an en dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if spec == "seconds":
+        value = float(value)
+        return f"{value / 60:.1f} min" if value >= 60 else f"{value:.0f} s"
+    try:
+        return spec.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def _fid_heading(rows: list[dict]) -> tuple[str, bool]:
+    """'FID (N=500)' when every row shares one N, else 'FID' with N shown per value."""
+    ns = {r.get("fid_n") for r in rows if r.get("fid") is not None} or {r.get("fid_n") for r in rows}
+    ns.discard(None)
+    if len(ns) == 1:
+        return f"FID (N={ns.pop()})", False
+    return "FID", True
+
+
+def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Headings and formatted cells of the results table."""
+    fid_heading, per_row_n = _fid_heading(rows)
+    headings = [fid_heading if key == "fid" else head for head, key, _ in TABLE_COLUMNS]
+    body = []
+    for row in rows:
+        cells = []
+        for _, key, spec in TABLE_COLUMNS:
+            text = _fmt(row.get(key), spec)
+            if key == "fid" and per_row_n and row.get("fid") is not None:
+                text += f" (N={row.get('fid_n')})"
+            if key == "fid" and row.get("kind") == "vae" and row.get("fid") is not None:
+                text += " (rFID)"
+            cells.append(text)
+        body.append(cells)
+    return headings, body
+
+
+def to_markdown(study: "Study", rows: list[dict]) -> str:
+    """results.md: settings line, the table, and notes on reconstruction cells and failures."""
+    s = study.settings
+    headings, body = table(rows)
+    lines = [
+        f"# Study `{s.name}`",
+        "",
+        f"Dataset {s.dataset} at {s.resolution}x{s.resolution}; FID against the {s.reference_split} split "
+        f"(Inception pool3 features, N generated images vs reference statistics); seed {s.seed}.",
+        "",
+        "| " + " | ".join(headings) + " |",
+        "|" + "|".join("---" for _ in headings) + "|",
+    ]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
+    lines += [
+        "",
+        "FID: lower is better, comparable only at equal N. IS: Inception-style score "
+        "(exp of the mean KL between the study classifier's per-image and marginal class "
+        "distributions). Class acc.: share of conditional samples the classifier assigns to "
+        "the requested class. Model evals: network evaluations per image (2 per step with guidance). "
+        "VAE rows score reconstructions of the reference split (rFID).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    """results.csv: one row per cell, machine-readable fields (fid and fid_n separate)."""
+    from lddpm.study import ROW_FIELDS
+
+    extra = sorted({k for r in rows for k in r} - set(ROW_FIELDS) - {"extra"})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[*ROW_FIELDS, *extra], extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _ok(rows: list[dict]) -> list[dict]:
+    """Rows that finished."""
+    return [r for r in rows if r.get("status") == "ok"]
+
+
+def read_loss_log(path: Path) -> tuple[list[int], list[float]]:
+    """(steps, losses) from a trainer log.jsonl; lines without both fields are skipped."""
+    steps, losses = [], []
+    if not path.is_file():
+        return steps, losses
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec and "loss" in rec and rec.get("loss") is not None:
+            steps.append(int(rec["step"]))
+            losses.append(float(rec["loss"]))
+    return steps, losses
+
+
+def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> list[tuple[str, str]]:
+    """Draw every plot that has data; returns (title, path relative to the study folder)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    made: list[tuple[str, str]] = []
+    ok = _ok(rows)
+
+    def save(fig, name: str, title: str) -> None:
+        fig.tight_layout()
+        path = plot_dir / name
+        tmp = path.with_name(f".{name}.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(path)
+        plt.close(fig)
+        made.append((title, f"{plot_dir.name}/{name}"))
+
+    # FID against sampling steps, one line per (run, sampler).
+    lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for r in ok:
+        if r.get("group") == "samplers" and r.get("fid") is not None and r.get("steps"):
+            lines.setdefault((r["run"], r["sampler"]), []).append((r["steps"], r["fid"]))
+    if lines:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (run, sampler), pts in sorted(lines.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{SAMPLER_LABELS.get(sampler, sampler)} ({run})")
+        ax.set_xscale("log")
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(f"FID (N={ok[0].get('fid_n')})" if len({r.get('fid_n') for r in ok}) == 1 else "FID")
+        ax.set_title("FID against sampling steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "fid_vs_steps.png", "FID against sampling steps")
+
+    # FID and class accuracy against guidance scale, one line per run.
+    guided = [r for r in ok if r.get("group") in ("guidance", "samplers") and r.get("guidance_scale") is not None]
+    runs_with_scan = sorted({r["run"] for r in guided if r.get("group") == "guidance"})
+    if runs_with_scan:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
+        for run in runs_with_scan:
+            pts = sorted((r["guidance_scale"], r.get("fid"), r.get("class_accuracy")) for r in guided if r["run"] == run)
+            xs_f = [p[0] for p in pts if p[1] is not None]
+            ax1.plot(xs_f, [p[1] for p in pts if p[1] is not None], "o-", label=run)
+            xs_a = [p[0] for p in pts if p[2] is not None]
+            ax2.plot(xs_a, [100 * p[2] for p in pts if p[2] is not None], "o-", label=run)
+        ax1.set_xlabel("guidance scale s")
+        ax1.set_ylabel("FID")
+        ax1.set_title("FID against guidance scale")
+        ax2.set_xlabel("guidance scale s")
+        ax2.set_ylabel("class accuracy (%)")
+        ax2.set_title("Class accuracy against guidance scale")
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        save(fig, "guidance.png", "FID and class accuracy against guidance scale")
+
+    # FID per noise schedule.
+    sched = [r for r in ok if r.get("group") == "schedules" and r.get("fid") is not None]
+    if sched:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        labels = [f"{r.get('schedule') or r['run']}" for r in sched]
+        ax.bar(range(len(sched)), [r["fid"] for r in sched], color="tab:blue")
+        ax.set_xticks(range(len(sched)), labels, rotation=20, ha="right")
+        ax.set_ylabel("FID")
+        ax.set_title("FID per noise schedule (same training budget)")
+        save(fig, "schedules.png", "FID per noise schedule")
+
+    # Training loss curves from each run's log.jsonl.
+    curves = {name: read_loss_log(Path(d) / "log.jsonl") for name, d in sorted(run_dirs.items())}
+    curves = {k: v for k, v in curves.items() if v[0]}
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, (steps, losses) in curves.items():
+            ax.plot(steps, _smooth(losses), label=name)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("training loss (smoothed)")
+        ax.set_yscale("log")
+        ax.set_title("Training loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "loss_curves.png", "Training loss curves")
+
+    # Seconds per image, one bar per row.
+    timed = [r for r in ok if r.get("seconds_per_image") is not None]
+    if timed:
+        fig, ax = plt.subplots(figsize=(7, 1.8 + 0.3 * len(timed)))
+        ax.barh(range(len(timed)), [r["seconds_per_image"] for r in timed], color="tab:orange")
+        ax.set_yticks(range(len(timed)), [r["name"] for r in timed], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds per image (sampling + decoding)")
+        ax.set_title("Sampling time per image")
+        save(fig, "seconds_per_image.png", "Seconds per image")
+    return made
+
+
+def _smooth(values: list[float], alpha: float = 0.05) -> list[float]:
+    """Exponential moving average (bias-corrected) so noisy losses read as a curve."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values):
+        avg = (1 - alpha) * avg + alpha * v
+        out.append(avg / (1 - (1 - alpha) ** (i + 1)))
+    return out
+
+
+# ----------------------------------------------------------------------------- html
+
+
+def to_html(study: "Study", rows: list[dict], plots: list[tuple[str, str]]) -> str:
+    """index.html: table, plots and sample grids on one page; relative links only."""
+    s = study.settings
+    esc = html.escape
+    headings, body = table(rows)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>lddpm study {esc(s.name)}</title>",
+        "<style>body{font-family:sans-serif;margin:1.5em;max-width:1400px}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}tr.failed td{background:#fee}"
+        "figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top}figcaption{font-size:13px}"
+        "img{image-rendering:pixelated;max-width:100%}</style></head><body>",
+        f"<h1>Study {esc(s.name)}</h1>",
+        f"<p>{esc(s.dataset)} at {s.resolution}x{s.resolution}; FID against the {esc(s.reference_split)} split; "
+        f"seed {s.seed}. Also as <a href='results.md'>results.md</a>, <a href='results.json'>results.json</a>, "
+        f"<a href='results.csv'>results.csv</a>.</p>",
+        "<h2>Results</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headings) + "</tr>",
+    ]
+    for row, cells in zip(rows, body):
+        cls = " class='failed'" if str(row.get("status", "")).startswith("failed") else ""
+        parts.append(f"<tr{cls}>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+    parts.append("</table>")
+    if plots:
+        parts.append("<h2>Plots</h2>")
+        parts += [f"<figure><img src='{esc(p)}' alt='{esc(t)}'><figcaption>{esc(t)}</figcaption></figure>" for t, p in plots]
+    grids = [r for r in rows if r.get("grid")]
+    if grids:
+        parts.append("<h2>Samples</h2>")
+        for r in grids:
+            caption = f"{r['name']}: {r.get('sampler')}"
+            if r.get("steps"):
+                caption += f", {r['steps']} steps"
+            if r.get("guidance_scale") not in (None, 1, 1.0):
+                caption += f", s={r['guidance_scale']:g}"
+            parts.append(f"<figure><img src='{esc(r['grid'])}' alt='{esc(r['name'])}'><figcaption>{esc(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

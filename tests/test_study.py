@@ -1,0 +1,157 @@
+"""Study runner and report: artefacts, resume, failed cells, config parsing (toy cell functions)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lddpm.errors import LddpmError
+from lddpm.study import load_study, make_grid, run_study, study_from_dict, StudySettings
+
+TOY = {
+    "study": {"name": "toy", "dataset": "toy", "resolution": 8, "fid_n": 16, "grid_per_class": 3},
+    "runs": {"net": {"config": "toy.toml", "steps": 3}},
+    "cells": [
+        {"name": "ddim-{steps}", "run": "net", "sampler": "ddim", "steps": [2, 4]},
+        {"name": "cfg-s{guidance_scale:g}", "run": "net", "sampler": "ddim", "steps": 4, "guidance_scale": [1.0, 3.0]},
+    ],
+}
+
+
+class ToyBackend:
+    """Counts calls; writes a loss log like the trainer; returns labelled random images."""
+
+    def __init__(self, fail: set[str] = frozenset()):
+        self.trained, self.scored, self.fail = [], [], set(fail)
+
+    def train(self, run, run_dir: Path, study, deps):
+        self.trained.append(run.name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "log.jsonl", "w") as f:
+            for step in range(run.steps):
+                f.write(json.dumps({"step": step, "loss": 1.0 / (step + 1)}) + "\n")
+        return {"run_dir": str(run_dir), "model": "toy-net", "schedule": "linear", "train_images": 24,
+                "train_seconds": 0.5, "class_names": ["a", "b"]}
+
+    def cell(self, cell, info, study, out_dir):
+        self.scored.append(cell.name)
+        if cell.name in self.fail:
+            raise RuntimeError("toy failure\nsecond line")
+        rng = np.random.default_rng(cell.steps)
+        n = study.fid_n(cell)
+        return {
+            "fid": 100.0 / cell.steps + cell.guidance_scale, "inception_score": 1.5, "class_accuracy": 0.5,
+            "precision": 0.4, "recall": 0.3, "seconds_per_image": 0.01 * cell.steps,
+            "model_evals": cell.steps * (2 if cell.guidance_scale != 1 else 1),
+            "images": rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8), "labels": np.arange(n) % 2,
+        }
+
+
+def _run(out: Path, backend: ToyBackend, data=TOY):
+    study = study_from_dict(data)
+    return run_study(study, out, train_fn=backend.train, cell_fn=backend.cell, progress=False)
+
+
+def test_study_writes_every_artefact_and_resumes(tmp_path):
+    backend = ToyBackend()
+    rows = _run(tmp_path, backend)
+    names = ["ddim-2", "ddim-4", "cfg-s1", "cfg-s3"]
+    assert [r["name"] for r in rows] == names
+    assert all(r["status"] == "ok" for r in rows)
+    assert backend.trained == ["net"]  # one training run shared by all cells
+    for rel in ["results.md", "results.json", "results.csv", "index.html", "plots/fid_vs_steps.png",
+                "plots/guidance.png", "plots/loss_curves.png", "plots/seconds_per_image.png"]:
+        assert (tmp_path / rel).stat().st_size > 0, rel
+    for name in names:
+        assert (tmp_path / "grids" / f"{name}.png").is_file()
+        assert (tmp_path / "cells" / f"{name}.json").is_file()
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in payload["rows"]] == names
+    row = payload["rows"][1]
+    assert row["fid"] == pytest.approx(26.0) and row["fid_n"] == 16 and row["train_images"] == 24
+    assert row["model_evals"] == 4 and payload["rows"][3]["model_evals"] == 8
+    with open(tmp_path / "results.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [r["name"] for r in csv_rows] == names and float(csv_rows[0]["fid"]) == pytest.approx(51.0)
+    md = (tmp_path / "results.md").read_text()
+    assert "FID (N=16)" in md and md.count("\n| ") == 1 + len(names)
+    html = (tmp_path / "index.html").read_text()
+    links = re.findall(r"(?:src|href)='([^']+)'", html)
+    assert links and all(not link.startswith("/") and (tmp_path / link).is_file() for link in links)
+    assert "grids/cfg-s3.png" in links and "plots/guidance.png" in links
+
+    # Second run: nothing is retrained or rescored; the finished cells' files are untouched.
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")}
+    again = ToyBackend()
+    rows2 = _run(tmp_path, again)
+    assert again.trained == [] and again.scored == []
+    assert [r["fid"] for r in rows2] == [r["fid"] for r in rows]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")} == mtimes
+
+
+def test_failed_cell_is_recorded_and_the_rest_runs(tmp_path):
+    backend = ToyBackend(fail={"ddim-4"})
+    rows = _run(tmp_path, backend)
+    status = {r["name"]: r["status"] for r in rows}
+    assert status["ddim-4"] == "failed: toy failure"
+    assert [s for n, s in status.items() if n != "ddim-4"] == ["ok"] * 3
+    assert "failed: toy failure" in (tmp_path / "results.md").read_text()
+    assert "RuntimeError" in (tmp_path / "cells" / "ddim-4.error.txt").read_text()
+    # Re-running retries only the failed cell.
+    retry = ToyBackend()
+    rows = _run(tmp_path, retry)
+    assert retry.scored == ["ddim-4"] and all(r["status"] == "ok" for r in rows)
+
+
+def test_failed_training_fails_its_cells_once(tmp_path):
+    calls = []
+
+    def bad_train(run, run_dir, study, deps):
+        calls.append(run.name)
+        raise ValueError("no data")
+
+    rows = run_study(study_from_dict(TOY), tmp_path, train_fn=bad_train, cell_fn=ToyBackend().cell, progress=False)
+    assert calls == ["net"] and all(r["status"] == "failed: no data" for r in rows)
+    assert (tmp_path / "index.html").is_file()
+
+
+def test_study_file_validation(tmp_path):
+    with pytest.raises(LddpmError, match="run 'nope' is not defined"):
+        study_from_dict({"runs": {"a": {"config": "x"}}, "cells": [{"name": "c", "run": "nope"}]})
+    with pytest.raises(LddpmError, match="unknown key"):
+        study_from_dict({"runs": {"a": {"config": "x", "stepz": 3}}, "cells": [{"name": "c", "run": "a"}]})
+    with pytest.raises(LddpmError, match="must mention"):
+        study_from_dict({"runs": {"a": {"config": "x"}}, "cells": [{"name": "c", "run": "a", "steps": [1, 2]}]})
+    with pytest.raises(LddpmError, match="kind = \"vae\""):
+        study_from_dict({"runs": {"a": {"config": "x", "vae": "a"}}, "cells": [{"name": "c", "run": "a"}]})
+    study = study_from_dict(TOY)
+    assert [c.group for c in study.cells] == ["samplers", "samplers", "samplers", "guidance"]
+
+
+def test_grid_has_one_row_per_class():
+    images = np.zeros((6, 4, 4, 1), np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    images[labels == 1] = 255
+    grid = make_grid(images, labels, StudySettings(grid_per_class=2), None, pad=2)
+    scale = 64 // 4
+    th = 4 * scale + 2
+    assert grid.shape == (3 * th + 2, 2 * th + 2, 3)
+    row1 = grid[2 + th : 2 + th + 4 * scale, 2 : 2 + 4 * scale]
+    assert (row1 == 255).all() and (grid[2 : 2 + 4 * scale, 2 : 2 + 4 * scale] == 0).all()
+
+
+@pytest.mark.parametrize("preset", ["study-quick", "study-cifar10", "study-imagenet100", "demo"])
+def test_presets_parse(preset):
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{preset}.toml"
+    if not path.is_file():
+        pytest.skip(f"{path.name} not written yet")
+    study = load_study(path)
+    assert study.cells and all(c.run in study.runs for c in study.cells)
+    for run in study.runs.values():
+        cfg = study.base_dir / run.config
+        assert cfg.is_file() or "/" not in run.config, f"{run.name}: {run.config} missing"
