@@ -1,0 +1,155 @@
+"""Building blocks shared by the U-Net and the autoencoder: timestep embedding, ResBlock, attention, up/down."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lddpm.errors import LddpmError
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, shape (B, dim).
+
+    Section 3.5 of Vaswani et al. 2017 as used by Ho et al. 2020; [cos, sin] order as in ADM
+    (Dhariwal & Nichol 2021). Frequencies are max_period^(-i / half) for i < half.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter of `module` (ADM's init for the last layer of each residual branch)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Residual block: GroupNorm-SiLU-conv, timestep injection, GroupNorm-SiLU-dropout-conv, skip.
+
+    The timestep embedding is added after the first conv (Ho et al. 2020), or, with
+    `scale_shift=True`, applied as adaptive group norm h = norm(h) * (1 + s) + b
+    (AdaGN, Section 3 of Dhariwal & Nichol 2021). `emb_dim=None` gives the unconditioned block of
+    the autoencoder. The block expects an embedding that already went through SiLU.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int | None, *, dropout: float = 0.0,
+                 norm_groups: int = 32, scale_shift: bool = False):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.norm1 = nn.GroupNorm(norm_groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb_proj = None
+        if emb_dim is not None:
+            self.emb_proj = nn.Linear(emb_dim, out_channels * (2 if scale_shift else 1))
+        self.norm2 = nn.GroupNorm(norm_groups, out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C_in, H, W), emb (B, emb_dim) already activated -> (B, C_out, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.emb_proj is not None:
+            e = self.emb_proj(emb)[:, :, None, None]
+            if self.scale_shift:
+                scale, shift = e.chunk(2, dim=1)
+                h = F.silu(torch.addcmul(shift, self.norm2(h), 1 + scale))
+            else:
+                h = F.silu(self.norm2(h + e))
+        else:
+            h = F.silu(self.norm2(h))
+        h = self.conv2(self.dropout(h))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, pre-GroupNorm, residual, zero-initialised output.
+
+    Uses `F.scaled_dot_product_attention` (the fused kernel where the backend has one).
+    """
+
+    def __init__(self, channels: int, num_heads: int = 1, *, norm_groups: int = 32):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(norm_groups, channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = zero_module(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W) -> x + attention(x); `emb` is ignored (uniform block signature)."""
+        b, c, hgt, wid = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, L, C)
+        q, k, v = self.qkv(h).unflatten(-1, (3, self.num_heads, c // self.num_heads)).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, d)
+        h = self.proj(h.transpose(1, 2).flatten(2))  # (B, L, C)
+        return x + h.transpose(1, 2).reshape(b, c, hgt, wid)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H/2, W/2)."""
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour upsampling followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, 2H, 2W)."""
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class EmbedSequential(nn.ModuleList):
+    """A list of blocks applied in order, each called as block(x, emb)."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """Run every block on x with the same embedding."""
+        for block in self:
+            x = block(x, emb)
+        return x
+
+
+class NetworkConfig:
+    """Mixin for network config dataclasses: JSON-friendly `to_dict()` and strict `from_dict()`."""
+
+    def to_dict(self) -> dict:
+        """All fields as plain Python values (tuples become lists) for JSON."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Rebuild from `to_dict()` output; an unknown key raises LddpmError naming it."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise LddpmError(f"unknown {cls.__name__} field(s) {', '.join(map(repr, unknown))}; "
+                             f"allowed: {', '.join(fields)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def replace(self, **overrides):
+        """A copy with some fields changed; an unknown field raises LddpmError naming it."""
+        d = self.to_dict()
+        d.update(overrides)
+        return type(self).from_dict(d)

@@ -1,0 +1,190 @@
+"""The DDPM / ADM U-Net noise predictor (Ho et al. 2020; Dhariwal & Nichol 2021) with class labels for CFG."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lddpm.errors import LddpmError
+from lddpm.nn.layers import (AttentionBlock, Downsample, EmbedSequential, NetworkConfig, ResBlock, Upsample,
+                             timestep_embedding, zero_module)
+
+
+@dataclass
+class UNetConfig(NetworkConfig):
+    """Shape of a U-Net. Attention resolutions are feature-map sizes in pixels (e.g. 16 for 16x16)."""
+
+    resolution: int = 32
+    in_channels: int = 3
+    model_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)
+    mid_attention: bool = True
+    num_heads: int = 1
+    num_head_channels: int = -1  # > 0 overrides num_heads: heads = channels // num_head_channels
+    dropout: float = 0.1
+    norm_groups: int = 32
+    num_classes: int = 0  # 0 = unconditional; else labels 0..num_classes-1 plus the null label num_classes
+    learned_sigma: bool = False
+    use_scale_shift_norm: bool = False
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+
+    def level_resolutions(self) -> list[int]:
+        """Feature-map size at each level of the encoder."""
+        return [self.resolution // 2**i for i in range(len(self.channel_mult))]
+
+    def heads_for(self, channels: int) -> int:
+        """Number of attention heads for a block with `channels` channels."""
+        return channels // self.num_head_channels if self.num_head_channels > 0 else self.num_heads
+
+    def validate(self) -> None:
+        """Raise LddpmError naming the first value that cannot build a network."""
+        if not self.channel_mult or any(int(m) < 1 for m in self.channel_mult):
+            raise LddpmError(f"channel_mult {self.channel_mult} must be a non-empty list of positive integers")
+        for name in ("resolution", "in_channels", "model_channels", "num_res_blocks", "norm_groups", "num_heads"):
+            if int(getattr(self, name)) < 1:
+                raise LddpmError(f"UNet {name}={getattr(self, name)} must be a positive integer")
+        if self.num_classes < 0:
+            raise LddpmError(f"num_classes={self.num_classes} must be >= 0 (0 = unconditional)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LddpmError(f"dropout={self.dropout} must be in [0, 1)")
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if self.resolution % factor:
+            raise LddpmError(f"resolution {self.resolution} is not divisible by the total downsampling {factor} "
+                             f"of channel_mult {tuple(self.channel_mult)}; use a multiple of {factor}")
+        levels = self.level_resolutions()
+        for r in self.attention_resolutions:
+            if r not in levels:
+                raise LddpmError(f"attention resolution {r} is never reached by this U-Net "
+                                 f"(resolution {self.resolution}, feature maps {levels}); choose from {levels}")
+        attn_channels = [self.model_channels * m for m, r in zip(self.channel_mult, levels)
+                         if r in self.attention_resolutions]
+        if self.mid_attention:
+            attn_channels.append(self.model_channels * self.channel_mult[-1])
+        for c in [self.model_channels] + [self.model_channels * m for m in self.channel_mult]:
+            if c % self.norm_groups:
+                raise LddpmError(f"{c} channels are not divisible by norm_groups={self.norm_groups}; "
+                                 f"choose norm_groups dividing {self.model_channels}")
+        for c in attn_channels:
+            if c % self.heads_for(c) or (self.num_head_channels > 0 and c % self.num_head_channels):
+                raise LddpmError(f"attention over {c} channels cannot be split into "
+                                 f"{'heads of ' + str(self.num_head_channels) if self.num_head_channels > 0 else str(self.num_heads) + ' heads'}"
+                                 " channels evenly; change num_heads / num_head_channels")
+
+
+class UNet(nn.Module):
+    """U-Net eps/x0/v predictor: `model(x, t, y=None)`.
+
+    Encoder of ResBlocks (+ attention at `attention_resolutions`) and stride-2 downsampling, a
+    middle ResBlock-attention-ResBlock, and a decoder with one more ResBlock per level fed by
+    skip connections, as in Ho et al. 2020 (Appendix B) and Dhariwal & Nichol 2021. Class labels
+    are embedded with `num_classes + 1` rows, the last being the null label used for classifier-free
+    guidance (Ho & Salimans 2022); the label embedding is added to the timestep embedding.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        c = config
+        ch = c.model_channels
+        emb_dim = 4 * ch
+        self.in_channels = c.in_channels
+        self.out_channels = c.in_channels * (2 if c.learned_sigma else 1)
+        self.num_classes = c.num_classes
+        self.null_label = c.num_classes if c.num_classes > 0 else None
+        self.resolution = c.resolution
+
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes > 0 else None
+        block = dict(dropout=c.dropout, norm_groups=c.norm_groups, scale_shift=c.use_scale_shift_norm)
+
+        def attention(channels: int) -> AttentionBlock:
+            return AttentionBlock(channels, c.heads_for(channels), norm_groups=c.norm_groups)
+
+        self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_channels = [ch]
+        cur, res = ch, c.resolution
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers = [ResBlock(cur, ch * mult, emb_dim, **block)]
+                cur = ch * mult
+                if res in c.attention_resolutions:
+                    layers.append(attention(cur))
+                self.down.append(EmbedSequential(layers))
+                skip_channels.append(cur)
+            if level != len(c.channel_mult) - 1:
+                self.down.append(EmbedSequential([Downsample(cur)]))
+                skip_channels.append(cur)
+                res //= 2
+
+        mid = [ResBlock(cur, cur, emb_dim, **block)]
+        if c.mid_attention:
+            mid.append(attention(cur))
+        mid.append(ResBlock(cur, cur, emb_dim, **block))
+        self.mid = EmbedSequential(mid)
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [ResBlock(cur + skip_channels.pop(), ch * mult, emb_dim, **block)]
+                cur = ch * mult
+                if res in c.attention_resolutions:
+                    layers.append(attention(cur))
+                if level and i == c.num_res_blocks:
+                    layers.append(Upsample(cur))
+                    res *= 2
+                self.up.append(EmbedSequential(layers))
+
+        self.norm_out = nn.GroupNorm(c.norm_groups, cur)
+        self.conv_out = zero_module(nn.Conv2d(cur, self.out_channels, 3, padding=1))
+        if c.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def _labels(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """Labels to embed: y=None means all null; anything outside [0, num_classes] is an error."""
+        if y is None:
+            return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        y = torch.as_tensor(y, device=device).long().reshape(-1).expand(batch)
+        lo, hi = torch.aminmax(y)
+        if lo < 0 or hi > self.num_classes:
+            bad = int(lo) if lo < 0 else int(hi)
+            raise LddpmError(f"class label {bad} is outside [0, {self.num_classes}] "
+                             f"(0..{self.num_classes - 1} are classes, {self.num_classes} is the null label)")
+        return y
+
+    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Apply one block, recomputing its activations in backward when checkpointing is on."""
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, use_reentrant=False)
+        return block(h, emb)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) timesteps, y (B,) labels or None -> (B, out_channels, H, W)."""
+        b = x.shape[0]
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(self.time_embed[0].weight.dtype))
+        if self.label_embed is not None:
+            emb = emb + self.label_embed(self._labels(y, b, x.device))
+        elif y is not None and bool((torch.as_tensor(y) != 0).any()):
+            raise LddpmError("this U-Net is unconditional (num_classes=0): pass y=None "
+                             "(or build it with num_classes > 0)")
+        emb = F.silu(emb)  # every ResBlock starts its embedding projection with SiLU: do it once here
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            h = self._run(block, h, emb)
+            skips.append(h)
+        h = self._run(self.mid, h, emb)
+        for block in self.up:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
