@@ -325,6 +325,15 @@ def run_study(
     return rows
 
 
+def load_rows(study: Study, out_dir: str | Path) -> list[dict]:
+    """The rows of the finished (or failed) cells under `out_dir/cells`; others as "not run"."""
+    rows = []
+    for cell in study.cells:
+        path = Path(out_dir) / "cells" / f"{cell.name}.json"
+        rows.append(json.loads(path.read_text()) if path.is_file() else _base_row(cell, study, "not run"))
+    return rows
+
+
 def _log(progress: bool, message: str) -> None:
     """Print a progress line (flushed, so it shows up in logs at once)."""
     if progress:
