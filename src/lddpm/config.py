@@ -1,0 +1,572 @@
+"""Run configuration: dataclasses, named presets, TOML files and `--set section.key=value` overrides.
+
+A `Config` has one section per concern (`model`, `diffusion`, `data`, `optim`, `run`, `vae`).
+It is read from a named preset (`PRESETS`) or a TOML file, adjusted with `apply_overrides`,
+checked by `validate`, and saved into every run folder as `config.toml` and `config.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lddpm.errors import LddpmError
+
+OBJECTIVES = ("eps", "x0", "v")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
+TIMESTEP_SAMPLINGS = ("uniform", "adaptive")
+DEVICES = ("auto", "cpu", "cuda")
+NETWORK_KINDS = ("unet", "vae")
+RECON_LOSSES = ("l1", "l2")
+
+
+@dataclass
+class ModelConfig:
+    """The network: registry kind and name (`lddpm.nn.NETWORK_NAMES`) plus field overrides."""
+
+    kind: str = "unet"
+    name: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DiffusionConfig:
+    """The noise schedule and the training objective (`lddpm.schedule`, `lddpm.diffusion`)."""
+
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+    objective: str = "eps"
+    loss_weighting: str = "uniform"
+    min_snr_gamma: float = 5.0
+    learned_variance: bool = False
+    timestep_sampling: str = "uniform"
+    rescale_zero_terminal_snr: bool = False
+
+
+@dataclass
+class DataConfig:
+    """The training images (`lddpm.data.prepare`) and, for latent diffusion, the VAE run."""
+
+    dataset: str = "fashion-mnist"
+    root: str | None = None
+    resolution: int = 32
+    split: str = "train"
+    hflip: bool = False
+    latent: str | None = None  # a VAE run folder or checkpoint: train on its latents
+    cache_dir: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, linear LR warm-up, gradient clipping and the EMA of the weights."""
+
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # 0 disables clipping
+    batch_size: int = 128  # global: summed over processes and accumulation steps
+    grad_accum: int = 1  # micro-batches per step in each process
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay_n = min(ema_decay, (1 + n) / (10 + n))
+
+
+@dataclass
+class RunConfig:
+    """Length, seed, logging, sample grids, checkpoints, precision and conditioning."""
+
+    steps: int = 1000
+    seed: int = 0
+    out: str = "runs/run"
+    log_every: int = 50
+    sample_every: int = 500  # 0 disables grids during training (one is still made at the end)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    bf16: bool = False
+    compile: bool = False
+    class_conditional: bool = False
+    label_dropout: float = 0.1  # probability of the null label (classifier-free guidance)
+    device: str = "auto"
+    num_sample_images: int = 64
+    sampler: str = "ddim"
+    sample_steps: int = 20
+    guidance_scale: float = 1.0
+
+
+@dataclass
+class VAEConfig:
+    """Autoencoder training losses (`lddpm.nn.vae.vae_loss`) and the optional PatchGAN."""
+
+    kl_weight: float = 1e-6
+    recon_loss: str = "l1"
+    disc_start: int = -1  # step at which the discriminator starts; -1 disables it
+    disc_weight: float = 0.5
+    disc_lr: float = 0.0  # 0 means optim.lr
+    scaling_batches: int = 4  # batches used to estimate the latent scaling factor
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "diffusion": DiffusionConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+    "vae": VAEConfig,
+}
+
+
+@dataclass
+class Config:
+    """A complete, resolved run configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON/TOML-ready)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
+        """Build from a nested dict; unknown sections or keys raise LddpmError naming them."""
+        if not isinstance(data, dict):
+            raise LddpmError(f"{source}: expected a table of sections, got {type(data).__name__}")
+        sections = {}
+        for name, value in data.items():
+            if name not in SECTIONS:
+                raise LddpmError(
+                    f"{source}: unknown section [{name}]; allowed: {', '.join(SECTIONS)}"
+                )
+            sections[name] = _section_from_dict(SECTIONS[name], value, f"{source}: [{name}]", name)
+        return cls(**sections)
+
+    def copy(self) -> Config:
+        """A deep copy."""
+        return copy.deepcopy(self)
+
+
+def _field_types(section_cls: type) -> dict[str, str]:
+    return {f.name: str(f.type) for f in dataclasses.fields(section_cls)}
+
+
+def _check_value(section: str, key: str, type_name: str, value: Any, source: str) -> Any:
+    """Check (and lightly coerce) one value against its field's declared type."""
+    where = f"{source}: {section}.{key}"
+    optional = "None" in type_name
+    if value is None:
+        if optional:
+            return None
+        raise LddpmError(f"{where} must not be empty (expected {type_name})")
+    base = type_name.replace(" | None", "")
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise LddpmError(f"{where} = {value!r}: expected true or false")
+        return value
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LddpmError(f"{where} = {value!r}: expected an integer")
+        return value
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LddpmError(f"{where} = {value!r}: expected a number")
+        return float(value)
+    if base == "str":
+        if not isinstance(value, str):
+            raise LddpmError(f"{where} = {value!r}: expected a string")
+        return value
+    if base == "list[float]":
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            raise LddpmError(f"{where} = {value!r}: expected a list of numbers")
+        return [float(v) for v in value]
+    if base.startswith("dict"):
+        if not isinstance(value, dict):
+            raise LddpmError(f"{where} = {value!r}: expected a table")
+        return dict(value)
+    raise AssertionError(f"unhandled field type {type_name}")
+
+
+def _section_from_dict(section_cls: type, data: Any, source: str, section: str):
+    if not isinstance(data, dict):
+        raise LddpmError(f"{source} must be a table, got {data!r}")
+    types = _field_types(section_cls)
+    values = {}
+    for key, value in data.items():
+        if key not in types:
+            raise LddpmError(
+                f"{source}: unknown key {key!r}; allowed: {', '.join(types)}"
+            )
+        values[key] = _check_value(section, key, types[key], value, source.split(":")[0])
+    return section_cls(**values)
+
+
+# ----------------------------------------------------------------------------- presets
+
+_FASHION_QUICK = {
+    "model": {"kind": "unet", "name": "tiny"},
+    "diffusion": {"schedule": "cosine", "num_timesteps": 1000},
+    "data": {"dataset": "fashion-mnist", "resolution": 32},
+    "optim": {"lr": 1e-3, "batch_size": 64, "warmup_steps": 50, "ema_decay": 0.999},
+    "run": {
+        "steps": 400,
+        "out": "runs/fashion-quick",
+        "log_every": 20,
+        "sample_every": 200,
+        "checkpoint_every": 200,
+        "class_conditional": True,
+        "label_dropout": 0.1,
+        "num_sample_images": 80,
+        "sample_steps": 20,
+    },
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tiny class-conditional U-Net on Fashion-MNIST (32x32 grey): a few minutes on a laptop CPU.
+    "fashion-quick": _FASHION_QUICK,
+    # Tiny KL autoencoder (downsampling 4, 32x32x1 -> 8x8 latents) for the quick latent run.
+    "vae-fashion-quick": {
+        "model": {"kind": "vae", "name": "kl-f4-tiny"},
+        "data": {"dataset": "fashion-mnist", "resolution": 32},
+        "optim": {"lr": 1e-3, "batch_size": 64, "warmup_steps": 20, "ema_decay": 0.999},
+        "run": {
+            "steps": 400,
+            "out": "runs/vae-fashion-quick",
+            "log_every": 20,
+            "sample_every": 200,
+            "checkpoint_every": 200,
+            "num_sample_images": 32,
+        },
+        "vae": {"kl_weight": 1e-6, "recon_loss": "l1", "disc_start": -1},
+    },
+    # Latent diffusion on the latents of the quick VAE run above.
+    "latent-fashion-quick": {
+        "model": {"kind": "unet", "name": "tiny"},
+        "diffusion": {"schedule": "linear", "num_timesteps": 1000},
+        "data": {
+            "dataset": "fashion-mnist",
+            "resolution": 32,
+            "latent": "runs/vae-fashion-quick",
+        },
+        "optim": {"lr": 1e-3, "batch_size": 64, "warmup_steps": 50, "ema_decay": 0.999},
+        "run": {
+            "steps": 400,
+            "out": "runs/latent-fashion-quick",
+            "log_every": 20,
+            "sample_every": 200,
+            "checkpoint_every": 200,
+            "class_conditional": True,
+            "num_sample_images": 80,
+        },
+    },
+    # Ho et al. 2020, CIFAR-10: 35.7M U-Net, linear schedule T=1000, lr 2e-4, batch 128,
+    # 800k steps, warm-up 5000, dropout 0.1, EMA 0.9999, random flips, gradient clip 1.0.
+    "cifar10-ddpm": {
+        "model": {"kind": "unet", "name": "ddpm-cifar10", "overrides": {"dropout": 0.1}},
+        "diffusion": {"schedule": "linear", "num_timesteps": 1000, "objective": "eps"},
+        "data": {"dataset": "cifar10", "resolution": 32, "hflip": True},
+        "optim": {
+            "lr": 2e-4,
+            "batch_size": 128,
+            "warmup_steps": 5000,
+            "grad_clip": 1.0,
+            "ema_decay": 0.9999,
+            "ema_warmup": False,
+        },
+        "run": {
+            "steps": 800_000,
+            "out": "runs/cifar10-ddpm",
+            "log_every": 100,
+            "sample_every": 10_000,
+            "checkpoint_every": 10_000,
+            "class_conditional": False,
+            "device": "cuda",
+        },
+    },
+    # The kl-f8 autoencoder of LDM (128x128x3 -> 16x16x4) on ImageNet-100, for imagenet100-ldm.
+    "vae-imagenet100": {
+        "model": {"kind": "vae", "name": "kl-f8"},
+        "data": {"dataset": "imagenet100", "resolution": 128, "hflip": True},
+        "optim": {"lr": 5.4e-5, "batch_size": 12, "warmup_steps": 0, "grad_clip": 0.0,
+                  "betas": [0.5, 0.9], "ema_decay": 0.0},
+        "run": {
+            "steps": 100_000,
+            "out": "runs/vae-imagenet100",
+            "log_every": 100,
+            "sample_every": 5000,
+            "checkpoint_every": 5000,
+            "num_sample_images": 16,
+            "bf16": True,
+            "device": "cuda",
+        },
+        "vae": {"kl_weight": 1e-6, "recon_loss": "l1", "disc_start": 50_001, "disc_weight": 0.5},
+    },
+    # Latent diffusion on ImageNet-100 at 128x128: kl-f8 VAE latents (16x16x4) + a U-Net
+    # (the DDPM CIFAR-10 shape, wider, attention at 8x8 and 4x4, scale-shift norm).
+    "imagenet100-ldm": {
+        "model": {
+            "kind": "unet",
+            "name": "ddpm-cifar10",
+            "overrides": {
+                "model_channels": 192,
+                "channel_mult": [1, 2, 3, 4],
+                "attention_resolutions": [8, 4],
+                "num_head_channels": 32,
+                "use_scale_shift_norm": True,
+                "dropout": 0.1,
+            },
+        },
+        "diffusion": {"schedule": "scaled_linear", "num_timesteps": 1000},
+        "data": {
+            "dataset": "imagenet100",
+            "resolution": 128,
+            "hflip": True,
+            "latent": "runs/vae-imagenet100",
+        },
+        "optim": {"lr": 1e-4, "batch_size": 256, "warmup_steps": 1000, "ema_decay": 0.9999},
+        "run": {
+            "steps": 200_000,
+            "out": "runs/imagenet100-ldm",
+            "log_every": 100,
+            "sample_every": 5000,
+            "checkpoint_every": 5000,
+            "class_conditional": True,
+            "bf16": True,
+            "device": "cuda",
+            "guidance_scale": 3.0,
+        },
+    },
+}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def config_from_preset(name: str) -> Config:
+    """The named preset as a Config."""
+    if name not in PRESETS:
+        raise LddpmError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return Config.from_dict(copy.deepcopy(PRESETS[name]), source=f"preset {name}")
+
+
+def load_config(path_or_name: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (or a preset name), apply `section.key=value` overrides and validate."""
+    path = Path(path_or_name)
+    if path.suffix == ".toml" or path.exists():
+        if path.is_dir() and (path / "config.toml").exists():
+            path = path / "config.toml"  # a run folder
+        if not path.is_file():
+            raise LddpmError(
+                f"config file {path} not found; give a TOML file or one of the presets: "
+                f"{', '.join(PRESETS)}"
+            )
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise LddpmError(f"{path}: not valid TOML ({exc})") from None
+        config = Config.from_dict(data, source=str(path))
+    else:
+        config = config_from_preset(str(path_or_name))
+    config = apply_overrides(config, overrides or [])
+    validate(config)
+    return config
+
+
+def parse_value(text: str) -> Any:
+    """A TOML literal (`3`, `1e-4`, `true`, `[0.9, 0.99]`, `"x"`), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Return a copy with each `section.key=value` (or `model.overrides.field=value`) applied."""
+    data = config.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise LddpmError(f"override {item!r} must look like section.key=value")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) < 2 or parts[0] not in SECTIONS:
+            raise LddpmError(
+                f"override {dotted!r}: expected section.key with section one of "
+                f"{', '.join(SECTIONS)}"
+            )
+        section, key = parts[0], parts[1]
+        fields = _field_types(SECTIONS[section])
+        if key not in fields:
+            raise LddpmError(
+                f"override {dotted!r}: unknown key {key!r} in [{section}]; allowed: "
+                f"{', '.join(fields)}"
+            )
+        value = parse_value(text.strip())
+        if len(parts) == 2:
+            data[section][key] = value
+        elif len(parts) == 3 and fields[key].startswith("dict"):
+            data[section][key][parts[2]] = value
+        else:
+            raise LddpmError(f"override {dotted!r}: {section}.{key} has no sub-keys")
+    return Config.from_dict(data, source="--set")
+
+
+def _choice(where: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise LddpmError(f"{where} = {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def validate(config: Config) -> Config:
+    """Check values and names (network, schedule, dataset, sampler); raise LddpmError if bad."""
+    m, d, data, o, r, v = (
+        config.model,
+        config.diffusion,
+        config.data,
+        config.optim,
+        config.run,
+        config.vae,
+    )
+    _choice("model.kind", m.kind, NETWORK_KINDS)
+    try:
+        from lddpm.nn import NETWORK_NAMES
+    except ImportError:  # the network registry is not available (partial install)
+        NETWORK_NAMES = None
+    if NETWORK_NAMES is not None:
+        _choice(f"model.name (for kind {m.kind!r})", m.name, tuple(NETWORK_NAMES[m.kind]))
+    _choice("diffusion.objective", d.objective, OBJECTIVES)
+    _choice("diffusion.loss_weighting", d.loss_weighting, LOSS_WEIGHTINGS)
+    _choice("diffusion.timestep_sampling", d.timestep_sampling, TIMESTEP_SAMPLINGS)
+    try:
+        from lddpm.schedule import SCHEDULES
+    except ImportError:
+        SCHEDULES = None
+    if SCHEDULES is not None:
+        _choice("diffusion.schedule", d.schedule, tuple(SCHEDULES))
+    try:
+        from lddpm.data import DATASETS
+    except ImportError:
+        DATASETS = None
+    if DATASETS is not None:
+        _choice("data.dataset", data.dataset, tuple(DATASETS))
+    try:
+        from lddpm.sampling import SAMPLERS
+    except ImportError:
+        SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+    _choice("run.sampler", r.sampler, tuple(SAMPLERS))
+    _choice("run.device", r.device, DEVICES)
+    _choice("vae.recon_loss", v.recon_loss, RECON_LOSSES)
+    positive = {
+        "diffusion.num_timesteps": d.num_timesteps,
+        "data.resolution": data.resolution,
+        "optim.batch_size": o.batch_size,
+        "optim.grad_accum": o.grad_accum,
+        "run.steps": r.steps,
+        "run.log_every": r.log_every,
+        "run.checkpoint_every": r.checkpoint_every,
+        "run.keep_checkpoints": r.keep_checkpoints,
+        "run.num_sample_images": r.num_sample_images,
+        "run.sample_steps": r.sample_steps,
+        "vae.scaling_batches": v.scaling_batches,
+    }
+    for where, value in positive.items():
+        if value <= 0:
+            raise LddpmError(f"{where} = {value} must be positive")
+    nonneg = {
+        "optim.lr": o.lr,
+        "optim.weight_decay": o.weight_decay,
+        "optim.warmup_steps": o.warmup_steps,
+        "optim.grad_clip": o.grad_clip,
+        "run.sample_every": r.sample_every,
+        "vae.kl_weight": v.kl_weight,
+        "vae.disc_weight": v.disc_weight,
+        "vae.disc_lr": v.disc_lr,
+    }
+    for where, value in nonneg.items():
+        if not (value >= 0 and math.isfinite(value)):
+            raise LddpmError(f"{where} = {value} must be a finite number >= 0")
+    if o.lr <= 0:
+        raise LddpmError(f"optim.lr = {o.lr} must be positive")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise LddpmError(f"optim.betas = {o.betas}: expected two numbers in [0, 1)")
+    if not 0 <= o.ema_decay < 1:
+        raise LddpmError(f"optim.ema_decay = {o.ema_decay}: expected a number in [0, 1)")
+    if not 0 <= r.label_dropout < 1:
+        raise LddpmError(f"run.label_dropout = {r.label_dropout}: expected a number in [0, 1)")
+    if d.min_snr_gamma <= 0:
+        raise LddpmError(f"diffusion.min_snr_gamma = {d.min_snr_gamma} must be positive")
+    if r.guidance_scale != 1.0 and not r.class_conditional:
+        raise LddpmError(
+            f"run.guidance_scale = {r.guidance_scale} needs a class-conditional model "
+            "(set run.class_conditional = true or guidance_scale = 1.0)"
+        )
+    return config
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _toml_key(key: Any) -> str:
+    key = str(key)
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+        return "{" + ", ".join(items) + "}"
+    raise LddpmError(f"cannot write {value!r} ({type(value).__name__}) to TOML")
+
+
+def to_toml(config: Config | dict[str, Any]) -> str:
+    """Serialize a config (sections of scalars, lists and one level of sub-tables) as TOML."""
+    data = config.to_dict() if isinstance(config, Config) else config
+    lines: list[str] = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        tables = []
+        for key, value in values.items():
+            if value is None:
+                continue  # TOML has no null: a missing key reads back as the default (None)
+            if isinstance(value, dict):
+                tables.append((key, value))
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        for key, table in tables:
+            lines.append(f"\n[{section}.{key}]")
+            for k, v in table.items():
+                if v is not None:
+                    lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_config(config: Config, folder: str | Path) -> None:
+    """Write `config.toml` and `config.json` into a run folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.toml").write_text(to_toml(config))
+    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
