@@ -1,0 +1,362 @@
+"""Prepared uint8 caches: `prepare` writes images.npy / labels.npy / manifest.json once, atomically.
+
+Layout of one cache folder `<cache_dir>/<dataset>-<split>-<resolution>[-<fit>]`:
+  images.npy     uint8 (N, R, R, C), NHWC, memory-mappable
+  labels.npy     int64 (N,)
+  manifest.json  request, sources, preprocessing, counts, class names, array checksums, version
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lddpm import __version__
+from lddpm.data import preprocess, readers
+from lddpm.data.download import download_file
+from lddpm.errors import LddpmError
+
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder")
+SPLITS = {
+    "fashion-mnist": ("train", "test"), "mnist": ("train", "test"), "cifar10": ("train", "test"),
+    "cifar100": ("train", "test"), "imagenet100": ("train", "val"), "imagefolder": None,
+}
+NATIVE_SIZE = {"fashion-mnist": 28, "mnist": 28, "cifar10": 32, "cifar100": 32}
+FITS = ("pad", "resize")
+CACHE_FORMAT = "lddpm-image-cache"
+CACHE_FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """`$LDDPM_CACHE`, or `~/.cache/lddpm`."""
+    return Path(os.environ.get("LDDPM_CACHE") or Path.home() / ".cache" / "lddpm")
+
+
+def check_dataset(name: str) -> str:
+    """Return `name` if it is a known dataset, else raise LddpmError listing the choices."""
+    if name not in DATASETS:
+        raise LddpmError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return name
+
+
+def dataset_info(name: str, root: str | os.PathLike | None = None) -> tuple[int, int, int | None, list[str] | None]:
+    """(channels, default_resolution, num_classes, class_names) of a dataset, without reading images.
+
+    For "imagefolder" the classes come from the subfolders of `root` (None when no root is given).
+    """
+    check_dataset(name)
+    if name in ("fashion-mnist", "mnist"):
+        names = readers.FASHION_MNIST_CLASSES if name == "fashion-mnist" else readers.MNIST_CLASSES
+        return 1, 32, 10, list(names)
+    if name == "cifar10":
+        return 3, 32, 10, list(readers.CIFAR10_CLASSES)
+    if name == "cifar100":
+        return 3, 32, 100, list(readers.CIFAR100_CLASSES)
+    if name == "imagenet100":
+        return 3, 128, 100, readers.imagenet100_classes()
+    if root is None:
+        return 3, 64, None, None
+    base = Path(root) / "train" if (Path(root) / "train").is_dir() else Path(root)
+    names = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.is_dir() else []
+    return 3, 64, len(names), names
+
+
+def default_fit(name: str, resolution: int) -> str:
+    """Zero padding for the 28x28 sets when the resolution is larger (28 -> 32), else resize + crop."""
+    return "pad" if name in ("fashion-mnist", "mnist") and resolution >= 28 else "resize"
+
+
+def cache_name(name: str, split: str, resolution: int, fit: str, root: str | os.PathLike | None = None) -> str:
+    """The cache folder name for a request: `<dataset>[-<root name>]-<split>-<resolution>[-<fit>]`."""
+    parts = [name]
+    if name == "imagefolder" and root is not None:
+        parts.append(re.sub(r"[^A-Za-z0-9_.]+", "_", Path(root).resolve().name) or "root")
+    parts += [split, str(resolution)]
+    if fit != default_fit(name, resolution):
+        parts.append(fit)
+    return "-".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading an existing cache
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """Load `folder/manifest.json`; LddpmError if it is missing or not valid JSON."""
+    path = Path(folder) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LddpmError(f"{folder} is not a prepared cache (no manifest.json); run `lddpm prepare` first")
+    except (OSError, ValueError) as exc:
+        raise LddpmError(f"cannot read {path}: {exc}; delete the folder and prepare it again")
+    if not isinstance(manifest, dict):
+        raise LddpmError(f"{path} is not a manifest object; delete the folder and prepare it again")
+    return manifest
+
+
+def _array_checksums(folder: Path, names: tuple[str, ...]) -> tuple[dict, str]:
+    arrays = {}
+    for n in names:
+        arr = np.load(folder / n, mmap_mode="r")
+        arrays[n] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": readers.sha256_file(folder / n)}
+    checksum = hashlib.sha256("".join(arrays[n]["sha256"] for n in names).encode()).hexdigest()
+    return arrays, checksum
+
+
+class ImageCache:
+    """A prepared dataset: `.images` uint8 (N,H,W,C) memmap, `.labels` int64 (N,), plus its manifest."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if self.manifest.get("format") != CACHE_FORMAT:
+            raise LddpmError(f"{self.path} is not an lddpm image cache (format {self.manifest.get('format')!r})")
+        try:
+            self.images = np.load(self.path / "images.npy", mmap_mode="r")
+            self.labels = np.load(self.path / "labels.npy")
+        except (OSError, ValueError) as exc:
+            raise LddpmError(f"cannot open the arrays of cache {self.path}: {exc}; delete it and prepare it again")
+        n = self.manifest["count"]
+        if self.images.shape[0] != n or self.labels.shape != (n,) or self.images.dtype != np.uint8:
+            raise LddpmError(f"cache {self.path} arrays do not match its manifest (count {n}); delete it and prepare again")
+        self.class_names: list[str] = list(self.manifest["class_names"])
+        self.num_classes: int = len(self.class_names)
+        self.resolution: int = int(self.images.shape[1])
+        self.channels: int = int(self.images.shape[3])
+        self.dataset: str = self.manifest["dataset"]
+        self.split: str = self.manifest["split"]
+        self.checksum: str = self.manifest["checksum"]
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __repr__(self) -> str:
+        return f"ImageCache({str(self.path)!r}, {self.dataset}/{self.split}, n={len(self)}, {self.resolution}px x{self.channels})"
+
+    def verify(self) -> None:
+        """Recompute the array checksums and raise LddpmError if they differ from the manifest."""
+        _, checksum = _array_checksums(self.path, ("images.npy", "labels.npy"))
+        if checksum != self.checksum:
+            raise LddpmError(f"cache {self.path} is corrupt (array checksum mismatch); delete it and prepare again")
+
+
+def open_cache(path: str | os.PathLike) -> ImageCache:
+    """Open a folder written by `prepare`."""
+    return ImageCache(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a cache
+
+
+def _check_request(folder: Path, manifest: dict, request: dict) -> None:
+    old = manifest.get("request", {})
+    diffs = [f"{k}: cached {old.get(k)!r}, requested {v!r}" for k, v in request.items()
+             if k != "root" and old.get(k) != v]
+    if request.get("root") is not None and old.get("root") is not None and old["root"] != request["root"]:
+        diffs.append(f"root: cached {old['root']!r}, requested {request['root']!r}")
+    if diffs:
+        raise LddpmError(
+            f"cache {folder} does not match the request ({'; '.join(diffs)}); "
+            "use another --cache-dir, delete that folder, or pass --overwrite"
+        )
+
+
+def _read_raw(name: str, split: str, root: str | None, cache_dir: Path) -> readers.RawDataset:
+    if name in ("fashion-mnist", "mnist"):
+        return readers.read_mnist_like(name, split, root)
+    if name in ("cifar10", "cifar100"):
+        return readers.read_cifar(name, split, root, cache_dir / "downloads")
+    if name == "imagenet100":
+        return readers.read_imagenet100(split, root)
+    return readers.read_imagefolder(split, root)
+
+
+def _write_array_images(raw: readers.RawDataset, out: np.ndarray, resolution: int, fit: str, progress: bool) -> None:
+    from tqdm import tqdm
+
+    step = 4096
+    with tqdm(total=len(out), unit="img", desc="preprocess", disable=not progress) as bar:
+        for i in range(0, len(out), step):
+            out[i:i + step] = preprocess.preprocess_array(raw.images[i:i + step], resolution, raw.mode, fit)
+            bar.update(min(step, len(out) - i))
+
+
+def _write_folder_images(
+    raw: readers.RawDataset, out: np.ndarray, resolution: int, workers: int, skip_bad: bool, progress: bool
+) -> list[str]:
+    """Decode all files into `out` with a process pool; returns the skipped files (raises unless skip_bad)."""
+    from tqdm import tqdm
+
+    files = raw.files
+    chunk = max(16, min(256, math.ceil(len(files) / (4 * max(1, workers)))))
+    jobs = [(files[i:i + chunk], resolution, raw.mode) for i in range(0, len(files), chunk)]
+    pool = multiprocessing.Pool(workers) if workers > 1 and len(jobs) > 1 else None
+    skipped = []
+    try:
+        results = pool.imap(preprocess.load_chunk, jobs) if pool else map(preprocess.load_chunk, jobs)
+        with tqdm(total=len(files), unit="img", desc="decode", disable=not progress) as bar:
+            for k, (arr, bad) in enumerate(results):
+                start = k * chunk
+                out[start:start + len(arr)] = arr
+                for i, err in bad:
+                    if not skip_bad:
+                        raise LddpmError(f"cannot read image {files[start + i]} ({err}); fix or remove it, or pass --skip-bad")
+                    skipped.append(files[start + i])
+                bar.update(len(arr))
+    finally:
+        if pool:
+            pool.terminate()
+            pool.join()
+    return skipped
+
+
+def _build(folder_tmp: Path, raw: readers.RawDataset, *, name: str, split: str, resolution: int, fit: str,
+           workers: int, skip_bad: bool, progress: bool, request: dict) -> None:
+    channels = 1 if raw.mode == "L" else 3
+    n = len(raw.labels)
+    images_path = folder_tmp / "images.npy"
+    out = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(n, resolution, resolution, channels))
+    labels = raw.labels
+    skipped: list[str] = []
+    if raw.images is not None:
+        _write_array_images(raw, out, resolution, fit, progress)
+    else:
+        skipped = _write_folder_images(raw, out, resolution, workers, skip_bad, progress)
+    if skipped:
+        skip = set(skipped)
+        keep = np.array([f not in skip for f in raw.files])
+        if not keep.any():
+            raise LddpmError(f"every image under {raw.root} was unreadable; nothing to prepare")
+        kept = np.flatnonzero(keep)
+        compact_path = folder_tmp / "images.compact.npy"
+        compact = np.lib.format.open_memmap(compact_path, mode="w+", dtype=np.uint8, shape=(len(kept),) + out.shape[1:])
+        for i in range(0, len(kept), 4096):
+            compact[i:i + 4096] = out[kept[i:i + 4096]]
+        compact.flush()
+        del compact, out
+        os.replace(compact_path, images_path)
+        labels = labels[keep]
+        if progress:
+            print(f"skipped {len(skipped)} unreadable image(s) of {n}", flush=True)
+    else:
+        out.flush()
+        del out
+    np.save(folder_tmp / "labels.npy", labels.astype(np.int64))
+    arrays, checksum = _array_checksums(folder_tmp, ("images.npy", "labels.npy"))
+    counts = np.bincount(labels, minlength=len(raw.class_names))
+    native = NATIVE_SIZE.get(name)
+    steps = {"decode": "Pillow" if raw.files else f"{name} reader (uint8 arrays)", "mode": raw.mode,
+             "fit": fit, "dtype": "uint8", "layout": "NHWC"}
+    if fit == "pad":
+        steps["pad"] = f"zero padding from {native}x{native} to {resolution}x{resolution} ({(resolution - (native or resolution)) // 2} pixels each side)"
+    elif native != resolution:
+        steps["resize"] = preprocess.RESIZE_DESCRIPTION
+    manifest = {
+        "format": CACHE_FORMAT,
+        "format_version": CACHE_FORMAT_VERSION,
+        "dataset": name,
+        "split": split,
+        "resolution": resolution,
+        "channels": channels,
+        "count": int(len(labels)),
+        "num_classes": len(raw.class_names),
+        "class_names": raw.class_names,
+        "counts_per_class": {c: int(k) for c, k in zip(raw.class_names, counts)},
+        "preprocessing": steps,
+        "source": {"root": raw.root, "fingerprint": raw.fingerprint, "files": raw.sources},
+        "skipped": {"count": len(skipped), "files": skipped[:100]},
+        "arrays": arrays,
+        "checksum": checksum,
+        "request": request,
+        "lddpm_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (folder_tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def prepare(
+    name: str,
+    *,
+    resolution: int | None = None,
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    download: bool = False,
+    fit: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Preprocess a dataset split once into a uint8 cache folder and return its path (idempotent).
+
+    A cache whose manifest matches the request is reused; one that does not match is refused
+    (LddpmError) unless `overwrite`. A new cache is written into a temporary sibling folder and
+    renamed into place, so a failing prepare never damages an existing cache.
+    """
+    check_dataset(name)
+    _, default_res, _, _ = dataset_info(name)
+    resolution = int(resolution or default_res)
+    if resolution < 1:
+        raise LddpmError(f"resolution must be a positive number of pixels, got {resolution}")
+    if SPLITS[name] is not None and split not in SPLITS[name]:
+        raise LddpmError(f"unknown split {split!r} for {name}; choose one of {', '.join(SPLITS[name])}")
+    fit = fit or default_fit(name, resolution)
+    if fit not in FITS:
+        raise LddpmError(f"unknown fit {fit!r}; choose one of {', '.join(FITS)}")
+    if fit == "pad" and (name not in NATIVE_SIZE or resolution < NATIVE_SIZE[name]):
+        raise LddpmError(f"fit 'pad' needs an array dataset ({', '.join(NATIVE_SIZE)}) and a resolution at least its native size; use fit 'resize'")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if root is None and name == "imagefolder":
+        raise LddpmError("imagefolder needs --root DIR (a folder of class subfolders, or of split folders)")
+    folder = cache_dir / cache_name(name, split, resolution, fit, root)
+    request = {"dataset": name, "split": split, "resolution": resolution, "fit": fit,
+               "root": str(Path(root).resolve()) if root is not None else None}
+
+    if (folder / "manifest.json").is_file() and not overwrite:
+        _check_request(folder, read_manifest(folder), request)
+        ImageCache(folder)  # arrays present and consistent
+        return folder
+    if folder.exists() and not (folder / "manifest.json").is_file():
+        raise LddpmError(f"{folder} exists but is not a prepared cache (no manifest.json); remove it or use another --cache-dir")
+
+    if download:
+        if name not in readers.CIFAR_ARCHIVES:
+            raise LddpmError(f"--download is offered for cifar10 and cifar100 only, not {name}")
+        spec = readers.CIFAR_ARCHIVES[name]
+        target = Path(root) if root is not None else cache_dir / "downloads"
+        download_file(spec["url"], target / spec["filename"], spec["md5"], progress=progress)
+    raw = _read_raw(name, split, str(Path(root).resolve()) if root is not None else None, cache_dir)
+    workers = int(workers or min(8, os.cpu_count() or 1))
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        _build(tmp, raw, name=name, split=split, resolution=resolution, fit=fit, workers=workers,
+               skip_bad=skip_bad, progress=progress, request=request)
+        if folder.exists():  # overwrite: swap, then drop the old cache
+            old = cache_dir / f".{folder.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(folder, old)
+            os.rename(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another process finished the same cache first
+                _check_request(folder, read_manifest(folder), request)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
