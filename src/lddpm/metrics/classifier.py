@@ -207,7 +207,7 @@ def network_probabilities(
                 "and return class probabilities"
             ) from None
         p = p.double().cpu()
-        if p.ndim != 2 or p.shape[0] != x.shape[0] or (p < 0).any() or not torch.allclose(p.sum(1), torch.ones(len(p)), atol=1e-3):
+        if p.ndim != 2 or p.shape[0] != x.shape[0] or (p < 0).any() or not torch.allclose(p.sum(1), torch.ones(len(p), dtype=p.dtype), atol=1e-3):
             raise LddpmError(
                 "the Inception Score network must return softmax probabilities (N, classes) summing to 1; "
                 f"got shape {tuple(p.shape)}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,9 @@ def load_torchscript(path: str | Path, expected_sha1: str | None, what: str) -> 
             "it is not the pinned network (re-install the package, or pass the matching hash)"
         )
     try:
-        net = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; the pinned network is one
+            warnings.simplefilter("ignore", DeprecationWarning)
+            net = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any load failure is a bad file
         raise LddpmError(f"{what} file {str(path)!r} is not a TorchScript network: {exc}") from None
     return net.eval(), sha1
