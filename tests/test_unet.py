@@ -1,0 +1,199 @@
+"""U-Net: parameter counts, shapes, class/null labels, gradients, determinism, options, overfitting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lddpm.errors import LddpmError
+from lddpm.nn import build_network, network_config, network_from_config
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def randomize_zero_init(model: nn.Module) -> nn.Module:
+    """Give zero-initialised layers random weights so every path affects the output."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if (p == 0).all():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def test_ddpm_cifar10_has_the_papers_parameter_count():
+    with torch.device("meta"):
+        model = build_network("unet", "ddpm-cifar10")
+    # Ho et al. 2020's CIFAR-10 model has 35,746,307 parameters ("35.7M").
+    assert count(model) == 35_746_307
+    assert 35.65e6 <= count(model) <= 35.75e6
+
+
+def test_ddpm_cifar10_count_matches_diffusers_same_shape():
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        ref = diffusers.UNet2DModel(
+            sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+            layers_per_block=2, attention_head_dim=None, norm_num_groups=32,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+        ours = build_network("unet", "ddpm-cifar10")
+    assert count(ours) == count(ref)
+
+
+def test_small_config_parameter_counts():
+    with torch.device("meta"):
+        tiny, small = build_network("unet", "tiny"), build_network("unet", "small")
+        adm = build_network("unet", "adm-imagenet128")
+    assert count(tiny) == 1_113_955  # ~1M
+    assert count(small) == 4_636_611  # ~5M
+    assert count(adm) == 386_045_190
+    assert adm.out_channels == 6 and adm.num_classes == 1000 and adm.null_label == 1000
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+@pytest.mark.parametrize("resolution,channels", [(28, 1), (32, 3), (8, 4), (16, 4)])
+@pytest.mark.parametrize("learned_sigma", [False, True])
+def test_output_shapes(name, resolution, channels, learned_sigma):
+    model = build_network("unet", name, resolution=resolution, in_channels=channels,
+                          learned_sigma=learned_sigma, num_classes=3).eval()
+    x = torch.randn(2, channels, resolution, resolution)
+    with torch.no_grad():
+        out = model(x, torch.tensor([0, 999]), torch.tensor([1, 3]))
+    assert out.shape == (2, channels * (2 if learned_sigma else 1), resolution, resolution)
+    assert model.in_channels == channels and model.out_channels == out.shape[1]
+
+
+def test_ddpm_cifar10_forward_batch_one():
+    model = build_network("unet", "ddpm-cifar10").eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 32, 32), torch.tensor([10]))
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_adm_imagenet128_shapes_on_meta_device():
+    with torch.device("meta"):
+        model = build_network("unet", "adm-imagenet128")
+        out = model(torch.empty(2, 3, 128, 128), torch.zeros(2, dtype=torch.long))
+    assert out.shape == (2, 6, 128, 128)
+
+
+def test_null_label_is_its_own_embedding_and_none_means_null():
+    model = randomize_zero_init(build_network("unet", "tiny", resolution=16, in_channels=1, num_classes=4)).eval()
+    assert model.null_label == 4
+    x, t = torch.randn(1, 1, 16, 16), torch.tensor([500])
+    with torch.no_grad():
+        null = model(x, t, torch.tensor([4]))
+        assert torch.equal(model(x, t, None), null)
+        outs = [model(x, t, torch.tensor([k])) for k in range(4)]
+    for k, out in enumerate(outs):
+        assert (out - null).abs().max() > 1e-4, f"class {k} gives the null output"
+    assert (outs[0] - outs[1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_label_outside_range_raises(bad):
+    model = build_network("unet", "tiny", resolution=16, num_classes=4)
+    with pytest.raises(LddpmError, match=str(bad)):
+        model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.tensor([0, bad]))
+
+
+def test_unconditional_model_rejects_class_labels():
+    model = build_network("unet", "tiny", resolution=16)
+    assert model.num_classes == 0 and model.null_label is None
+    with pytest.raises(LddpmError, match="unconditional"):
+        model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_gradients_reach_every_parameter(scale_shift):
+    model = randomize_zero_init(build_network("unet", "tiny", resolution=16, num_classes=3, dropout=0.0,
+                                              use_scale_shift_norm=scale_shift, learned_sigma=True))
+    out = model(torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([0, 3]))
+    out.square().mean().backward()
+    for name, p in model.named_parameters():
+        if name == "label_embed.weight":  # only the rows of used labels get gradient
+            assert p.grad[[0, 3]].abs().sum() > 0 and p.grad[[1, 2]].abs().sum() == 0
+            continue
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_zero_init_output_and_same_seed_same_output():
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    torch.manual_seed(5)
+    a = build_network("unet", "tiny", resolution=16)
+    torch.manual_seed(5)
+    b = build_network("unet", "tiny", resolution=16)
+    assert a(x, t).abs().max() == 0  # zero-initialised last conv (ADM)
+    randomize_zero_init(a), randomize_zero_init(b)
+    a.train(), b.train()
+    torch.manual_seed(9)
+    out_a = a(x, t)
+    torch.manual_seed(9)
+    out_b = b(x, t)
+    assert torch.equal(out_a, out_b)
+
+
+def test_timestep_changes_output():
+    model = randomize_zero_init(build_network("unet", "tiny", resolution=16)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert (model(x, torch.tensor([0])) - model(x, torch.tensor([999]))).abs().max() > 1e-4
+
+
+def test_gradient_checkpointing_and_channels_last_match_plain():
+    torch.manual_seed(3)
+    plain = randomize_zero_init(build_network("unet", "tiny", resolution=16, dropout=0.0, num_classes=2))
+    for option in ({"gradient_checkpointing": True}, {"channels_last": True}):
+        other = network_from_config("unet", {**plain.config.to_dict(), **option})
+        other.load_state_dict(plain.state_dict())
+        x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([5, 50]), torch.tensor([0, 2])
+        outs, grads = [], []
+        for m in (plain, other):
+            m.zero_grad()
+            out = m(x, t, y)
+            out.square().sum().backward()
+            outs.append(out.detach())
+            grads.append(m.conv_in.weight.grad.clone())
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-3)
+
+
+def test_forward_under_bf16_autocast():
+    model = randomize_zero_init(build_network("unet", "tiny", resolution=16, num_classes=2)).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 50])
+    with torch.no_grad():
+        ref = model(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert (out.float() - ref).norm() / ref.norm() < 0.05
+
+
+def test_overfits_a_tiny_batch():
+    torch.manual_seed(0)
+    model = build_network("unet", "tiny", resolution=16, dropout=0.0, model_channels=16, norm_groups=8)
+    x, t = torch.randn(4, 3, 16, 16), torch.randint(0, 1000, (4,))
+    target = torch.randn(4, 3, 16, 16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(300):
+        loss = (model(x, t) - target).square().mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first / 10, (first, loss.item())
+
+
+def test_config_roundtrip_rebuilds_the_same_network():
+    model = build_network("unet", "small", in_channels=4, resolution=8, num_classes=10, learned_sigma=True)
+    d = model.config.to_dict()
+    rebuilt = network_from_config("unet", d)
+    assert rebuilt.config == model.config
+    assert rebuilt.config.attention_resolutions == (4, 2)  # levels kept when the resolution changed
+    rebuilt.load_state_dict(model.state_dict())  # same parameter names and shapes
+    assert network_config("unet", "small") == build_network("unet", "small").config
