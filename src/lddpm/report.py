@@ -177,13 +177,24 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
         ax.legend(fontsize=8)
         save(fig, "fid_vs_steps.png", "FID against sampling steps")
 
-    # FID and class accuracy against guidance scale, one line per run.
-    guided = [r for r in ok if r.get("group") in ("guidance", "samplers") and r.get("guidance_scale") is not None]
-    runs_with_scan = sorted({r["run"] for r in guided if r.get("group") == "guidance"})
+    # FID and class accuracy against guidance scale, one line per run; the run's unguided cell
+    # with the same sampler and steps (if any) is the s = 1 point.
+    scans: dict[str, list[dict]] = {}
+    for r in ok:
+        if r.get("group") == "guidance" and r.get("guidance_scale") is not None:
+            scans.setdefault(r["run"], []).append(r)
+    for run, scan in scans.items():
+        keys = {(r["sampler"], r["steps"]) for r in scan}
+        scales = {r["guidance_scale"] for r in scan}
+        scan += [r for r in ok if r.get("group") == "samplers" and r["run"] == run
+                 and (r["sampler"], r["steps"]) in keys and r.get("guidance_scale") not in scales]
+    guided = [r for scan in scans.values() for r in scan]
+    runs_with_scan = sorted(scans)
     if runs_with_scan:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
         for run in runs_with_scan:
-            pts = sorted((r["guidance_scale"], r.get("fid"), r.get("class_accuracy")) for r in guided if r["run"] == run)
+            pts = sorted(((r["guidance_scale"], r.get("fid"), r.get("class_accuracy")) for r in guided if r["run"] == run),
+                         key=lambda p: p[0])
             xs_f = [p[0] for p in pts if p[1] is not None]
             ax1.plot(xs_f, [p[1] for p in pts if p[1] is not None], "o-", label=run)
             xs_a = [p[0] for p in pts if p[2] is not None]

@@ -6,7 +6,7 @@ A study file (TOML) has three parts:
     [runs.<name>]      training runs: a trainer config (file or preset) + `set` overrides + steps
     [[cells]]          evaluation cells: run, sampler, steps, eta, guidance scale, labels
 
-A cell's `sampler`, `steps` and `guidance_scale` may be lists; the cell is then expanded into one
+A cell's `run`, `sampler`, `steps`, `guidance_scale` and `eta` may be lists; the cell is then expanded into one
 cell per combination and its `name` is a template (`"ddim-{steps}"`, `"cfg-s{guidance_scale:g}"`).
 
 `run_study` is resumable: each finished cell is stored atomically in `cells/<name>.json` and
@@ -55,6 +55,7 @@ class StudySettings:
     resolution: int = 32
     fid_n: int = 500  # images per cell for FID / IS / precision-recall
     reference_split: str = "test"  # FID reference statistics come from this split
+    reference_n: int = 0  # images of that split in the reference statistics (0 = all)
     seed: int = 0
     fid_batch_size: int = 50
     sample_batch_size: int = 64
@@ -122,10 +123,10 @@ def _from_dict(cls, data: dict, where: str, **extra):
 
 
 def _expand_cell(raw: dict, index: int) -> list[CellSpec]:
-    """Expand list-valued sampler/steps/guidance_scale into one cell per combination."""
+    """Expand list-valued run/sampler/steps/guidance_scale/eta into one cell per combination."""
     if "name" not in raw or "run" not in raw:
         raise LddpmError(f"cells[{index}]: every cell needs `name` and `run` (got keys {sorted(raw)})")
-    axes = {k: raw[k] for k in ("sampler", "steps", "guidance_scale", "eta") if isinstance(raw.get(k), list)}
+    axes = {k: raw[k] for k in ("run", "sampler", "steps", "guidance_scale", "eta") if isinstance(raw.get(k), list)}
     if not axes:
         return [_from_dict(CellSpec, raw, f"cells[{index}]")]
     cells = []
