@@ -40,11 +40,12 @@ class ResBlock(nn.Module):
     The timestep embedding is added after the first conv (Ho et al. 2020), or, with
     `scale_shift=True`, applied as adaptive group norm h = norm(h) * (1 + s) + b
     (AdaGN, Section 3 of Dhariwal & Nichol 2021). `emb_dim=None` gives the unconditioned block of
-    the autoencoder. The block expects an embedding that already went through SiLU.
+    the autoencoder. The block expects an embedding that already went through SiLU. With
+    `zero_init` the last conv starts at zero, so the block starts as the identity (ADM).
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int | None, *, dropout: float = 0.0,
-                 norm_groups: int = 32, scale_shift: bool = False):
+                 norm_groups: int = 32, scale_shift: bool = False, zero_init: bool = True):
         super().__init__()
         self.scale_shift = scale_shift
         self.norm1 = nn.GroupNorm(norm_groups, in_channels)
@@ -54,7 +55,9 @@ class ResBlock(nn.Module):
             self.emb_proj = nn.Linear(emb_dim, out_channels * (2 if scale_shift else 1))
         self.norm2 = nn.GroupNorm(norm_groups, out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if zero_init:
+            zero_module(self.conv2)
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,12 +82,14 @@ class AttentionBlock(nn.Module):
     Uses `F.scaled_dot_product_attention` (the fused kernel where the backend has one).
     """
 
-    def __init__(self, channels: int, num_heads: int = 1, *, norm_groups: int = 32):
+    def __init__(self, channels: int, num_heads: int = 1, *, norm_groups: int = 32, zero_init: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.norm = nn.GroupNorm(norm_groups, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj = zero_module(nn.Linear(channels, channels))
+        self.proj = nn.Linear(channels, channels)
+        if zero_init:
+            zero_module(self.proj)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W) -> x + attention(x); `emb` is ignored (uniform block signature)."""

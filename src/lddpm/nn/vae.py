@@ -94,7 +94,7 @@ class Encoder(nn.Module):
     def __init__(self, c: VAEConfig):
         super().__init__()
         ch, res = c.base_channels, c.resolution
-        block = dict(dropout=c.dropout, norm_groups=c.norm_groups)
+        block = dict(dropout=c.dropout, norm_groups=c.norm_groups, zero_init=False)
         self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
         layers: list[nn.Module] = []
         cur = ch
@@ -103,13 +103,13 @@ class Encoder(nn.Module):
                 layers.append(ResBlock(cur, ch * mult, None, **block))
                 cur = ch * mult
                 if res in c.attention_resolutions:
-                    layers.append(AttentionBlock(cur, norm_groups=c.norm_groups))
+                    layers.append(AttentionBlock(cur, norm_groups=c.norm_groups, zero_init=False))
             if level != len(c.channel_mult) - 1:
                 layers.append(Downsample(cur))
                 res //= 2
         layers.append(ResBlock(cur, cur, None, **block))
         if c.mid_attention:
-            layers.append(AttentionBlock(cur, norm_groups=c.norm_groups))
+            layers.append(AttentionBlock(cur, norm_groups=c.norm_groups, zero_init=False))
         layers.append(ResBlock(cur, cur, None, **block))
         self.blocks = nn.ModuleList(layers)
         self.norm_out = nn.GroupNorm(c.norm_groups, cur)
@@ -129,20 +129,20 @@ class Decoder(nn.Module):
     def __init__(self, c: VAEConfig):
         super().__init__()
         ch = c.base_channels
-        block = dict(dropout=c.dropout, norm_groups=c.norm_groups)
+        block = dict(dropout=c.dropout, norm_groups=c.norm_groups, zero_init=False)
         cur = ch * c.channel_mult[-1]
         res = c.resolution // c.downsample_factor
         self.conv_in = nn.Conv2d(c.latent_channels, cur, 3, padding=1)
         layers: list[nn.Module] = [ResBlock(cur, cur, None, **block)]
         if c.mid_attention:
-            layers.append(AttentionBlock(cur, norm_groups=c.norm_groups))
+            layers.append(AttentionBlock(cur, norm_groups=c.norm_groups, zero_init=False))
         layers.append(ResBlock(cur, cur, None, **block))
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for _ in range(c.num_res_blocks + 1):
                 layers.append(ResBlock(cur, ch * mult, None, **block))
                 cur = ch * mult
                 if res in c.attention_resolutions:
-                    layers.append(AttentionBlock(cur, norm_groups=c.norm_groups))
+                    layers.append(AttentionBlock(cur, norm_groups=c.norm_groups, zero_init=False))
             if level:
                 layers.append(Upsample(cur))
                 res *= 2
