@@ -58,8 +58,8 @@ def test_unknown_names_and_keys_raise():
     ({"resolution": 30}, "30"),  # not divisible by 4
     ({"attention_resolutions": (5,)}, "5"),  # never reached
     ({"norm_groups": 7}, "norm_groups=7"),  # 32 channels not divisible by 7
-    ({"num_heads": 3}, "3 heads"),
-    ({"num_head_channels": 48}, "48"),
+    ({"num_heads": 3}, "num_heads=3"),
+    ({"num_head_channels": 48}, "num_head_channels=48"),
     ({"channel_mult": ()}, "channel_mult"),
     ({"dropout": 1.5}, "1.5"),
     ({"num_classes": -2}, "-2"),
