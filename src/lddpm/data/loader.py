@@ -76,7 +76,10 @@ class EpochSampler:
 
 def uint8_to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (B,H,W,C) -> float32 (B,C,H,W) in [-1, 1] (x / 127.5 - 1)."""
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    arr = images.transpose(0, 3, 1, 2)
+    if not (arr.flags.c_contiguous and arr.flags.writeable):
+        arr = np.array(arr, order="C")  # one uint8 copy (a memmap slice is read-only)
+    x = torch.from_numpy(arr)
     return x.to(torch.float32).mul_(1.0 / 127.5).sub_(1.0)
 
 

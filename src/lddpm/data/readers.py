@@ -190,10 +190,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol 2
     }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
+            if module.startswith("numpy.core.") and hasattr(np, "_core"):
+                module = "numpy._core." + module[len("numpy.core."):]  # numpy >= 2 (files from numpy 1 / Python 2)
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
 
