@@ -130,6 +130,10 @@ class ImageLoader:
 
     def __init__(self, cache, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
                  hflip: bool = False):
+        if not hasattr(cache, "images"):  # a cache folder path
+            from lddpm.data.cache import open_cache
+
+            cache = open_cache(cache)
         self.cache = cache
         self.images, self.labels = cache.images, np.asarray(cache.labels, dtype=np.int64)
         self.sampler = EpochSampler(len(self.labels), batch_size, seed=seed, rank=rank, world_size=world_size)

@@ -305,7 +305,8 @@ def _folder_sources(files: list[str], root: Path) -> list[dict]:
         total += st.st_size
         digest.update(f"{os.path.relpath(f, root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return [{"path": str(root), "num_files": len(files), "total_bytes": total,
-             "listing_sha256": digest.hexdigest()}]
+             "listing_sha256": digest.hexdigest(),
+             "listing": "sha256 of 'relative path<TAB>size<TAB>mtime_ns' lines, in label order (file bytes not hashed)"}]
 
 
 def read_image_folder(
