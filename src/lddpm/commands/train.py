@@ -1,5 +1,151 @@
-"""CLI commands (placeholder until its issue lands)."""
+"""CLI commands `lddpm train`, `lddpm train-vae` and `lddpm sample`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lddpm.errors import LddpmError
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="TOML file or preset name (optional with --resume: the run's own config)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting; VALUE is a TOML literal (repeatable), e.g. --set run.steps=200")
+    parser.add_argument("--out", help="run folder (default: run.out from the config)")
+    parser.add_argument("--resume", action="store_true", help="continue the run folder from its last checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars; only the final summary")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="train with N processes (DDP through torchrun; gloo on CPU, NCCL on CUDA)")
 
 
 def register(subparsers) -> None:
-    """Add this group's subcommands to the `lddpm` parser."""
+    """Add `train`, `train-vae` and `sample` to the `lddpm` parser."""
+    p = subparsers.add_parser("train", help="train a diffusion model (pixel space or on a VAE's latents)",
+                              description="Train a diffusion model. Stop with Ctrl-C (a checkpoint is written); "
+                                          "continue with --resume.")
+    _add_train_arguments(p)
+    p.set_defaults(func=_train, task="diffusion")
+
+    p = subparsers.add_parser("train-vae", help="train the KL autoencoder for latent diffusion",
+                              description="Train the KL autoencoder; its latent scaling factor is estimated "
+                                          "at the end and stored in the final checkpoint.")
+    _add_train_arguments(p)
+    p.set_defaults(func=_train, task="vae")
+
+    p = subparsers.add_parser("sample", help="generate images from a trained run",
+                              description="Generate images from a run folder or checkpoint (EMA weights).")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--sampler", default="ddim", help="ddpm, ddim or dpm++2m (default ddim)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: ddpm T, ddim 50, dpm++2m 20)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale s in eps_u + s (eps_c - eps_u); 1 = none")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--class", dest="class_index", type=int, default=None, help="class index for every image")
+    group.add_argument("--class-name", default=None, help="class name for every image")
+    p.add_argument("--num", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="grid PNG (default samples.png unless --out-dir is given)")
+    p.add_argument("--out-dir", default=None, help="also write one PNG per image here")
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_sample)
+
+
+def _spawn_torchrun(args: argparse.Namespace) -> int:
+    """Re-run this command under `python -m torch.distributed.run` with N processes."""
+    cleaned = ["train" if args.task == "diffusion" else "train-vae"]
+    cleaned += [args.config] if args.config else []
+    for item in args.overrides:
+        cleaned += ["--set", item]
+    cleaned += ["--out", args.out] if args.out else []
+    cleaned += ["--resume"] if args.resume else []
+    cleaned += ["--quiet"] if args.quiet else []
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "lddpm", *cleaned]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(command, env=env)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lddpm.config import load_config
+
+    if args.nproc < 1:
+        raise LddpmError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1:
+        if "WORLD_SIZE" in os.environ:
+            raise LddpmError("--nproc cannot be used inside torchrun; drop it")
+        return _spawn_torchrun(args)
+    source = args.config
+    if source is None:
+        if not (args.resume and args.out):
+            raise LddpmError("give a CONFIG (TOML file or preset), or --resume --out RUN_DIR to continue a run")
+        source = Path(args.out) / "config.toml"
+    config = load_config(source, args.overrides)
+    run_dir = Path(args.out or config.run.out)
+    from lddpm.train import train, train_vae
+
+    start = time.time()
+    fn = train if args.task == "diffusion" else train_vae
+    result = fn(config, run_dir, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        took = time.time() - start
+        if result["stopped"]:
+            print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']}\n"
+                  f"continue with: lddpm {'train' if args.task == 'diffusion' else 'train-vae'} --resume --out {run_dir}")
+        else:
+            print(f"trained {run_dir} to step {result['step']} in {took:.1f} s (last loss {result['loss']:.4f}); "
+                  f"checkpoint {result['checkpoint']}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from lddpm.distributed import resolve_device
+    from lddpm.pipeline import load_pipeline, save_grid
+
+    if args.num < 1:
+        raise LddpmError(f"--num must be >= 1, got {args.num}")
+    device = resolve_device(args.device)
+    pipeline = load_pipeline(args.run, device=device, use_ema=not args.no_ema)
+    labels = None
+    if args.class_name is not None:
+        labels = pipeline.class_index(args.class_name)
+    elif args.class_index is not None:
+        if not pipeline.num_classes:
+            raise LddpmError("this model is unconditional: --class needs a class-conditional run")
+        if not 0 <= args.class_index < pipeline.num_classes:
+            raise LddpmError(f"--class {args.class_index} is out of range; choose 0..{pipeline.num_classes - 1}")
+        labels = args.class_index
+    start = time.time()
+    images, out_labels = pipeline.generate(
+        args.num, sampler=args.sampler, num_steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
+        labels=labels, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+    took = time.time() - start
+    written = []
+    out = args.out if args.out or args.out_dir else "samples.png"
+    if out:
+        nrow = args.nrow or int(np.ceil(np.sqrt(len(images))))
+        written.append(str(save_grid(images, out, nrow=nrow)))
+    if args.out_dir:
+        from PIL import Image
+
+        folder = Path(args.out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            suffix = f"_class{int(out_labels[i])}" if out_labels is not None else ""
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(folder / f"{i:05d}{suffix}.png")
+        written.append(f"{folder}/ ({len(images)} files)")
+    print(f"{len(images)} images with {args.sampler} ({args.steps or 'default'} steps) in {took:.1f} s "
+          f"({took / len(images):.3f} s/image) -> {', '.join(written)}")
+    return 0

@@ -1,0 +1,95 @@
+"""Process-group helpers for `torchrun`/DDP training: gloo on CPU, NCCL on CUDA."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lddpm.errors import LddpmError
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits: rank, world size, local rank, and the torch device it uses."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes logs, grids and checkpoints."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        """True when more than one process trains together."""
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU -> LddpmError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise LddpmError("run.device = 'cuda' but no CUDA GPU is available; use run.device = 'cpu' or 'auto'")
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise LddpmError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    return torch.device("cpu")
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else run alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch_device = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        if torch_device.type == "cuda":
+            torch.cuda.set_device(torch_device)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistInfo(rank, world_size, local_rank, torch_device)
+
+
+def teardown(info: DistInfo) -> None:
+    """Leave the process group (if one was joined)."""
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a tensor over ranks (identity when alone)."""
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_cat(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from every rank, in rank order."""
+    if not info.enabled:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(info.world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op when alone)."""
+    if info.enabled:
+        dist.barrier()
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's picklable object on every rank (small control data only, never weights)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

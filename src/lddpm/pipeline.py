@@ -1,0 +1,200 @@
+"""Generate images from a trained run: `load_pipeline(run)` -> `Pipeline.generate(...)`.
+
+A pipeline is rebuilt from a checkpoint alone (network config, weights, diffusion settings and,
+for latent runs, the VAE weights are all inside it). `load_vae` does the same for autoencoders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from lddpm.checkpoint import load_checkpoint
+from lddpm.config import Config, DiffusionConfig
+from lddpm.errors import LddpmError
+
+
+def build_diffusion(d: DiffusionConfig | dict[str, Any]):
+    """The schedule and GaussianDiffusion described by a [diffusion] section."""
+    from lddpm.diffusion import GaussianDiffusion
+    from lddpm.schedule import NoiseSchedule
+
+    if isinstance(d, dict):
+        d = DiffusionConfig(**d)
+    schedule = NoiseSchedule.from_name(d.schedule, d.num_timesteps, rescale_zero_terminal_snr=d.rescale_zero_terminal_snr)
+    return GaussianDiffusion(schedule, objective=d.objective, learned_variance=d.learned_variance,
+                             loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
+                             timestep_sampling=d.timestep_sampling)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images (B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images: np.ndarray, nrow: int, padding: int = 2, pad_value: int = 0) -> np.ndarray:
+    """Tile uint8 images (N, H, W, C) into one (rows, nrow) image with `padding` pixels between."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise LddpmError(f"save_grid needs uint8 images of shape (N, H, W, C), got {images.dtype} {images.shape}")
+    n, h, w, c = images.shape
+    nrow = max(1, min(int(nrow), max(n, 1)))
+    rows = max(1, -(-n // nrow))
+    grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), pad_value, np.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + k * (w + padding)
+        grid[top:top + h, left:left + w] = images[i]
+    return grid
+
+
+def save_grid(images: np.ndarray, path: str | Path, nrow: int = 8) -> Path:
+    """Write uint8 images (N, H, W, C) as one PNG grid with `nrow` images per row (atomically)."""
+    from PIL import Image
+
+    grid = make_grid(images, nrow)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def _seed_for(seed: int, start: int) -> int:
+    digest = hashlib.sha256(f"lddpm-sample/{seed}/{start}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class Pipeline:
+    """A denoiser, its diffusion, and (for latent runs) the VAE that decodes its samples."""
+
+    def __init__(self, model: nn.Module, diffusion, *, vae: nn.Module | None = None, config: Config | None = None,
+                 dataset: dict[str, Any] | None = None, device: str | torch.device = "cpu",
+                 checkpoint: str | None = None, step: int | None = None):
+        self.model, self.diffusion, self.vae = model, diffusion, vae
+        self.config = config
+        self.dataset_info = dict(dataset or {})
+        self.device = torch.device(device)
+        self.checkpoint, self.step = checkpoint, step
+        self.num_classes: int = int(getattr(model, "num_classes", 0) or 0)
+        self.null_label: int | None = getattr(model, "null_label", None) if self.num_classes else None
+        names = self.dataset_info.get("class_names") or []
+        self.class_names: list[str] = list(names) if self.num_classes else []
+        self.dataset: str | None = self.dataset_info.get("name")
+        self.channels: int = int(self.dataset_info.get("channels") or getattr(vae or model, "in_channels", 3))
+        model_res = int(getattr(getattr(model, "config", None), "resolution", 0) or 0)
+        self.resolution: int = int(self.dataset_info.get("resolution")
+                                   or (model_res * vae.downsample_factor if vae is not None else model_res))
+        self.latent_shape = (int(model.in_channels), model_res, model_res)
+
+    def __repr__(self) -> str:
+        kind = "latent" if self.vae is not None else "pixel"
+        return (f"Pipeline({kind}, {self.dataset}, {self.resolution}px x{self.channels}, "
+                f"classes={self.num_classes}, step={self.step})")
+
+    def _labels(self, num: int, labels) -> np.ndarray | None:
+        if labels is None:
+            return np.arange(num, dtype=np.int64) % self.num_classes if self.num_classes else None
+        if not self.num_classes:
+            raise LddpmError("this model is unconditional: it takes no class labels (drop --class / labels)")
+        labels = np.full(num, labels, np.int64) if np.ndim(labels) == 0 else np.asarray(labels, np.int64)
+        if labels.shape != (num,):
+            raise LddpmError(f"got {labels.size} labels for {num} images")
+        if labels.min(initial=0) < 0 or labels.max(initial=0) > self.num_classes:
+            raise LddpmError(f"labels must lie in 0..{self.num_classes - 1} (or {self.num_classes}, the null label)")
+        return labels
+
+    def class_index(self, name: str) -> int:
+        """Index of a class by name (case-insensitive); unknown name -> LddpmError listing them."""
+        lowered = [c.lower() for c in self.class_names]
+        if name.lower() not in lowered:
+            raise LddpmError(f"unknown class {name!r}; classes: {', '.join(self.class_names) or '(none)'}")
+        return lowered.index(name.lower())
+
+    @torch.no_grad()
+    def generate(self, num: int, *, sampler: str = "ddim", num_steps: int | None = None, eta: float = 0.0,
+                 guidance_scale: float = 1.0, labels: int | Sequence[int] | np.ndarray | None = None, seed: int = 0,
+                 batch_size: int = 64, progress: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Sample `num` images -> (uint8 (N, H, W, C), int64 labels or None).
+
+        Conditional models get `labels` (default: classes in turn, 0, 1, ..., so counts are
+        balanced). The starting noise of image i depends only on (seed, i), not on batch_size.
+        Latent samples are divided by the VAE's scaling factor and decoded.
+        """
+        from tqdm import tqdm
+
+        from lddpm.sampling import SAMPLERS, sample
+
+        if sampler not in SAMPLERS:
+            raise LddpmError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if guidance_scale != 1.0 and self.null_label is None:
+            raise LddpmError(f"guidance scale {guidance_scale} needs a class-conditional model trained with label "
+                             "dropout; this model is unconditional (use guidance scale 1)")
+        if num < 0 or batch_size < 1:
+            raise LddpmError(f"num ({num}) must be >= 0 and batch_size ({batch_size}) >= 1")
+        labels = self._labels(num, labels)
+        x_T = torch.randn((num, *self.latent_shape), generator=torch.Generator().manual_seed(int(seed)))
+        outputs = []
+        self.model.eval()
+        with tqdm(total=num, unit="img", desc=f"sample {sampler}", disable=not progress) as bar:
+            for start in range(0, num, batch_size):
+                xb = x_T[start:start + batch_size].to(self.device)
+                yb = torch.from_numpy(labels[start:start + batch_size]).to(self.device) if labels is not None else None
+                generator = torch.Generator(device=self.device).manual_seed(_seed_for(int(seed), start))
+                x = sample(self.model, self.diffusion, tuple(xb.shape), sampler=sampler, num_steps=num_steps, eta=eta,
+                           clip_x0=self.vae is None, y=yb, guidance_scale=guidance_scale, null_label=self.null_label,
+                           generator=generator, x_T=xb, device=self.device, progress=False)
+                if self.vae is not None:
+                    x = self.vae.decode(x.float() / self.vae.scaling_factor)
+                outputs.append(to_uint8(x))
+                bar.update(len(xb))
+        images = np.concatenate(outputs) if outputs else np.zeros((0, self.resolution, self.resolution, self.channels), np.uint8)
+        return images, labels
+
+
+def load_vae(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The autoencoder of a VAE run (or the one stored in a latent-diffusion checkpoint), in eval mode."""
+    from lddpm.nn import network_from_config
+
+    ckpt = load_checkpoint(run_or_checkpoint)
+    kind = ckpt.meta.get("kind")
+    if kind == "vae":
+        vae = network_from_config("vae", ckpt.meta["network"]["config"])
+        vae.load_state_dict(ckpt.load("model"))
+    elif kind == "diffusion" and "vae" in ckpt.groups:
+        vae = network_from_config("vae", ckpt.meta["vae"]["network_config"])
+        vae.load_state_dict(ckpt.load("vae"))
+    else:
+        raise LddpmError(f"{ckpt.path} holds no autoencoder (a {kind!r} checkpoint); give a VAE run (lddpm train-vae)")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def load_pipeline(run_or_checkpoint: str | Path, device: str | torch.device = "cpu", *, use_ema: bool = True) -> Pipeline:
+    """Rebuild a diffusion run's sampler from its checkpoint alone (EMA weights by default)."""
+    from lddpm.nn import network_from_config
+
+    ckpt = load_checkpoint(run_or_checkpoint)
+    meta = ckpt.meta
+    if meta.get("kind") != "diffusion":
+        raise LddpmError(f"{ckpt.path} is a {meta.get('kind')!r} checkpoint, not a diffusion model "
+                         "(use lddpm.pipeline.load_vae for autoencoders)")
+    device = torch.device(device)
+    model = network_from_config(meta["network"]["kind"], meta["network"]["config"])
+    try:
+        model.load_state_dict(ckpt.load("ema" if use_ema else "model"))
+    except RuntimeError as exc:
+        raise LddpmError(f"{ckpt.path}: the weights do not fit the network recorded in it ({exc})") from None
+    model = model.to(device).eval().requires_grad_(False)
+    vae = load_vae(ckpt.path, device) if "vae" in ckpt.groups else None
+    config = Config.from_dict(meta["config"], source=str(ckpt.path))
+    return Pipeline(model, build_diffusion(config.diffusion), vae=vae, config=config, dataset=meta.get("dataset"),
+                    device=device, checkpoint=str(ckpt.path), step=int(meta["step"]))
