@@ -333,6 +333,17 @@ def test_standard_inception_score_through_a_standin_network(tmp_path):
         network_probabilities(bad, images)
 
 
+def test_full_nvidia_style_network_gets_uint8_range_input(tmp_path):
+    """A network with the prologue inside (NVIDIA's full file) is called with [0, 255] pixels and return_features=True."""
+    path = tmp_path / "full.pt"
+    torch.jit.save(torch.jit.script(_StandinIS()), str(path))
+    ext = inception_mod.load_inception(path)
+    assert ext.prologue == "uint8" and ext.call_kwargs == {"return_features": True}
+    images = _images(5, size=8, channels=3)
+    expected = torch.from_numpy(images).permute(0, 3, 1, 2).float().mean(dim=(2, 3)) / 255.0
+    np.testing.assert_allclose(ext.features(images), expected.double().numpy(), atol=1e-6)
+
+
 # ---------------------------------------------------------------- slow: real data
 
 
