@@ -1,0 +1,253 @@
+"""Training throughput and peak memory of the named networks: fp32 vs bf16 autocast vs channels_last.
+
+For every config: forward + backward images/s (median over --iters after warm-up), no-grad
+forward images/s, and peak memory (CPU: the process's peak RSS above its level before the run,
+from /proc/self/status VmHWM reset through /proc/self/clear_refs; CUDA: max_memory_allocated).
+Each U-Net is measured beside `diffusers.UNet2DModel` built with the same shape (a benchmark-only
+dependency) so the ratio shows. Prints a table and writes JSON.
+
+    python benchmarks/networks.py --out results.json                    # default configs, batch 8
+    python benchmarks/networks.py --quick                                # a seconds-long smoke run
+    python benchmarks/networks.py --configs unet:small,vae:kl-f4 --batch 32 --devices cpu,cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lddpm.nn import build_network, network_config
+from lddpm.nn.vae import vae_loss
+
+DEFAULT_CONFIGS = "unet:ddpm-cifar10,unet:small,unet:tiny,vae:kl-f4,vae:kl-f4-tiny"
+MODES = ("fp32", "bf16", "channels_last")
+
+
+def _read_status_kb(key: str) -> int | None:
+    """A 'kB' field of /proc/self/status (Linux), or None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory above the starting level, in MiB, for CPU (RSS high-water mark) or CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self.start = (_read_status_kb("VmRSS") or 0) * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = (_read_status_kb("VmHWM") or 0) * 1024
+        self.mib = max(peak - self.start, 0) / 2**20
+
+
+def diffusers_twin(cfg):
+    """`diffusers.UNet2DModel` with the shape of a UNetConfig (same blocks, widths, attention levels)."""
+    from diffusers import UNet2DModel  # benchmark-only dependency
+
+    levels = cfg.level_resolutions()
+    attn = [r in cfg.attention_resolutions for r in levels]
+    widths = [cfg.model_channels * m for m in cfg.channel_mult]
+    head_dim = cfg.num_head_channels if cfg.num_head_channels > 0 else None
+    if head_dim is None and cfg.num_heads > 1:
+        head_dim = widths[-1] // cfg.num_heads
+    return UNet2DModel(
+        sample_size=cfg.resolution, in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels * (2 if cfg.learned_sigma else 1), block_out_channels=tuple(widths),
+        layers_per_block=cfg.num_res_blocks, norm_num_groups=cfg.norm_groups, dropout=cfg.dropout,
+        attention_head_dim=head_dim, add_attention=cfg.mid_attention,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        resnet_time_scale_shift="scale_shift" if cfg.use_scale_shift_norm else "default",
+        num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None)
+
+
+def make_step(kind: str, model, batch: int, device: torch.device, channels_last: bool, shape: tuple[int, int, int]):
+    """A closure running one forward (+ backward when grad is enabled) on fixed random data.
+
+    `shape` is (resolution, in_channels, out_channels).
+    """
+    res, ch, out_ch = shape
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(batch, ch, res, res, generator=g) * 2 - 1).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    if kind == "vae":
+        def step():
+            recon, posterior = model(x)
+            loss = vae_loss(x, recon, posterior, kl_weight=1e-6)["loss"]
+            if torch.is_grad_enabled():
+                loss.backward()
+    else:
+        is_diffusers = not hasattr(model, "null_label")
+        target = torch.randn(batch, out_ch, res, res, generator=g).to(device)
+
+        def step():
+            out = model(x, t).sample if is_diffusers else model(x, t)
+            loss = F.mse_loss(out.float(), target)
+            if torch.is_grad_enabled():
+                loss.backward()
+    return step
+
+
+def measure(kind: str, model, *, shape: tuple[int, int, int], batch: int, iters: int, warmup: int,
+            device: torch.device, mode: str) -> dict:
+    """Median forward+backward and no-grad forward throughput and peak memory of one (model, mode)."""
+    channels_last = mode == "channels_last"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.to(device).train()
+    step = make_step(kind, model, batch, device, channels_last, shape)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mode == "bf16" else contextlib.nullcontext()
+
+    def timed(grad: bool) -> list[float]:
+        times = []
+        for i in range(warmup + iters):
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            with autocast, torch.set_grad_enabled(grad):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        return times
+
+    with PeakMemory(device) as mem:
+        train = timed(True)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    infer = timed(False)
+    return {"train_img_s": batch / statistics.median(train), "fwd_img_s": batch / statistics.median(infer),
+            "peak_mib": mem.mib, "train_s": statistics.median(train)}
+
+
+def measure_row(spec: dict) -> dict:
+    """Build one network (ours or its diffusers twin) and measure it in one mode on one device."""
+    kind, name, device = spec["kind"], spec["config"], torch.device(spec["device"])
+    cfg = network_config(kind, name)
+    shape = (cfg.resolution, cfg.in_channels, cfg.in_channels * (2 if getattr(cfg, "learned_sigma", False) else 1))
+    torch.manual_seed(0)
+    model = diffusers_twin(cfg) if spec["impl"] == "diffusers" else build_network(kind, name)
+    row = dict(spec, params=sum(p.numel() for p in model.parameters()))
+    row.update(measure(kind, model, shape=shape, batch=spec["batch"], iters=spec["iters"], warmup=spec["warmup"],
+                       device=device, mode=spec["mode"]))
+    return row
+
+
+def run_isolated(spec: dict) -> dict:
+    """measure_row in a fresh Python process, so peak memory is not hidden by memory freed earlier."""
+    proc = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"benchmark row {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(args) -> dict:
+    """Measure every (config, device, impl, mode); returns the JSON-ready results."""
+    devices = [d for d in args.devices.split(",") if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
+    results = []
+    for entry in args.configs.split(","):
+        kind, name = entry.split(":") if ":" in entry else ("unet", entry)
+        impls = ["lddpm"] + (["diffusers"] if kind == "unet" and not args.no_diffusers else [])
+        for device in devices:
+            for impl in impls:
+                for mode in args.modes.split(","):
+                    spec = {"kind": kind, "config": name, "impl": impl, "device": device, "mode": mode,
+                            "batch": args.batch, "iters": args.iters, "warmup": args.warmup}
+                    row = measure_row(spec) if args.in_process else run_isolated(spec)
+                    results.append(row)
+                    print(f"  {impl:9s} {name:16s} {device:4s} {mode:13s} "
+                          f"{row['train_img_s']:8.1f} img/s train  {row['fwd_img_s']:8.1f} img/s fwd  "
+                          f"{row['peak_mib']:8.0f} MiB", flush=True)
+    ours = {(r["config"], r["device"], r["mode"]): r for r in results if r["impl"] == "lddpm"}
+    for r in results:
+        if r["impl"] == "diffusers":
+            o = ours[(r["config"], r["device"], r["mode"])]
+            o["train_speedup_vs_diffusers"] = o["train_img_s"] / r["train_img_s"]
+            o["fwd_speedup_vs_diffusers"] = o["fwd_img_s"] / r["fwd_img_s"]
+    return {"meta": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+                     "machine": platform.machine(),
+                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                     # Without native bf16 support oneDNN is skipped and bf16 convs fall back to slow kernels.
+                     "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                     "batch": args.batch, "iters": args.iters, "warmup": args.warmup},
+            "results": results}
+
+
+def print_table(report: dict) -> None:
+    """A Markdown table of the results."""
+    print("\n| config | impl | params | device | mode | batch | train img/s | fwd img/s | peak MiB | vs diffusers (train) |")
+    print("|---|---|---:|---|---|---:|---:|---:|---:|---:|")
+    for r in report["results"]:
+        ratio = r.get("train_speedup_vs_diffusers")
+        print(f"| {r['config']} | {r['impl']} | {r['params'] / 1e6:.2f}M | {r['device']} | {r['mode']} | {r['batch']} "
+              f"| {r['train_img_s']:.1f} | {r['fwd_img_s']:.1f} | {r['peak_mib']:.0f} | "
+              f"{f'{ratio:.2f}x' if ratio else ''} |")
+
+
+def main(argv=None) -> None:
+    """Parse arguments, run, print and write JSON."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma list of kind:name (kind unet or vae)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list from {MODES}")
+    p.add_argument("--devices", default="cpu,cuda", help="comma list; cuda is skipped when absent")
+    p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers.UNet2DModel twins")
+    p.add_argument("--quick", action="store_true", help="tiny configs, batch 4, 2 iterations: a smoke test")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure every row in this process (faster start, but peak memory is less exact)")
+    p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one row, JSON in and out
+    args = p.parse_args(argv)
+    if args.row:
+        print(json.dumps(measure_row(json.loads(args.row))))
+        return
+    if args.quick:
+        args.configs, args.batch, args.iters, args.warmup = "unet:tiny,vae:kl-f4-tiny", 4, 2, 1
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"{args.iters} iterations after {args.warmup} warm-up; oneDNN bf16: "
+          f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}", flush=True)
+    report = run(args)
+    print_table(report)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
