@@ -241,6 +241,13 @@ def test_evaluate_checkpoint_with_fake_pipeline_counts_evaluations(tmp_path):
     with pytest.raises(LddpmError, match="guidance"):
         ev.evaluate_checkpoint("fake-run", num=8, guidance_scale=2.0, labels="none", reference=ref,
                                extractor=_extractor(), classifier=None, pipeline=_FakePipeline(), progress=False)
+    # --labels none on a conditional model samples with the null label and scores no class accuracy
+    pipe, seen = _FakePipeline(), []
+    generate = pipe.generate
+    pipe.generate = lambda num, **kw: (seen.append(kw["labels"]), generate(num, **{**kw, "labels": np.zeros(num, int)}))[1]
+    r = ev.evaluate_checkpoint("fake-run", num=8, num_steps=2, labels="none", reference=ref, extractor=_extractor(),
+                               classifier=None, pipeline=pipe, progress=False)
+    assert all((y == NUM_CLASSES).all() for y in seen) and r["class_accuracy"] is None
 
 
 class _Posterior:

@@ -428,6 +428,11 @@ def resolve_classifier(
     return model, {**meta, "path": str(folder)}, None
 
 
+def reference_size(ref_num: int | None, num: int) -> int | None:
+    """Reference size: `num` by default, None (the whole split) for 0."""
+    return num if ref_num is None else (ref_num or None)
+
+
 def _is_network(path, sha1, device):
     if path is None:
         return None, None
@@ -477,6 +482,8 @@ def evaluate_checkpoint(
     if labels not in ("balanced", "none"):
         raise LddpmError(f"--labels must be 'balanced' or 'none', got {labels!r}")
     want_labels = balanced_labels(num, num_classes) if (num_classes and labels == "balanced") else None
+    # a conditional model sampled without labels gets the null label (unconditional samples)
+    gen_labels = np.full(num, num_classes, np.int64) if (num_classes and want_labels is None) else want_labels
     if guidance_scale != 1.0 and want_labels is None:
         raise LddpmError(f"--guidance-scale {guidance_scale} needs a class-conditional model sampled with --labels balanced")
     resolution = int(pipeline.resolution)
@@ -487,7 +494,7 @@ def evaluate_checkpoint(
         if ref_dataset in (None, "None"):
             raise LddpmError("the checkpoint does not name its dataset; pass --reference DATASET:SPLIT")
         reference = reference_stats(
-            ref_dataset, split=ref_split, num=ref_num or num, resolution=resolution, extractor=extractor,
+            ref_dataset, split=ref_split, num=reference_size(ref_num, num), resolution=resolution, extractor=extractor,
             cache_dir=cache_dir, data_root=data_root, progress=progress,
         )
     settings = {
@@ -514,7 +521,7 @@ def evaluate_checkpoint(
 
     try:
         images, out_labels, timing = generate_resumable(
-            generate_batch, num, batch_size=batch_size, labels=want_labels, seed=seed,
+            generate_batch, num, batch_size=batch_size, labels=gen_labels, seed=seed,
             partial_dir=partial_dir, settings=settings, progress=progress,
         )
     finally:
@@ -565,7 +572,7 @@ def evaluate_image_files(
     dataset = None
     if not isinstance(reference, ReferenceStats):
         dataset, split = parse_reference(reference)
-        reference = reference_stats(dataset, split=split, num=ref_num or len(images), resolution=resolution,
+        reference = reference_stats(dataset, split=split, num=reference_size(ref_num, len(images)), resolution=resolution,
                                     extractor=extractor, cache_dir=cache_dir, data_root=data_root, progress=progress)
     clf, clf_meta, note = resolve_classifier(classifier, dataset, resolution, cache_dir=cache_dir, device=device)
     is_net, is_info = _is_network(is_network, is_network_sha1, device)

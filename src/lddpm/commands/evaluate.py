@@ -165,7 +165,7 @@ def _eval_vae(args: argparse.Namespace, extractor, progress: bool):
     test = open_cache(prepare(dataset, resolution=args.resolution or getattr(vae, "resolution", None),
                               split=_test_split(dataset), root=args.root, cache_dir=args.cache_dir, progress=progress))
     num = min(args.num, len(test))
-    ref = ev.reference_stats(dataset, split=split, num=args.ref_num or num, resolution=test.resolution, extractor=extractor,
+    ref = ev.reference_stats(dataset, split=split, num=ev.reference_size(args.ref_num, num), resolution=test.resolution, extractor=extractor,
                              cache_dir=args.cache_dir, data_root=args.root, progress=progress)
     result = ev.evaluate_vae(vae, test, reference_stats=ref, extractor=extractor, num=num,
                              batch_size=args.batch_size, device=args.device, progress=progress)
