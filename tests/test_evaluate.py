@@ -313,3 +313,42 @@ def test_cli_registers_evaluation_commands(capsys):
     assert args.func.__name__ == "run_train_classifier"
     with pytest.raises(LddpmError, match="exactly one"):
         parser.parse_args(["eval"]).func(parser.parse_args(["eval"]))
+
+
+def _write_idx(root, n=40):
+    """Tiny Fashion-MNIST-format IDX files (train split)."""
+    import gzip
+    import struct
+
+    root.mkdir(parents=True, exist_ok=True)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    with gzip.open(root / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+    with gzip.open(root / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">II", 2049, n) + labels.tobytes())
+    return root
+
+
+def test_evaluate_checkpoint_end_to_end_with_a_tiny_trained_run(tmp_path):
+    """A 2-step run trained by lddpm.train, sampled through lddpm.pipeline, scored against a prepared cache."""
+    from lddpm.config import apply_overrides, config_from_preset
+    from lddpm.train import train
+
+    root, cache = _write_idx(tmp_path / "idx"), tmp_path / "cache"
+    config = apply_overrides(config_from_preset("fashion-quick"), [
+        f"data.root={json.dumps(str(root))}", f"data.cache_dir={json.dumps(str(cache))}", "data.resolution=8",
+        "optim.batch_size=4", "optim.warmup_steps=1", "run.steps=2", "run.log_every=1", "run.sample_every=0",
+        "run.checkpoint_every=100", 'run.device="cpu"', "run.num_sample_images=4", "run.sample_steps=2",
+        "model.overrides={model_channels=8, channel_mult=[1], attention_resolutions=[]}",
+    ])
+    train(config, tmp_path / "run", progress=False)
+    result = ev.evaluate_checkpoint(
+        tmp_path / "run", num=20, sampler="ddim", num_steps=3, guidance_scale=2.0, batch_size=10, seed=1,
+        extractor=_extractor(), classifier=None, cache_dir=cache, data_root=root, partial_dir=tmp_path / "s",
+        progress=False,
+    )
+    assert result["num_images"] == 20 and result["resolution"] == 8 and np.isfinite(result["fid"])
+    assert result["reference"]["dataset"] == "fashion-mnist" and result["reference"]["num"] == 20
+    assert result["cost"]["model_calls_per_batch"] == 3 and result["cost"]["network_evaluations_per_image"] == 6
+    assert len(list((tmp_path / "s").glob("batch-*.npz"))) == 2
