@@ -1,0 +1,108 @@
+"""Sampling pipeline: grids, deterministic generation, labels, guidance rules, the `sample` command."""
+
+from __future__ import annotations
+
+import json
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lddpm.errors import LddpmError
+from lddpm.pipeline import load_pipeline, make_grid, save_grid, to_uint8
+from test_train import tiny_config, write_idx
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A class-conditional and an unconditional tiny run (2 steps each)."""
+    from lddpm.train import train
+
+    base = tmp_path_factory.mktemp("pipeline")
+    dirs = (write_idx(base / "idx"), base / "cache")
+    cond = tiny_config(dirs, "run.steps=2", "optim.ema_decay=0.5", "optim.ema_warmup=false")
+    train(cond, base / "cond", progress=False)
+    train(tiny_config(dirs, "run.steps=1", "run.class_conditional=false"), base / "uncond", progress=False)
+    return base
+
+
+def test_to_uint8_and_grid_layout(tmp_path):
+    x = torch.tensor([-1.0, -0.5, 0.0, 1.0, 2.0]).reshape(1, 1, 1, 5)
+    assert to_uint8(x).reshape(-1).tolist() == [0, 64, 128, 255, 255]
+    images = np.stack([np.full((3, 4, 1), v, np.uint8) for v in (10, 20, 30)])
+    grid = make_grid(images, nrow=2, padding=2)
+    assert grid.shape == (2 * (3 + 2) + 2, 2 * (4 + 2) + 2, 1)
+    assert grid[2, 2, 0] == 10 and grid[2, 8, 0] == 20 and grid[7, 2, 0] == 30 and grid[7, 8, 0] == 0
+    assert grid[0, 0, 0] == 0 and grid[4, 5, 0] == 10 and grid[5, 5, 0] == 0
+    path = save_grid(images, tmp_path / "g.png", nrow=2)
+    loaded = Image.open(path)
+    assert loaded.mode == "L" and np.array_equal(np.asarray(loaded), grid[..., 0])
+    rgb = save_grid(np.zeros((2, 3, 3, 3), np.uint8), tmp_path / "rgb.png", nrow=1)
+    assert Image.open(rgb).mode == "RGB"
+    with pytest.raises(LddpmError, match="uint8"):
+        make_grid(np.zeros((2, 3, 3, 1), np.float32), nrow=1)
+
+
+def test_pipeline_metadata_and_deterministic_generation(runs):
+    pipe = load_pipeline(runs / "cond")
+    assert (pipe.num_classes, pipe.resolution, pipe.channels, pipe.dataset) == (10, 16, 1, "fashion-mnist")
+    assert pipe.class_names[1] == "Trouser" and pipe.class_index("trouser") == 1
+    assert pipe.config.run.steps == 2 and pipe.step == 2
+    a, la = pipe.generate(5, sampler="ddim", num_steps=3, seed=7, batch_size=2, progress=False)
+    b, lb = pipe.generate(5, sampler="ddim", num_steps=3, seed=7, batch_size=5, progress=False)
+    c, _ = pipe.generate(5, sampler="ddim", num_steps=3, seed=8, batch_size=5, progress=False)
+    assert a.shape == (5, 16, 16, 1) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert la.tolist() == [0, 1, 2, 3, 4] and np.array_equal(la, lb)
+    _, fixed = pipe.generate(3, sampler="ddpm", num_steps=2, labels=4, progress=False)
+    assert fixed.tolist() == [4, 4, 4]
+    guided, _ = pipe.generate(2, sampler="dpm++2m", num_steps=2, guidance_scale=3.0, progress=False)
+    assert guided.shape == (2, 16, 16, 1)
+    with pytest.raises(LddpmError, match="labels must lie"):
+        pipe.generate(1, sampler="ddim", num_steps=2, labels=11, progress=False)
+    with pytest.raises(LddpmError, match="unknown sampler"):
+        pipe.generate(1, sampler="euler", progress=False)
+    with pytest.raises(LddpmError, match="unknown class"):
+        pipe.class_index("boots")
+
+
+def test_ema_weights_are_used_by_default(runs):
+    ema, raw = load_pipeline(runs / "cond"), load_pipeline(runs / "cond", use_ema=False)
+    differ = [not torch.equal(p, q) for p, q in zip(ema.model.parameters(), raw.model.parameters())]
+    assert any(differ)
+
+
+def test_guidance_or_labels_for_an_unconditional_model_are_errors(runs):
+    pipe = load_pipeline(runs / "uncond")
+    assert pipe.num_classes == 0 and pipe.class_names == []
+    images, labels = pipe.generate(2, sampler="ddim", num_steps=2, progress=False)
+    assert images.shape == (2, 16, 16, 1) and labels is None
+    with pytest.raises(LddpmError, match="unconditional"):
+        pipe.generate(2, sampler="ddim", num_steps=2, guidance_scale=2.0, progress=False)
+    with pytest.raises(LddpmError, match="unconditional"):
+        pipe.generate(2, sampler="ddim", num_steps=2, labels=1, progress=False)
+
+
+def test_sample_command_writes_grid_and_images(runs, tmp_path, capsys):
+    from lddpm.cli import main
+
+    assert main(["sample", str(runs / "cond"), "--sampler", "dpm++2m", "--steps", "2", "--num", "4",
+                 "--class-name", "Bag", "--guidance-scale", "2", "--out", str(tmp_path / "grid.png"),
+                 "--out-dir", str(tmp_path / "imgs"), "--device", "cpu", "--quiet"]) == 0
+    assert "4 images" in capsys.readouterr().out and (tmp_path / "grid.png").exists()
+    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == [f"{i:05d}_class8.png" for i in range(4)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", str(runs / "uncond"), "--guidance-scale", "3", "--num", "1", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unconditional" in err and "Traceback" not in err
+
+
+def test_load_pipeline_refuses_a_truncated_checkpoint(runs, tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    data = (next((runs / "cond" / "checkpoints").glob("step_*.safetensors"))).read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LddpmError, match="broken.safetensors"):
+        load_pipeline(bad)
+    meta = json.loads((runs / "cond" / "config.json").read_text())
+    assert meta["run"]["steps"] == 2
