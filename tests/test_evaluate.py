@@ -352,3 +352,38 @@ def test_evaluate_checkpoint_end_to_end_with_a_tiny_trained_run(tmp_path):
     assert result["reference"]["dataset"] == "fashion-mnist" and result["reference"]["num"] == 20
     assert result["cost"]["model_calls_per_batch"] == 3 and result["cost"]["network_evaluations_per_image"] == 6
     assert len(list((tmp_path / "s").glob("batch-*.npz"))) == 2
+
+
+class _ConvFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 5, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x)).mean(dim=(2, 3))
+
+
+def test_cli_fid_ref_and_eval_images(tmp_path, capsys):
+    from lddpm.cli import main
+
+    root, cache = _write_idx(tmp_path / "idx"), tmp_path / "cache"
+    net = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(_ConvFeatures()), str(net))
+    common = ["--inception", str(net), "--cache-dir", str(cache), "--root", str(root), "--quiet"]
+    assert main(["fid-ref", "fashion-mnist", "--num", "20", "--resolution", "32", *common]) == 0
+    assert "N=20 32px" in capsys.readouterr().out
+    images = np.random.default_rng(0).integers(0, 256, size=(20, 32, 32, 1), dtype=np.uint8)
+    np.savez(tmp_path / "gen.npz", images=images, labels=np.arange(20) % 10)
+    out = tmp_path / "res.json"
+    assert main(["eval", "--images", str(tmp_path / "gen.npz"), "--reference", "fashion-mnist:train",
+                 "--classifier", "none", "--out", str(out), *common]) == 0
+    printed = capsys.readouterr().out
+    assert "FID" in printed and "rank-deficient" not in printed  # 20 images > 4 features
+    result = json.loads(out.read_text())
+    assert result["feature_network"]["sha1"] == ev.load_extractor(net).sha1
+    assert result["reference"]["num"] == 20 and result["settings"]["num"] == 20
+    # a network file whose hash differs from the expected one is refused with exit status 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--images", str(tmp_path / "gen.npz"), "--reference", "fashion-mnist:train", "--classifier",
+              "none", "--out", str(out), "--inception-sha1", "0" * 40, *common])
+    assert exit_info.value.code == 2 and "sha1" in capsys.readouterr().err
