@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lddpm.errors import LddpmError
 from lddpm.study import load_study, make_grid, run_study, study_from_dict, StudySettings
@@ -155,3 +156,79 @@ def test_presets_parse(preset):
     for run in study.runs.values():
         cfg = study.base_dir / run.config
         assert cfg.is_file() or "/" not in run.config, f"{run.name}: {run.config} missing"
+
+
+# ----------------------------------------------------------------------------- real trainer + evaluator
+
+
+class _TinyFeatures(torch.nn.Module):
+    """Stand-in for Inception: mean-pooled pixels through a fixed random projection (4-d features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 16, 4)
+
+    def forward(self, x):
+        return self.proj(torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
+
+
+def _image_folder(root: Path, per_class: int) -> None:
+    """A two-class 8x8 image folder (dark and bright squares) with train and test splits."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c, name in enumerate(["dark", "bright"]):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                base = 40 + 170 * c
+                img = np.clip(base + rng.normal(0, 20, (8, 8, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i}.png")
+
+
+def test_real_backend_end_to_end(tmp_path):
+    from lddpm.metrics import FeatureExtractor
+    from lddpm.study import StudyBackend
+
+    _image_folder(tmp_path / "data", per_class=12)
+    fast = ["optim.batch_size=8", "run.log_every=1", "run.checkpoint_every=2", "run.num_sample_images=4",
+            "run.sample_steps=2", "run.sample_every=0", "optim.warmup_steps=0"]
+    data = {
+        "study": {"name": "mini", "dataset": "imagefolder", "resolution": 8, "fid_n": 8, "reference_n": 16,
+                  "data_root": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache"), "classifier_epochs": 1,
+                  "sample_batch_size": 8, "grid_per_class": 4, "fid_batch_size": 8},
+        "runs": {
+            "cfg": {"config": "fashion-quick", "steps": 3, "set": fast + ["run.class_conditional=true"]},
+            "vae": {"config": "vae-fashion-quick", "kind": "vae", "steps": 2, "set": fast + ["vae.scaling_batches=1"]},
+        },
+        "cells": [
+            {"name": "cfg-s{guidance_scale:g}", "run": "cfg", "sampler": "ddim", "steps": 2, "guidance_scale": [1.0, 3.0]},
+            {"name": "bad-sampler", "run": "cfg", "sampler": "euler", "steps": 2},
+            {"name": "vae-recon", "run": "vae", "kind": "vae"},
+        ],
+    }
+    extractor = FeatureExtractor(_TinyFeatures(), name="stand-in", sha1="0" * 40, input_size=None, batch_size=8)
+    backend = StudyBackend(extractor=extractor, progress=False)
+    study = study_from_dict(data)
+    rows = run_study(study, tmp_path / "out", train_fn=backend.train, cell_fn=backend.cell, progress=False)
+    status = {r["name"]: r["status"] for r in rows}
+    assert status["cfg-s1"] == "ok" and status["cfg-s3"] == "ok" and status["vae-recon"] == "ok", status
+    assert status["bad-sampler"].startswith("failed: ") and "euler" in status["bad-sampler"]
+    row = rows[1]
+    assert row["fid_n"] == 8 and row["fid"] >= 0 and 0 <= row["class_accuracy"] <= 1
+    assert row["model_evals"] == 4 and row["train_images"] == 24 and row["schedule"] == "cosine"
+    assert rows[0]["model_evals"] == 2
+    out = tmp_path / "out"
+    assert (out / "runs" / "cfg" / "checkpoints" / "step_0000003.safetensors").is_file()
+    assert (out / "grids" / "cfg-s3.png").is_file() and (out / "grids" / "vae-recon.png").is_file()
+    assert (out / "plots" / "loss_curves.png").is_file()
+
+    # Resume: no training and no sampling again; only the failed cell is retried (and fails again).
+    mtime = (out / "cells" / "cfg-s3.json").stat().st_mtime_ns
+    calls = []
+    rows2 = run_study(study, out, train_fn=lambda *a: calls.append("train") or backend.train(*a),
+                      cell_fn=lambda c, *a: calls.append(c.name) or backend.cell(c, *a), progress=False)
+    assert calls == ["train", "bad-sampler"]  # the run is reused from its final checkpoint, not retrained
+    assert (out / "cells" / "cfg-s3.json").stat().st_mtime_ns == mtime
+    assert [r["fid"] for r in rows2[:2]] == [r["fid"] for r in rows[:2]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -19,6 +20,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: study-<name>)")
     p.add_argument("--only", nargs="+", metavar="CELL", help="run only these cells (the others are kept as they are)")
     p.add_argument("--device", default=None, help="torch device (default: the study file's, else cuda if available)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes per training run (DDP through torchrun, e.g. one per GPU); default: the study file's")
+    p.add_argument("--data-root", default=None, help="dataset source folder, as for `lddpm prepare --root`")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: $LDDPM_CACHE or ~/.cache/lddpm)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from finished cells; run nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_study)
@@ -33,13 +38,16 @@ def register(subparsers) -> None:
     d.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default: demo-output)")
     d.add_argument("--device", default=None, help="torch device (default: cpu)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
-    d.set_defaults(func=_demo, config="demo", only=None, report_only=False)
+    d.set_defaults(func=_demo, config="demo", only=None, report_only=False, nproc=None, data_root=None, cache_dir=None)
 
 
 def _study(args: argparse.Namespace) -> int:
     """Run (or resume) a study and print where its report is."""
     from lddpm import study as st
+    from lddpm.errors import LddpmError
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LddpmError("run `lddpm study` as one process; use --nproc N to train each run with N processes (torchrun)")
     study = st.load_study(args.config)
     if args.device:
         study.settings.device = args.device
@@ -47,6 +55,14 @@ def _study(args: argparse.Namespace) -> int:
         import torch
 
         study.settings.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise LddpmError(f"--nproc must be >= 1, got {args.nproc}")
+        study.settings.train_nproc = args.nproc
+    if args.data_root:
+        study.settings.data_root = args.data_root
+    if args.cache_dir:
+        study.settings.cache_dir = args.cache_dir
     out = args.out or Path(f"study-{study.settings.name}")
     if args.report_only:
         rows = st.load_rows(study, out)
