@@ -203,6 +203,7 @@ def evaluate_generated(
         "channels": c,
         "fid": frechet_distance(stats.mean, stats.cov, reference_stats.mu, reference_stats.sigma),
         "full_rank_covariance": stats.full_rank,
+        "feature_dim": stats.dim,
         "feature_network": extractor.info,
         "reference": {k: v for k, v in reference_stats.manifest.items() if k not in ("network",)},
     }
@@ -654,7 +655,7 @@ def summary_line(result: dict) -> str:
     if cost.get("peak_memory_mib") is not None:
         parts.append(f"peak {cost['peak_memory_mib']:.0f} MiB")
     if not result.get("full_rank_covariance", True):
-        parts.append("[N <= 2048: rank-deficient covariance]")
+        parts.append(f"[N <= {result.get('feature_dim')}: rank-deficient covariance]")
     return " | ".join(parts)
 
 
