@@ -76,8 +76,8 @@ class EMA:
     def update(self, model: nn.Module, num_updates: int) -> None:
         """ema <- d * ema + (1 - d) * weights."""
         d = self.decay_at(num_updates)
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach().to(e.dtype), 1.0 - d)
+        ema_params = list(self.model.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - d)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 
@@ -364,7 +364,9 @@ class _Loop:
         for i in range(accum):
             shard = self.info.rank * accum + i
             seed = step_seed(c.run.seed, self.step, shard)
-            torch.manual_seed(seed)  # dropout inside the network
+            torch.random.default_generator.manual_seed(seed)  # dropout inside the network
+            if self.device.type == "cuda":
+                torch.cuda.manual_seed(seed)
             generator = torch.Generator(device=self.device).manual_seed(seed)
             sync = self.info.enabled and i < accum - 1
             with (self.forward_model.no_sync() if sync and hasattr(self.forward_model, "no_sync") else nullcontext()):
@@ -397,7 +399,7 @@ class _Loop:
         """AdamW with the [optim] settings."""
         o = self.config.optim
         return torch.optim.AdamW(params, lr=lr if lr is not None else o.lr, betas=tuple(o.betas),
-                                 weight_decay=o.weight_decay)
+                                 weight_decay=o.weight_decay, foreach=True)
 
 
 # ============================================================================ diffusion
