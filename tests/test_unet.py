@@ -180,7 +180,7 @@ def test_overfits_a_tiny_batch():
     target = torch.randn(4, 3, 16, 16)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     first = None
-    for _ in range(150):
+    for _ in range(100):
         loss = (model(x, t) - target).square().mean()
         first = first if first is not None else loss.item()
         opt.zero_grad()

@@ -155,7 +155,7 @@ def test_overfits_a_tiny_batch():
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     first = None
-    for _ in range(200):
+    for _ in range(100):
         recon, post = vae(x, generator=g)
         loss = vae_loss(x, recon, post, kl_weight=1e-6, recon_loss="l2")["loss"]
         first = first if first is not None else loss.item()

@@ -159,6 +159,8 @@ class UNet(nn.Module):
         if y is None:
             return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         y = torch.as_tensor(y, device=device).long().reshape(-1).expand(batch)
+        if torch.compiler.is_compiling() or y.device.type == "meta":
+            return y
         lo, hi = torch.aminmax(y)
         if lo < 0 or hi > self.num_classes:
             bad = int(lo) if lo < 0 else int(hi)
