@@ -144,7 +144,8 @@ def _tf_legacy_bilinear(img: np.ndarray, size: int) -> np.ndarray:
 def test_nvidia_resize_matches_tf_legacy_formula():
     img = np.random.default_rng(0).uniform(0, 255, size=(7, 5))
     out = nvidia_resize(torch.tensor(img, dtype=torch.float64)[None, None], size=11)[0, 0].numpy()
-    np.testing.assert_allclose(out, _tf_legacy_bilinear(img, 11), atol=1e-9)
+    # atol: the grid translation is computed in float32, as in NVIDIA's code (a wrong resize is off by ~10)
+    np.testing.assert_allclose(out, _tf_legacy_bilinear(img, 11), atol=1e-4)
 
 
 def test_nvidia_resize_same_size_is_identity():

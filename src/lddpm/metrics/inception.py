@@ -65,11 +65,12 @@ def nvidia_resize(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
     i * W / size (no half-pixel centres), as TF 1.x did.
     """
     n, c, h, w = x.shape
-    theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
-    theta[:, 0, 0] = 1.0
-    theta[:, 1, 1] = 1.0
-    theta[:, 0, 2] = 1.0 / w - 1.0 / size
-    theta[:, 1, 2] = 1.0 / h - 1.0 / size
+    # the translation is computed in float32, as NVIDIA's code does, so the grid matches bit for bit
+    theta = torch.eye(2, 3, dtype=torch.float32, device=x.device)
+    one = theta[0, 0].clone()
+    theta[0, 2] += one / w - one / size
+    theta[1, 2] += one / h - one / size
+    theta = theta.to(x.dtype).unsqueeze(0).expand(n, 2, 3)
     grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
