@@ -65,7 +65,7 @@ class DiagonalGaussian:
     """Posterior N(mean, diag(exp(logvar))) from the encoder's 2*latent_channels outputs."""
 
     def __init__(self, moments: torch.Tensor):
-        self.mean, logvar = moments.chunk(2, dim=1)
+        self.mean, logvar = moments.float().chunk(2, dim=1)  # float32 even under autocast: KL and exp need it
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
