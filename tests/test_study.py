@@ -151,11 +151,16 @@ def test_presets_parse(preset):
     path = Path(__file__).resolve().parents[1] / "configs" / f"{preset}.toml"
     if not path.is_file():
         pytest.skip(f"{path.name} not written yet")
+    from lddpm.study import StudyBackend
+
     study = load_study(path)
     assert study.cells and all(c.run in study.runs for c in study.cells)
-    for run in study.runs.values():
-        cfg = study.base_dir / run.config
-        assert cfg.is_file() or "/" not in run.config, f"{run.name}: {run.config} missing"
+    backend = StudyBackend(progress=False)
+    for run in study.runs.values():  # every run's trainer config loads and validates
+        deps = {run.vae: {"run_dir": "runs/vae"}} if run.vae else {}
+        config = backend.run_config(run, Path("runs") / run.name, study, deps)
+        assert config.run.steps == run.steps and config.data.dataset == study.settings.dataset
+        assert (config.model.kind == "vae") == (run.kind == "vae")
 
 
 # ----------------------------------------------------------------------------- real trainer + evaluator

@@ -25,7 +25,7 @@ TABLE_COLUMNS = (
     ("Guidance s", "guidance_scale", "{:g}"),
     ("Schedule", "schedule", "{}"),
     ("FID", "fid", "{:.2f}"),
-    ("IS", "inception_score", "{:.2f}"),
+    ("IS-style", "inception_score", "{:.2f}"),
     ("Class acc.", "class_accuracy", "{:.1%}"),
     ("Precision", "precision", "{:.3f}"),
     ("Recall", "recall", "{:.3f}"),
@@ -93,7 +93,7 @@ def to_markdown(study: "Study", rows: list[dict]) -> str:
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
     lines += [
         "",
-        "FID: lower is better, comparable only at equal N. IS: Inception-style score "
+        "FID: lower is better, comparable only at equal N. IS-style: Inception-style score "
         "(exp of the mean KL between the study classifier's per-image and marginal class "
         "distributions). Class acc.: share of conditional samples the classifier assigns to "
         "the requested class. Model evals: network evaluations per image (2 per step with guidance). "
