@@ -198,7 +198,8 @@ def run(args) -> dict:
             o = ours[(r["config"], r["device"], r["mode"])]
             o["train_speedup_vs_diffusers"] = o["train_img_s"] / r["train_img_s"]
             o["fwd_speedup_vs_diffusers"] = o["fwd_img_s"] / r["fwd_img_s"]
-    return {"meta": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+    return {"meta": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "python": platform.python_version(),
                      "machine": platform.machine(),
                      "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                      # Without native bf16 support oneDNN is skipped and bf16 convs fall back to slow kernels.
@@ -209,7 +210,8 @@ def run(args) -> dict:
 
 def print_table(report: dict) -> None:
     """A Markdown table of the results."""
-    print("\n| config | impl | params | device | mode | batch | train img/s | fwd img/s | peak MiB | vs diffusers (train) |")
+    print("\n| config | impl | params | device | mode | batch | train img/s | fwd img/s | peak MiB "
+          "| vs diffusers (train) |")
     print("|---|---|---:|---|---|---:|---:|---:|---:|---:|")
     for r in report["results"]:
         ratio = r.get("train_speedup_vs_diffusers")
