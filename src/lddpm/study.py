@@ -323,7 +323,8 @@ def run_study(
         row = {k: _clean(v) for k, v in row.items()}
         atomic_write_text(path, json.dumps(row, indent=2, default=_json_default))
         rows.append(row)
-        write_report(study, rows + [_base_row(c, study, "pending") for c in study.cells[len(rows):]], out)
+        pending = [_base_row(c, study, "pending") for c in study.cells[len(rows):]]
+        write_report(study, rows + pending, out, plots=False)  # the table so far; plots at the end
     write_report(study, rows, out, run_dirs={n: i["run_dir"] for n, i in infos.items() if isinstance(i, dict)})
     _log(progress, f"[study] results in {out / 'index.html'}")
     return rows
@@ -427,8 +428,9 @@ def save_png(image: np.ndarray, path: Path) -> None:
 # ----------------------------------------------------------------------------- report
 
 
-def write_report(study: Study, rows: list[dict], out_dir: str | Path, run_dirs: dict[str, Any] | None = None) -> None:
-    """Write results.json, results.csv, results.md, plots/*.png and index.html."""
+def write_report(study: Study, rows: list[dict], out_dir: str | Path, run_dirs: dict[str, Any] | None = None,
+                 *, plots: bool = True) -> None:
+    """Write results.json, results.csv, results.md, plots/*.png (unless `plots` is false) and index.html."""
     from lddpm import report
 
     out = Path(out_dir)
@@ -439,8 +441,11 @@ def write_report(study: Study, rows: list[dict], out_dir: str | Path, run_dirs: 
     atomic_write_text(out / "results.json", json.dumps(payload, indent=2, default=_json_default))
     atomic_write_text(out / "results.csv", report.to_csv(rows))
     atomic_write_text(out / "results.md", report.to_markdown(study, rows))
-    plots = report.write_plots(rows, {n: Path(d) for n, d in run_dirs.items()}, out / "plots")
-    atomic_write_text(out / "index.html", report.to_html(study, rows, plots))
+    if plots:
+        made = report.write_plots(rows, {n: Path(d) for n, d in run_dirs.items()}, out / "plots")
+    else:  # keep linking the plots of the last full report
+        made = [(p.stem.replace("_", " "), f"plots/{p.name}") for p in sorted((out / "plots").glob("*.png")) if not p.name.startswith(".")]
+    atomic_write_text(out / "index.html", report.to_html(study, rows, made))
 
 
 # ----------------------------------------------------------------------------- real backend
