@@ -595,7 +595,9 @@ class VAETrainer(_Loop):
         self.forward_model = self.wrap_ddp(self.model)
         self.disc = None
         if c.vae.disc_start >= 0:
-            self.disc = PatchDiscriminator(in_channels=cache.channels).to(self.device)
+            # LDM's 3 layers at >= 64 px; fewer for small images so the patch map stays >= 1x1.
+            layers = max(1, min(3, int(math.log2(cache.resolution)) - 3))
+            self.disc = PatchDiscriminator(in_channels=cache.channels, num_layers=layers).to(self.device)
             self.disc_optimizer = self.make_optimizer(self.disc.parameters(), lr=c.vae.disc_lr or c.optim.lr)
         self.dataset_info = {"name": c.data.dataset, "split": c.data.split, "num_classes": cache.num_classes,
                              "class_names": list(cache.class_names), "channels": cache.channels,
