@@ -267,3 +267,15 @@ def test_vae_then_latent_diffusion(data_dirs, tmp_path):
     other = apply_overrides(latent, ["data.resolution=32"])
     with pytest.raises(LddpmError, match="trained on fashion-mnist at 16px.*32px"):
         train(other, tmp_path / "ldm32", progress=False)
+
+
+def test_vae_resume_with_discriminator_equals_uninterrupted(data_dirs, tmp_path):
+    config = tiny_config(data_dirs, "run.steps=4", "vae.disc_start=1", "optim.grad_accum=2",
+                         "run.num_sample_images=2", preset="vae-fashion-quick")
+    train_vae(config, tmp_path / "full", progress=False)
+    train_vae(config, tmp_path / "part", progress=False, stop_at=2)
+    train_vae(config, tmp_path / "part", resume=True, progress=False)
+    for group in ("model", "disc"):
+        a, b = weights(tmp_path / "full", group), weights(tmp_path / "part", group)
+        assert all(torch.equal(a[k], b[k]) for k in a), group
+    assert load_checkpoint(tmp_path / "part").meta["scaling_factor"] == load_checkpoint(tmp_path / "full").meta["scaling_factor"]
