@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from lddpm.config import (
+    tomllib,
     PRESETS,
     Config,
     apply_overrides,

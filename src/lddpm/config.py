@@ -12,12 +12,16 @@ import dataclasses
 import json
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lddpm.errors import LddpmError
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the same parser from PyPI (`tomli; python_version < '3.11'`)
+    import tomli as tomllib
 
 OBJECTIVES = ("eps", "x0", "v")
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
