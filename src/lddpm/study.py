@@ -199,8 +199,7 @@ def find_study_file(name: str | Path) -> Path:
         return path
     stem = path.name if path.suffix == ".toml" else f"{path.name}.toml"
     candidates = [
-        Path(__file__).resolve().parents[2] / "configs" / stem,  # source checkout (editable install)
-        Path(__file__).resolve().parent / "configs" / stem,  # packaged copy
+        Path(__file__).resolve().parent / "configs" / stem,  # shipped with the package
         Path.cwd() / "configs" / stem,
     ]
     for candidate in candidates:
