@@ -362,7 +362,7 @@ def test_fid_fashion_mnist_train_test_far_below_noise():
     if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST is not installed")
     ext = inception_mod.load_inception(batch_size=50)
-    n = 300
+    n = 200
     train = ext.features(_read_idx_images(FASHION / "train-images-idx3-ubyte.gz", n))
     test = ext.features(_read_idx_images(FASHION / "t10k-images-idx3-ubyte.gz", n))
     noise = ext.features(np.random.default_rng(0).integers(0, 256, size=(n, 32, 32, 1), dtype=np.uint8))
