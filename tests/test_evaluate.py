@@ -316,17 +316,18 @@ def test_cli_registers_evaluation_commands(capsys):
 
 
 def _write_idx(root, n=40):
-    """Tiny Fashion-MNIST-format IDX files (train split)."""
+    """Tiny Fashion-MNIST-format IDX files (train and t10k splits)."""
     import gzip
     import struct
 
     root.mkdir(parents=True, exist_ok=True)
     labels = (np.arange(n) % 10).astype(np.uint8)
     images = np.random.default_rng(0).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    with gzip.open(root / "train-images-idx3-ubyte.gz", "wb") as f:
-        f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-    with gzip.open(root / "train-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(struct.pack(">II", 2049, n) + labels.tobytes())
+    for split in ("train", "t10k"):
+        with gzip.open(root / f"{split}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        with gzip.open(root / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + labels.tobytes())
     return root
 
 
@@ -387,3 +388,28 @@ def test_cli_fid_ref_and_eval_images(tmp_path, capsys):
         main(["eval", "--images", str(tmp_path / "gen.npz"), "--reference", "fashion-mnist:train", "--classifier",
               "none", "--out", str(out), "--inception-sha1", "0" * 40, *common])
     assert exit_info.value.code == 2 and "sha1" in capsys.readouterr().err
+
+
+def test_cli_eval_vae_reconstructions_of_a_tiny_trained_vae(tmp_path, capsys):
+    from lddpm.cli import main
+    from lddpm.config import apply_overrides, config_from_preset
+    from lddpm.train import train_vae
+
+    root, cache = _write_idx(tmp_path / "idx"), tmp_path / "cache"
+    config = apply_overrides(config_from_preset("vae-fashion-quick"), [
+        f"data.root={json.dumps(str(root))}", f"data.cache_dir={json.dumps(str(cache))}", "data.resolution=16",
+        "optim.batch_size=4", "optim.warmup_steps=1", "run.steps=2", "run.log_every=1", "run.sample_every=0",
+        "run.checkpoint_every=100", 'run.device="cpu"', "run.num_sample_images=4",
+        "model.overrides={base_channels=8, channel_mult=[1, 2, 2]}",
+    ])
+    train_vae(config, tmp_path / "vae", progress=False)
+    net = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(_ConvFeatures()), str(net))
+    out = tmp_path / "vae.json"
+    assert main(["eval", "--vae", str(tmp_path / "vae"), "--reference", "fashion-mnist:train", "--num", "12",
+                 "--inception", str(net), "--cache-dir", str(cache), "--root", str(root), "--out", str(out),
+                 "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert result["kind"] == "vae" and result["num_images"] == 12 and result["resolution"] == 16
+    assert result["source"]["split"] == "test" and 0 < result["mse"] < 1 and np.isfinite(result["psnr"])
+    assert "PSNR" in capsys.readouterr().out

@@ -162,7 +162,7 @@ def _eval_vae(args: argparse.Namespace, extractor, progress: bool):
         raise LddpmError("--vae needs --reference DATASET:SPLIT (reconstructions are of DATASET's test split)")
     dataset, split = ev.parse_reference(args.reference)
     vae = load_vae(args.vae)
-    test = open_cache(prepare(dataset, resolution=args.resolution or getattr(vae, "resolution", None),
+    test = open_cache(prepare(dataset, resolution=args.resolution or getattr(getattr(vae, "config", None), "resolution", None),
                               split=_test_split(dataset), root=args.root, cache_dir=args.cache_dir, progress=progress))
     num = min(args.num, len(test))
     ref = ev.reference_stats(dataset, split=split, num=ev.reference_size(args.ref_num, num), resolution=test.resolution, extractor=extractor,
