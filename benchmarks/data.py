@@ -23,6 +23,9 @@ import torch
 from lddpm.data import ImageLoader, open_cache
 from lddpm.data.cache import CACHE_FORMAT, CACHE_FORMAT_VERSION
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_json  # noqa: E402
+
 
 def synthetic_cache(folder: Path, n: int, resolution: int, channels: int) -> Path:
     """Write a cache folder of random uint8 images in the prepared layout (no source dataset needed)."""
@@ -95,10 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "data-loader", "quick": args.quick, "threads": args.threads,
               "torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
               "machine": platform.machine(), "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(result, args.out)
     return result
 
 

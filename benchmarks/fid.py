@@ -11,7 +11,6 @@ Frechet distance (scipy sqrtm of a 2048x2048 product). Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -22,6 +21,9 @@ import numpy as np
 import torch
 
 from lddpm.metrics import frechet_distance, load_inception
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_json  # noqa: E402
 
 
 def measure(batch_size: int, channels_last: bool, images: np.ndarray, reference: np.ndarray | None) -> tuple[dict, np.ndarray]:
@@ -95,10 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
         "machine": platform.machine(), "rows": rows, "frechet_distance": {"dim": fid_dim, "seconds": frechet_s},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(result, args.out)
     return result
 
 

@@ -29,45 +29,11 @@ import torch.nn.functional as F
 from lddpm.nn import build_network, network_config
 from lddpm.nn.vae import vae_loss
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PeakMemory  # noqa: E402
+
 DEFAULT_CONFIGS = "unet:ddpm-cifar10,unet:small,unet:tiny,vae:kl-f4,vae:kl-f4-tiny"
 MODES = ("fp32", "bf16", "channels_last")
-
-
-def _read_status_kb(key: str) -> int | None:
-    """A 'kB' field of /proc/self/status (Linux), or None."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-class PeakMemory:
-    """Peak memory above the starting level, in MiB, for CPU (RSS high-water mark) or CUDA."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            with contextlib.suppress(OSError):
-                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-            self.start = (_read_status_kb("VmRSS") or 0) * 1024
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = (_read_status_kb("VmHWM") or 0) * 1024
-        self.mib = max(peak - self.start, 0) / 2**20
 
 
 def diffusers_twin(cfg):

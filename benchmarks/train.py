@@ -33,42 +33,8 @@ import torch
 from lddpm.config import apply_overrides, load_config
 from lddpm.train import _network_overrides, step_seed, train
 
-
-def _read_kb(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-class PeakMemory:
-    """Peak memory above the starting level (MiB): RSS high-water mark on CPU, allocator peak on CUDA."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.mib: float | None = None
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            with contextlib.suppress(OSError):
-                Path("/proc/self/clear_refs").write_text("5")
-            self.start = _read_kb("VmRSS")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.mib = (torch.cuda.max_memory_allocated(self.device) - self.start) / 2**20
-        else:
-            peak = _read_kb("VmHWM")
-            self.mib = (peak - self.start) / 1024 if peak is not None and self.start is not None else None
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PeakMemory  # noqa: E402
 
 
 def write_synthetic_idx(root: Path, n: int = 256) -> Path:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import types
-import warnings
 
 import numpy as np
 import pytest

@@ -75,7 +75,7 @@ def register(subparsers) -> None:
     c = subparsers.add_parser(
         "train-classifier",
         help="train the small CNN used for class accuracy and the Inception-style score",
-        description="Train a small CNN (~290k parameters) on the prepared training split, report its test "
+        description="Train a small CNN (~73k parameters) on the prepared training split, report its test "
         "accuracy, and save safetensors + JSON (default: <cache>/classifiers/<dataset>-<resolution>).",
     )
     c.add_argument("dataset", choices=DATASET_NAMES)

@@ -27,10 +27,10 @@ META_FILE = "classifier.json"
 class SmallClassifier(nn.Module):
     """Three conv blocks (two 3x3 conv + BN + ReLU each, max-pool, dropout), global average pool, linear head.
 
-    About 290k parameters at width 32; input (N, C, H, W) in [-1, 1], any H, W >= 8.
+    About 72k parameters at the default width 16; input (N, C, H, W) in [-1, 1], any H, W >= 8.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.1):
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16, dropout: float = 0.1):
         super().__init__()
         self.in_channels, self.num_classes, self.width, self.dropout = in_channels, num_classes, width, dropout
         layers, ch = [], in_channels
@@ -63,7 +63,7 @@ def train_classifier(
     epochs: float = 2,
     batch_size: int = 128,
     lr: float = 3e-3,
-    width: int = 32,
+    width: int = 16,
     hflip: bool = False,
     seed: int = 0,
     device: str | torch.device = "cpu",
