@@ -39,7 +39,7 @@ CACHE_FORMAT_VERSION = 1
 
 def default_cache_dir() -> Path:
     """`$LDDPM_CACHE`, or `~/.cache/lddpm`."""
-    return Path(os.environ.get("LDDPM_CACHE") or Path.home() / ".cache" / "lddpm")
+    return Path(os.environ.get("LDDPM_CACHE") or Path.home() / ".cache" / "lddpm").expanduser()
 
 
 def check_dataset(name: str) -> str:

@@ -7,7 +7,6 @@ mean and covariance of Inception pool3 features of two image sets.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,15 +14,11 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
+from lddpm.data.cache import default_cache_dir  # noqa: F401  (re-exported for metrics users)
 from lddpm.errors import LddpmError
 
 # Keys of a reference manifest that must equal the request before cached statistics are used.
 REFERENCE_KEYS = ("dataset", "split", "num", "resolution", "network_sha1", "dataset_checksum")
-
-
-def default_cache_dir() -> Path:
-    """$LDDPM_CACHE, or ~/.cache/lddpm."""
-    return Path(os.environ.get("LDDPM_CACHE") or Path.home() / ".cache" / "lddpm").expanduser()
 
 
 def default_reference_path(dataset: str, split: str, num: int, resolution: int, network_sha1: str, cache_dir=None) -> Path:
