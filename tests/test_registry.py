@@ -12,7 +12,7 @@ from lddpm.nn import NETWORK_NAMES, UNetConfig, VAEConfig, build_network, networ
 
 
 def test_names():
-    assert set(NETWORK_NAMES) == {"unet", "vae"}
+    assert set(NETWORK_NAMES) == {"unet", "dit", "vae"}
     assert {"ddpm-cifar10", "adm-imagenet128", "tiny", "small"} <= set(NETWORK_NAMES["unet"])
     assert {"kl-f4", "kl-f8", "kl-f4-tiny"} <= set(NETWORK_NAMES["vae"])
 

@@ -27,7 +27,7 @@ OBJECTIVES = ("eps", "x0", "v")
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 TIMESTEP_SAMPLINGS = ("uniform", "adaptive")
 DEVICES = ("auto", "cpu", "cuda")
-NETWORK_KINDS = ("unet", "vae")
+NETWORK_KINDS = ("unet", "dit", "vae")
 RECON_LOSSES = ("l1", "l2")
 
 

@@ -1,6 +1,7 @@
-"""Noise predictors (U-Net) and the KL autoencoder, built by name from a registry of configs."""
+"""Noise predictors (U-Net, DiT) and the KL autoencoder, built by name from a registry of configs."""
 
-from lddpm.nn.registry import (NETWORK_NAMES, UNET_CONFIGS, VAE_CONFIGS, build_network, network_config,
+from lddpm.nn.dit import DiT, DiTConfig
+from lddpm.nn.registry import (DIT_CONFIGS, NETWORK_NAMES, UNET_CONFIGS, VAE_CONFIGS, build_network, network_config,
                                network_from_config)
 from lddpm.nn.unet import UNet, UNetConfig
 from lddpm.nn.vae import (AutoencoderKL, DiagonalGaussian, PatchDiscriminator, VAEConfig, estimate_scaling_factor,
@@ -8,6 +9,6 @@ from lddpm.nn.vae import (AutoencoderKL, DiagonalGaussian, PatchDiscriminator, V
 
 __all__ = [
     "NETWORK_NAMES", "UNET_CONFIGS", "VAE_CONFIGS", "build_network", "network_config", "network_from_config",
-    "UNet", "UNetConfig", "AutoencoderKL", "DiagonalGaussian", "PatchDiscriminator", "VAEConfig",
+    "DIT_CONFIGS", "DiT", "DiTConfig", "UNet", "UNetConfig", "AutoencoderKL", "DiagonalGaussian", "PatchDiscriminator", "VAEConfig",
     "estimate_scaling_factor", "hinge_d_loss", "vae_loss",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from lddpm.errors import LddpmError
+from lddpm.nn.dit import DiT, DiTConfig
 from lddpm.nn.unet import UNet, UNetConfig
 from lddpm.nn.vae import AutoencoderKL, VAEConfig
 
@@ -37,7 +38,26 @@ VAE_CONFIGS: dict[str, VAEConfig] = {
                             latent_channels=4, norm_groups=8),
 }
 
-_REGISTRY = {"unet": (UNET_CONFIGS, UNetConfig, UNet), "vae": (VAE_CONFIGS, VAEConfig, AutoencoderKL)}
+# Peebles & Xie 2023, Table 1 (depth, hidden size, heads) x patch size 2/4/8, at 256x256 images
+# (32x32x4 latents), 1000 classes, learned sigma. DiT-XL/2: 675,129,632 parameters as in the
+# paper's code (674,834,720 trainable + the fixed position embedding), 118.6 GFLOPs.
+_DIT_SIZES = {"s": (12, 384, 6), "b": (12, 768, 12), "l": (24, 1024, 16), "xl": (28, 1152, 16)}
+DIT_CONFIGS: dict[str, DiTConfig] = {
+    f"dit-{size}/{p}": DiTConfig(resolution=32, in_channels=4, patch_size=p, depth=depth, hidden_size=width,
+                                 num_heads=heads, num_classes=1000, learned_sigma=True)
+    for size, (depth, width, heads) in _DIT_SIZES.items() for p in (2, 4, 8)
+}
+DIT_CONFIGS.update({
+    # CPU-sized, Fashion-MNIST pixels (32x32x1, 64 tokens of 4x4 patches): TINY_PIXEL_COUNT parameters.
+    "dit-tiny/4": DiTConfig(resolution=32, in_channels=1, patch_size=4, depth=6, hidden_size=128, num_heads=4,
+                            num_classes=10, learned_sigma=False),
+    # CPU-sized, the quick VAE's 8x8x4 latents (16 tokens of 2x2 patches): TINY_LATENT_COUNT parameters.
+    "dit-tiny/2": DiTConfig(resolution=8, in_channels=4, patch_size=2, depth=6, hidden_size=128, num_heads=4,
+                            num_classes=10, learned_sigma=False),
+})
+
+_REGISTRY = {"unet": (UNET_CONFIGS, UNetConfig, UNet), "vae": (VAE_CONFIGS, VAEConfig, AutoencoderKL),
+             "dit": (DIT_CONFIGS, DiTConfig, DiT)}
 NETWORK_NAMES: dict[str, tuple[str, ...]] = {kind: tuple(configs) for kind, (configs, _, _) in _REGISTRY.items()}
 
 
@@ -58,7 +78,7 @@ def network_config(kind: str, name: str, **overrides):
     if name not in configs:
         raise LddpmError(f"unknown {kind} config {name!r}; choose one of {', '.join(configs)}")
     base = configs[name]
-    if "resolution" in overrides and "attention_resolutions" not in overrides:
+    if "resolution" in overrides and "attention_resolutions" not in overrides and hasattr(base, "attention_resolutions"):
         new_res = int(overrides["resolution"])
         levels = [base.resolution // 2**i for i in range(len(base.channel_mult))]
         overrides["attention_resolutions"] = tuple(new_res // 2 ** levels.index(r)
@@ -79,5 +99,5 @@ def network_from_config(kind: str, config) -> nn.Module:
 
 
 def build_network(kind: str, name: str, **overrides) -> nn.Module:
-    """Build the named network ("unet" or "vae"), e.g. build_network("unet", "tiny", in_channels=1)."""
+    """Build the named network ("unet", "dit" or "vae"), e.g. build_network("unet", "tiny", in_channels=1)."""
     return network_from_config(kind, network_config(kind, name, **overrides))
