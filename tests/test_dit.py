@@ -288,3 +288,28 @@ def test_overfits_a_tiny_batch():
         loss.backward()
         opt.step()
     assert loss.item() < first / 10, (first, loss.item())
+
+
+# ----------------------------------------------------------------------------- engine, pipeline, samplers
+
+from test_train import data_dirs, tiny_config  # noqa: E402,F401  (the synthetic IDX data fixture)
+
+
+def test_trained_dit_loads_and_samples_with_every_sampler_and_guidance(data_dirs, tmp_path):
+    import numpy as np
+
+    from lddpm.checkpoint import load_checkpoint
+    from lddpm.pipeline import load_pipeline
+    from lddpm.train import train
+
+    config = tiny_config(data_dirs, "run.steps=3", "run.label_dropout=0.2", "diffusion.learned_variance=true",
+                         network="dit")
+    train(config, tmp_path / "run", progress=False)
+    meta = load_checkpoint(tmp_path / "run").meta["network"]
+    assert meta["kind"] == "dit" and meta["config"]["learned_sigma"] is True
+    assert (meta["config"]["resolution"], meta["config"]["in_channels"], meta["config"]["num_classes"]) == (16, 1, 10)
+    pipe = load_pipeline(tmp_path / "run")
+    assert type(pipe.model).__name__ == "DiT" and pipe.model.out_channels == 2
+    for sampler in ("ddpm", "ddim", "dpm++2m"):
+        images, labels = pipe.generate(3, sampler=sampler, num_steps=2, guidance_scale=2.0, progress=False)
+        assert images.shape == (3, 16, 16, 1) and images.dtype == np.uint8 and list(labels) == [0, 1, 2]

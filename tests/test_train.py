@@ -48,7 +48,14 @@ def data_dirs(tmp_path_factory):
     return write_idx(base / "idx"), base / "cache"
 
 
-def tiny_config(data_dirs, *sets: str, preset: str = "fashion-quick") -> Config:
+# The tiny noise predictors the engine tests train: a U-Net and a DiT (16 tokens of 4x4 patches).
+TINY_NETWORKS = {
+    "unet": ["model.overrides={model_channels=8, channel_mult=[1, 2], attention_resolutions=[8]}"],
+    "dit": ['model.kind="dit"', 'model.name="dit-tiny/4"', "model.overrides={hidden_size=16, depth=2, num_heads=2}"],
+}
+
+
+def tiny_config(data_dirs, *sets: str, preset: str = "fashion-quick", network: str = "unet") -> Config:
     """A 16x16 grey, ~10k-parameter run on the synthetic IDX data, on CPU."""
     root, cache = data_dirs
     base = [
@@ -66,7 +73,7 @@ def tiny_config(data_dirs, *sets: str, preset: str = "fashion-quick") -> Config:
         "run.sample_steps=2",
     ]
     if preset != "vae-fashion-quick":
-        base.append("model.overrides={model_channels=8, channel_mult=[1, 2], attention_resolutions=[8]}")
+        base += TINY_NETWORKS[network]
     else:
         base.append("model.overrides={base_channels=8, channel_mult=[1, 2, 2]}")
     return apply_overrides(config_from_preset(preset), base + list(sets))
@@ -99,17 +106,19 @@ def test_ema_follows_closed_form():
     assert EMA(model, 0.99, warmup=False).decay_at(0) == 0.99
 
 
-def test_resume_equals_uninterrupted(data_dirs, tmp_path):
-    # Dropout, label dropout, flips and the adaptive timestep sampler all draw random numbers.
+@pytest.mark.parametrize("network", ["unet", "dit"])
+def test_resume_equals_uninterrupted(data_dirs, tmp_path, network):
+    # Dropout (U-Net), label dropout, flips and the adaptive timestep sampler all draw random numbers.
+    dropout = ["model.overrides.dropout=0.2"] if network == "unet" else ["diffusion.learned_variance=true"]
     config = tiny_config(
-        data_dirs, "run.steps=6", "optim.batch_size=16", "model.overrides.dropout=0.2", "run.label_dropout=0.5",
-        "data.hflip=true", "diffusion.timestep_sampling=\"adaptive\"", "diffusion.num_timesteps=4",
+        data_dirs, "run.steps=6", "optim.batch_size=16", *dropout, "run.label_dropout=0.5",
+        "data.hflip=true", "diffusion.timestep_sampling=\"adaptive\"", "diffusion.num_timesteps=4", network=network,
     )
     full, part = tmp_path / "full", tmp_path / "part"
     train(config, full, progress=False)
     stopped = train(config, part, progress=False, stop_at=3)
     assert stopped["stopped"] and stopped["step"] == 3
-    assert load_checkpoint(part).meta["step"] == 3
+    assert load_checkpoint(part).meta["step"] == 3 and load_checkpoint(part).meta["network"]["kind"] == network
     resumed = train(config, part, resume=True, progress=False)
     assert resumed["step"] == 6 and not resumed["stopped"]
     for group in ("model", "ema"):
@@ -125,9 +134,10 @@ def test_resume_equals_uninterrupted(data_dirs, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_two_processes_train_the_same_model_as_one(data_dirs, tmp_path):
+@pytest.mark.parametrize("network", ["unet", "dit"])
+def test_two_processes_train_the_same_model_as_one(data_dirs, tmp_path, network):
     """torchrun with 2 gloo processes == 1 process with the same global batch (2 micro-batches)."""
-    config = tiny_config(data_dirs, "run.steps=3", "run.label_dropout=0.3")
+    config = tiny_config(data_dirs, "run.steps=3", "run.label_dropout=0.3", network=network)
     save_config(config, tmp_path / "cfg")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lddpm",
@@ -144,6 +154,7 @@ def test_two_processes_train_the_same_model_as_one(data_dirs, tmp_path):
     torch.testing.assert_close(weights(tmp_path / "ddp", "ema"), init, atol=1e-5, rtol=1e-5)
     logs = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3]  # rank 0 alone writes the log
+    assert load_checkpoint(tmp_path / "ddp").meta["network"]["kind"] == network
 
 
 def test_short_run_lowers_the_loss(data_dirs, tmp_path):

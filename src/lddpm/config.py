@@ -274,6 +274,27 @@ PRESETS: dict[str, dict[str, Any]] = {
             "num_sample_images": 80,
         },
     },
+    # The same latent run with a DiT (Peebles & Xie 2023) instead of the U-Net: "dit-tiny/2", 16 tokens
+    # of 2x2 latent patches, about the U-Net's parameter count.
+    "latent-fashion-dit": {
+        "model": {"kind": "dit", "name": "dit-tiny/2"},
+        "diffusion": {"schedule": "linear", "num_timesteps": 1000},
+        "data": {
+            "dataset": "fashion-mnist",
+            "resolution": 32,
+            "latent": "runs/vae-fashion-quick",
+        },
+        "optim": {"lr": 1e-3, "batch_size": 64, "warmup_steps": 50, "ema_decay": 0.999},
+        "run": {
+            "steps": 400,
+            "out": "runs/latent-fashion-dit",
+            "log_every": 20,
+            "sample_every": 200,
+            "checkpoint_every": 200,
+            "class_conditional": True,
+            "num_sample_images": 80,
+        },
+    },
     # Ho et al. 2020, CIFAR-10: 35.7M U-Net, linear schedule T=1000, lr 2e-4, batch 128,
     # 800k steps, warm-up 5000, dropout 0.1, EMA 0.9999, random flips, gradient clip 1.0.
     "cifar10-ddpm": {

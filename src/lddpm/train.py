@@ -442,8 +442,8 @@ class DiffusionTrainer(_Loop):
         num_classes = cache.num_classes if c.run.class_conditional else 0
         if c.run.class_conditional and num_classes < 1:
             raise LddpmError(f"run.class_conditional = true but dataset {c.data.dataset!r} has no classes")
-        if c.model.kind != "unet":
-            raise LddpmError(f"lddpm train trains a noise predictor: model.kind must be 'unet', not {c.model.kind!r} "
+        if c.model.kind not in ("unet", "dit"):
+            raise LddpmError(f"lddpm train trains a noise predictor: model.kind must be 'unet' or 'dit', not {c.model.kind!r} "
                              "(use lddpm train-vae for autoencoders)")
         derived = {"resolution": resolution, "in_channels": in_channels, "num_classes": num_classes,
                    "learned_sigma": c.diffusion.learned_variance}
