@@ -3,12 +3,17 @@
 For every config: forward + backward images/s (median over --iters after warm-up), no-grad
 forward images/s, and peak memory (CPU: the process's peak RSS above its level before the run,
 from /proc/self/status VmHWM reset through /proc/self/clear_refs; CUDA: max_memory_allocated).
-Each U-Net is measured beside `diffusers.UNet2DModel` built with the same shape (a benchmark-only
-dependency) so the ratio shows. Prints a table and writes JSON.
+Each U-Net is measured beside `diffusers.UNet2DModel` and each DiT beside
+`diffusers.DiTTransformer2DModel` built with the same shape (a benchmark-only dependency) so the
+ratio shows. A config may carry field overrides in brackets, e.g. `unet:tiny[resolution=8;in_channels=4]`.
+Prints a table and writes JSON; `--merge` keeps the rows of an existing --out file that this run
+does not measure again.
 
     python benchmarks/networks.py --out results.json                    # default configs, batch 8
     python benchmarks/networks.py --quick                                # a seconds-long smoke run
     python benchmarks/networks.py --configs unet:small,vae:kl-f4 --batch 32 --devices cpu,cuda
+    python benchmarks/networks.py --configs "$DIT_CONFIGS" --modes fp32 --out benchmarks/results/networks.json --merge
+      with DIT_CONFIGS = unet:tiny[resolution=8;in_channels=4;num_classes=10],dit:dit-tiny/2,dit:dit-tiny/4,dit:dit-s/2
 """
 
 from __future__ import annotations
@@ -57,6 +62,29 @@ def diffusers_twin(cfg):
         num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None)
 
 
+def dit_diffusers_twin(cfg):
+    """`diffusers.DiTTransformer2DModel` with the shape of a DiTConfig (it needs num_classes > 0)."""
+    from diffusers import DiTTransformer2DModel  # benchmark-only dependency
+
+    return DiTTransformer2DModel(
+        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        in_channels=cfg.in_channels, out_channels=cfg.in_channels * (2 if cfg.learned_sigma else 1),
+        num_layers=cfg.depth, sample_size=cfg.resolution, patch_size=cfg.patch_size,
+        num_embeds_ada_norm=cfg.num_classes, norm_eps=1e-6)
+
+
+def parse_entry(entry: str) -> tuple[str, str, dict]:
+    """"kind:name[field=value;...]" -> (kind, name, overrides); kind defaults to unet."""
+    kind, name = entry.split(":", 1) if ":" in entry else ("unet", entry)
+    overrides = {}
+    if name.endswith("]") and "[" in name:
+        name, fields = name[:-1].split("[", 1)
+        for item in filter(None, fields.split(";")):
+            key, value = item.split("=", 1)
+            overrides[key] = json.loads(value)
+    return kind, name, overrides
+
+
 def make_step(kind: str, model, batch: int, device: torch.device, channels_last: bool, shape: tuple[int, int, int]):
     """A closure running one forward (+ backward when grad is enabled) on fixed random data.
 
@@ -68,7 +96,18 @@ def make_step(kind: str, model, batch: int, device: torch.device, channels_last:
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
-    if kind == "vae":
+    if kind == "dit":  # both implementations get the same random class labels
+        is_diffusers = not hasattr(model, "null_label")
+        num_classes = model.config.num_embeds_ada_norm if is_diffusers else model.num_classes
+        y = torch.randint(0, max(num_classes, 1), (batch,), generator=g).to(device) if num_classes else None
+        target = torch.randn(batch, out_ch, res, res, generator=g).to(device)
+
+        def step():
+            out = model(x, t, class_labels=y).sample if is_diffusers else model(x, t, y)
+            loss = F.mse_loss(out.float(), target)
+            if torch.is_grad_enabled():
+                loss.backward()
+    elif kind == "vae":
         def step():
             recon, posterior = model(x)
             loss = vae_loss(x, recon, posterior, kl_weight=1e-6)["loss"]
@@ -123,10 +162,14 @@ def measure(kind: str, model, *, shape: tuple[int, int, int], batch: int, iters:
 def measure_row(spec: dict) -> dict:
     """Build one network (ours or its diffusers twin) and measure it in one mode on one device."""
     kind, name, device = spec["kind"], spec["config"], torch.device(spec["device"])
-    cfg = network_config(kind, name)
+    overrides = spec.get("overrides", {})
+    cfg = network_config(kind, name, **overrides)
     shape = (cfg.resolution, cfg.in_channels, cfg.in_channels * (2 if getattr(cfg, "learned_sigma", False) else 1))
     torch.manual_seed(0)
-    model = diffusers_twin(cfg) if spec["impl"] == "diffusers" else build_network(kind, name)
+    if spec["impl"] == "diffusers":
+        model = dit_diffusers_twin(cfg) if kind == "dit" else diffusers_twin(cfg)
+    else:
+        model = build_network(kind, name, **overrides)
     row = dict(spec, params=sum(p.numel() for p in model.parameters()))
     row.update(measure(kind, model, shape=shape, batch=spec["batch"], iters=spec["iters"], warmup=spec["warmup"],
                        device=device, mode=spec["mode"]))
@@ -146,13 +189,18 @@ def run(args) -> dict:
     devices = [d for d in args.devices.split(",") if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
     results = []
     for entry in args.configs.split(","):
-        kind, name = entry.split(":") if ":" in entry else ("unet", entry)
-        impls = ["lddpm"] + (["diffusers"] if kind == "unet" and not args.no_diffusers else [])
+        kind, name, overrides = parse_entry(entry)
+        cfg = network_config(kind, name, **overrides)
+        twin = kind == "dit" or (kind == "unet" and not cfg.num_classes)  # diffusers' class-conditional UNet needs labels
+        impls = ["lddpm"] + (["diffusers"] if twin and not args.no_diffusers else [])
+        modes = [m for m in args.modes.split(",") if not (kind == "dit" and m == "channels_last")]
         for device in devices:
             for impl in impls:
-                for mode in args.modes.split(","):
+                for mode in modes:
                     spec = {"kind": kind, "config": name, "impl": impl, "device": device, "mode": mode,
                             "batch": args.batch, "iters": args.iters, "warmup": args.warmup}
+                    if overrides:
+                        spec["overrides"] = overrides
                     row = measure_row(spec) if args.in_process else run_isolated(spec)
                     results.append(row)
                     print(f"  {impl:9s} {name:16s} {device:4s} {mode:13s} "
@@ -174,6 +222,26 @@ def run(args) -> dict:
             "results": results}
 
 
+def compare_latent_networks(results: list[dict]) -> dict | None:
+    """Train img/s of the latent DiT over the latent U-Net (both on 8x8x4, same run), if both were measured."""
+    rows = {(r["kind"], r["config"]): r for r in results if r["impl"] == "lddpm" and r["mode"] == "fp32"}
+    dit, unet = rows.get(("dit", "dit-tiny/2")), rows.get(("unet", "tiny"))
+    if not dit or not unet or unet.get("overrides", {}).get("resolution") != 8:
+        return None
+    return {"dit": "dit-tiny/2", "unet": "tiny at 8x8x4", "train_ratio": dit["train_img_s"] / unet["train_img_s"],
+            "fwd_ratio": dit["fwd_img_s"] / unet["fwd_img_s"]}
+
+
+def merge_rows(old: dict, new: dict) -> dict:
+    """The old report's rows that `new` did not measure again, then the new rows; the new run's meta."""
+    key = lambda r: (r["kind"], r["config"], json.dumps(r.get("overrides", {}), sort_keys=True),  # noqa: E731
+                     r["impl"], r["device"], r["mode"])
+    measured = {key(r) for r in new["results"]}
+    kept = [r for r in old.get("results", []) if key(r) not in measured]
+    metas = [m for m in ([old.get("meta")] + old.get("earlier_meta", [])) if m]
+    return {**new, "results": kept + new["results"], "earlier_meta": metas}
+
+
 def print_table(report: dict) -> None:
     """A Markdown table of the results."""
     print("\n| config | impl | params | device | mode | batch | train img/s | fwd img/s | peak MiB "
@@ -181,7 +249,7 @@ def print_table(report: dict) -> None:
     print("|---|---|---:|---|---|---:|---:|---:|---:|---:|")
     for r in report["results"]:
         ratio = r.get("train_speedup_vs_diffusers")
-        print(f"| {r['config']} | {r['impl']} | {r['params'] / 1e6:.2f}M | {r['device']} | {r['mode']} | {r['batch']} "
+        print(f"| {r['config']}{'*' if r.get('overrides') else ''} | {r['impl']} | {r['params'] / 1e6:.2f}M | {r['device']} | {r['mode']} | {r['batch']} "
               f"| {r['train_img_s']:.1f} | {r['fwd_img_s']:.1f} | {r['peak_mib']:.0f} | "
               f"{f'{ratio:.2f}x' if ratio else ''} |")
 
@@ -189,13 +257,15 @@ def print_table(report: dict) -> None:
 def main(argv=None) -> None:
     """Parse arguments, run, print and write JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma list of kind:name (kind unet or vae)")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS,
+                   help="comma list of kind:name[field=value;...] (kind unet, dit or vae)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list from {MODES}")
     p.add_argument("--devices", default="cpu,cuda", help="comma list; cuda is skipped when absent")
-    p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers.UNet2DModel twins")
+    p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers twins")
+    p.add_argument("--merge", action="store_true", help="keep the rows of an existing --out not measured again")
     p.add_argument("--quick", action="store_true", help="tiny configs, batch 4, 2 iterations: a smoke test")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--in-process", action="store_true",
@@ -211,8 +281,16 @@ def main(argv=None) -> None:
           f"{args.iters} iterations after {args.warmup} warm-up; oneDNN bf16: "
           f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}", flush=True)
     report = run(args)
+    latent = compare_latent_networks(report["results"])
+    if latent:
+        report["latent_dit_vs_unet"] = latent
     print_table(report)
+    if latent:
+        print(f"\nlatent DiT {latent['dit']} / U-Net {latent['unet']}: {latent['train_ratio']:.2f}x train img/s, "
+              f"{latent['fwd_ratio']:.2f}x forward img/s")
     if args.out:
+        if args.merge and Path(args.out).is_file():
+            report = merge_rows(json.loads(Path(args.out).read_text()), report)
         Path(args.out).write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.out}")
 
