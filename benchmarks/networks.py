@@ -14,6 +14,7 @@ does not measure again.
     python benchmarks/networks.py --configs unet:small,vae:kl-f4 --batch 32 --devices cpu,cuda
     python benchmarks/networks.py --configs "$DIT_CONFIGS" --modes fp32 --out benchmarks/results/networks.json --merge
       with DIT_CONFIGS = unet:tiny[resolution=8;in_channels=4;num_classes=10],dit:dit-tiny/2,dit:dit-tiny/4,dit:dit-s/2
+    python benchmarks/networks.py --configs "" --latent-ratio 30 --out benchmarks/results/networks.json --merge
 """
 
 from __future__ import annotations
@@ -212,6 +213,11 @@ def run(args) -> dict:
             o = ours[(r["config"], r["device"], r["mode"])]
             o["train_speedup_vs_diffusers"] = o["train_img_s"] / r["train_img_s"]
             o["fwd_speedup_vs_diffusers"] = o["fwd_img_s"] / r["fwd_img_s"]
+            if args.interleave and r["kind"] == "dit":
+                o.update(interleaved_vs_diffusers(o, args.interleave))
+                print(f"  interleaved {o['config']} {o['mode']}: lddpm / diffusers "
+                      f"{o['train_speedup_vs_diffusers_interleaved']:.2f}x train, "
+                      f"{o['fwd_speedup_vs_diffusers_interleaved']:.2f}x forward", flush=True)
     return {"meta": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                      "python": platform.python_version(),
                      "machine": platform.machine(),
@@ -222,14 +228,67 @@ def run(args) -> dict:
             "results": results}
 
 
-def compare_latent_networks(results: list[dict]) -> dict | None:
-    """Train img/s of the latent DiT over the latent U-Net (both on 8x8x4, same run), if both were measured."""
-    rows = {(r["kind"], r["config"]): r for r in results if r["impl"] == "lddpm" and r["mode"] == "fp32"}
-    dit, unet = rows.get(("dit", "dit-tiny/2")), rows.get(("unet", "tiny"))
-    if not dit or not unet or unet.get("overrides", {}).get("resolution") != 8:
-        return None
-    return {"dit": "dit-tiny/2", "unet": "tiny at 8x8x4", "train_ratio": dit["train_img_s"] / unet["train_img_s"],
-            "fwd_ratio": dit["fwd_img_s"] / unet["fwd_img_s"]}
+def interleaved_times(steps: dict, rounds: int, warmup: int, grad: bool, autocast) -> dict[str, float]:
+    """Median seconds per call of each step, calling them in turn each round (shared load hits all alike)."""
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(warmup + rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            with autocast, torch.set_grad_enabled(grad):
+                step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def interleaved_vs_diffusers(spec: dict, rounds: int) -> dict:
+    """lddpm over diffusers speed for one DiT row, the two timed in turn in this process."""
+    kind, name, overrides = spec["kind"], spec["config"], spec.get("overrides", {})
+    cfg = network_config(kind, name, **overrides)
+    shape = (cfg.resolution, cfg.in_channels, cfg.in_channels * (2 if cfg.learned_sigma else 1))
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    models = {"lddpm": build_network(kind, name, **overrides), "diffusers": dit_diffusers_twin(cfg)}
+    steps = {}
+    for k, m in models.items():
+        m.to(device).train()
+        step = make_step(kind, m, spec["batch"], device, False, shape)
+        steps[k] = lambda m=m, step=step: (m.zero_grad(set_to_none=True), step())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if spec["mode"] == "bf16" else contextlib.nullcontext()
+    train = interleaved_times(steps, rounds, 1, True, autocast)
+    for m in models.values():
+        m.eval()
+    fwd = interleaved_times(steps, rounds, 1, False, autocast)
+    return {"interleaved_rounds": rounds, "train_speedup_vs_diffusers_interleaved": train["diffusers"] / train["lddpm"],
+            "fwd_speedup_vs_diffusers_interleaved": fwd["diffusers"] / fwd["lddpm"]}
+
+
+def latent_train_ratio(batch: int, rounds: int, warmup: int = 2) -> dict:
+    """Train img/s of the latent DiT over the latent U-Net preset's network, interleaved in one process.
+
+    Both take the quick VAE's 8x8x4 latents with 10 classes; each round times one training step
+    (forward, backward, AdamW) of each, so load from other processes affects both alike.
+    """
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(batch, 4, 8, 8, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+    y, target = torch.randint(0, 10, (batch,), generator=g), torch.randn(batch, 4, 8, 8, generator=g)
+    nets = {"unet tiny": build_network("unet", "tiny", resolution=8, in_channels=4, num_classes=10),
+            "dit-tiny/2": build_network("dit", "dit-tiny/2", resolution=8, in_channels=4, num_classes=10)}
+    optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in nets.items()}
+    times: dict[str, list[float]] = {k: [] for k in nets}
+    for i in range(warmup + rounds):
+        for name, model in nets.items():
+            t0 = time.perf_counter()
+            loss = F.mse_loss(model(x, t, y), target)
+            optims[name].zero_grad(set_to_none=True)
+            loss.backward()
+            optims[name].step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    img_s = {k: batch / statistics.median(v) for k, v in times.items()}
+    return {"batch": batch, "rounds": rounds, "train_img_s": img_s,
+            "params": {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()},
+            "dit_over_unet": img_s["dit-tiny/2"] / img_s["unet tiny"]}
 
 
 def merge_rows(old: dict, new: dict) -> dict:
@@ -239,16 +298,17 @@ def merge_rows(old: dict, new: dict) -> dict:
     measured = {key(r) for r in new["results"]}
     kept = [r for r in old.get("results", []) if key(r) not in measured]
     metas = [m for m in ([old.get("meta")] + old.get("earlier_meta", [])) if m]
-    return {**new, "results": kept + new["results"], "earlier_meta": metas}
+    return {**old, **new, "meta": new["meta"] or old.get("meta"), "results": kept + new["results"],
+            "earlier_meta": metas if new["meta"] else old.get("earlier_meta", [])}
 
 
 def print_table(report: dict) -> None:
     """A Markdown table of the results."""
     print("\n| config | impl | params | device | mode | batch | train img/s | fwd img/s | peak MiB "
-          "| vs diffusers (train) |")
+          "| vs diffusers (train; interleaved where measured) |")
     print("|---|---|---:|---|---|---:|---:|---:|---:|---:|")
     for r in report["results"]:
-        ratio = r.get("train_speedup_vs_diffusers")
+        ratio = r.get("train_speedup_vs_diffusers_interleaved", r.get("train_speedup_vs_diffusers"))
         print(f"| {r['config']}{'*' if r.get('overrides') else ''} | {r['impl']} | {r['params'] / 1e6:.2f}M | {r['device']} | {r['mode']} | {r['batch']} "
               f"| {r['train_img_s']:.1f} | {r['fwd_img_s']:.1f} | {r['peak_mib']:.0f} | "
               f"{f'{ratio:.2f}x' if ratio else ''} |")
@@ -265,6 +325,11 @@ def main(argv=None) -> None:
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list from {MODES}")
     p.add_argument("--devices", default="cpu,cuda", help="comma list; cuda is skipped when absent")
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers twins")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="also time each DiT and its diffusers twin in turn in one process for ROUNDS rounds "
+                        "(a ratio that survives load from other processes)")
+    p.add_argument("--latent-ratio", type=int, default=0, metavar="ROUNDS",
+                   help="also time the latent DiT against the latent U-Net, interleaved, for ROUNDS steps each")
     p.add_argument("--merge", action="store_true", help="keep the rows of an existing --out not measured again")
     p.add_argument("--quick", action="store_true", help="tiny configs, batch 4, 2 iterations: a smoke test")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -280,14 +345,13 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.iters} iterations after {args.warmup} warm-up; oneDNN bf16: "
           f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}", flush=True)
-    report = run(args)
-    latent = compare_latent_networks(report["results"])
-    if latent:
-        report["latent_dit_vs_unet"] = latent
+    report = run(args) if args.configs else {"meta": {}, "results": []}
     print_table(report)
-    if latent:
-        print(f"\nlatent DiT {latent['dit']} / U-Net {latent['unet']}: {latent['train_ratio']:.2f}x train img/s, "
-              f"{latent['fwd_ratio']:.2f}x forward img/s")
+    if args.latent_ratio:
+        latent = latent_train_ratio(64, args.latent_ratio)
+        report["latent_dit_vs_unet"] = latent
+        print(f"\nlatent DiT dit-tiny/2 / U-Net tiny on 8x8x4, batch 64, {args.latent_ratio} interleaved training "
+              f"steps: {latent['dit_over_unet']:.2f}x train img/s ({latent['train_img_s']})")
     if args.out:
         if args.merge and Path(args.out).is_file():
             report = merge_rows(json.loads(Path(args.out).read_text()), report)

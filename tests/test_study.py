@@ -146,7 +146,7 @@ def test_grid_has_one_row_per_class():
     assert (row1 == 255).all() and (grid[2 : 2 + 4 * scale, 2 : 2 + 4 * scale] == 0).all()
 
 
-@pytest.mark.parametrize("preset", ["study-quick", "study-cifar10", "study-imagenet100", "demo"])
+@pytest.mark.parametrize("preset", ["study-quick", "study-cifar10", "study-imagenet100", "study-arch", "demo"])
 def test_presets_parse(preset):
     path = Path(__file__).resolve().parents[1] / "configs" / f"{preset}.toml"
     if not path.is_file():
@@ -161,6 +161,27 @@ def test_presets_parse(preset):
         config = backend.run_config(run, Path("runs") / run.name, study, deps)
         assert config.run.steps == run.steps and config.data.dataset == study.settings.dataset
         assert (config.model.kind == "vae") == (run.kind == "vae")
+
+
+@pytest.mark.parametrize("preset,dit_name", [("study-arch", "dit-tiny/2"), ("study-imagenet100", "dit-b/2")])
+def test_architecture_cells_compare_a_unet_and_a_dit_on_the_same_latents(preset, dit_name):
+    from lddpm.nn import network_config
+    from lddpm.study import StudyBackend
+
+    study = load_study(Path(__file__).resolve().parents[1] / "configs" / f"{preset}.toml")
+    backend = StudyBackend(progress=False)
+    cells = [c for c in study.cells if c.group == "architecture"]
+    runs = {c.run: study.runs[c.run] for c in cells}
+    configs = {name: backend.run_config(run, Path("runs") / name, study, {run.vae: {"run_dir": "runs/vae"}})
+               for name, run in runs.items()}
+    assert sorted(c.model.kind for c in configs.values()) == ["dit", "unet"]
+    assert len({r.vae for r in runs.values()}) == 1 and all(c.data.latent for c in configs.values())
+    dit = next(c for c in configs.values() if c.model.kind == "dit")
+    assert dit.model.name == dit_name
+    network_config("dit", dit.model.name, **dit.model.overrides).validate()
+    for setting in ("sampler", "steps"):  # same sampler and steps for both networks
+        assert len({getattr(c, setting) for c in cells}) == 1
+    assert len({study.fid_n(c) for c in cells}) == 1  # same N
 
 
 # ----------------------------------------------------------------------------- real trainer + evaluator

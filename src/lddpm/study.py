@@ -36,7 +36,7 @@ from lddpm.errors import LddpmError
 CELL_KINDS = ("sample", "vae")
 RUN_KINDS = ("diffusion", "vae")
 LABEL_MODES = ("balanced", "none")
-PLOT_GROUPS = ("samplers", "guidance", "schedules", "vae", "other")
+PLOT_GROUPS = ("samplers", "guidance", "schedules", "vae", "architecture", "other")
 
 # One row of the results table: these keys, in this order, in results.json/csv.
 ROW_FIELDS = (
@@ -546,7 +546,7 @@ class StudyBackend:
         if run.kind == "vae":
             model = f"VAE {name}"
         else:
-            model = f"U-Net {name}"
+            model = f"{'DiT' if config.model.kind == 'dit' else 'U-Net'} {name}"
             if config.data.latent:
                 model += " (latent)"
             if config.run.class_conditional:
