@@ -229,15 +229,19 @@ def run(args) -> dict:
 
 
 def interleaved_times(steps: dict, rounds: int, warmup: int, grad: bool, autocast) -> dict[str, float]:
-    """Median seconds per call of each step, calling them in turn each round (shared load hits all alike)."""
+    """Median CPU seconds of this process per call of each step, the steps called in turn each round.
+
+    CPU time rather than wall time, and interleaved, so that other processes on a shared machine
+    distort the ratio between the steps as little as possible.
+    """
     times: dict[str, list[float]] = {k: [] for k in steps}
     for i in range(warmup + rounds):
         for name, step in steps.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             with autocast, torch.set_grad_enabled(grad):
                 step()
             if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(time.process_time() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -264,10 +268,10 @@ def interleaved_vs_diffusers(spec: dict, rounds: int) -> dict:
 
 
 def latent_train_ratio(batch: int, rounds: int, warmup: int = 2) -> dict:
-    """Train img/s of the latent DiT over the latent U-Net preset's network, interleaved in one process.
+    """Train speed of the latent DiT over the latent U-Net preset's network, interleaved in one process.
 
     Both take the quick VAE's 8x8x4 latents with 10 classes; each round times one training step
-    (forward, backward, AdamW) of each, so load from other processes affects both alike.
+    (forward, backward, AdamW) of each in CPU time (`interleaved_times`).
     """
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(batch, 4, 8, 8, generator=g), torch.randint(0, 1000, (batch,), generator=g)
@@ -275,18 +279,17 @@ def latent_train_ratio(batch: int, rounds: int, warmup: int = 2) -> dict:
     nets = {"unet tiny": build_network("unet", "tiny", resolution=8, in_channels=4, num_classes=10),
             "dit-tiny/2": build_network("dit", "dit-tiny/2", resolution=8, in_channels=4, num_classes=10)}
     optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in nets.items()}
-    times: dict[str, list[float]] = {k: [] for k in nets}
-    for i in range(warmup + rounds):
-        for name, model in nets.items():
-            t0 = time.perf_counter()
-            loss = F.mse_loss(model(x, t, y), target)
-            optims[name].zero_grad(set_to_none=True)
-            loss.backward()
-            optims[name].step()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    img_s = {k: batch / statistics.median(v) for k, v in times.items()}
-    return {"batch": batch, "rounds": rounds, "train_img_s": img_s,
+
+    def train_step(name: str) -> None:
+        loss = F.mse_loss(nets[name](x, t, y), target)
+        optims[name].zero_grad(set_to_none=True)
+        loss.backward()
+        optims[name].step()
+
+    steps = {k: (lambda k=k: train_step(k)) for k in nets}
+    times = interleaved_times(steps, rounds, warmup, True, contextlib.nullcontext())
+    img_s = {k: batch / v for k, v in times.items()}
+    return {"batch": batch, "rounds": rounds, "train_img_s_cpu_time": img_s,
             "params": {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()},
             "dit_over_unet": img_s["dit-tiny/2"] / img_s["unet tiny"]}
 
@@ -351,7 +354,7 @@ def main(argv=None) -> None:
         latent = latent_train_ratio(64, args.latent_ratio)
         report["latent_dit_vs_unet"] = latent
         print(f"\nlatent DiT dit-tiny/2 / U-Net tiny on 8x8x4, batch 64, {args.latent_ratio} interleaved training "
-              f"steps: {latent['dit_over_unet']:.2f}x train img/s ({latent['train_img_s']})")
+              f"steps: {latent['dit_over_unet']:.2f}x train img/s ({latent['train_img_s_cpu_time']}, CPU time)")
     if args.out:
         if args.merge and Path(args.out).is_file():
             report = merge_rows(json.loads(Path(args.out).read_text()), report)
