@@ -55,7 +55,7 @@ def bare_loop(config, warmup: int, steps: int) -> dict:
     from lddpm.data import ImageLoader, open_cache, prepare
     from lddpm.distributed import resolve_device
     from lddpm.nn import build_network
-    from lddpm.pipeline import build_diffusion
+    from lddpm.diffusion import build_diffusion
 
     c = config
     device = resolve_device(c.run.device)

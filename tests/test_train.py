@@ -148,7 +148,8 @@ def test_two_processes_train_the_same_model_as_one(data_dirs, tmp_path):
 
 def test_short_run_lowers_the_loss(data_dirs, tmp_path):
     from lddpm.data import ImageLoader, open_cache, prepare
-    from lddpm.pipeline import build_diffusion, load_pipeline
+    from lddpm.diffusion import build_diffusion
+    from lddpm.pipeline import load_pipeline
 
     config = tiny_config(data_dirs, "run.steps=40", "optim.lr=3e-3", "optim.batch_size=16", "optim.ema_decay=0.0")
     root, cache_dir = data_dirs

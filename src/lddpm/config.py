@@ -364,6 +364,17 @@ def config_from_preset(name: str) -> Config:
     return Config.from_dict(copy.deepcopy(PRESETS[name]), source=f"preset {name}")
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Parse a TOML file (the package's one TOML reader); unreadable or invalid -> LddpmError naming it."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise LddpmError(f"{what} {path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise LddpmError(f"{what} {path}: cannot be read ({exc.strerror})") from None
+
+
 def load_config(path_or_name: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a TOML file (or a preset name), apply `section.key=value` overrides and validate."""
     path = Path(path_or_name)
@@ -375,11 +386,7 @@ def load_config(path_or_name: str | Path, overrides: list[str] | None = None) ->
                 f"config file {path} not found; give a TOML file or one of the presets: "
                 f"{', '.join(PRESETS)}"
             )
-        try:
-            data = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise LddpmError(f"{path}: not valid TOML ({exc})") from None
-        config = Config.from_dict(data, source=str(path))
+        config = Config.from_dict(read_toml(path), source=str(path))
     else:
         config = config_from_preset(str(path_or_name))
     config = apply_overrides(config, overrides or [])
@@ -570,7 +577,7 @@ def to_toml(config: Config | dict[str, Any]) -> str:
 
 def save_config(config: Config, folder: str | Path) -> None:
     """Write `config.toml` and `config.json` into a run folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.toml").write_text(to_toml(config))
-    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    from lddpm.io import write_json, write_text
+
+    write_text(Path(folder) / "config.toml", to_toml(config))
+    write_json(Path(folder) / "config.json", config.to_dict())

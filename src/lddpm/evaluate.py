@@ -21,6 +21,7 @@ from torch import nn
 
 from lddpm import __version__
 from lddpm.errors import LddpmError
+from lddpm.io import write_json, write_npz
 from lddpm.metrics import (
     FeatureExtractor,
     FeatureStats,
@@ -351,9 +352,7 @@ def generate_resumable(
             raise LddpmError(f"the generator returned {len(x)} images for a batch of {n}")
         y = batch_labels if y is None else np.asarray(y, dtype=np.int64)
         if path is not None:
-            tmp = path.with_name(path.name + ".tmp.npz")
-            np.savez(tmp, images=x, **({} if y is None else {"labels": y}))
-            tmp.replace(path)
+            write_npz(path, images=x, **({} if y is None else {"labels": y}))
         images.append(x)
         out_labels.append(y)
     timed = times[1:] if len(times) > 1 else times
@@ -661,19 +660,4 @@ def summary_line(result: dict) -> str:
 
 def write_result(result: dict, out: str | Path) -> Path:
     """Write an evaluation result as indented JSON (atomically)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
-    tmp.replace(out)
-    return out
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+    return write_json(out, result)

@@ -413,7 +413,8 @@ class DiffusionTrainer(_Loop):
     def build(self) -> None:
         """Data (and latent cache), network, EMA, diffusion, optimizer."""
         from lddpm.nn import build_network
-        from lddpm.pipeline import Pipeline, build_diffusion
+        from lddpm.diffusion import build_diffusion
+        from lddpm.pipeline import Pipeline
 
         c = self.config
         cache = open_training_images(c, self.info, self.progress)
@@ -547,7 +548,7 @@ class DiffusionTrainer(_Loop):
 
     def write_grid(self, path: Path) -> None:
         """EMA samples from fixed noise; one row per class for conditional models."""
-        from lddpm.pipeline import save_grid
+        from lddpm.grid import save_grid
 
         c = self.config
         if self.null_label is not None:
@@ -684,7 +685,8 @@ class VAETrainer(_Loop):
     def write_grid(self, path: Path) -> None:
         """Originals (top half) and reconstructions (bottom half) of a fixed batch."""
         from lddpm.data import ImageLoader
-        from lddpm.pipeline import save_grid, to_uint8
+        from lddpm.grid import save_grid
+        from lddpm.pipeline import to_uint8
 
         c = self.config
         n = c.run.num_sample_images

@@ -93,10 +93,6 @@ def register(subparsers) -> None:
     c.set_defaults(func=run_train_classifier)
 
 
-def _test_split(dataset: str) -> str:
-    return "val" if dataset == "imagenet100" else "test"
-
-
 def run_eval(args: argparse.Namespace) -> int:
     """Run `lddpm eval`: sample + score, score --images, or score --vae reconstructions; print one line, write JSON."""
     import warnings
@@ -154,7 +150,7 @@ def _default_out(args: argparse.Namespace) -> Path:
 
 def _eval_vae(args: argparse.Namespace, extractor, progress: bool):
     from lddpm import evaluate as ev
-    from lddpm.data import open_cache, prepare
+    from lddpm.data import open_cache, prepare, test_split
     from lddpm.errors import LddpmError
     from lddpm.pipeline import load_vae
 
@@ -163,7 +159,7 @@ def _eval_vae(args: argparse.Namespace, extractor, progress: bool):
     dataset, split = ev.parse_reference(args.reference)
     vae = load_vae(args.vae)
     test = open_cache(prepare(dataset, resolution=args.resolution or getattr(getattr(vae, "config", None), "resolution", None),
-                              split=_test_split(dataset), root=args.root, cache_dir=args.cache_dir, progress=progress))
+                              split=test_split(dataset), root=args.root, cache_dir=args.cache_dir, progress=progress))
     num = min(args.num, len(test))
     ref = ev.reference_stats(dataset, split=split, num=ev.reference_size(args.ref_num, num), resolution=test.resolution, extractor=extractor,
                              cache_dir=args.cache_dir, data_root=args.root, progress=progress)
@@ -195,28 +191,13 @@ def run_fid_ref(args: argparse.Namespace) -> int:
 
 def run_train_classifier(args: argparse.Namespace) -> int:
     """Run `lddpm train-classifier`: train on the train split, report test accuracy, save weights + metadata."""
-    from lddpm import __version__
-    from lddpm.data import open_cache, prepare
-    from lddpm.metrics import save_classifier, train_classifier
-    from lddpm.metrics.classifier import default_classifier_dir
+    from lddpm.metrics.classifier import train_dataset_classifier
 
-    progress = not args.quiet
-    kw = dict(resolution=args.resolution, root=args.root, cache_dir=args.cache_dir, progress=progress)
-    train = open_cache(prepare(args.dataset, split="train", **kw))
-    test = open_cache(prepare(args.dataset, split=_test_split(args.dataset), **kw))
-    model, acc = train_classifier(
-        train.images, train.labels, test.images, test.labels, num_classes=train.num_classes, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, hflip=args.hflip, seed=args.seed, device=args.device, progress=progress,
+    folder, meta = train_dataset_classifier(
+        args.dataset, args.resolution, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, hflip=args.hflip,
+        seed=args.seed, out=args.out, cache_dir=args.cache_dir, root=args.root, device=args.device,
+        progress=not args.quiet,
     )
-    out = Path(args.out) if args.out else default_classifier_dir(args.dataset, train.resolution, args.cache_dir)
-    meta = {
-        "dataset": args.dataset, "resolution": train.resolution, "channels": train.channels,
-        "test_accuracy": acc, "test_split": test.split, "num_test": len(test), "class_names": train.class_names,
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "hflip": args.hflip, "seed": args.seed,
-        "train_checksum": train.checksum, "num_parameters": sum(p.numel() for p in model.parameters()),
-        "lddpm_version": __version__,
-    }
-    save_classifier(model, out, meta)
-    print(f"test accuracy {acc:.4f} on {args.dataset}:{test.split} ({len(test)} images)")
-    print(f"classifier: {out}")
+    print(f"test accuracy {meta['test_accuracy']:.4f} on {args.dataset}:{meta['test_split']} ({meta['num_test']} images)")
+    print(f"classifier: {folder}")
     return 0
