@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from lddpm.config import apply_overrides, load_config
-from lddpm.train import _network_overrides, step_seed, train
+from lddpm.train import network_overrides, step_seed, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakMemory  # noqa: E402
@@ -67,7 +67,7 @@ def bare_loop(config, warmup: int, steps: int) -> dict:
     derived = {"resolution": cache.resolution, "in_channels": cache.channels, "num_classes": num_classes,
                "learned_sigma": c.diffusion.learned_variance}
     torch.manual_seed(c.run.seed)
-    model = build_network("unet", c.model.name, **_network_overrides(c, derived)).to(device).train()
+    model = build_network("unet", c.model.name, **network_overrides(c, derived)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=c.optim.lr, betas=tuple(c.optim.betas),
                                   weight_decay=c.optim.weight_decay, foreach=True)  # as the trainer
     diffusion = build_diffusion(c.diffusion)

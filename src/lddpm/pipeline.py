@@ -114,13 +114,17 @@ class Pipeline:
         return images, labels
 
 
-def load_vae(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The autoencoder of a VAE run (or the one stored in a latent-diffusion checkpoint), in eval mode."""
+def load_vae(run_or_checkpoint: str | Path, device: str | torch.device = "cpu", *, use_ema: bool = True) -> nn.Module:
+    """The autoencoder of a VAE run (EMA weights by default) or the one stored in a latent-diffusion checkpoint.
+
+    A latent-diffusion checkpoint stores the weights its latents were encoded with (the VAE run's EMA
+    weights unless it was trained otherwise). Returned in eval mode, without gradients.
+    """
     ckpt = load_checkpoint(run_or_checkpoint)
     kind = ckpt.meta.get("kind")
     if kind == "vae":
         vae = network_from_config("vae", ckpt.meta["network"]["config"])
-        vae.load_state_dict(ckpt.load("model"))
+        vae.load_state_dict(ckpt.load("ema" if use_ema else "model"))
     elif kind == "diffusion" and "vae" in ckpt.groups:
         vae = network_from_config("vae", ckpt.meta["vae"]["network_config"])
         vae.load_state_dict(ckpt.load("vae"))
