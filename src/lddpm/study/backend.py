@@ -20,7 +20,7 @@ from lddpm.evaluate import evaluate_checkpoint, evaluate_vae, load_extractor, re
 from lddpm.metrics.classifier import META_FILE, default_classifier_dir, train_dataset_classifier
 from lddpm.pipeline import load_vae
 from lddpm.study.schema import CellSpec, RunSpec, Study, log
-from lddpm.train import train, train_vae
+from lddpm.train import check_names, train, train_vae
 
 def _toml_literal(value: Any) -> str:
     """A value as a `--set` literal (strings quoted, so paths never parse as numbers)."""
@@ -63,7 +63,7 @@ class StudyBackend:
         if run.steps:
             overrides.append(f"run.steps={run.steps}")
         overrides += run.set
-        return load_config(source, overrides)
+        return check_names(load_config(source, overrides))
 
     def train(self, run: RunSpec, run_dir: Path, study: Study, deps: dict) -> dict:
         """Reuse the run if its final checkpoint exists, else train it (resuming from its last checkpoint)."""
@@ -124,7 +124,7 @@ class StudyBackend:
     def _extractor(self, study: Study):
         """The FID feature network (pinned Inception unless one was given)."""
         if self.extractor is None:
-            self.extractor = load_extractor(batch_size=study.settings.fid_batch_size, device=study.settings.device)
+            self.extractor = load_extractor(batch_size=study.settings.fid_batch_size, device=_config_device(study.settings.device, resolve=True))
         return self.extractor
 
     def _reference_stats(self, study: Study):
@@ -145,7 +145,7 @@ class StudyBackend:
         if not (folder / META_FILE).is_file():
             log(self.progress, f"[study] training the classifier for class metrics -> {folder}")
             train_dataset_classifier(s.dataset, s.resolution, epochs=s.classifier_epochs, seed=s.seed, out=folder,
-                                     cache_dir=s.cache_dir, root=s.data_root, device=_config_device(s.device),
+                                     cache_dir=s.cache_dir, root=s.data_root, device=_config_device(s.device, resolve=True),
                                      progress=self.progress)
         return folder
 

@@ -58,7 +58,7 @@ class StudySettings:
     grid_size: int = 64  # images in the grid of an unlabelled cell
     classifier: str = ""  # classifier folder; empty: the shared default (trained when missing)
     classifier_epochs: float = 2.0  # training length of that classifier when it is trained here
-    device: str = "cpu"  # "cpu", "cuda" or "auto"
+    device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
     train_nproc: int = 1  # processes per training run (> 1: `lddpm train --nproc N`, torchrun + DDP)
     data_root: str | None = None
     cache_dir: str | None = None

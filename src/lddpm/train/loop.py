@@ -33,7 +33,7 @@ from lddpm.checkpoint import estimate_checkpoint_bytes, list_checkpoints, load_c
 from lddpm.config import Config, save_config, validate
 from lddpm.errors import LddpmError
 from lddpm.seeding import step_seed
-from lddpm.train.utils import EMA, StopSignal, check_run_dir, lr_at, resume_differences
+from lddpm.train.utils import StopSignal, check_names, check_run_dir, lr_at, resume_differences
 
 
 class TrainingLoop:
@@ -43,7 +43,7 @@ class TrainingLoop:
 
     def __init__(self, config: Config, run_dir: str | Path | None = None, *, resume: bool = False,
                  progress: bool = True, stop_at: int | None = None):
-        self.config = validate(config.copy())
+        self.config = check_names(validate(config.copy()))
         self.run_dir = Path(run_dir if run_dir is not None else config.run.out)
         self.config.run.out = str(self.run_dir)
         self.resume, self.progress, self.stop_at = resume, progress, stop_at

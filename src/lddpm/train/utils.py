@@ -14,8 +14,13 @@ from torch import nn
 
 from lddpm import distributed
 from lddpm.config import Config
-from lddpm.data import open_cache, prepare
-from lddpm.errors import LddpmError
+from lddpm.data import DATASETS, open_cache, prepare
+from lddpm.diffusion import LOSS_WEIGHTINGS, OBJECTIVES, TIMESTEP_SAMPLINGS
+from lddpm.errors import LddpmError, check_choice
+from lddpm.nn import NETWORK_NAMES
+from lddpm.nn.vae import RECON_LOSSES
+from lddpm.sampling import SAMPLERS
+from lddpm.schedule import SCHEDULES
 
 # Config sections whose change alters what a resumed run computes (run.steps/out/logging may change).
 RESUME_SECTIONS = ("model", "diffusion", "data", "optim", "vae")
@@ -126,6 +131,22 @@ def open_training_images(config: Config, info: distributed.DistInfo, progress: b
     if not info.is_main:
         path = prepare(d.dataset, progress=False, **kwargs)
     return open_cache(path)
+
+
+def check_names(config: Config) -> Config:
+    """Check every name in a config against the list of the module that owns it (network registry,
+    schedules, objectives, datasets, samplers, VAE losses); the error lists the choices."""
+    m, d, r = config.model, config.diffusion, config.run
+    check_choice("model.kind", m.kind, NETWORK_NAMES)
+    check_choice(f"model.name (for kind {m.kind!r})", m.name, NETWORK_NAMES[m.kind])
+    check_choice("diffusion.schedule", d.schedule, SCHEDULES)
+    check_choice("diffusion.objective", d.objective, OBJECTIVES)
+    check_choice("diffusion.loss_weighting", d.loss_weighting, LOSS_WEIGHTINGS)
+    check_choice("diffusion.timestep_sampling", d.timestep_sampling, TIMESTEP_SAMPLINGS)
+    check_choice("data.dataset", config.data.dataset, DATASETS)
+    check_choice("run.sampler", r.sampler, SAMPLERS)
+    check_choice("vae.recon_loss", config.vae.recon_loss, RECON_LOSSES)
+    return config
 
 
 def resume_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
