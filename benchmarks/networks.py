@@ -132,7 +132,8 @@ def make_step(kind: str, model, batch: int, device: torch.device, channels_last:
 
 
 def measure(kind: str, model, *, shape: tuple[int, int, int], batch: int, iters: int, warmup: int,
-            device: torch.device, mode: str, num_classes: int = 0, forward_only: bool = True) -> dict:
+            device: torch.device, mode: str, num_classes: int = 0, forward_only: bool = True,
+            compile_backend: str = "inductor") -> dict:
     """Median forward+backward (and no-grad forward) throughput and peak memory of one (model, mode).
 
     mode is one of MODES or COMPILE_MODE; `warmup_s` is the warm-up time (it holds the compile time).
@@ -142,7 +143,7 @@ def measure(kind: str, model, *, shape: tuple[int, int, int], batch: int, iters:
     if channels_last:
         model.to(memory_format=torch.channels_last)
     model.to(device).train()
-    run_model = torch.compile(model) if mode == COMPILE_MODE else model
+    run_model = torch.compile(model, backend=compile_backend) if mode == COMPILE_MODE else model
     step = make_step(kind, run_model, batch, device, channels_last, shape, num_classes)
     bf16 = mode in ("bf16", COMPILE_MODE)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -180,7 +181,7 @@ def measure_row(spec: dict) -> dict:
     """Build one network (ours or its diffusers twin) and measure it in one mode on one device.
 
     spec: kind, config, impl ("lddpm" or "diffusers"), device, mode, batch, iters, warmup, and
-    optionally overrides (config fields) and forward (False: no no-grad measurement).
+    optionally overrides (config fields), forward (False: no no-grad measurement) and compile_backend.
     """
     kind, name, device = spec["kind"], spec["config"], torch.device(spec["device"])
     cfg = network_config(kind, name, **spec.get("overrides", {}))
@@ -190,7 +191,7 @@ def measure_row(spec: dict) -> dict:
     row = dict(spec, params=sum(p.numel() for p in model.parameters()))
     row.update(measure(kind, model, shape=shape, batch=spec["batch"], iters=spec["iters"], warmup=spec["warmup"],
                        device=device, mode=spec["mode"], num_classes=getattr(cfg, "num_classes", 0),
-                       forward_only=spec.get("forward", True)))
+                       forward_only=spec.get("forward", True), compile_backend=spec.get("compile_backend", "inductor")))
     return row
 
 
