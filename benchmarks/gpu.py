@@ -24,12 +24,10 @@ feature network, so it needs neither a GPU nor the data. The exit status is 1 wh
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -163,7 +161,8 @@ def extractor(chk: Check, device: str | torch.device):
             chk.extractors[key] = FeatureExtractor(StandInFeatures(), name="stand-in", sha1="0" * 40, input_size=16,
                                                    batch_size=4, device=device)
         else:
-            chk.extractors[key] = load_inception(device=device, batch_size=250 if torch.device(device).type == "cuda" else 50)
+            batch = 250 if torch.device(device).type == "cuda" else 50
+            chk.extractors[key] = load_inception(device=device, batch_size=batch)
     return chk.extractors[key]
 
 

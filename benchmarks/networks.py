@@ -3,8 +3,8 @@
 For every config: forward + backward images/s (median over --iters after warm-up), no-grad
 forward images/s, and peak memory (CPU: the process's peak RSS above its level before the run,
 from /proc/self/status VmHWM reset through /proc/self/clear_refs; CUDA: max_memory_allocated).
-Each U-Net (VAE) is measured beside `diffusers.UNet2DModel` (`AutoencoderKL`) built with the same shape (a benchmark-only
-dependency) so the ratio shows. Prints a table and writes JSON.
+Each U-Net (VAE) is measured beside `diffusers.UNet2DModel` (`AutoencoderKL`) built with the same
+shape (a benchmark-only dependency) so the ratio shows. Prints a table and writes JSON.
 
     python benchmarks/networks.py --out results.json                    # default configs, batch 8
     python benchmarks/networks.py --quick                                # a seconds-long smoke run

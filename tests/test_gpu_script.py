@@ -30,7 +30,8 @@ def _gpu_module():
 def dry_run(tmp_path_factory):
     """One dry run of the whole check in a fresh process: (exit status, output, JSON report, Markdown)."""
     out = tmp_path_factory.mktemp("gpu-check")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--dry-run", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
     report = json.loads((out / "gpu-check.json").read_text()) if (out / "gpu-check.json").is_file() else None
@@ -92,7 +93,8 @@ def test_a_failing_section_is_recorded_and_the_rest_still_run(tmp_path, monkeypa
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     sections = report["sections"]
     assert sections["sampling"]["status"] == "error" and "sampling exploded" in sections["sampling"]["error"]
-    assert sections["environment"]["status"] == "ok" and sections["environment"]["summary"]["torch"] == torch.__version__
+    assert sections["environment"]["status"] == "ok"
+    assert sections["environment"]["summary"]["torch"] == torch.__version__
     assert sections["inception"]["status"] == "error" and "no room" in sections["inception"]["error"]
     md = (tmp_path / "gpu-check.md").read_text()
     assert "| sampling | error |" in md and "sampling exploded" in md
@@ -111,7 +113,8 @@ def test_deterministic_kernels_are_chosen_for_cuda_only(monkeypatch):
         assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
         torch.backends.cudnn.benchmark = True
         use_deterministic_kernels(torch.device("cuda", 0))  # sets flags only; needs no GPU
-        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
