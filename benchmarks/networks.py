@@ -187,7 +187,9 @@ def measure_row(spec: dict) -> dict:
     cfg = network_config(kind, name, **spec.get("overrides", {}))
     shape = (cfg.resolution, cfg.in_channels, cfg.in_channels * (2 if getattr(cfg, "learned_sigma", False) else 1))
     torch.manual_seed(0)
-    model = twin(kind, cfg) if spec["impl"] == "diffusers" else build_network(kind, name, **spec.get("overrides", {}))
+    overrides = spec.get("overrides", {})
+    with device:  # parameters are created on the device (a 386M-parameter init is slow on a CPU)
+        model = twin(kind, cfg) if spec["impl"] == "diffusers" else build_network(kind, name, **overrides)
     row = dict(spec, params=sum(p.numel() for p in model.parameters()))
     row.update(measure(kind, model, shape=shape, batch=spec["batch"], iters=spec["iters"], warmup=spec["warmup"],
                        device=device, mode=spec["mode"], num_classes=getattr(cfg, "num_classes", 0),
