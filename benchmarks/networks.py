@@ -3,8 +3,8 @@
 For every config: forward + backward images/s (median over --iters after warm-up), no-grad
 forward images/s, and peak memory (CPU: the process's peak RSS above its level before the run,
 from /proc/self/status VmHWM reset through /proc/self/clear_refs; CUDA: max_memory_allocated).
-Each U-Net is measured beside `diffusers.UNet2DModel` built with the same shape (a benchmark-only
-dependency) so the ratio shows. Prints a table and writes JSON.
+Each U-Net (VAE) is measured beside `diffusers.UNet2DModel` (`AutoencoderKL`) built with the same
+shape (a benchmark-only dependency) so the ratio shows. Prints a table and writes JSON.
 
     python benchmarks/networks.py --out results.json                    # default configs, batch 8
     python benchmarks/networks.py --quick                                # a seconds-long smoke run
@@ -34,6 +34,7 @@ from common import PeakMemory  # noqa: E402
 
 DEFAULT_CONFIGS = "unet:ddpm-cifar10,unet:small,unet:tiny,vae:kl-f4,vae:kl-f4-tiny"
 MODES = ("fp32", "bf16", "channels_last")
+COMPILE_MODE = "bf16_compile"  # bf16 autocast + torch.compile (not a default mode: compiling takes minutes on CPU)
 
 
 def diffusers_twin(cfg):
@@ -57,10 +58,47 @@ def diffusers_twin(cfg):
         num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None)
 
 
-def make_step(kind: str, model, batch: int, device: torch.device, channels_last: bool, shape: tuple[int, int, int]):
+def vae_twin(cfg):
+    """`diffusers.AutoencoderKL` with the shape of a VAEConfig (same levels, widths, blocks, latent channels)."""
+    from diffusers import AutoencoderKL  # benchmark-only dependency
+
+    levels = len(cfg.channel_mult)
+    return AutoencoderKL(
+        in_channels=cfg.in_channels, out_channels=cfg.in_channels, latent_channels=cfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mult),
+        layers_per_block=cfg.num_res_blocks, norm_num_groups=cfg.norm_groups, sample_size=cfg.resolution)
+
+
+def dit_twin(cfg):
+    """`diffusers.DiTTransformer2DModel` with the shape of a DiT config (patch size, width, depth, heads)."""
+    from diffusers import DiTTransformer2DModel  # benchmark-only dependency
+
+    heads = cfg.num_heads
+    return DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=cfg.hidden_size // heads, in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels * (2 if getattr(cfg, "learned_sigma", False) else 1), num_layers=cfg.depth,
+        sample_size=cfg.resolution, patch_size=cfg.patch_size, num_embeds_ada_norm=max(cfg.num_classes, 1))
+
+
+def twin(kind: str, cfg):
+    """diffusers' network of the same shape as an lddpm config of `kind` (unet, vae or dit)."""
+    builders = {"unet": diffusers_twin, "vae": vae_twin, "dit": dit_twin}
+    if kind not in builders:
+        raise ValueError(f"no diffusers twin for network kind {kind!r}")
+    return builders[kind](cfg)
+
+
+def is_diffusers(model) -> bool:
+    """True for a diffusers module (also behind torch.compile)."""
+    return type(getattr(model, "_orig_mod", model)).__module__.startswith("diffusers")
+
+
+def make_step(kind: str, model, batch: int, device: torch.device, channels_last: bool, shape: tuple[int, int, int],
+              num_classes: int = 0):
     """A closure running one forward (+ backward when grad is enabled) on fixed random data.
 
-    `shape` is (resolution, in_channels, out_channels).
+    `shape` is (resolution, in_channels, out_channels); class-conditional networks get random labels.
     """
     res, ch, out_ch = shape
     g = torch.Generator().manual_seed(0)
@@ -68,18 +106,25 @@ def make_step(kind: str, model, batch: int, device: torch.device, channels_last:
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    y = torch.randint(0, num_classes, (batch,), generator=g).to(device) if num_classes else None
+    twin = is_diffusers(model)
     if kind == "vae":
         def step():
-            recon, posterior = model(x)
-            loss = vae_loss(x, recon, posterior, kl_weight=1e-6)["loss"]
+            if twin:  # the same computation as lddpm's forward: encode, sample the posterior, decode
+                posterior = model.encode(x).latent_dist
+                recon = model.decode(posterior.sample()).sample
+                loss = (recon.float() - x).abs().mean() + 1e-6 * posterior.kl().mean()
+            else:
+                recon, posterior = model(x)
+                loss = vae_loss(x, recon, posterior, kl_weight=1e-6)["loss"]
             if torch.is_grad_enabled():
                 loss.backward()
     else:
-        is_diffusers = not hasattr(model, "null_label")
         target = torch.randn(batch, out_ch, res, res, generator=g).to(device)
+        cond = {} if y is None else {"class_labels": y} if twin else {"y": y}
 
         def step():
-            out = model(x, t).sample if is_diffusers else model(x, t)
+            out = model(x, t, **cond).sample if twin else model(x, t, **cond)
             loss = F.mse_loss(out.float(), target)
             if torch.is_grad_enabled():
                 loss.backward()
@@ -87,17 +132,24 @@ def make_step(kind: str, model, batch: int, device: torch.device, channels_last:
 
 
 def measure(kind: str, model, *, shape: tuple[int, int, int], batch: int, iters: int, warmup: int,
-            device: torch.device, mode: str) -> dict:
-    """Median forward+backward and no-grad forward throughput and peak memory of one (model, mode)."""
+            device: torch.device, mode: str, num_classes: int = 0, forward_only: bool = True,
+            compile_backend: str = "inductor") -> dict:
+    """Median forward+backward (and no-grad forward) throughput and peak memory of one (model, mode).
+
+    mode is one of MODES or COMPILE_MODE; `warmup_s` is the warm-up time (it holds the compile time).
+    forward_only=False skips the no-grad measurement (with torch.compile it would compile again).
+    """
     channels_last = mode == "channels_last"
     if channels_last:
         model.to(memory_format=torch.channels_last)
     model.to(device).train()
-    step = make_step(kind, model, batch, device, channels_last, shape)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mode == "bf16" else contextlib.nullcontext()
+    run_model = torch.compile(model, backend=compile_backend) if mode == COMPILE_MODE else model
+    step = make_step(kind, run_model, batch, device, channels_last, shape, num_classes)
+    bf16 = mode in ("bf16", COMPILE_MODE)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-    def timed(grad: bool) -> list[float]:
-        times = []
+    def timed(grad: bool) -> tuple[list[float], float]:
+        times, warm = [], 0.0
         for i in range(warmup + iters):
             model.zero_grad(set_to_none=True)
             if device.type == "cuda":
@@ -109,27 +161,39 @@ def measure(kind: str, model, *, shape: tuple[int, int, int], batch: int, iters:
                 torch.cuda.synchronize(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-        return times
+            else:
+                warm += time.perf_counter() - t0
+        return times, warm
 
     with PeakMemory(device) as mem:
-        train = timed(True)
+        train, warm = timed(True)
     model.zero_grad(set_to_none=True)
     model.eval()
-    infer = timed(False)
-    return {"train_img_s": batch / statistics.median(train), "fwd_img_s": batch / statistics.median(infer),
-            "peak_mib": mem.mib, "train_s": statistics.median(train)}
+    row = {"train_img_s": batch / statistics.median(train), "peak_mib": mem.mib,
+           "train_s": statistics.median(train), "warmup_s": warm}
+    if forward_only:
+        infer, _ = timed(False)
+        row["fwd_img_s"] = batch / statistics.median(infer)
+    return row
 
 
 def measure_row(spec: dict) -> dict:
-    """Build one network (ours or its diffusers twin) and measure it in one mode on one device."""
+    """Build one network (ours or its diffusers twin) and measure it in one mode on one device.
+
+    spec: kind, config, impl ("lddpm" or "diffusers"), device, mode, batch, iters, warmup, and
+    optionally overrides (config fields), forward (False: no no-grad measurement) and compile_backend.
+    """
     kind, name, device = spec["kind"], spec["config"], torch.device(spec["device"])
-    cfg = network_config(kind, name)
+    cfg = network_config(kind, name, **spec.get("overrides", {}))
     shape = (cfg.resolution, cfg.in_channels, cfg.in_channels * (2 if getattr(cfg, "learned_sigma", False) else 1))
     torch.manual_seed(0)
-    model = diffusers_twin(cfg) if spec["impl"] == "diffusers" else build_network(kind, name)
+    overrides = spec.get("overrides", {})
+    with device:  # parameters are created on the device (a 386M-parameter init is slow on a CPU)
+        model = twin(kind, cfg) if spec["impl"] == "diffusers" else build_network(kind, name, **overrides)
     row = dict(spec, params=sum(p.numel() for p in model.parameters()))
     row.update(measure(kind, model, shape=shape, batch=spec["batch"], iters=spec["iters"], warmup=spec["warmup"],
-                       device=device, mode=spec["mode"]))
+                       device=device, mode=spec["mode"], num_classes=getattr(cfg, "num_classes", 0),
+                       forward_only=spec.get("forward", True), compile_backend=spec.get("compile_backend", "inductor")))
     return row
 
 
@@ -147,7 +211,7 @@ def run(args) -> dict:
     results = []
     for entry in args.configs.split(","):
         kind, name = entry.split(":") if ":" in entry else ("unet", entry)
-        impls = ["lddpm"] + (["diffusers"] if kind == "unet" and not args.no_diffusers else [])
+        impls = ["lddpm"] + (["diffusers"] if not args.no_diffusers else [])
         for device in devices:
             for impl in impls:
                 for mode in args.modes.split(","):
@@ -193,9 +257,10 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma list from {MODES}")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list from {MODES + (COMPILE_MODE,)}")
     p.add_argument("--devices", default="cpu,cuda", help="comma list; cuda is skipped when absent")
-    p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers.UNet2DModel twins")
+    p.add_argument("--no-diffusers", action="store_true",
+                   help="skip the diffusers twins (UNet2DModel, AutoencoderKL)")
     p.add_argument("--quick", action="store_true", help="tiny configs, batch 4, 2 iterations: a smoke test")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--in-process", action="store_true",

@@ -37,15 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakMemory  # noqa: E402
 
 
-def write_synthetic_idx(root: Path, n: int = 256) -> Path:
-    """Fashion-MNIST-format IDX files with random blocks (for --quick; no real data needed)."""
+def write_synthetic_idx(root: Path, n: int = 256, prefix: str = "train") -> Path:
+    """Fashion-MNIST-format IDX files with random blocks (for --quick; no real data needed); prefix t10k: test split."""
     root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(0 if prefix == "train" else 1)
     images = (rng.random((n, 28, 28)) < 0.3).astype(np.uint8) * 255
     labels = (np.arange(n) % 10).astype(np.uint8)
-    with gzip.open(root / "train-images-idx3-ubyte.gz", "wb") as handle:
+    with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as handle:
         handle.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-    with gzip.open(root / "train-labels-idx1-ubyte.gz", "wb") as handle:
+    with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as handle:
         handle.write(struct.pack(">II", 2049, n) + labels.tobytes())
     return root
 

@@ -90,6 +90,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     bf16: bool = False
     compile: bool = False
+    deterministic: bool = True  # CUDA: deterministic kernels, so a resumed run repeats an uninterrupted one bitwise
     class_conditional: bool = False
     label_dropout: float = 0.1  # probability of the null label (classifier-free guidance)
     device: str = "auto"

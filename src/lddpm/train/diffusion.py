@@ -144,7 +144,7 @@ class DiffusionTrainer(TrainingLoop):
         """Restore weights, EMA, optimizer and timestep-sampler state."""
         self.model.load_state_dict(ckpt.load("model", self.device))
         self.ema.model.load_state_dict(ckpt.load("ema", self.device))
-        self.optimizer.load_state_dict(ckpt.load("optimizer", self.device))
+        self.optimizer.load_state_dict(ckpt.load("optimizer"))  # CPU: AdamW keeps "step" there
         self.diffusion.load_state_dict(ckpt.load("diffusion"))
 
     def meta(self):

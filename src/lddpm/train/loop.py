@@ -33,7 +33,8 @@ from lddpm.checkpoint import estimate_checkpoint_bytes, list_checkpoints, load_c
 from lddpm.config import Config, save_config, validate
 from lddpm.errors import LddpmError
 from lddpm.seeding import step_seed
-from lddpm.train.utils import StopSignal, check_names, check_run_dir, lr_at, resume_differences
+from lddpm.train.utils import (StopSignal, check_names, check_run_dir, lr_at, resume_differences,
+                               use_deterministic_kernels)
 
 
 class TrainingLoop:
@@ -49,6 +50,7 @@ class TrainingLoop:
         self.resume, self.progress, self.stop_at = resume, progress, stop_at
         self.info = distributed.setup(self.config.run.device)
         self.device = self.info.device
+        use_deterministic_kernels(self.device, self.config.run.deterministic)
         o = self.config.optim
         self.shards = self.info.world_size * o.grad_accum
         if o.batch_size % self.shards:

@@ -27,6 +27,21 @@ RESUME_SECTIONS = ("model", "diffusion", "data", "optim", "vae")
 RESUME_RUN_KEYS = ("seed", "bf16", "class_conditional", "label_dropout")
 
 
+def use_deterministic_kernels(device: torch.device, enabled: bool = True) -> None:
+    """On CUDA, pick deterministic kernels (cuDNN, cuBLAS, index/scatter ops) so runs repeat bitwise.
+
+    CPU kernels already repeat. The choice is process-wide (torch.use_deterministic_algorithms);
+    warn_only lets an op without a deterministic CUDA kernel run, with a warning naming it.
+    """
+    if not enabled or torch.device(device).type != "cuda":
+        return
+    # cuBLAS repeats its results only with a fixed workspace (PyTorch "Reproducibility" notes).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def lr_at(step: int, lr: float, warmup_steps: int) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up to `lr`, then constant."""
     if warmup_steps <= 0:

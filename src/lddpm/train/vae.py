@@ -105,10 +105,10 @@ class VAETrainer(TrainingLoop):
         """Restore weights, EMA, optimizers."""
         self.model.load_state_dict(ckpt.load("model", self.device))
         self.ema.model.load_state_dict(ckpt.load("ema", self.device))
-        self.optimizer.load_state_dict(ckpt.load("optimizer", self.device))
+        self.optimizer.load_state_dict(ckpt.load("optimizer"))  # CPU: AdamW keeps "step" there
         if self.disc is not None and "disc" in ckpt.groups:
             self.disc.load_state_dict(ckpt.load("disc", self.device))
-            self.disc_optimizer.load_state_dict(ckpt.load("disc_optimizer", self.device))
+            self.disc_optimizer.load_state_dict(ckpt.load("disc_optimizer"))
 
     def meta(self):
         """Dataset description and the latent scaling factor."""
