@@ -61,9 +61,11 @@ def environment() -> dict[str, Any]:
 
 
 def write_json(result: dict[str, Any], out: str | Path) -> Path:
-    """Write the result as indented JSON (creating the folder) and say where."""
+    """Write the result as indented JSON (creating the folder; atomically) and say where."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
     print(f"wrote {out}")
     return out

@@ -3,18 +3,21 @@
 For every config: forward + backward images/s (median over --iters after warm-up), no-grad
 forward images/s, and peak memory (CPU: the process's peak RSS above its level before the run,
 from /proc/self/status VmHWM reset through /proc/self/clear_refs; CUDA: max_memory_allocated).
-Each U-Net is measured beside `diffusers.UNet2DModel` and each DiT beside
-`diffusers.DiTTransformer2DModel` built with the same shape (a benchmark-only dependency) so the
-ratio shows. A config may carry field overrides in brackets, e.g. `unet:tiny[resolution=8;in_channels=4]`.
-Prints a table and writes JSON; `--merge` keeps the rows of an existing --out file that this run
-does not measure again.
+Each U-Net (VAE, DiT) is measured beside `diffusers.UNet2DModel` (`AutoencoderKL`,
+`DiTTransformer2DModel`) built with the same shape (a benchmark-only dependency) so the ratio shows.
+A config may carry field overrides in brackets, e.g. `unet:tiny[resolution=8;in_channels=4]`.
+`--interleave` also times each DiT and its twin in turn in one process, in CPU time (a ratio that
+survives load from other processes); `--latent-ratio` does the same for the latent DiT against the
+latent U-Net. Prints a table and writes JSON; `--merge` keeps the rows of an existing --out file
+that this run does not measure again.
 
     python benchmarks/networks.py --out results.json                    # default configs, batch 8
     python benchmarks/networks.py --quick                                # a seconds-long smoke run
     python benchmarks/networks.py --configs unet:small,vae:kl-f4 --batch 32 --devices cpu,cuda
-    python benchmarks/networks.py --configs "$DIT_CONFIGS" --modes fp32 --out benchmarks/results/networks.json --merge
-      with DIT_CONFIGS = unet:tiny[resolution=8;in_channels=4;num_classes=10],dit:dit-tiny/2,dit:dit-tiny/4,dit:dit-s/2
-    python benchmarks/networks.py --configs "" --latent-ratio 30 --out benchmarks/results/networks.json --merge
+    python benchmarks/networks.py --configs "unet:tiny[resolution=8;in_channels=4;num_classes=10]" --modes fp32 \
+        --batch 64 --latent-ratio 30 --out benchmarks/results/networks.json --merge
+    python benchmarks/networks.py --configs dit:dit-tiny/2,dit:dit-tiny/4 --modes fp32,bf16 --batch 64 \
+        --interleave 10 --out benchmarks/results/networks.json --merge
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from common import PeakMemory  # noqa: E402
 
 DEFAULT_CONFIGS = "unet:ddpm-cifar10,unet:small,unet:tiny,vae:kl-f4,vae:kl-f4-tiny"
 MODES = ("fp32", "bf16", "channels_last")
+COMPILE_MODE = "bf16_compile"  # bf16 autocast + torch.compile (not a default mode: compiling takes minutes on CPU)
 
 
 def diffusers_twin(cfg):
@@ -63,15 +67,144 @@ def diffusers_twin(cfg):
         num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None)
 
 
-def dit_diffusers_twin(cfg):
-    """`diffusers.DiTTransformer2DModel` with the shape of a DiTConfig (it needs num_classes > 0)."""
+def vae_twin(cfg):
+    """`diffusers.AutoencoderKL` with the shape of a VAEConfig (same levels, widths, blocks, latent channels)."""
+    from diffusers import AutoencoderKL  # benchmark-only dependency
+
+    levels = len(cfg.channel_mult)
+    return AutoencoderKL(
+        in_channels=cfg.in_channels, out_channels=cfg.in_channels, latent_channels=cfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mult),
+        layers_per_block=cfg.num_res_blocks, norm_num_groups=cfg.norm_groups, sample_size=cfg.resolution)
+
+
+def dit_twin(cfg):
+    """`diffusers.DiTTransformer2DModel` with the shape of a DiT config (patch size, width, depth, heads)."""
     from diffusers import DiTTransformer2DModel  # benchmark-only dependency
 
+    heads = cfg.num_heads
     return DiTTransformer2DModel(
-        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
-        in_channels=cfg.in_channels, out_channels=cfg.in_channels * (2 if cfg.learned_sigma else 1),
-        num_layers=cfg.depth, sample_size=cfg.resolution, patch_size=cfg.patch_size,
-        num_embeds_ada_norm=cfg.num_classes, norm_eps=1e-6)
+        num_attention_heads=heads, attention_head_dim=cfg.hidden_size // heads, in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels * (2 if getattr(cfg, "learned_sigma", False) else 1), num_layers=cfg.depth,
+        sample_size=cfg.resolution, patch_size=cfg.patch_size, num_embeds_ada_norm=max(cfg.num_classes, 1),
+        norm_eps=1e-6)  # the paper's (and lddpm's) LayerNorm eps; diffusers' default for norm2 is 1e-5
+
+
+def twin(kind: str, cfg):
+    """diffusers' network of the same shape as an lddpm config of `kind` (unet, vae or dit)."""
+    builders = {"unet": diffusers_twin, "vae": vae_twin, "dit": dit_twin}
+    if kind not in builders:
+        raise ValueError(f"no diffusers twin for network kind {kind!r}")
+    return builders[kind](cfg)
+
+
+def is_diffusers(model) -> bool:
+    """True for a diffusers module (also behind torch.compile)."""
+    return type(getattr(model, "_orig_mod", model)).__module__.startswith("diffusers")
+
+
+def make_step(kind: str, model, batch: int, device: torch.device, channels_last: bool, shape: tuple[int, int, int],
+              num_classes: int = 0):
+    """A closure running one forward (+ backward when grad is enabled) on fixed random data.
+
+    `shape` is (resolution, in_channels, out_channels); class-conditional networks get random labels.
+    """
+    res, ch, out_ch = shape
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(batch, ch, res, res, generator=g) * 2 - 1).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    y = torch.randint(0, num_classes, (batch,), generator=g).to(device) if num_classes else None
+    twin = is_diffusers(model)
+    if kind == "vae":
+        def step():
+            if twin:  # the same computation as lddpm's forward: encode, sample the posterior, decode
+                posterior = model.encode(x).latent_dist
+                recon = model.decode(posterior.sample()).sample
+                loss = (recon.float() - x).abs().mean() + 1e-6 * posterior.kl().mean()
+            else:
+                recon, posterior = model(x)
+                loss = vae_loss(x, recon, posterior, kl_weight=1e-6)["loss"]
+            if torch.is_grad_enabled():
+                loss.backward()
+    else:
+        target = torch.randn(batch, out_ch, res, res, generator=g).to(device)
+        cond = {} if y is None else {"class_labels": y} if twin else {"y": y}
+
+        def step():
+            out = model(x, t, **cond).sample if twin else model(x, t, **cond)
+            loss = F.mse_loss(out.float(), target)
+            if torch.is_grad_enabled():
+                loss.backward()
+    return step
+
+
+def measure(kind: str, model, *, shape: tuple[int, int, int], batch: int, iters: int, warmup: int,
+            device: torch.device, mode: str, num_classes: int = 0, forward_only: bool = True,
+            compile_backend: str = "inductor") -> dict:
+    """Median forward+backward (and no-grad forward) throughput and peak memory of one (model, mode).
+
+    mode is one of MODES or COMPILE_MODE; `warmup_s` is the warm-up time (it holds the compile time).
+    forward_only=False skips the no-grad measurement (with torch.compile it would compile again).
+    """
+    channels_last = mode == "channels_last"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.to(device).train()
+    run_model = torch.compile(model, backend=compile_backend) if mode == COMPILE_MODE else model
+    step = make_step(kind, run_model, batch, device, channels_last, shape, num_classes)
+    bf16 = mode in ("bf16", COMPILE_MODE)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def timed(grad: bool) -> tuple[list[float], float]:
+        times, warm = [], 0.0
+        for i in range(warmup + iters):
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            with autocast, torch.set_grad_enabled(grad):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+            else:
+                warm += time.perf_counter() - t0
+        return times, warm
+
+    with PeakMemory(device) as mem:
+        train, warm = timed(True)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    row = {"train_img_s": batch / statistics.median(train), "peak_mib": mem.mib,
+           "train_s": statistics.median(train), "warmup_s": warm}
+    if forward_only:
+        infer, _ = timed(False)
+        row["fwd_img_s"] = batch / statistics.median(infer)
+    return row
+
+
+def measure_row(spec: dict) -> dict:
+    """Build one network (ours or its diffusers twin) and measure it in one mode on one device.
+
+    spec: kind, config, impl ("lddpm" or "diffusers"), device, mode, batch, iters, warmup, and
+    optionally overrides (config fields), forward (False: no no-grad measurement) and compile_backend.
+    """
+    kind, name, device = spec["kind"], spec["config"], torch.device(spec["device"])
+    cfg = network_config(kind, name, **spec.get("overrides", {}))
+    shape = (cfg.resolution, cfg.in_channels, cfg.in_channels * (2 if getattr(cfg, "learned_sigma", False) else 1))
+    torch.manual_seed(0)
+    overrides = spec.get("overrides", {})
+    with device:  # parameters are created on the device (a 386M-parameter init is slow on a CPU)
+        model = twin(kind, cfg) if spec["impl"] == "diffusers" else build_network(kind, name, **overrides)
+    row = dict(spec, params=sum(p.numel() for p in model.parameters()))
+    row.update(measure(kind, model, shape=shape, batch=spec["batch"], iters=spec["iters"], warmup=spec["warmup"],
+                       device=device, mode=spec["mode"], num_classes=getattr(cfg, "num_classes", 0),
+                       forward_only=spec.get("forward", True), compile_backend=spec.get("compile_backend", "inductor")))
+    return row
 
 
 def parse_entry(entry: str) -> tuple[str, str, dict]:
@@ -84,148 +217,6 @@ def parse_entry(entry: str) -> tuple[str, str, dict]:
             key, value = item.split("=", 1)
             overrides[key] = json.loads(value)
     return kind, name, overrides
-
-
-def make_step(kind: str, model, batch: int, device: torch.device, channels_last: bool, shape: tuple[int, int, int]):
-    """A closure running one forward (+ backward when grad is enabled) on fixed random data.
-
-    `shape` is (resolution, in_channels, out_channels).
-    """
-    res, ch, out_ch = shape
-    g = torch.Generator().manual_seed(0)
-    x = (torch.rand(batch, ch, res, res, generator=g) * 2 - 1).to(device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
-    if kind == "dit":  # both implementations get the same random class labels
-        is_diffusers = not hasattr(model, "null_label")
-        num_classes = model.config.num_embeds_ada_norm if is_diffusers else model.num_classes
-        y = torch.randint(0, max(num_classes, 1), (batch,), generator=g).to(device) if num_classes else None
-        target = torch.randn(batch, out_ch, res, res, generator=g).to(device)
-
-        def step():
-            out = model(x, t, class_labels=y).sample if is_diffusers else model(x, t, y)
-            loss = F.mse_loss(out.float(), target)
-            if torch.is_grad_enabled():
-                loss.backward()
-    elif kind == "vae":
-        def step():
-            recon, posterior = model(x)
-            loss = vae_loss(x, recon, posterior, kl_weight=1e-6)["loss"]
-            if torch.is_grad_enabled():
-                loss.backward()
-    else:
-        is_diffusers = not hasattr(model, "null_label")
-        target = torch.randn(batch, out_ch, res, res, generator=g).to(device)
-
-        def step():
-            out = model(x, t).sample if is_diffusers else model(x, t)
-            loss = F.mse_loss(out.float(), target)
-            if torch.is_grad_enabled():
-                loss.backward()
-    return step
-
-
-def measure(kind: str, model, *, shape: tuple[int, int, int], batch: int, iters: int, warmup: int,
-            device: torch.device, mode: str) -> dict:
-    """Median forward+backward and no-grad forward throughput and peak memory of one (model, mode)."""
-    channels_last = mode == "channels_last"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    model.to(device).train()
-    step = make_step(kind, model, batch, device, channels_last, shape)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mode == "bf16" else contextlib.nullcontext()
-
-    def timed(grad: bool) -> list[float]:
-        times = []
-        for i in range(warmup + iters):
-            model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            with autocast, torch.set_grad_enabled(grad):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        return times
-
-    with PeakMemory(device) as mem:
-        train = timed(True)
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    infer = timed(False)
-    return {"train_img_s": batch / statistics.median(train), "fwd_img_s": batch / statistics.median(infer),
-            "peak_mib": mem.mib, "train_s": statistics.median(train)}
-
-
-def measure_row(spec: dict) -> dict:
-    """Build one network (ours or its diffusers twin) and measure it in one mode on one device."""
-    kind, name, device = spec["kind"], spec["config"], torch.device(spec["device"])
-    overrides = spec.get("overrides", {})
-    cfg = network_config(kind, name, **overrides)
-    shape = (cfg.resolution, cfg.in_channels, cfg.in_channels * (2 if getattr(cfg, "learned_sigma", False) else 1))
-    torch.manual_seed(0)
-    if spec["impl"] == "diffusers":
-        model = dit_diffusers_twin(cfg) if kind == "dit" else diffusers_twin(cfg)
-    else:
-        model = build_network(kind, name, **overrides)
-    row = dict(spec, params=sum(p.numel() for p in model.parameters()))
-    row.update(measure(kind, model, shape=shape, batch=spec["batch"], iters=spec["iters"], warmup=spec["warmup"],
-                       device=device, mode=spec["mode"]))
-    return row
-
-
-def run_isolated(spec: dict) -> dict:
-    """measure_row in a fresh Python process, so peak memory is not hidden by memory freed earlier."""
-    proc = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)], capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"benchmark row {spec} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def run(args) -> dict:
-    """Measure every (config, device, impl, mode); returns the JSON-ready results."""
-    devices = [d for d in args.devices.split(",") if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
-    results = []
-    for entry in args.configs.split(","):
-        kind, name, overrides = parse_entry(entry)
-        cfg = network_config(kind, name, **overrides)
-        twin = kind == "dit" or (kind == "unet" and not cfg.num_classes)  # diffusers' class-conditional UNet needs labels
-        impls = ["lddpm"] + (["diffusers"] if twin and not args.no_diffusers else [])
-        modes = [m for m in args.modes.split(",") if not (kind == "dit" and m == "channels_last")]
-        for device in devices:
-            for impl in impls:
-                for mode in modes:
-                    spec = {"kind": kind, "config": name, "impl": impl, "device": device, "mode": mode,
-                            "batch": args.batch, "iters": args.iters, "warmup": args.warmup}
-                    if overrides:
-                        spec["overrides"] = overrides
-                    row = measure_row(spec) if args.in_process else run_isolated(spec)
-                    results.append(row)
-                    print(f"  {impl:9s} {name:16s} {device:4s} {mode:13s} "
-                          f"{row['train_img_s']:8.1f} img/s train  {row['fwd_img_s']:8.1f} img/s fwd  "
-                          f"{row['peak_mib']:8.0f} MiB", flush=True)
-    ours = {(r["config"], r["device"], r["mode"]): r for r in results if r["impl"] == "lddpm"}
-    for r in results:
-        if r["impl"] == "diffusers":
-            o = ours[(r["config"], r["device"], r["mode"])]
-            o["train_speedup_vs_diffusers"] = o["train_img_s"] / r["train_img_s"]
-            o["fwd_speedup_vs_diffusers"] = o["fwd_img_s"] / r["fwd_img_s"]
-            if args.interleave and r["kind"] == "dit":
-                o.update(interleaved_vs_diffusers(o, args.interleave))
-                print(f"  interleaved {o['config']} {o['mode']}: lddpm / diffusers "
-                      f"{o['train_speedup_vs_diffusers_interleaved']:.2f}x train, "
-                      f"{o['fwd_speedup_vs_diffusers_interleaved']:.2f}x forward", flush=True)
-    return {"meta": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "python": platform.python_version(),
-                     "machine": platform.machine(),
-                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                     # Without native bf16 support oneDNN is skipped and bf16 convs fall back to slow kernels.
-                     "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-                     "batch": args.batch, "iters": args.iters, "warmup": args.warmup},
-            "results": results}
 
 
 def interleaved_times(steps: dict, rounds: int, warmup: int, grad: bool, autocast) -> dict[str, float]:
@@ -246,17 +237,17 @@ def interleaved_times(steps: dict, rounds: int, warmup: int, grad: bool, autocas
 
 
 def interleaved_vs_diffusers(spec: dict, rounds: int) -> dict:
-    """lddpm over diffusers speed for one DiT row, the two timed in turn in this process."""
+    """lddpm over diffusers speed for one row, the two networks timed in turn in this process."""
     kind, name, overrides = spec["kind"], spec["config"], spec.get("overrides", {})
     cfg = network_config(kind, name, **overrides)
-    shape = (cfg.resolution, cfg.in_channels, cfg.in_channels * (2 if cfg.learned_sigma else 1))
+    shape = (cfg.resolution, cfg.in_channels, cfg.in_channels * (2 if getattr(cfg, "learned_sigma", False) else 1))
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    models = {"lddpm": build_network(kind, name, **overrides), "diffusers": dit_diffusers_twin(cfg)}
+    models = {"lddpm": build_network(kind, name, **overrides), "diffusers": twin(kind, cfg)}
     steps = {}
     for k, m in models.items():
         m.to(device).train()
-        step = make_step(kind, m, spec["batch"], device, False, shape)
+        step = make_step(kind, m, spec["batch"], device, False, shape, getattr(cfg, "num_classes", 0))
         steps[k] = lambda m=m, step=step: (m.zero_grad(set_to_none=True), step())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if spec["mode"] == "bf16" else contextlib.nullcontext()
     train = interleaved_times(steps, rounds, 1, True, autocast)
@@ -305,6 +296,56 @@ def merge_rows(old: dict, new: dict) -> dict:
             "earlier_meta": metas if new["meta"] else old.get("earlier_meta", [])}
 
 
+def run_isolated(spec: dict) -> dict:
+    """measure_row in a fresh Python process, so peak memory is not hidden by memory freed earlier."""
+    proc = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"benchmark row {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(args) -> dict:
+    """Measure every (config, device, impl, mode); returns the JSON-ready results."""
+    devices = [d for d in args.devices.split(",") if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
+    results = []
+    for entry in filter(None, args.configs.split(",")):
+        kind, name, overrides = parse_entry(entry)
+        impls = ["lddpm"] + (["diffusers"] if not args.no_diffusers else [])
+        modes = [m for m in args.modes.split(",") if not (kind == "dit" and m == "channels_last")]
+        for device in devices:
+            for impl in impls:
+                for mode in modes:
+                    spec = {"kind": kind, "config": name, "impl": impl, "device": device, "mode": mode,
+                            "batch": args.batch, "iters": args.iters, "warmup": args.warmup}
+                    if overrides:
+                        spec["overrides"] = overrides
+                    row = measure_row(spec) if args.in_process else run_isolated(spec)
+                    results.append(row)
+                    print(f"  {impl:9s} {name:16s} {device:4s} {mode:13s} "
+                          f"{row['train_img_s']:8.1f} img/s train  {row['fwd_img_s']:8.1f} img/s fwd  "
+                          f"{row['peak_mib']:8.0f} MiB", flush=True)
+    ours = {(r["config"], json.dumps(r.get("overrides", {})), r["device"], r["mode"]): r
+            for r in results if r["impl"] == "lddpm"}
+    for r in results:
+        if r["impl"] == "diffusers":
+            o = ours[(r["config"], json.dumps(r.get("overrides", {})), r["device"], r["mode"])]
+            o["train_speedup_vs_diffusers"] = o["train_img_s"] / r["train_img_s"]
+            o["fwd_speedup_vs_diffusers"] = o["fwd_img_s"] / r["fwd_img_s"]
+            if args.interleave and r["kind"] == "dit":
+                o.update(interleaved_vs_diffusers(o, args.interleave))
+                print(f"  interleaved {o['config']} {o['mode']}: lddpm / diffusers "
+                      f"{o['train_speedup_vs_diffusers_interleaved']:.2f}x train, "
+                      f"{o['fwd_speedup_vs_diffusers_interleaved']:.2f}x forward", flush=True)
+    return {"meta": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "python": platform.python_version(),
+                     "machine": platform.machine(),
+                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                     # Without native bf16 support oneDNN is skipped and bf16 convs fall back to slow kernels.
+                     "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                     "batch": args.batch, "iters": args.iters, "warmup": args.warmup},
+            "results": results}
+
+
 def print_table(report: dict) -> None:
     """A Markdown table of the results."""
     print("\n| config | impl | params | device | mode | batch | train img/s | fwd img/s | peak MiB "
@@ -325,12 +366,12 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma list from {MODES}")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list from {MODES + (COMPILE_MODE,)}")
     p.add_argument("--devices", default="cpu,cuda", help="comma list; cuda is skipped when absent")
-    p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers twins")
+    p.add_argument("--no-diffusers", action="store_true",
+                   help="skip the diffusers twins (UNet2DModel, AutoencoderKL, DiTTransformer2DModel)")
     p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
-                   help="also time each DiT and its diffusers twin in turn in one process for ROUNDS rounds "
-                        "(a ratio that survives load from other processes)")
+                   help="also time each DiT and its diffusers twin in turn in one process for ROUNDS rounds")
     p.add_argument("--latent-ratio", type=int, default=0, metavar="ROUNDS",
                    help="also time the latent DiT against the latent U-Net, interleaved, for ROUNDS steps each")
     p.add_argument("--merge", action="store_true", help="keep the rows of an existing --out not measured again")

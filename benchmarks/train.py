@@ -31,21 +31,21 @@ import numpy as np
 import torch
 
 from lddpm.config import apply_overrides, load_config
-from lddpm.train import _network_overrides, step_seed, train
+from lddpm.train import network_overrides, step_seed, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakMemory  # noqa: E402
 
 
-def write_synthetic_idx(root: Path, n: int = 256) -> Path:
-    """Fashion-MNIST-format IDX files with random blocks (for --quick; no real data needed)."""
+def write_synthetic_idx(root: Path, n: int = 256, prefix: str = "train") -> Path:
+    """Fashion-MNIST-format IDX files with random blocks (for --quick; no real data needed); prefix t10k: test split."""
     root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(0 if prefix == "train" else 1)
     images = (rng.random((n, 28, 28)) < 0.3).astype(np.uint8) * 255
     labels = (np.arange(n) % 10).astype(np.uint8)
-    with gzip.open(root / "train-images-idx3-ubyte.gz", "wb") as handle:
+    with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as handle:
         handle.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-    with gzip.open(root / "train-labels-idx1-ubyte.gz", "wb") as handle:
+    with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as handle:
         handle.write(struct.pack(">II", 2049, n) + labels.tobytes())
     return root
 
@@ -55,7 +55,7 @@ def bare_loop(config, warmup: int, steps: int) -> dict:
     from lddpm.data import ImageLoader, open_cache, prepare
     from lddpm.distributed import resolve_device
     from lddpm.nn import build_network
-    from lddpm.pipeline import build_diffusion
+    from lddpm.diffusion import build_diffusion
 
     c = config
     device = resolve_device(c.run.device)
@@ -67,7 +67,7 @@ def bare_loop(config, warmup: int, steps: int) -> dict:
     derived = {"resolution": cache.resolution, "in_channels": cache.channels, "num_classes": num_classes,
                "learned_sigma": c.diffusion.learned_variance}
     torch.manual_seed(c.run.seed)
-    model = build_network(c.model.kind, c.model.name, **_network_overrides(c, derived)).to(device).train()
+    model = build_network(c.model.kind, c.model.name, **network_overrides(c, derived)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=c.optim.lr, betas=tuple(c.optim.betas),
                                   weight_decay=c.optim.weight_decay, foreach=True)  # as the trainer
     diffusion = build_diffusion(c.diffusion)

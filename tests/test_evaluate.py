@@ -96,6 +96,25 @@ def test_reference_built_once_then_loaded_and_mismatch_refused(tmp_path, monkeyp
         ev.reference_from_cache(cache, num=1000, extractor=ext, cache_dir=tmp_path, progress=False)
 
 
+def test_precision_recall_real_features_are_a_random_subset_of_a_class_ordered_cache(tmp_path, monkeypatch):
+    """Caches are written class after class: the kept real features must not be the first ones."""
+    monkeypatch.setattr("lddpm.evaluate.reference.PR_MAX_FEATURES", 12)
+    labels = np.repeat(np.arange(NUM_CLASSES), 30)  # class-ordered, as image-folder caches are
+    cache = _Cache(_class_images(labels, seed=1), labels)
+    ext = _extractor()
+    ref = ev.reference_from_cache(cache, num=None, extractor=ext, cache_dir=tmp_path, progress=False)
+    assert ref.features.shape == (12, 6) and ref.manifest["pr_features"] == 12
+    assert ref.manifest["pr_subset_seed"] is not None
+    every = ext.features_batch(cache.images)
+    rows = [int(np.argmin(np.abs(every - f).sum(1))) for f in ref.features]
+    assert len(set(rows)) == 12 and np.allclose(every[rows], ref.features, atol=1e-5)
+    assert len(set(labels[rows])) == NUM_CLASSES  # the first 12 in cache order would all be class 0
+    # the first m of them, as evaluate_generated takes, are spread over the classes too
+    assert len(set(labels[rows[:8]])) >= 3
+    result = ev.evaluate_generated(cache.images[:8], reference_stats=ref, extractor=ext)
+    assert result["pr_real_subset"] == {"seed": ref.manifest["pr_subset_seed"], "size": 8, "of": 120}
+
+
 def test_reference_subset_is_seeded_and_sorted():
     a, b = ev.reference_indices(100, 10), ev.reference_indices(100, 10)
     np.testing.assert_array_equal(a, b)

@@ -15,7 +15,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from lddpm.diffusion import GaussianDiffusion  # noqa: E402
-from lddpm.sampling import sample_ddim, sample_ddpm, sample_dpmpp_2m  # noqa: E402
+from lddpm.sampling import Denoiser, sample_ddim, sample_ddpm, sample_dpmpp_2m  # noqa: E402
 from lddpm.schedule import NoiseSchedule  # noqa: E402
 
 # ours -> diffusers beta_schedule name
@@ -170,7 +170,7 @@ def test_ddim_matches_diffusers(name, objective, spacing):
     ts = ours_sched.timesteps(20, spacing)
     assert ts.tolist() == ref.timesteps.tolist()
     m_ours, m_ref = FakeModel(), FakeModel()
-    a = sample_ddim(m_ours, _x_T(), diff, ts, clip_x0=False)
+    a = sample_ddim(Denoiser(m_ours, diff, clip_x0=False), _x_T(), ts)
     b = _run_diffusers(ref, m_ref, _x_T(), ref.timesteps)
     if spacing == "linspace":
         torch.testing.assert_close(m_ours.calls[0][0], m_ref.calls[0][0])
@@ -189,8 +189,7 @@ def test_ddim_eta_and_clipping_match_diffusers(eta):
     _use_float64(ref, s)
     ref.set_timesteps(25)
     x = _x_T() * 3
-    a = sample_ddim(FakeModel(), x, diff, s.timesteps(25, "leading"), eta=eta, clip_x0=True,
-                    generator=torch.Generator().manual_seed(5))
+    a = sample_ddim(Denoiser(FakeModel(), diff, clip_x0=True), x, s.timesteps(25, "leading"), eta=eta, generator=torch.Generator().manual_seed(5))
     b = _run_diffusers(ref, FakeModel(), x, ref.timesteps, generator=torch.Generator().manual_seed(5),
                        eta=eta, use_clipped_model_output=True)
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
@@ -211,8 +210,7 @@ def test_ddpm_respaced_matches_diffusers(name, objective, spacing):
     _use_float64(ref, s)
     ref.set_timesteps(20)
     m_ours, m_ref = FakeModel(), FakeModel()
-    a = sample_ddpm(m_ours, _x_T(), diff, s.timesteps(20, spacing), variance="small", clip_x0=True,
-                    generator=torch.Generator().manual_seed(1))
+    a = sample_ddpm(Denoiser(m_ours, diff, clip_x0=True), _x_T(), s.timesteps(20, spacing), variance="small", generator=torch.Generator().manual_seed(1))
     b = _run_diffusers(ref, m_ref, _x_T(), ref.timesteps, generator=torch.Generator().manual_seed(1))
     _compare_calls(m_ours, m_ref, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
@@ -228,8 +226,7 @@ def test_ddpm_full_chain_variances_match_diffusers(variance, vt):
                                   variance_type=vt)
     _use_float64(ref, s)
     m_ours, m_ref = FakeModel(4 if learned else None), FakeModel(4 if learned else None)
-    a = sample_ddpm(m_ours, _x_T(), diff, s.timesteps(100, "leading"), variance="large" if not learned else "small",
-                    generator=torch.Generator().manual_seed(2))
+    a = sample_ddpm(Denoiser(m_ours, diff), _x_T(), s.timesteps(100, "leading"), variance="large" if not learned else "small", generator=torch.Generator().manual_seed(2))
     b = _run_diffusers(ref, m_ref, _x_T(), ref.timesteps, generator=torch.Generator().manual_seed(2))
     _compare_calls(m_ours, m_ref, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
@@ -250,7 +247,7 @@ def test_dpmpp_2m_matches_diffusers(name, objective, spacing, num_steps):
     ts = s.timesteps(num_steps, spacing)
     ref.set_timesteps(timesteps=ts.tolist())
     m_ours, m_ref = FakeModel(), FakeModel()
-    a = sample_dpmpp_2m(m_ours, _x_T(), diff, ts, clip_x0=False)
+    a = sample_dpmpp_2m(Denoiser(m_ours, diff, clip_x0=False), _x_T(), ts)
     b = _run_diffusers(ref, m_ref, _x_T(), ref.timesteps)
     _compare_calls(m_ours, m_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -265,7 +262,7 @@ def test_dpmpp_2m_clipping_matches_diffusers_thresholding_at_one():
     ts = s.timesteps(15, "trailing")
     ref.set_timesteps(timesteps=ts.tolist())
     x = _x_T() * 2
-    a = sample_dpmpp_2m(FakeModel(), x, diff, ts, clip_x0=True)
+    a = sample_dpmpp_2m(Denoiser(FakeModel(), diff, clip_x0=True), x, ts)
     b = _run_diffusers(ref, FakeModel(), x, ref.timesteps)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -279,8 +276,7 @@ def test_ddpm_fixed_large_final_step_differs_on_purpose():
     _use_float64(ref, s)
     ref.set_timesteps(10)
     m_ours, m_ref = FakeModel(), FakeModel()
-    a = sample_ddpm(m_ours, _x_T(), diff, s.timesteps(10, "trailing"), variance="large",
-                    generator=torch.Generator().manual_seed(3))
+    a = sample_ddpm(Denoiser(m_ours, diff), _x_T(), s.timesteps(10, "trailing"), variance="large", generator=torch.Generator().manual_seed(3))
     b = _run_diffusers(ref, m_ref, _x_T(), ref.timesteps, generator=torch.Generator().manual_seed(3))
     _compare_calls(m_ours, m_ref, rtol=1e-9, atol=1e-9)       # identical up to the last model call
     assert float(a.abs().max()) <= 1.0 and float((a - b).abs().max()) > 0.05

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from lddpm.errors import LddpmError
-from lddpm.pipeline import load_pipeline, make_grid, save_grid, to_uint8
+from lddpm.grid import make_grid, save_grid
+from lddpm.pipeline import load_pipeline, to_uint8
 from test_train import tiny_config, write_idx
 
 

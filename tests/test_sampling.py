@@ -7,7 +7,7 @@ import torch
 
 from lddpm.diffusion import GaussianDiffusion
 from lddpm.errors import LddpmError
-from lddpm.sampling import (SAMPLERS, ClassifierFreeGuidance, ddim_invert, sample, sample_ddim, sample_ddpm,
+from lddpm.sampling import (SAMPLERS, ClassifierFreeGuidance, Denoiser, ddim_invert, sample, sample_ddim, sample_ddpm,
                             sample_dpmpp_2m)
 from lddpm.schedule import NoiseSchedule
 
@@ -68,8 +68,7 @@ def test_ddpm_output_distribution_exact_gaussian_model(variance, num_steps):
     fixed-variance bias (the true reverse variance lies between beta_tilde and beta)."""
     d = GaussianDiffusion(NoiseSchedule.from_name("linear", 1000))
     ts = d.schedule.timesteps(num_steps, "trailing")
-    x = sample_ddpm(gaussian_model(d), _noise(), d, ts, variance=variance, clip_x0=False,
-                    generator=torch.Generator().manual_seed(1))
+    x = sample_ddpm(Denoiser(gaussian_model(d), d, clip_x0=False), _noise(), ts, variance=variance, generator=torch.Generator().manual_seed(1))
     m, s = exact_output_moments(d, ts, "ddpm", variance=variance)
     assert x.mean().item() == pytest.approx(m, abs=4 * s / 20_000 ** 0.5)
     assert x.std().item() == pytest.approx(s, rel=4 / (2 * 20_000) ** 0.5)
@@ -82,8 +81,7 @@ def test_ddpm_output_distribution_exact_gaussian_model(variance, num_steps):
 def test_ddim_output_distribution_exact_gaussian_model(eta, spacing):
     d = GaussianDiffusion(NoiseSchedule.from_name("cosine", 1000))
     ts = d.schedule.timesteps(20, spacing)
-    x = sample_ddim(gaussian_model(d), _noise(), d, ts, eta=eta, clip_x0=False,
-                    generator=torch.Generator().manual_seed(2))
+    x = sample_ddim(Denoiser(gaussian_model(d), d, clip_x0=False), _noise(), ts, eta=eta, generator=torch.Generator().manual_seed(2))
     m, s = exact_output_moments(d, ts, "ddim", eta=eta)
     assert x.mean().item() == pytest.approx(m, abs=4 * s / 20_000 ** 0.5)
     assert x.std().item() == pytest.approx(s, rel=4 / (2 * 20_000) ** 0.5)
@@ -105,12 +103,12 @@ def test_dpmpp_2m_is_second_order():
     DDIM's error (first order) and cuts DPM-Solver++(2M)'s by more than 3x (trailing, cosine)."""
     d = GaussianDiffusion(NoiseSchedule.from_name("cosine", 1000))
     model, x_T = gaussian_model(d), _noise(5000)
-    ref = sample_ddim(model, x_T, d, d.schedule.timesteps(1000, "trailing"), clip_x0=False)
+    ref = sample_ddim(Denoiser(model, d, clip_x0=False), x_T, d.schedule.timesteps(1000, "trailing"))
     err = {}
     for n in (20, 40):
         ts = d.schedule.timesteps(n, "trailing")
-        err["ddim", n] = (sample_ddim(model, x_T, d, ts, clip_x0=False) - ref).abs().mean().item()
-        err["dpm", n] = (sample_dpmpp_2m(model, x_T, d, ts, clip_x0=False) - ref).abs().mean().item()
+        err["ddim", n] = (sample_ddim(Denoiser(model, d, clip_x0=False), x_T, ts) - ref).abs().mean().item()
+        err["dpm", n] = (sample_dpmpp_2m(Denoiser(model, d, clip_x0=False), x_T, ts) - ref).abs().mean().item()
     assert 1.6 < err["ddim", 20] / err["ddim", 40] < 2.4
     assert err["dpm", 20] / err["dpm", 40] > 3.0 and err["dpm", 40] < 0.25 * err["ddim", 40]
 
@@ -131,7 +129,7 @@ def test_ddim_eta0_is_exact_for_single_point_data():
         return (x - a.sqrt() * x0_star) / (1 - a).sqrt()
 
     a_T = ac[int(ts[0])]
-    out = sample_ddim(model, a_T.sqrt() * x0_star + (1 - a_T).sqrt() * e, d, ts)
+    out = sample_ddim(Denoiser(model, d), a_T.sqrt() * x0_star + (1 - a_T).sqrt() * e, ts)
     for x, t in seen:
         torch.testing.assert_close(x, ac[t].sqrt() * x0_star + (1 - ac[t]).sqrt() * e)
     torch.testing.assert_close(out, x0_star.expand_as(out))
@@ -146,8 +144,8 @@ def test_ddim_inversion_round_trip():
     errors = []
     for n in (50, 200, 1000):
         ts = d.schedule.timesteps(n, "trailing")
-        x_T = ddim_invert(model, x0, d, ts)
-        errors.append((sample_ddim(model, x_T, d, ts, clip_x0=False) - x0).abs().max().item())
+        x_T = ddim_invert(Denoiser(model, d), x0, ts)
+        errors.append((sample_ddim(Denoiser(model, d, clip_x0=False), x_T, ts) - x0).abs().max().item())
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.02
     assert x_T.std().item() == pytest.approx(1.0, abs=0.05)     # inverted latents look like noise
 
@@ -156,7 +154,7 @@ def test_ddpm_respacing_passes_original_timesteps():
     d = GaussianDiffusion(NoiseSchedule.from_name("linear", 1000))
     log = []
     ts = d.schedule.timesteps(10, "linspace")
-    sample_ddpm(gaussian_model(d, log=log), torch.randn(2, 1, 2, 2), d, ts, generator=torch.Generator())
+    sample_ddpm(Denoiser(gaussian_model(d, log=log), d), torch.randn(2, 1, 2, 2), ts, generator=torch.Generator())
     assert [int(t[0]) for t in log] == ts.tolist() and all(t.dtype == torch.long for t in log)
 
 
@@ -284,6 +282,6 @@ def test_bad_input(kwargs, match):
 
 
 def test_cfg_wrapper_requires_null_label():
-    with pytest.raises(LddpmError, match="guidance_scale=1.5 needs a null label"):
+    with pytest.raises(LddpmError, match="guidance_scale=1.5 needs null_label"):
         ClassifierFreeGuidance(LabelNet(), 1.5, None)
     assert ClassifierFreeGuidance(LabelNet(), 1.0, None).guidance_scale == 1.0

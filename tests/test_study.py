@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lddpm.errors import LddpmError
-from lddpm.study import load_study, make_grid, run_study, study_from_dict, StudySettings
+from lddpm.grid import labelled_grid
+from lddpm.study import load_study, run_study, study_from_dict
 
 TOY = {
     "study": {"name": "toy", "dataset": "toy", "resolution": 8, "fid_n": 16, "grid_per_class": 3},
@@ -138,7 +139,7 @@ def test_grid_has_one_row_per_class():
     images = np.zeros((6, 4, 4, 1), np.uint8)
     labels = np.array([0, 1, 2, 0, 1, 2])
     images[labels == 1] = 255
-    grid = make_grid(images, labels, StudySettings(grid_per_class=2), None, pad=2)
+    grid = labelled_grid(images, labels, per_class=2)
     scale = 64 // 4
     th = 4 * scale + 2
     assert grid.shape == (3 * th + 2, 2 * th + 2, 3)

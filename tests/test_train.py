@@ -134,16 +134,31 @@ def test_resume_equals_uninterrupted(data_dirs, tmp_path, network):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.parametrize("network", ["unet", "dit"])
-def test_two_processes_train_the_same_model_as_one(data_dirs, tmp_path, network):
-    """torchrun with 2 gloo processes == 1 process with the same global batch (2 micro-batches)."""
-    config = tiny_config(data_dirs, "run.steps=3", "run.label_dropout=0.3", network=network)
+@pytest.fixture
+def one_thread():
+    """Run the in-process reference single-threaded, as the torchrun workers are (OMP_NUM_THREADS=1):
+    the thread count changes float rounding, and under load MKL may change it on its own."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _torchrun(config, tmp_path, command: str, out: str) -> None:
+    """Train `config` with torchrun, 2 gloo processes, through `lddpm <command>`."""
     save_config(config, tmp_path / "cfg")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lddpm",
-           "train", str(tmp_path / "cfg" / "config.toml"), "--out", str(tmp_path / "ddp"), "--quiet"]
+           command, str(tmp_path / "cfg" / "config.toml"), "--out", str(tmp_path / out), "--quiet"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("network", ["unet", "dit"])
+def test_two_processes_train_the_same_model_as_one(data_dirs, tmp_path, one_thread, network):
+    """torchrun with 2 gloo processes == 1 process with the same global batch (2 micro-batches)."""
+    config = tiny_config(data_dirs, "run.steps=3", "run.label_dropout=0.3", network=network)
+    _torchrun(config, tmp_path, "train", "ddp")
     single = apply_overrides(config, ["optim.grad_accum=2"])
     train(single, tmp_path / "one", progress=False)
     a, b = weights(tmp_path / "ddp", "model"), weights(tmp_path / "one", "model")
@@ -157,9 +172,30 @@ def test_two_processes_train_the_same_model_as_one(data_dirs, tmp_path, network)
     assert load_checkpoint(tmp_path / "ddp").meta["network"]["kind"] == network
 
 
+def test_two_processes_train_the_same_vae_with_discriminator_as_one(data_dirs, tmp_path, monkeypatch, one_thread):
+    """The VAE with the PatchGAN and its adaptive adversarial weight: 2 processes == 1 process, grad_accum=2."""
+    from lddpm.nn import vae as vae_module
+
+    config = tiny_config(data_dirs, "run.steps=3", "vae.disc_start=1", "vae.disc_weight=0.5",
+                         preset="vae-fashion-quick")
+    _torchrun(config, tmp_path, "train-vae", "ddp")
+    calls = []
+    original = vae_module.adaptive_weight
+    monkeypatch.setattr(vae_module, "adaptive_weight", lambda *a: calls.append(1) or original(*a))
+    train_vae(apply_overrides(config, ["optim.grad_accum=2"]), tmp_path / "one", progress=False)
+    assert calls, "the adaptive adversarial weight was never used"
+    for group in ("model", "disc"):
+        a, b = weights(tmp_path / "ddp", group), weights(tmp_path / "one", group)
+        # BatchNorm running statistics are per-process buffers (each rank sees its own micro-batch), used
+        # only in eval mode, which the discriminator never runs in: the trained parameters must agree.
+        for key in (k for k in a if "running_" not in k and "num_batches_tracked" not in k):
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
+
+
 def test_short_run_lowers_the_loss(data_dirs, tmp_path):
     from lddpm.data import ImageLoader, open_cache, prepare
-    from lddpm.pipeline import build_diffusion, load_pipeline
+    from lddpm.diffusion import build_diffusion
+    from lddpm.pipeline import load_pipeline
 
     config = tiny_config(data_dirs, "run.steps=40", "optim.lr=3e-3", "optim.batch_size=16", "optim.ema_decay=0.0")
     root, cache_dir = data_dirs
@@ -290,3 +326,29 @@ def test_vae_resume_with_discriminator_equals_uninterrupted(data_dirs, tmp_path)
         a, b = weights(tmp_path / "full", group), weights(tmp_path / "part", group)
         assert all(torch.equal(a[k], b[k]) for k in a), group
     assert load_checkpoint(tmp_path / "part").meta["scaling_factor"] == load_checkpoint(tmp_path / "full").meta["scaling_factor"]
+
+
+def test_resume_refuses_changed_data_or_optim_settings_and_names_them(data_dirs, tmp_path):
+    config = tiny_config(data_dirs, "run.steps=4")
+    train(config, tmp_path / "run", progress=False, stop_at=2)
+    changed = apply_overrides(config, ["data.hflip=true", "optim.lr=0.01"])
+    with pytest.raises(LddpmError, match=r"data\.hflip, optim\.lr changed since its checkpoint"):
+        train(changed, tmp_path / "run", resume=True, progress=False)
+    # Length, logging and checkpoint settings may change on resume.
+    longer = apply_overrides(config, ["run.steps=5", "run.log_every=2", "run.checkpoint_every=50"])
+    assert train(longer, tmp_path / "run", resume=True, progress=False)["step"] == 5
+
+
+def test_load_vae_decodes_with_the_ema_weights(data_dirs, tmp_path):
+    from lddpm.pipeline import load_vae
+
+    config = tiny_config(data_dirs, "run.steps=3", "optim.ema_decay=0.5", "optim.ema_warmup=false",
+                         "run.num_sample_images=2", preset="vae-fashion-quick")
+    train_vae(config, tmp_path / "vae", progress=False)
+    ema, raw = weights(tmp_path / "vae", "ema"), weights(tmp_path / "vae", "model")
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema if k != "latent_scale")
+    loaded = load_vae(tmp_path / "vae").state_dict()
+    assert all(torch.equal(loaded[k], ema[k]) for k in ema)
+    assert all(torch.equal(load_vae(tmp_path / "vae", use_ema=False).state_dict()[k], raw[k]) for k in raw)
+    # The scaling factor was measured on the EMA autoencoder's latents, and both copies carry it.
+    assert float(ema["latent_scale"]) == float(raw["latent_scale"]) != 1.0

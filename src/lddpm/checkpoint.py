@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from lddpm import __version__
 from lddpm.errors import LddpmError
+from lddpm.io import write_text, write_with
 
 FORMAT = "lddpm-checkpoint/1"
 META_KEY = "lddpm"
@@ -104,16 +104,7 @@ def save_checkpoint(path: str | Path, groups: dict[str, Any], meta: dict[str, An
         "meta": meta,
         "structure": structure,
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt", META_KEY: json.dumps(header)})
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", META_KEY: json.dumps(header)}))
 
 
 class Checkpoint:
@@ -212,9 +203,7 @@ def save_run_checkpoint(run_dir: str | Path, step: int, groups: dict[str, Any], 
     """Write `checkpoints/step_XXXXXXX.safetensors`, move the `last` pointer, keep the last `keep`."""
     folder = Path(run_dir) / "checkpoints"
     path = save_checkpoint(folder / checkpoint_name(step), groups, meta)
-    tmp = folder / f".{LAST_POINTER}.tmp-{os.getpid()}"
-    tmp.write_text(path.name + "\n")
-    os.replace(tmp, folder / LAST_POINTER)
+    write_text(folder / LAST_POINTER, path.name + "\n")
     for old in list_checkpoints(folder)[:-keep]:
         if old != path:
             old.unlink(missing_ok=True)

@@ -16,19 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lddpm.errors import LddpmError
+from lddpm.errors import LddpmError, check_choice
 
 try:
     import tomllib
 except ImportError:  # Python 3.10: the same parser from PyPI (`tomli; python_version < '3.11'`)
     import tomli as tomllib
 
-OBJECTIVES = ("eps", "x0", "v")
-LOSS_WEIGHTINGS = ("uniform", "min_snr")
-TIMESTEP_SAMPLINGS = ("uniform", "adaptive")
 DEVICES = ("auto", "cpu", "cuda")
-NETWORK_KINDS = ("unet", "dit", "vae")
-RECON_LOSSES = ("l1", "l2")
 
 
 @dataclass
@@ -95,6 +90,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     bf16: bool = False
     compile: bool = False
+    deterministic: bool = True  # CUDA: deterministic kernels, so a resumed run repeats an uninterrupted one bitwise
     class_conditional: bool = False
     label_dropout: float = 0.1  # probability of the null label (classifier-free guidance)
     device: str = "auto"
@@ -218,171 +214,43 @@ def _section_from_dict(section_cls: type, data: Any, source: str, section: str):
 
 # ----------------------------------------------------------------------------- presets
 
-_FASHION_QUICK = {
-    "model": {"kind": "unet", "name": "tiny"},
-    "diffusion": {"schedule": "cosine", "num_timesteps": 1000},
-    "data": {"dataset": "fashion-mnist", "resolution": 32},
-    "optim": {"lr": 1e-3, "batch_size": 64, "warmup_steps": 50, "ema_decay": 0.999},
-    "run": {
-        "steps": 400,
-        "out": "runs/fashion-quick",
-        "log_every": 20,
-        "sample_every": 200,
-        "checkpoint_every": 200,
-        "class_conditional": True,
-        "label_dropout": 0.1,
-        "num_sample_images": 80,
-        "sample_steps": 20,
-    },
-}
+# The named presets are the trainer configs shipped in lddpm/configs/ (the TOML files whose tables are
+# all config sections; the study files beside them have [study], [runs] and [[cells]]).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # Tiny class-conditional U-Net on Fashion-MNIST (32x32 grey): a few minutes on a laptop CPU.
-    "fashion-quick": _FASHION_QUICK,
-    # Tiny KL autoencoder (downsampling 4, 32x32x1 -> 8x8 latents) for the quick latent run.
-    "vae-fashion-quick": {
-        "model": {"kind": "vae", "name": "kl-f4-tiny"},
-        "data": {"dataset": "fashion-mnist", "resolution": 32},
-        "optim": {"lr": 1e-3, "batch_size": 64, "warmup_steps": 20, "ema_decay": 0.999},
-        "run": {
-            "steps": 400,
-            "out": "runs/vae-fashion-quick",
-            "log_every": 20,
-            "sample_every": 200,
-            "checkpoint_every": 200,
-            "num_sample_images": 32,
-        },
-        "vae": {"kl_weight": 1e-6, "recon_loss": "l1", "disc_start": -1},
-    },
-    # Latent diffusion on the latents of the quick VAE run above.
-    "latent-fashion-quick": {
-        "model": {"kind": "unet", "name": "tiny"},
-        "diffusion": {"schedule": "linear", "num_timesteps": 1000},
-        "data": {
-            "dataset": "fashion-mnist",
-            "resolution": 32,
-            "latent": "runs/vae-fashion-quick",
-        },
-        "optim": {"lr": 1e-3, "batch_size": 64, "warmup_steps": 50, "ema_decay": 0.999},
-        "run": {
-            "steps": 400,
-            "out": "runs/latent-fashion-quick",
-            "log_every": 20,
-            "sample_every": 200,
-            "checkpoint_every": 200,
-            "class_conditional": True,
-            "num_sample_images": 80,
-        },
-    },
-    # The same latent run with a DiT (Peebles & Xie 2023) instead of the U-Net: "dit-tiny/2", 16 tokens
-    # of 2x2 latent patches, about the U-Net's parameter count.
-    "latent-fashion-dit": {
-        "model": {"kind": "dit", "name": "dit-tiny/2"},
-        "diffusion": {"schedule": "linear", "num_timesteps": 1000},
-        "data": {
-            "dataset": "fashion-mnist",
-            "resolution": 32,
-            "latent": "runs/vae-fashion-quick",
-        },
-        "optim": {"lr": 1e-3, "batch_size": 64, "warmup_steps": 50, "ema_decay": 0.999},
-        "run": {
-            "steps": 400,
-            "out": "runs/latent-fashion-dit",
-            "log_every": 20,
-            "sample_every": 200,
-            "checkpoint_every": 200,
-            "class_conditional": True,
-            "num_sample_images": 80,
-        },
-    },
-    # Ho et al. 2020, CIFAR-10: 35.7M U-Net, linear schedule T=1000, lr 2e-4, batch 128,
-    # 800k steps, warm-up 5000, dropout 0.1, EMA 0.9999, random flips, gradient clip 1.0.
-    "cifar10-ddpm": {
-        "model": {"kind": "unet", "name": "ddpm-cifar10", "overrides": {"dropout": 0.1}},
-        "diffusion": {"schedule": "linear", "num_timesteps": 1000, "objective": "eps"},
-        "data": {"dataset": "cifar10", "resolution": 32, "hflip": True},
-        "optim": {
-            "lr": 2e-4,
-            "batch_size": 128,
-            "warmup_steps": 5000,
-            "grad_clip": 1.0,
-            "ema_decay": 0.9999,
-            "ema_warmup": False,
-        },
-        "run": {
-            "steps": 800_000,
-            "out": "runs/cifar10-ddpm",
-            "log_every": 100,
-            "sample_every": 10_000,
-            "checkpoint_every": 10_000,
-            "class_conditional": False,
-            "device": "cuda",
-        },
-    },
-    # The kl-f8 autoencoder of LDM (128x128x3 -> 16x16x4) on ImageNet-100, for imagenet100-ldm.
-    "vae-imagenet100": {
-        "model": {"kind": "vae", "name": "kl-f8"},
-        "data": {"dataset": "imagenet100", "resolution": 128, "hflip": True},
-        "optim": {"lr": 5.4e-5, "batch_size": 12, "warmup_steps": 0, "grad_clip": 0.0,
-                  "betas": [0.5, 0.9], "ema_decay": 0.0},
-        "run": {
-            "steps": 100_000,
-            "out": "runs/vae-imagenet100",
-            "log_every": 100,
-            "sample_every": 5000,
-            "checkpoint_every": 5000,
-            "num_sample_images": 16,
-            "bf16": True,
-            "device": "cuda",
-        },
-        "vae": {"kl_weight": 1e-6, "recon_loss": "l1", "disc_start": 50_001, "disc_weight": 0.5},
-    },
-    # Latent diffusion on ImageNet-100 at 128x128: kl-f8 VAE latents (16x16x4) + a U-Net
-    # (the DDPM CIFAR-10 shape, wider, attention at 8x8 and 4x4, scale-shift norm).
-    "imagenet100-ldm": {
-        "model": {
-            "kind": "unet",
-            "name": "ddpm-cifar10",
-            "overrides": {
-                "model_channels": 192,
-                "channel_mult": [1, 2, 3, 4],
-                "attention_resolutions": [8, 4],
-                "num_head_channels": 32,
-                "use_scale_shift_norm": True,
-                "dropout": 0.1,
-            },
-        },
-        "diffusion": {"schedule": "scaled_linear", "num_timesteps": 1000},
-        "data": {
-            "dataset": "imagenet100",
-            "resolution": 128,
-            "hflip": True,
-            "latent": "runs/vae-imagenet100",
-        },
-        "optim": {"lr": 1e-4, "batch_size": 256, "warmup_steps": 1000, "ema_decay": 0.9999},
-        "run": {
-            "steps": 200_000,
-            "out": "runs/imagenet100-ldm",
-            "log_every": 100,
-            "sample_every": 5000,
-            "checkpoint_every": 5000,
-            "class_conditional": True,
-            "bf16": True,
-            "device": "cuda",
-            "guidance_scale": 3.0,
-        },
-    },
-}
+
+def _trainer_presets() -> dict[str, Path]:
+    """Preset name -> packaged TOML file, for every shipped trainer config."""
+    presets = {}
+    for path in sorted(CONFIG_DIR.glob("*.toml")):
+        tables = tomllib.loads(path.read_text())
+        if tables and set(tables) <= set(SECTIONS):
+            presets[path.stem] = path
+    return presets
+
+
+PRESETS: dict[str, Path] = _trainer_presets()
 
 
 # ----------------------------------------------------------------------------- loading
 
 
 def config_from_preset(name: str) -> Config:
-    """The named preset as a Config."""
+    """The named preset (a packaged TOML file) as a Config."""
     if name not in PRESETS:
         raise LddpmError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-    return Config.from_dict(copy.deepcopy(PRESETS[name]), source=f"preset {name}")
+    return Config.from_dict(read_toml(PRESETS[name]), source=f"preset {name}")
+
+
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Parse a TOML file (the package's one TOML reader); unreadable or invalid -> LddpmError naming it."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise LddpmError(f"{what} {path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise LddpmError(f"{what} {path}: cannot be read ({exc.strerror})") from None
 
 
 def load_config(path_or_name: str | Path, overrides: list[str] | None = None) -> Config:
@@ -396,11 +264,7 @@ def load_config(path_or_name: str | Path, overrides: list[str] | None = None) ->
                 f"config file {path} not found; give a TOML file or one of the presets: "
                 f"{', '.join(PRESETS)}"
             )
-        try:
-            data = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise LddpmError(f"{path}: not valid TOML ({exc})") from None
-        config = Config.from_dict(data, source=str(path))
+        config = Config.from_dict(read_toml(path), source=str(path))
     else:
         config = config_from_preset(str(path_or_name))
     config = apply_overrides(config, overrides or [])
@@ -446,50 +310,14 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     return Config.from_dict(data, source="--set")
 
 
-def _choice(where: str, value: Any, allowed) -> None:
-    if value not in allowed:
-        raise LddpmError(f"{where} = {value!r} is not allowed; choose one of: {', '.join(allowed)}")
-
-
 def validate(config: Config) -> Config:
-    """Check values and names (network, schedule, dataset, sampler); raise LddpmError if bad."""
-    m, d, data, o, r, v = (
-        config.model,
-        config.diffusion,
-        config.data,
-        config.optim,
-        config.run,
-        config.vae,
-    )
-    _choice("model.kind", m.kind, NETWORK_KINDS)
-    try:
-        from lddpm.nn import NETWORK_NAMES
-    except ImportError:  # the network registry is not available (partial install)
-        NETWORK_NAMES = None
-    if NETWORK_NAMES is not None:
-        _choice(f"model.name (for kind {m.kind!r})", m.name, tuple(NETWORK_NAMES[m.kind]))
-    _choice("diffusion.objective", d.objective, OBJECTIVES)
-    _choice("diffusion.loss_weighting", d.loss_weighting, LOSS_WEIGHTINGS)
-    _choice("diffusion.timestep_sampling", d.timestep_sampling, TIMESTEP_SAMPLINGS)
-    try:
-        from lddpm.schedule import SCHEDULES
-    except ImportError:
-        SCHEDULES = None
-    if SCHEDULES is not None:
-        _choice("diffusion.schedule", d.schedule, tuple(SCHEDULES))
-    try:
-        from lddpm.data import DATASETS
-    except ImportError:
-        DATASETS = None
-    if DATASETS is not None:
-        _choice("data.dataset", data.dataset, tuple(DATASETS))
-    try:
-        from lddpm.sampling import SAMPLERS
-    except ImportError:
-        SAMPLERS = ("ddpm", "ddim", "dpm++2m")
-    _choice("run.sampler", r.sampler, tuple(SAMPLERS))
-    _choice("run.device", r.device, DEVICES)
-    _choice("vae.recon_loss", v.recon_loss, RECON_LOSSES)
+    """Check the values (ranges, consistency); raise LddpmError naming the first bad one.
+
+    Names (network, schedule, objective, dataset, sampler, ...) belong to the modules that define
+    them; `lddpm.train.check_names` checks those against each module's list.
+    """
+    d, data, o, r, v = config.diffusion, config.data, config.optim, config.run, config.vae
+    check_choice("run.device", r.device, DEVICES)
     positive = {
         "diffusion.num_timesteps": d.num_timesteps,
         "data.resolution": data.resolution,
@@ -591,7 +419,7 @@ def to_toml(config: Config | dict[str, Any]) -> str:
 
 def save_config(config: Config, folder: str | Path) -> None:
     """Write `config.toml` and `config.json` into a run folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.toml").write_text(to_toml(config))
-    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    from lddpm.io import write_json, write_text
+
+    write_text(Path(folder) / "config.toml", to_toml(config))
+    write_json(Path(folder) / "config.json", config.to_dict())

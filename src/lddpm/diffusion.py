@@ -8,10 +8,11 @@ learned variance (Nichol & Dhariwal 2021) it outputs 2C channels: the prediction
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
+from lddpm.config import DiffusionConfig
 from lddpm.errors import LddpmError
 from lddpm.schedule import NoiseSchedule
 
@@ -31,9 +32,18 @@ def _bcast(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tens
     return out.reshape(out.shape + (1,) * (x.ndim - out.ndim))
 
 
-def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str | None,
-          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device (reproducible), then moved to `device`."""
+def randn(shape: tuple[int, ...], generator: torch.Generator | Sequence[torch.Generator] | None,
+          device: torch.device | str | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (reproducible), then moved to `device`.
+
+    A sequence of generators (one per row of the batch) draws row i from generator i, so that each
+    image has its own noise stream whatever batch it is sampled in.
+    """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        if len(generator) != shape[0]:
+            raise LddpmError(f"{len(generator)} generators for a batch of {shape[0]}; give one per image")
+        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype).to(device)
+                            for g in generator])
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
@@ -344,3 +354,13 @@ class GaussianDiffusion:
         """Restore `state_dict()`."""
         if self.sampler is not None and state:
             self.sampler.load_state_dict(state)
+
+
+def build_diffusion(d: DiffusionConfig | dict[str, Any]):
+    """The schedule and GaussianDiffusion described by a [diffusion] section."""
+    if isinstance(d, dict):
+        d = DiffusionConfig(**d)
+    schedule = NoiseSchedule.from_name(d.schedule, d.num_timesteps, rescale_zero_terminal_snr=d.rescale_zero_terminal_snr)
+    return GaussianDiffusion(schedule, objective=d.objective, learned_variance=d.learned_variance,
+                             loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
+                             timestep_sampling=d.timestep_sampling)

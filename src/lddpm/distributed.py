@@ -71,6 +71,20 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def average_gradients(params, info: DistInfo) -> None:
+    """Average the .grad of `params` over ranks in one collective (for modules not wrapped in DDP)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not info.enabled or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= info.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def all_gather_cat(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Concatenate equal-shaped tensors from every rank, in rank order."""
     if not info.enabled:

@@ -6,8 +6,6 @@ for latent runs, the VAE weights are all inside it). `load_vae` does the same fo
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,63 +13,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from tqdm import tqdm
+
+from lddpm import seeding
 from lddpm.checkpoint import load_checkpoint
-from lddpm.config import Config, DiffusionConfig
+from lddpm.config import Config
+from lddpm.diffusion import build_diffusion
 from lddpm.errors import LddpmError
-
-
-def build_diffusion(d: DiffusionConfig | dict[str, Any]):
-    """The schedule and GaussianDiffusion described by a [diffusion] section."""
-    from lddpm.diffusion import GaussianDiffusion
-    from lddpm.schedule import NoiseSchedule
-
-    if isinstance(d, dict):
-        d = DiffusionConfig(**d)
-    schedule = NoiseSchedule.from_name(d.schedule, d.num_timesteps, rescale_zero_terminal_snr=d.rescale_zero_terminal_snr)
-    return GaussianDiffusion(schedule, objective=d.objective, learned_variance=d.learned_variance,
-                             loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
-                             timestep_sampling=d.timestep_sampling)
+from lddpm.nn import network_from_config
+from lddpm.sampling import is_stochastic, sample
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """Images (B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C)."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def make_grid(images: np.ndarray, nrow: int, padding: int = 2, pad_value: int = 0) -> np.ndarray:
-    """Tile uint8 images (N, H, W, C) into one (rows, nrow) image with `padding` pixels between."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.dtype != np.uint8:
-        raise LddpmError(f"save_grid needs uint8 images of shape (N, H, W, C), got {images.dtype} {images.shape}")
-    n, h, w, c = images.shape
-    nrow = max(1, min(int(nrow), max(n, 1)))
-    rows = max(1, -(-n // nrow))
-    grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), pad_value, np.uint8)
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        top, left = padding + r * (h + padding), padding + k * (w + padding)
-        grid[top:top + h, left:left + w] = images[i]
-    return grid
-
-
-def save_grid(images: np.ndarray, path: str | Path, nrow: int = 8) -> Path:
-    """Write uint8 images (N, H, W, C) as one PNG grid with `nrow` images per row (atomically)."""
-    from PIL import Image
-
-    grid = make_grid(images, nrow)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
-
-
-def _seed_for(seed: int, start: int) -> int:
-    digest = hashlib.sha256(f"lddpm-sample/{seed}/{start}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 class Pipeline:
@@ -127,15 +83,11 @@ class Pipeline:
         """Sample `num` images -> (uint8 (N, H, W, C), int64 labels or None).
 
         Conditional models get `labels` (default: classes in turn, 0, 1, ..., so counts are
-        balanced). The starting noise of image i depends only on (seed, i), not on batch_size.
-        Latent samples are divided by the VAE's scaling factor and decoded.
+        balanced). The starting noise of image i depends only on (seed, i), and so does the noise a
+        stochastic sampler draws at each step (one generator per image): samples do not depend on
+        batch_size. Latent samples are divided by the VAE's scaling factor and decoded.
         """
-        from tqdm import tqdm
-
-        from lddpm.sampling import SAMPLERS, sample
-
-        if sampler not in SAMPLERS:
-            raise LddpmError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        stochastic = is_stochastic(sampler, eta)     # also rejects an unknown sampler or a bad eta
         if guidance_scale != 1.0 and self.null_label is None:
             raise LddpmError(f"guidance scale {guidance_scale} needs a class-conditional model trained with label "
                              "dropout; this model is unconditional (use guidance scale 1)")
@@ -149,7 +101,8 @@ class Pipeline:
             for start in range(0, num, batch_size):
                 xb = x_T[start:start + batch_size].to(self.device)
                 yb = torch.from_numpy(labels[start:start + batch_size]).to(self.device) if labels is not None else None
-                generator = torch.Generator(device=self.device).manual_seed(_seed_for(int(seed), start))
+                generator = ([seeding.generator(seeding.image_seed(int(seed), i), self.device)
+                              for i in range(start, start + len(xb))] if stochastic else None)
                 x = sample(self.model, self.diffusion, tuple(xb.shape), sampler=sampler, num_steps=num_steps, eta=eta,
                            clip_x0=self.vae is None, y=yb, guidance_scale=guidance_scale, null_label=self.null_label,
                            generator=generator, x_T=xb, device=self.device, progress=False)
@@ -161,15 +114,17 @@ class Pipeline:
         return images, labels
 
 
-def load_vae(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The autoencoder of a VAE run (or the one stored in a latent-diffusion checkpoint), in eval mode."""
-    from lddpm.nn import network_from_config
+def load_vae(run_or_checkpoint: str | Path, device: str | torch.device = "cpu", *, use_ema: bool = True) -> nn.Module:
+    """The autoencoder of a VAE run (EMA weights by default) or the one stored in a latent-diffusion checkpoint.
 
+    A latent-diffusion checkpoint stores the weights its latents were encoded with (the VAE run's EMA
+    weights unless it was trained otherwise). Returned in eval mode, without gradients.
+    """
     ckpt = load_checkpoint(run_or_checkpoint)
     kind = ckpt.meta.get("kind")
     if kind == "vae":
         vae = network_from_config("vae", ckpt.meta["network"]["config"])
-        vae.load_state_dict(ckpt.load("model"))
+        vae.load_state_dict(ckpt.load("ema" if use_ema else "model"))
     elif kind == "diffusion" and "vae" in ckpt.groups:
         vae = network_from_config("vae", ckpt.meta["vae"]["network_config"])
         vae.load_state_dict(ckpt.load("vae"))
@@ -180,8 +135,6 @@ def load_vae(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") 
 
 def load_pipeline(run_or_checkpoint: str | Path, device: str | torch.device = "cpu", *, use_ema: bool = True) -> Pipeline:
     """Rebuild a diffusion run's sampler from its checkpoint alone (EMA weights by default)."""
-    from lddpm.nn import network_from_config
-
     ckpt = load_checkpoint(run_or_checkpoint)
     meta = ckpt.meta
     if meta.get("kind") != "diffusion":

@@ -8,10 +8,9 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from lddpm.study import Study
+from lddpm.io import write_with
+from lddpm.study.schema import ROW_FIELDS, Study
 
 SAMPLER_LABELS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)"}
 
@@ -77,7 +76,7 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return headings, body
 
 
-def to_markdown(study: "Study", rows: list[dict]) -> str:
+def to_markdown(study: Study, rows: list[dict]) -> str:
     """results.md: settings line, the table, and notes on reconstruction cells and failures."""
     s = study.settings
     headings, body = table(rows)
@@ -104,8 +103,6 @@ def to_markdown(study: "Study", rows: list[dict]) -> str:
 
 def to_csv(rows: list[dict]) -> str:
     """results.csv: one row per cell, machine-readable fields (fid and fid_n separate)."""
-    from lddpm.study import ROW_FIELDS
-
     extra = sorted({k for r in rows for k in r} - set(ROW_FIELDS) - {"extra"})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*ROW_FIELDS, *extra], extrasaction="ignore", lineterminator="\n")
@@ -152,10 +149,7 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
 
     def save(fig, name: str, title: str) -> None:
         fig.tight_layout()
-        path = plot_dir / name
-        tmp = path.with_name(f".{name}.tmp.png")
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(path)
+        write_with(plot_dir / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), ".png")
         plt.close(fig)
         made.append((title, f"{plot_dir.name}/{name}"))
 
@@ -262,7 +256,7 @@ def _smooth(values: list[float], alpha: float = 0.05) -> list[float]:
 # ----------------------------------------------------------------------------- html
 
 
-def to_html(study: "Study", rows: list[dict], plots: list[tuple[str, str]]) -> str:
+def to_html(study: Study, rows: list[dict], plots: list[tuple[str, str]]) -> str:
     """index.html: table, plots and sample grids on one page; relative links only."""
     s = study.settings
     esc = html.escape

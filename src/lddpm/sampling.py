@@ -1,27 +1,34 @@
-"""Samplers: DDPM (ancestral), DDIM and DPM-Solver++(2M), classifier-free guidance, and `sample()`.
+"""Samplers: DDPM (ancestral), DDIM and DPM-Solver++(2M) over one `Denoiser`, a registry, and `sample()`.
 
-Every sampler has the same shape: `sample_X(model, x, diffusion, timesteps, *, ..., cond, generator,
-progress)`; `x` is x_T, `timesteps` the descending ORIGINAL timesteps to visit (from
-`NoiseSchedule.timesteps`), and the model is only ever called as `model(x_t, t, **cond)` with t a
-LongTensor (B,) of original timesteps. Each sampler ends at alpha_bar = 1 (the clean sample).
+The `Denoiser` (the shape of k-diffusion's / EDM's preconditioning wrapper) owns everything between
+a sampler and the network: timestep broadcasting, conditioning, classifier-free guidance, the
+conversion from the model's objective (eps / x0 / v) to (x0, eps), and clipping. Each sampler is
+then the paper's update rule alone, with one signature:
+
+    sample_X(denoiser, x_T, timesteps, *, <its options>, generator=None, progress=None) -> x_0
+
+`timesteps` are the descending ORIGINAL timesteps to visit (from `NoiseSchedule.timesteps`); each
+sampler ends at alpha_bar = 1 (the clean sample). `generator` is a torch.Generator, or one per image
+(a list) so that an image's noise does not depend on the batch it is in. `SAMPLERS` maps each
+name to its function and defaults; `sample()`, the CLI and config validation all read it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
 from lddpm.diffusion import GaussianDiffusion, randn
 from lddpm.errors import LddpmError
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
-DEFAULT_NUM_STEPS = {"ddpm": None, "ddim": 50, "dpm++2m": 20}   # None: all T steps
 DEFAULT_SPACING = "trailing"
 
 Model = Callable[..., torch.Tensor]
-Progress = Callable[[int, int], Any] | bool | None
+Progress = Callable[[int, int], Any] | bool | None   # tqdm bar (True) or callback(steps_done, total)
+Generator = torch.Generator | Sequence[torch.Generator] | None
 
 
 def _steps(n: int, progress: Progress, desc: str):
@@ -49,129 +56,6 @@ def _as_list(timesteps: torch.Tensor | list[int]) -> list[int]:
     return ts
 
 
-@torch.no_grad()
-def sample_ddpm(model: Model, x: torch.Tensor, diffusion: GaussianDiffusion,
-                timesteps: torch.Tensor | list[int], *, variance: str = "small", clip_x0: bool = True,
-                cond: dict[str, Any] | None = None, generator: torch.Generator | None = None,
-                progress: Progress = None) -> torch.Tensor:
-    """Ancestral sampling, Algorithm 2 of Ho et al. 2020, over all steps or a respaced subset.
-
-    A subset is handled as improved-diffusion's respacing (Nichol & Dhariwal 2021, Sec. 4): betas of
-    the kept steps are 1 - abar[t_i] / abar[t_{i-1}]; the model still receives the original t.
-    variance: "small" (beta_tilde), "large" (beta) or, for a learned-variance model, the learned one.
-    """
-    ts = _as_list(timesteps)
-    cond = cond or {}
-    rd = diffusion.respace(ts)                       # index j of rd <-> original timestep ts[S-1-j]
-    S = len(ts)
-    for i in _steps(S, progress, "ddpm"):
-        j = S - 1 - i
-        t = torch.full((x.shape[0],), ts[i], dtype=torch.long, device=x.device)
-        out = model(x, t, **cond)
-        pm = rd.p_mean_variance(out, x, torch.full_like(t, j), clip_x0=clip_x0, variance=variance)
-        x = pm["mean"]
-        if j > 0:                                    # x_{t-1} = mu + sigma z; no noise at the last step
-            x = x + torch.exp(0.5 * pm["log_variance"]) * randn(tuple(x.shape), generator, x.device, x.dtype)
-    return x
-
-
-@torch.no_grad()
-def sample_ddim(model: Model, x: torch.Tensor, diffusion: GaussianDiffusion,
-                timesteps: torch.Tensor | list[int], *, eta: float = 0.0, clip_x0: bool = True,
-                cond: dict[str, Any] | None = None, generator: torch.Generator | None = None,
-                progress: Progress = None) -> torch.Tensor:
-    """DDIM (Song et al. 2021): eta = 0 deterministic, eta = 1 DDPM-like; last step to alpha_bar = 1.
-
-    With clip_x0, eps is re-derived from the clipped x0 (as improved-diffusion / GLIDE do).
-    """
-    if not 0.0 <= eta <= 1.0:
-        raise LddpmError(f"eta must be in [0, 1], got {eta!r}")
-    ts = _as_list(timesteps)
-    cond = cond or {}
-    for i in _steps(len(ts), progress, "ddim"):
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        a_t, a_prev = _alpha_bar(diffusion, ts[i]), _alpha_bar(diffusion, t_prev)
-        t = torch.full((x.shape[0],), ts[i], dtype=torch.long, device=x.device)
-        x0, eps = diffusion.predict_x0_eps(model(x, t, **cond), x, t)
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
-            eps = diffusion.eps_from_x0(x0, x, t)
-        # Eq. 16: sigma_t = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)
-        sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
-        # Eq. 12: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
-        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - sigma ** 2, 0.0)) * eps
-        if sigma > 0:
-            x = x + sigma * randn(tuple(x.shape), generator, x.device, x.dtype)
-    return x
-
-
-@torch.no_grad()
-def ddim_invert(model: Model, x0: torch.Tensor, diffusion: GaussianDiffusion,
-                timesteps: torch.Tensor | list[int], *, cond: dict[str, Any] | None = None,
-                progress: Progress = None) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) run forward from clean x0 to the largest timestep (DDIM inversion).
-
-    Each step uses the prediction at the current point (the first one, at the clean point, evaluates
-    the model at the smallest timestep); for an exact model the map inverts `sample_ddim(eta=0)`
-    up to the discretization error.
-    """
-    ts = _as_list(timesteps)[::-1]
-    cond = cond or {}
-    x = x0
-    for i in _steps(len(ts), progress, "ddim-invert"):
-        s = ts[i - 1] if i > 0 else -1
-        a_s, a_t = _alpha_bar(diffusion, s), _alpha_bar(diffusion, ts[i])
-        tm = torch.full((x.shape[0],), max(s, ts[0]), dtype=torch.long, device=x.device)
-        _, eps = diffusion.predict_x0_eps(model(x, tm, **cond), x, tm)
-        x0_pred = (x - math.sqrt(1.0 - a_s) * eps) / math.sqrt(a_s)
-        x = math.sqrt(a_t) * x0_pred + math.sqrt(1.0 - a_t) * eps
-    return x
-
-
-def _half_log_snr(a: float) -> float:
-    """lambda = log(alpha / sigma) = 0.5 log(abar / (1 - abar)), +-inf at abar = 1 / 0."""
-    if a <= 0.0:
-        return -math.inf
-    if a >= 1.0:
-        return math.inf
-    return 0.5 * (math.log(a) - math.log1p(-a))
-
-
-@torch.no_grad()
-def sample_dpmpp_2m(model: Model, x: torch.Tensor, diffusion: GaussianDiffusion,
-                    timesteps: torch.Tensor | list[int], *, clip_x0: bool = True,
-                    cond: dict[str, Any] | None = None, generator: torch.Generator | None = None,
-                    progress: Progress = None) -> torch.Tensor:
-    """DPM-Solver++(2M), Algorithm 2 of Lu et al. 2022 (multistep, second order, data prediction).
-
-    The first step (no history) and the last step (to alpha_bar = 1, i.e. lambda = +inf, where the
-    update reduces to x = x0) are first order, as diffusers' DPMSolverMultistepScheduler does.
-    """
-    ts = _as_list(timesteps)
-    cond = cond or {}
-    x0_prev, h_prev = None, None
-    for i in _steps(len(ts), progress, "dpm++2m"):
-        t_next = ts[i + 1] if i + 1 < len(ts) else -1
-        a_t, a_n = _alpha_bar(diffusion, ts[i]), _alpha_bar(diffusion, t_next)
-        t = torch.full((x.shape[0],), ts[i], dtype=torch.long, device=x.device)
-        x0 = diffusion.predict_x0_eps(model(x, t, **cond), x, t)[0]
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
-        if t_next < 0:                               # sigma_next = 0: the first-order update is x0 itself
-            x = x0
-            break
-        h = _half_log_snr(a_n) - _half_log_snr(a_t)  # h_i = lambda_{t_i} - lambda_{t_{i-1}}
-        if x0_prev is None:
-            d = x0                                   # DPM-Solver++(1) = DDIM
-        else:
-            r = h_prev / h                           # r_i = h_{i-1} / h_i
-            d = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * x0_prev
-        # x_{t_i} = (sigma_i / sigma_{i-1}) x - alpha_i (e^{-h_i} - 1) D_i
-        x = math.sqrt((1.0 - a_n) / (1.0 - a_t)) * x - math.sqrt(a_n) * math.expm1(-h) * d
-        x0_prev, h_prev = x0, h
-    return x
-
-
 class ClassifierFreeGuidance:
     """Classifier-free guidance (Ho & Salimans 2022) as a model wrapper: out_u + s (out_c - out_u).
 
@@ -185,8 +69,8 @@ class ClassifierFreeGuidance:
 
     def __init__(self, model: Model, guidance_scale: float, null_label: int | None) -> None:
         if guidance_scale != 1.0 and null_label is None:
-            raise LddpmError(f"guidance_scale={guidance_scale} needs a null label (a class-conditional model "
-                             "trained with label dropout); use guidance_scale=1 for this model")
+            raise LddpmError(f"guidance_scale={guidance_scale} needs null_label (the unconditional label of a "
+                             "class-conditional model trained with label dropout); use guidance_scale=1 for this model")
         self.model = model
         self.guidance_scale = float(guidance_scale)
         self.null_label = null_label
@@ -209,6 +93,190 @@ class ClassifierFreeGuidance:
         return out_u + s * (out_c - out_u)
 
 
+class Denoiser:
+    """The network as the samplers see it: guided, conditioned, converted to (x0, eps), clipped.
+
+    model(x_t, t, **cond) predicts the diffusion's objective; t is broadcast from one int. With
+    guidance_scale != 1 the model is wrapped in ClassifierFreeGuidance (one batched forward for
+    both branches). clip_x0 clips predicted x0 to [-1, 1] and re-derives eps from it (as
+    improved-diffusion / GLIDE do); pass False for latents.
+    """
+
+    def __init__(self, model: Model, diffusion: GaussianDiffusion, *, cond: dict[str, Any] | None = None,
+                 guidance_scale: float = 1.0, null_label: int | None = None, clip_x0: bool = True) -> None:
+        if not math.isfinite(float(guidance_scale)):
+            raise LddpmError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        self.network = model
+        self.model = ClassifierFreeGuidance(model, guidance_scale, null_label) if guidance_scale != 1.0 else model
+        self.diffusion = diffusion
+        self.cond = dict(cond or {})
+        if guidance_scale != 1.0 and "y" not in self.cond:
+            self.cond["y"] = None                    # guidance without labels: the null branch alone
+        self.clip_x0 = clip_x0
+
+    def timestep(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """t broadcast to a LongTensor (B,) on x's device."""
+        return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+
+    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """The (guided) raw model output at x_t, timestep t."""
+        return self.model(x, self.timestep(x, t), **self.cond)
+
+    def x0_eps(self, x: torch.Tensor, t: int, *, clip: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) predicted at x_t, t; clipped per `clip` (default: the denoiser's clip_x0)."""
+        tt = self.timestep(x, t)
+        x0, eps = self.diffusion.predict_x0_eps(self.model(x, tt, **self.cond), x, tt)
+        if self.clip_x0 if clip is None else clip:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = self.diffusion.eps_from_x0(x0, x, tt)
+        return x0, eps
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor | list[int], *,
+                variance: str = "small", generator: Generator = None, progress: Progress = None) -> torch.Tensor:
+    """Ancestral sampling, Algorithm 2 of Ho et al. 2020, over all steps or a respaced subset.
+
+    A subset is handled as improved-diffusion's respacing (Nichol & Dhariwal 2021, Sec. 4): betas of
+    the kept steps are 1 - abar[t_i] / abar[t_{i-1}]; the model still receives the original t.
+    variance: "small" (beta_tilde), "large" (beta) or, for a learned-variance model, the learned one.
+    """
+    ts = _as_list(timesteps)
+    rd = denoiser.diffusion.respace(ts)              # index j of rd <-> original timestep ts[S-1-j]
+    S = len(ts)
+    for i in _steps(S, progress, "ddpm"):
+        j = S - 1 - i
+        out = denoiser(x, ts[i])
+        pm = rd.p_mean_variance(out, x, denoiser.timestep(x, j), clip_x0=denoiser.clip_x0, variance=variance)
+        x = pm["mean"]
+        if j > 0:                                    # x_{t-1} = mu + sigma z; no noise at the last step
+            x = x + torch.exp(0.5 * pm["log_variance"]) * randn(tuple(x.shape), generator, x.device, x.dtype)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor | list[int], *, eta: float = 0.0,
+                generator: Generator = None, progress: Progress = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021): eta = 0 deterministic, eta = 1 DDPM-like; last step to alpha_bar = 1."""
+    check_eta("ddim", eta)
+    ts = _as_list(timesteps)
+    diffusion = denoiser.diffusion
+    for i in _steps(len(ts), progress, "ddim"):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        a_t, a_prev = _alpha_bar(diffusion, ts[i]), _alpha_bar(diffusion, t_prev)
+        x0, eps = denoiser.x0_eps(x, ts[i])
+        # Eq. 16: sigma_t = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)
+        sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
+        # Eq. 12: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
+        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - sigma ** 2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * randn(tuple(x.shape), generator, x.device, x.dtype)
+    return x
+
+
+@torch.no_grad()
+def ddim_invert(denoiser: Denoiser, x0: torch.Tensor, timesteps: torch.Tensor | list[int], *,
+                progress: Progress = None) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) run forward from clean x0 to the largest timestep (DDIM inversion).
+
+    Each step uses the unclipped prediction at the current point (the first one, at the clean point,
+    evaluates the model at the smallest timestep); for an exact model the map inverts
+    `sample_ddim(eta=0)` up to the discretization error.
+    """
+    ts = _as_list(timesteps)[::-1]
+    diffusion = denoiser.diffusion
+    x = x0
+    for i in _steps(len(ts), progress, "ddim-invert"):
+        s = ts[i - 1] if i > 0 else -1
+        a_s, a_t = _alpha_bar(diffusion, s), _alpha_bar(diffusion, ts[i])
+        _, eps = denoiser.x0_eps(x, max(s, ts[0]), clip=False)
+        x0_pred = (x - math.sqrt(1.0 - a_s) * eps) / math.sqrt(a_s)
+        x = math.sqrt(a_t) * x0_pred + math.sqrt(1.0 - a_t) * eps
+    return x
+
+
+def _half_log_snr(a: float) -> float:
+    """lambda = log(alpha / sigma) = 0.5 log(abar / (1 - abar)), +-inf at abar = 1 / 0."""
+    if a <= 0.0:
+        return -math.inf
+    if a >= 1.0:
+        return math.inf
+    return 0.5 * (math.log(a) - math.log1p(-a))
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor | list[int], *,
+                    generator: Generator = None, progress: Progress = None) -> torch.Tensor:
+    """DPM-Solver++(2M), Algorithm 2 of Lu et al. 2022 (multistep, second order, data prediction).
+
+    The first step (no history) and the last step (to alpha_bar = 1, i.e. lambda = +inf, where the
+    update reduces to x = x0) are first order, as diffusers' DPMSolverMultistepScheduler does.
+    """
+    ts = _as_list(timesteps)
+    diffusion = denoiser.diffusion
+    x0_prev, h_prev = None, None
+    for i in _steps(len(ts), progress, "dpm++2m"):
+        t_next = ts[i + 1] if i + 1 < len(ts) else -1
+        a_t, a_n = _alpha_bar(diffusion, ts[i]), _alpha_bar(diffusion, t_next)
+        x0 = denoiser.x0_eps(x, ts[i])[0]
+        if t_next < 0:                               # sigma_next = 0: the first-order update is x0 itself
+            x = x0
+            break
+        h = _half_log_snr(a_n) - _half_log_snr(a_t)  # h_i = lambda_{t_i} - lambda_{t_{i-1}}
+        if x0_prev is None:
+            d = x0                                   # DPM-Solver++(1) = DDIM
+        else:
+            r = h_prev / h                           # r_i = h_{i-1} / h_i
+            d = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * x0_prev
+        # x_{t_i} = (sigma_i / sigma_{i-1}) x - alpha_i (e^{-h_i} - 1) D_i
+        x = math.sqrt((1.0 - a_n) / (1.0 - a_t)) * x - math.sqrt(a_n) * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A registered sampler: its update rule, default step count (None: all T) and whether it draws noise."""
+
+    fn: Callable[..., torch.Tensor]
+    default_steps: int | None
+    stochastic: bool
+    takes_eta: bool = False
+    takes_variance: bool = False
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddpm": SamplerSpec(sample_ddpm, None, stochastic=True, takes_variance=True),
+    "ddim": SamplerSpec(sample_ddim, 50, stochastic=False, takes_eta=True),   # stochastic when eta > 0
+    "dpm++2m": SamplerSpec(sample_dpmpp_2m, 20, stochastic=False),
+}
+
+
+def sampler_spec(name: str) -> SamplerSpec:
+    """The registered sampler `name`; unknown -> LddpmError listing the choices."""
+    if name not in SAMPLERS:
+        raise LddpmError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def check_eta(sampler: str, eta: float) -> None:
+    """eta must lie in [0, 1] and is DDIM's alone."""
+    if not 0.0 <= float(eta) <= 1.0:
+        raise LddpmError(f"eta must be in [0, 1], got {eta!r}")
+    if eta != 0.0 and not sampler_spec(sampler).takes_eta:
+        raise LddpmError(f"eta={eta} applies only to the 'ddim' sampler, not {sampler!r}")
+
+
+def default_num_steps(sampler: str, num_timesteps: int) -> int:
+    """The sampler's default step count: all T for ddpm, 50 for ddim, 20 for dpm++2m."""
+    return sampler_spec(sampler).default_steps or num_timesteps
+
+
+def is_stochastic(sampler: str, eta: float = 0.0) -> bool:
+    """Whether the sampler draws noise after x_T (ddpm; ddim with eta > 0)."""
+    return sampler_spec(sampler).stochastic or (sampler_spec(sampler).takes_eta and eta > 0)
+
+
 def _model_device(model: Model) -> torch.device:
     """Device of the model's first parameter, or CPU for a plain function."""
     params = getattr(model, "parameters", None)
@@ -221,7 +289,7 @@ def _model_device(model: Model) -> torch.device:
 def sample(model: Model, diffusion: GaussianDiffusion, shape: tuple[int, ...], *, sampler: str = "ddim",
            num_steps: int | None = None, eta: float = 0.0, spacing: str | None = None, clip_x0: bool = True,
            y: torch.Tensor | None = None, guidance_scale: float = 1.0, null_label: int | None = None,
-           generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+           generator: Generator = None, x_T: torch.Tensor | None = None,
            device: torch.device | str | None = None, progress: Progress = None,
            variance: str = "small") -> torch.Tensor:
     """Generate a batch of samples of `shape` (B, C, H, W) with a named sampler (see SAMPLERS).
@@ -231,33 +299,18 @@ def sample(model: Model, diffusion: GaussianDiffusion, shape: tuple[int, ...], *
     x_T defaults to N(0, I) from `generator` (same seed -> same samples). eta is DDIM's; variance is
     DDPM's ("small" or "large"; a learned-variance model uses its own).
     """
-    if sampler not in SAMPLERS:
-        raise LddpmError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if not 0.0 <= float(eta) <= 1.0:
-        raise LddpmError(f"eta must be in [0, 1], got {eta!r}")
-    if eta != 0.0 and sampler != "ddim":
-        raise LddpmError(f"eta={eta} applies only to the 'ddim' sampler, not {sampler!r}")
-    if guidance_scale != 1.0 and null_label is None:
-        raise LddpmError(f"guidance_scale={guidance_scale} needs null_label (the model's unconditional label); "
-                         "use guidance_scale=1 for an unconditional model")
-    if num_steps is None:
-        num_steps = DEFAULT_NUM_STEPS[sampler] or diffusion.num_timesteps
-    timesteps = diffusion.schedule.timesteps(num_steps, spacing or DEFAULT_SPACING)
+    spec = sampler_spec(sampler)
+    check_eta(sampler, eta)
+    timesteps = diffusion.schedule.timesteps(default_num_steps(sampler, diffusion.num_timesteps)
+                                             if num_steps is None else num_steps,
+                                             spacing or DEFAULT_SPACING)
     if device is None:
         device = x_T.device if x_T is not None else _model_device(model)
     if x_T is None:
         x_T = randn(tuple(shape), generator, device)
     elif tuple(x_T.shape) != tuple(shape):
         raise LddpmError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
-    x = x_T.to(device)
-    if guidance_scale != 1.0:
-        model = ClassifierFreeGuidance(model, guidance_scale, null_label)
-    cond = {"y": y.to(device)} if y is not None else {}
-    if guidance_scale != 1.0 and y is None:
-        cond = {"y": None}
-    common = dict(clip_x0=clip_x0, cond=cond, generator=generator, progress=progress)
-    if sampler == "ddpm":
-        return sample_ddpm(model, x, diffusion, timesteps, variance=variance, **common)
-    if sampler == "ddim":
-        return sample_ddim(model, x, diffusion, timesteps, eta=eta, **common)
-    return sample_dpmpp_2m(model, x, diffusion, timesteps, **common)
+    denoiser = Denoiser(model, diffusion, cond={"y": y.to(device)} if y is not None else None,
+                        guidance_scale=guidance_scale, null_label=null_label, clip_x0=clip_x0)
+    options = {"eta": eta} if spec.takes_eta else {"variance": variance} if spec.takes_variance else {}
+    return spec.fn(denoiser, x_T.to(device), timesteps, generator=generator, progress=progress, **options)

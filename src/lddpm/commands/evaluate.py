@@ -14,7 +14,7 @@ def _network_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception-sha1", default=None, help="expected sha1 of --inception (checked when given)")
     p.add_argument("--cache-dir", default=None, help="cache folder (default: $LDDPM_CACHE or ~/.cache/lddpm)")
     p.add_argument("--root", default=None, help="dataset source folder (as for `lddpm prepare`)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto = cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     e.add_argument("--vae", default=None, metavar="RUN", help="score reconstructions of the test split by this VAE run")
     e.add_argument("--num", type=int, default=1000, help="images to sample/score (default 1000; FID needs > 2048 for a full-rank covariance)")
     e.add_argument("--sampler", default="ddim", help="sampler name (ddpm, ddim, dpm++2m)")
-    e.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    e.add_argument("--steps", type=int, default=None, help="sampling steps (default: ddpm T, ddim 50, dpm++2m 20)")
     e.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     e.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale s (1 = none)")
     e.add_argument("--labels", choices=("balanced", "none"), default="balanced",
@@ -88,13 +88,9 @@ def register(subparsers) -> None:
     c.add_argument("--out", default=None, help="output folder")
     c.add_argument("--cache-dir", default=None, help="cache folder (default: $LDDPM_CACHE or ~/.cache/lddpm)")
     c.add_argument("--root", default=None, help="dataset source folder (as for `lddpm prepare`)")
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=run_train_classifier)
-
-
-def _test_split(dataset: str) -> str:
-    return "val" if dataset == "imagenet100" else "test"
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -102,8 +98,10 @@ def run_eval(args: argparse.Namespace) -> int:
     import warnings
 
     from lddpm import evaluate as ev
+    from lddpm.distributed import resolve_device
     from lddpm.errors import LddpmError
 
+    args.device = str(resolve_device(args.device))
     modes = [m for m in (args.run, args.images, args.vae) if m]
     if len(modes) != 1:
         raise LddpmError("give exactly one of RUN_OR_CHECKPOINT, --images DIR_OR_NPZ or --vae RUN")
@@ -149,12 +147,13 @@ def _default_out(args: argparse.Namespace) -> Path:
     folder = (run if run.is_dir() else run.parent) / "eval"
     guidance = f"-g{args.guidance_scale:g}" if args.guidance_scale != 1.0 else ""
     eta = f"-eta{args.eta:g}" if args.eta else ""
-    return folder / f"{args.sampler}-k{args.steps}{eta}{guidance}-n{args.num}-seed{args.seed}.json"
+    steps = f"-k{args.steps}" if args.steps else ""
+    return folder / f"{args.sampler}{steps}{eta}{guidance}-n{args.num}-seed{args.seed}.json"
 
 
 def _eval_vae(args: argparse.Namespace, extractor, progress: bool):
     from lddpm import evaluate as ev
-    from lddpm.data import open_cache, prepare
+    from lddpm.data import open_cache, prepare, test_split
     from lddpm.errors import LddpmError
     from lddpm.pipeline import load_vae
 
@@ -163,7 +162,7 @@ def _eval_vae(args: argparse.Namespace, extractor, progress: bool):
     dataset, split = ev.parse_reference(args.reference)
     vae = load_vae(args.vae)
     test = open_cache(prepare(dataset, resolution=args.resolution or getattr(getattr(vae, "config", None), "resolution", None),
-                              split=_test_split(dataset), root=args.root, cache_dir=args.cache_dir, progress=progress))
+                              split=test_split(dataset), root=args.root, cache_dir=args.cache_dir, progress=progress))
     num = min(args.num, len(test))
     ref = ev.reference_stats(dataset, split=split, num=ev.reference_size(args.ref_num, num), resolution=test.resolution, extractor=extractor,
                              cache_dir=args.cache_dir, data_root=args.root, progress=progress)
@@ -178,8 +177,10 @@ def _eval_vae(args: argparse.Namespace, extractor, progress: bool):
 def run_fid_ref(args: argparse.Namespace) -> int:
     """Run `lddpm fid-ref`: build or load cached reference statistics and print where they are."""
     from lddpm import evaluate as ev
+    from lddpm.distributed import resolve_device
     from lddpm.metrics.fid import default_reference_path, reference_files
 
+    args.device = str(resolve_device(args.device))
     extractor = ev.load_extractor(args.inception, args.inception_sha1, batch_size=args.batch_size, device=args.device)
     ref = ev.reference_stats(
         args.dataset, split=args.split, num=args.num or None, resolution=args.resolution, extractor=extractor,
@@ -195,28 +196,15 @@ def run_fid_ref(args: argparse.Namespace) -> int:
 
 def run_train_classifier(args: argparse.Namespace) -> int:
     """Run `lddpm train-classifier`: train on the train split, report test accuracy, save weights + metadata."""
-    from lddpm import __version__
-    from lddpm.data import open_cache, prepare
-    from lddpm.metrics import save_classifier, train_classifier
-    from lddpm.metrics.classifier import default_classifier_dir
+    from lddpm.distributed import resolve_device
+    from lddpm.metrics.classifier import train_dataset_classifier
 
-    progress = not args.quiet
-    kw = dict(resolution=args.resolution, root=args.root, cache_dir=args.cache_dir, progress=progress)
-    train = open_cache(prepare(args.dataset, split="train", **kw))
-    test = open_cache(prepare(args.dataset, split=_test_split(args.dataset), **kw))
-    model, acc = train_classifier(
-        train.images, train.labels, test.images, test.labels, num_classes=train.num_classes, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, hflip=args.hflip, seed=args.seed, device=args.device, progress=progress,
+    args.device = str(resolve_device(args.device))
+    folder, meta = train_dataset_classifier(
+        args.dataset, args.resolution, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, hflip=args.hflip,
+        seed=args.seed, out=args.out, cache_dir=args.cache_dir, root=args.root, device=args.device,
+        progress=not args.quiet,
     )
-    out = Path(args.out) if args.out else default_classifier_dir(args.dataset, train.resolution, args.cache_dir)
-    meta = {
-        "dataset": args.dataset, "resolution": train.resolution, "channels": train.channels,
-        "test_accuracy": acc, "test_split": test.split, "num_test": len(test), "class_names": train.class_names,
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "hflip": args.hflip, "seed": args.seed,
-        "train_checksum": train.checksum, "num_parameters": sum(p.numel() for p in model.parameters()),
-        "lddpm_version": __version__,
-    }
-    save_classifier(model, out, meta)
-    print(f"test accuracy {acc:.4f} on {args.dataset}:{test.split} ({len(test)} images)")
-    print(f"classifier: {out}")
+    print(f"test accuracy {meta['test_accuracy']:.4f} on {args.dataset}:{meta['test_split']} ({meta['num_test']} images)")
+    print(f"classifier: {folder}")
     return 0

@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("config", help="study TOML file, or a preset name: study-quick, study-cifar10, study-imagenet100, demo")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: study-<name>)")
     p.add_argument("--only", nargs="+", metavar="CELL", help="run only these cells (the others are kept as they are)")
-    p.add_argument("--device", default=None, help="torch device (default: the study file's, else cuda if available)")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the study file's, else auto)")
     p.add_argument("--nproc", type=int, default=None,
                    help="processes per training run (DDP through torchrun, e.g. one per GPU); default: the study file's")
     p.add_argument("--data-root", default=None, help="dataset source folder, as for `lddpm prepare --root`")
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
         "accuracy) and write a table, sample grids and index.html. Re-running skips finished work.",
     )
     d.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default: demo-output)")
-    d.add_argument("--device", default=None, help="torch device (default: cpu)")
+    d.add_argument("--device", default=None, help="auto, cpu or cuda (default: the demo file's, else auto)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo, config="demo", only=None, report_only=False, nproc=None, data_root=None, cache_dir=None)
 

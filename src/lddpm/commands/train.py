@@ -112,7 +112,8 @@ def _sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lddpm.distributed import resolve_device
-    from lddpm.pipeline import load_pipeline, save_grid
+    from lddpm.grid import save_grid
+    from lddpm.pipeline import load_pipeline
 
     if args.num < 1:
         raise LddpmError(f"--num must be >= 1, got {args.num}")

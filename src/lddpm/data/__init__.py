@@ -14,6 +14,7 @@ from lddpm.data.cache import (
     open_cache,
     prepare,
     read_manifest,
+    test_split,
 )
 from lddpm.data.download import download_file
 from lddpm.data.latents import LatentCache, LatentLoader, encode_latents, open_latent_cache
@@ -37,4 +38,5 @@ __all__ = [
     "open_latent_cache",
     "prepare",
     "read_manifest",
+    "test_split",
 ]

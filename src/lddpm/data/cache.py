@@ -14,7 +14,6 @@ import math
 import multiprocessing
 import os
 import re
-import secrets
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from lddpm import __version__
 from lddpm.data import preprocess, readers
 from lddpm.data.download import download_file
 from lddpm.errors import LddpmError
+from lddpm.io import make_temp_dir, swap_in_dir
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder")
 SPLITS = {
@@ -74,6 +74,11 @@ def dataset_info(name: str, root: str | os.PathLike | None = None) -> tuple[int,
 def default_fit(name: str, resolution: int) -> str:
     """Zero padding for the 28x28 sets when the resolution is larger (28 -> 32), else resize + crop."""
     return "pad" if name in ("fashion-mnist", "mnist") and resolution >= 28 else "resize"
+
+
+def test_split(dataset: str) -> str:
+    """The held-out split of a dataset: `val` for ImageNet-100, else `test`."""
+    return "val" if dataset == "imagenet100" else "test"
 
 
 def cache_name(name: str, split: str, resolution: int, fit: str, root: str | os.PathLike | None = None) -> str:
@@ -341,17 +346,12 @@ def prepare(
     raw = _read_raw(name, split, str(Path(root).resolve()) if root is not None else None, cache_dir)
     workers = int(workers or min(8, os.cpu_count() or 1))
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp = make_temp_dir(folder)
     try:
         _build(tmp, raw, name=name, split=split, resolution=resolution, fit=fit, workers=workers,
                skip_bad=skip_bad, progress=progress, request=request)
         if folder.exists():  # overwrite: swap, then drop the old cache
-            old = cache_dir / f".{folder.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-            os.rename(folder, old)
-            os.rename(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
+            swap_in_dir(tmp, folder)
         else:
             try:
                 os.rename(tmp, folder)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from lddpm import __version__
 from lddpm.data.cache import ImageCache, read_manifest
 from lddpm.data.loader import EpochSampler, _iterate, uint8_to_tensor
 from lddpm.errors import LddpmError
+from lddpm.io import make_temp_dir, swap_in_dir
 
 LATENT_FORMAT = "lddpm-latent-cache"
 
@@ -111,9 +111,7 @@ def encode_latents(
     if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
         raise LddpmError(f"{out_dir} exists and is not a latent cache; choose another folder")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp = make_temp_dir(out_dir)
     was_training = getattr(vae, "training", False)
     if hasattr(vae, "eval"):
         vae.eval()
@@ -158,13 +156,7 @@ def encode_latents(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        swap_in_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if was_training and hasattr(vae, "train"):

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lddpm import __version__
+from lddpm.data import open_cache, prepare, test_split
 from lddpm.errors import LddpmError
 from lddpm.metrics.fid import default_cache_dir
 from lddpm.metrics.inception import _batches, check_images, load_torchscript
@@ -106,6 +108,46 @@ def train_classifier(
     model.eval()
     probs = class_probabilities(model, test_images, device=device)
     return model, class_accuracy(probs, test_labels)
+
+
+def train_dataset_classifier(
+    dataset: str,
+    resolution: int,
+    *,
+    epochs: float = 2.0,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    hflip: bool | None = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    root: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[Path, dict]:
+    """Train the class-metrics classifier on a dataset's prepared train split and save it; returns (folder, meta).
+
+    hflip defaults to on except for digits and Fashion-MNIST. The test accuracy is measured on the
+    dataset's test split (`val` for ImageNet-100).
+    """
+    hflip = dataset not in ("mnist", "fashion-mnist") if hflip is None else hflip
+    kw = dict(resolution=resolution, root=root, cache_dir=cache_dir, progress=progress)
+    train = open_cache(prepare(dataset, split="train", **kw))
+    test = open_cache(prepare(dataset, split=test_split(dataset), **kw))
+    model, acc = train_classifier(
+        train.images, train.labels, test.images, test.labels, num_classes=train.num_classes, epochs=epochs,
+        batch_size=batch_size, lr=lr, hflip=hflip, seed=seed, device=device, progress=progress,
+    )
+    folder = Path(out) if out else default_classifier_dir(dataset, train.resolution, cache_dir)
+    meta = {
+        "dataset": dataset, "resolution": train.resolution, "channels": train.channels,
+        "test_accuracy": acc, "test_split": test.split, "num_test": len(test), "class_names": train.class_names,
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "hflip": hflip, "seed": seed,
+        "train_checksum": train.checksum, "num_parameters": sum(p.numel() for p in model.parameters()),
+        "lddpm_version": __version__,
+    }
+    save_classifier(model, folder, meta)
+    return folder, meta
 
 
 @torch.inference_mode()

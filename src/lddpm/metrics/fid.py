@@ -16,6 +16,7 @@ import scipy.linalg
 
 from lddpm.data.cache import default_cache_dir  # noqa: F401  (re-exported for metrics users)
 from lddpm.errors import LddpmError
+from lddpm.io import write_json, write_npz
 
 # Keys of a reference manifest that must equal the request before cached statistics are used.
 REFERENCE_KEYS = ("dataset", "split", "num", "resolution", "network_sha1", "dataset_checksum")
@@ -127,10 +128,8 @@ def save_reference(path: str | Path, ref: ReferenceStats) -> Path:
     arrays = {"mu": ref.mu, "sigma": ref.sigma}
     if ref.features is not None:
         arrays["features"] = ref.features.astype(np.float32)
-    tmp = npz.with_name(npz.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(npz)
-    meta.write_text(json.dumps(ref.manifest, indent=2, sort_keys=True) + "\n")
+    write_npz(npz, **arrays)
+    write_json(meta, ref.manifest, sort_keys=True)
     return npz
 
 

@@ -9,6 +9,7 @@ features (and FIDs) match NVIDIA's: float pixels in [0, 255], TF-legacy bilinear
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import warnings
@@ -83,6 +84,21 @@ def nvidia_prologue(pixels: torch.Tensor, size: int | None = INCEPTION_SIZE) -> 
     if size is not None and (x.shape[2] != size or x.shape[3] != size):
         x = nvidia_resize(x, size)
     return (x - 128.0) / 128.0
+
+
+@contextlib.contextmanager
+def full_fp32(device: str | torch.device):
+    """On CUDA, turn TF32 off in convolutions and matmuls for the block (PyTorch enables it for cuDNN
+    convolutions by default: a 10-bit mantissa that moves FID features away from the CPU's fp32 ones)."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
 def check_images(images: np.ndarray, what: str = "images") -> np.ndarray:
@@ -174,7 +190,8 @@ class FeatureExtractor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         try:
-            out = self.network(x, **self.call_kwargs)
+            with full_fp32(self.device):
+                out = self.network(x, **self.call_kwargs)
         except Exception as exc:  # noqa: BLE001 - TorchScript raises plain RuntimeErrors
             raise LddpmError(f"feature network {self.name!r} failed on input {tuple(x.shape)}: {exc}") from None
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:

@@ -13,6 +13,8 @@ from torch import nn
 from lddpm.errors import LddpmError
 from lddpm.nn.layers import AttentionBlock, Downsample, NetworkConfig, ResBlock, Upsample
 
+RECON_LOSSES = ("l1", "l2")  # reconstruction loss of `vae_loss`
+
 
 @dataclass
 class VAEConfig(NetworkConfig):
@@ -296,8 +298,8 @@ def vae_loss(x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian, 
     `step` (if given) has reached `disc_start`; with `last_layer`, adv_weight is scaled by the
     adaptive weight of Esser et al. 2021. Returns {"loss", "recon", "kl", "mse", "adv", "adv_weight"}.
     """
-    if recon_loss not in ("l1", "l2"):
-        raise LddpmError(f"recon_loss={recon_loss!r} is not supported; use 'l1' or 'l2'")
+    if recon_loss not in RECON_LOSSES:
+        raise LddpmError(f"recon_loss={recon_loss!r} is not supported; use one of {', '.join(RECON_LOSSES)}")
     diff = (x - recon).float()
     per_pixel = diff.abs() if recon_loss == "l1" else diff.pow(2)
     rec = per_pixel.flatten(1).sum(1).mean()

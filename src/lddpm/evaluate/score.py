@@ -1,159 +1,26 @@
-"""Sample N images from a checkpoint, score them (FID, precision/recall, class metrics), and time them.
-
-`evaluate_generated` scores any uint8 images against cached reference statistics;
-`evaluate_checkpoint` samples through `lddpm.pipeline.load_pipeline` in resumable batches and adds
-the sampling cost; `evaluate_vae` scores VAE reconstructions of a test split. See docs/evaluation.md.
-"""
+"""Top-level evaluations: score images, a checkpoint's samples, or a VAE's reconstructions; summarise them."""
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import time
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from lddpm import __version__
+from lddpm.distributed import resolve_device
 from lddpm.errors import LddpmError
-from lddpm.metrics import (
-    FeatureExtractor,
-    FeatureStats,
-    ReferenceStats,
-    check_images,
-    class_accuracy,
-    class_probabilities,
-    frechet_distance,
-    inception_score,
-    load_classifier,
-    load_inception,
-    load_is_network,
-    load_reference,
-    network_probabilities,
-    precision_recall,
-    save_reference,
-)
+from lddpm.evaluate.generate import ForwardCounter, balanced_labels, find_denoiser, generate_resumable, load_images, peak_memory
+from lddpm.evaluate.reference import (load_extractor, maybe_tqdm, now_iso, parse_reference, reference_size, reference_stats)
+from lddpm.io import write_json
+from lddpm.metrics import (FeatureExtractor, FeatureStats, ReferenceStats, check_images, class_accuracy,
+                           class_probabilities, frechet_distance, inception_score, load_classifier, load_is_network,
+                           network_probabilities, precision_recall)
 from lddpm.metrics.classifier import default_classifier_dir
-from lddpm.metrics.fid import default_reference_path, reference_files
-
-PR_MAX_FEATURES = 10_000  # real features kept in a reference for precision/recall
-REFERENCE_SUBSET_SEED = 0
-
-# (images uint8 (n,H,W,C), labels or None) from (n, labels for the batch or None, seed)
-GenerateBatch = Callable[[int, "np.ndarray | None", int], "tuple[np.ndarray, np.ndarray | None]"]
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def _tqdm(iterable, progress: bool, **kwargs):
-    if not progress:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, **kwargs)
-
-
-# ----------------------------------------------------------------------------- reference statistics
-
-
-def parse_reference(spec: str) -> tuple[str, str]:
-    """'DATASET:SPLIT' (or 'DATASET', split train) -> (dataset, split)."""
-    dataset, _, split = spec.partition(":")
-    if not dataset:
-        raise LddpmError(f"--reference must look like DATASET:SPLIT (e.g. fashion-mnist:train), got {spec!r}")
-    return dataset, split or "train"
-
-
-def reference_indices(total: int, num: int, seed: int = REFERENCE_SUBSET_SEED) -> np.ndarray:
-    """The sorted random subset of `num` of `total` images used for a reference (all if num == total)."""
-    if num == total:
-        return np.arange(total)
-    return np.sort(np.random.default_rng(seed).permutation(total)[:num])
-
-
-def reference_from_cache(
-    cache,
-    *,
-    num: int | None,
-    extractor: FeatureExtractor,
-    path: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    rebuild: bool = False,
-    progress: bool = True,
-) -> ReferenceStats:
-    """Reference statistics of `num` images of a prepared cache: loaded if cached (manifest checked), else built and saved.
-
-    The cache lives at `path` or `<cache>/fid-refs/...`; its manifest records the dataset, split,
-    N, resolution, the cache checksum and the feature network's hash, and a mismatch is refused.
-    """
-    total = len(cache)
-    num = int(num or total)
-    if num > total:
-        raise LddpmError(f"--num {num} is more than the {total} images of {cache.dataset}:{cache.split}; use at most {total}")
-    request = {
-        "dataset": cache.dataset,
-        "split": cache.split,
-        "num": num,
-        "resolution": int(cache.resolution),
-        "network_sha1": extractor.sha1,
-        "dataset_checksum": cache.checksum,
-    }
-    stem = Path(path) if path else default_reference_path(cache.dataset, cache.split, num, cache.resolution, extractor.sha1, cache_dir)
-    if reference_files(stem)[1].is_file() and not rebuild:
-        return load_reference(stem, expect=request)
-    idx = reference_indices(total, num)
-    stats, kept = FeatureStats(), []
-    bs = extractor.batch_size
-    for i in _tqdm(range(0, num, bs), progress, desc=f"reference {cache.dataset}:{cache.split}", unit="batch"):
-        feats = extractor.features_batch(check_images(cache.images[idx[i : i + bs]], "reference images"))
-        stats.update(feats)
-        if i < PR_MAX_FEATURES:
-            kept.append(feats[: PR_MAX_FEATURES - i])
-    manifest = {
-        **request,
-        "subset_seed": REFERENCE_SUBSET_SEED,
-        "network": extractor.info,
-        "feature_dim": stats.dim,
-        "full_rank_covariance": stats.full_rank,
-        "pr_features": int(sum(len(k) for k in kept)),
-        "lddpm_version": __version__,
-        "created": _now(),
-    }
-    ref = ReferenceStats(stats.mean, stats.cov, manifest, np.concatenate(kept))
-    save_reference(stem, ref)
-    return ref
-
-
-def reference_stats(
-    dataset: str,
-    *,
-    split: str = "train",
-    num: int | None,
-    resolution: int,
-    extractor: FeatureExtractor,
-    path: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    data_root: str | Path | None = None,
-    rebuild: bool = False,
-    progress: bool = True,
-) -> ReferenceStats:
-    """Prepare DATASET:SPLIT at `resolution` (area C's cache) and return its reference statistics."""
-    from lddpm.data import open_cache, prepare
-
-    folder = prepare(dataset, resolution=resolution, split=split, root=data_root, cache_dir=cache_dir, progress=progress)
-    return reference_from_cache(
-        open_cache(folder), num=num, extractor=extractor, path=path, cache_dir=cache_dir, rebuild=rebuild, progress=progress
-    )
-
-
-# ----------------------------------------------------------------------------- scoring
+from lddpm.pipeline import load_pipeline
+from lddpm.sampling import default_num_steps
 
 
 def evaluate_generated(
@@ -209,9 +76,11 @@ def evaluate_generated(
     }
     real = reference_stats.features
     if real is not None and len(real) > pr_k and n > pr_k:
-        m = min(len(real), n)
+        m = min(len(real), n)  # the reference keeps its real features in seeded random order (reference.py)
         pr = precision_recall(real[:m], feats[:m], k=pr_k)
-        out.update(precision=pr["precision"], recall=pr["recall"], pr_k=pr_k, pr_num=m)
+        out.update(precision=pr["precision"], recall=pr["recall"], pr_k=pr_k, pr_num=m,
+                   pr_real_subset={"seed": reference_stats.manifest.get("pr_subset_seed"), "size": m,
+                                   "of": reference_stats.manifest.get("num")})
     else:
         out.update(precision=None, recall=None)
     if labels is not None:
@@ -232,178 +101,6 @@ def evaluate_generated(
         out["inception_score"], out["inception_score_std"] = inception_score(probs, splits)
         out["is_network"] = {**(is_network_info or {}), "splits": splits}
     return out
-
-
-# ----------------------------------------------------------------------------- sampling with resume and cost
-
-
-def balanced_labels(num: int, num_classes: int) -> np.ndarray:
-    """Labels 0..C-1 repeated (N/C per class, the remainder to the first classes), interleaved so every batch is balanced."""
-    if num_classes < 1:
-        raise LddpmError("balanced labels need a class-conditional model (num_classes >= 1)")
-    return np.arange(num, dtype=np.int64) % num_classes
-
-
-def batch_seed(seed: int, index: int) -> int:
-    """A distinct 31-bit seed for batch `index` of a run with base `seed` (resume draws the same noise)."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-class ForwardCounter:
-    """Counts forward calls of a module and the rows (images) they process, through a forward pre-hook."""
-
-    def __init__(self, module: nn.Module | None):
-        self.calls = 0
-        self.rows = 0
-        self._handle = None if module is None else module.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs):
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        self.calls += 1
-        self.rows += int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim > 0 else 1
-
-    def close(self) -> None:
-        """Remove the hook."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-
-def find_denoiser(pipeline) -> nn.Module | None:
-    """The pipeline's noise-prediction network (first nn.Module among common attribute names), or None."""
-    for name in ("model", "ema_model", "denoiser", "network", "net", "unet"):
-        obj = getattr(pipeline, name, None)
-        if isinstance(obj, nn.Module):
-            return obj
-    return None
-
-
-def peak_memory(device: str | torch.device) -> dict:
-    """Peak CUDA memory allocated since the last reset, or the process's peak RSS on CPU, in MiB."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_kind": "cuda_max_allocated"}
-    try:
-        import resource
-    except ImportError:  # Windows
-        return {"peak_memory_mib": None, "peak_memory_kind": None}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_mib = rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
-    return {"peak_memory_mib": rss_mib, "peak_memory_kind": "process_max_rss"}
-
-
-def generate_resumable(
-    generate_batch: GenerateBatch,
-    num: int,
-    *,
-    batch_size: int,
-    labels: np.ndarray | None = None,
-    seed: int = 0,
-    partial_dir: str | Path | None = None,
-    settings: dict | None = None,
-    progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Generate `num` images in batches, saving each to `partial_dir/batch-XXXXX.npz`; existing batches are reused.
-
-    Batch i uses seed `batch_seed(seed, i)`, so a resumed run gives the same images. `settings` are
-    stored beside the batches and must match on resume. Returns (images, labels, timing), where the
-    timing covers the batches generated now, the first one excluded as warm-up when there are more.
-    """
-    if num < 1 or batch_size < 1:
-        raise LddpmError(f"--num and --batch-size must be positive, got {num} and {batch_size}")
-    if labels is not None and len(labels) != num:
-        raise LddpmError(f"{len(labels)} labels for {num} images")
-    folder = Path(partial_dir) if partial_dir is not None else None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = folder / "settings.json"
-        want = json.loads(json.dumps(settings or {}))
-        if meta.is_file():
-            have = json.loads(meta.read_text())
-            if have != want:
-                diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-                raise LddpmError(
-                    f"partial samples in {str(folder)!r} were made with other settings ({', '.join(diff)}); "
-                    "delete that folder or write the results elsewhere (--out)"
-                )
-        else:
-            meta.write_text(json.dumps(want, indent=2, sort_keys=True) + "\n")
-    images, out_labels, times, resumed = [], [], [], 0
-    starts = list(range(0, num, batch_size))
-    for index, start in enumerate(_tqdm(starts, progress, desc="sampling", unit="batch")):
-        n = min(batch_size, num - start)
-        path = folder / f"batch-{index:05d}.npz" if folder is not None else None
-        if path is not None and path.is_file():
-            with np.load(path) as data:
-                x = data["images"]
-                y = data["labels"] if "labels" in data else None
-            if len(x) == n:
-                images.append(x)
-                out_labels.append(y)
-                resumed += n
-                continue
-        batch_labels = None if labels is None else labels[start : start + n]
-        t0 = time.perf_counter()
-        x, y = generate_batch(n, batch_labels, batch_seed(seed, index))
-        times.append((n, time.perf_counter() - t0))
-        x = check_images(x, "generated images")
-        if len(x) != n:
-            raise LddpmError(f"the generator returned {len(x)} images for a batch of {n}")
-        y = batch_labels if y is None else np.asarray(y, dtype=np.int64)
-        if path is not None:
-            tmp = path.with_name(path.name + ".tmp.npz")
-            np.savez(tmp, images=x, **({} if y is None else {"labels": y}))
-            tmp.replace(path)
-        images.append(x)
-        out_labels.append(y)
-    timed = times[1:] if len(times) > 1 else times
-    timed_images, timed_seconds = sum(t[0] for t in timed), sum(t[1] for t in timed)
-    timing = {
-        "num_generated_now": sum(t[0] for t in times),
-        "num_resumed": resumed,
-        "num_timed_images": timed_images,
-        "timing_excludes_warmup": len(times) > 1,
-        "seconds_per_image": timed_seconds / timed_images if timed_images else None,
-        "images_per_second": timed_images / timed_seconds if timed_seconds > 0 else None,
-        "sampling_seconds_total": sum(t[1] for t in times),
-    }
-    all_labels = None if any(y is None for y in out_labels) else np.concatenate(out_labels)
-    return np.concatenate(images), all_labels, timing
-
-
-# ----------------------------------------------------------------------------- loading helpers
-
-
-def load_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Images made elsewhere: an .npz with `images` uint8 (N,H,W,C) [and `labels`], or a folder of PNG files."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".npz":
-        with np.load(path) as data:
-            if "images" not in data:
-                raise LddpmError(f"{str(path)!r} has no `images` array (found: {', '.join(data.files)})")
-            labels = data["labels"].astype(np.int64) if "labels" in data else None
-            return check_images(data["images"], f"images in {path.name}"), labels
-    if path.is_dir():
-        from PIL import Image
-
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png")
-        if not files:
-            raise LddpmError(f"no .png files in {str(path)!r}")
-        arrays = []
-        for f in files:
-            with Image.open(f) as img:
-                arrays.append(np.asarray(img.convert("L" if img.mode in ("L", "I", "I;16", "1") else "RGB")))
-        if len({a.shape for a in arrays}) != 1:
-            raise LddpmError(f"the PNG files in {str(path)!r} differ in size or channels; all must match")
-        return check_images(np.stack(arrays), f"images in {path}"), None
-    raise LddpmError(f"--images must be a folder of PNG files or an .npz file, got {str(path)!r}")
-
-
-def load_extractor(
-    inception: str | Path | None = None, inception_sha1: str | None = None, *, batch_size: int = 64, device="cpu"
-) -> FeatureExtractor:
-    """The pinned Inception feature extractor, or one from a user file (see `load_inception`)."""
-    return load_inception(inception, expected_sha1=inception_sha1, batch_size=batch_size, device=device)
 
 
 def resolve_classifier(
@@ -429,11 +126,6 @@ def resolve_classifier(
     return model, {**meta, "path": str(folder)}, None
 
 
-def reference_size(ref_num: int | None, num: int) -> int | None:
-    """Reference size: `num` by default, None (the whole split) for 0."""
-    return num if ref_num is None else (ref_num or None)
-
-
 def _is_network(path, sha1, device):
     if path is None:
         return None, None
@@ -441,15 +133,12 @@ def _is_network(path, sha1, device):
     return net.to(device), {"path": str(path), "sha1": digest}
 
 
-# ----------------------------------------------------------------------------- top-level evaluations
-
-
 def evaluate_checkpoint(
     path: str | Path,
     *,
     num: int,
     sampler: str = "ddim",
-    num_steps: int | None = 50,
+    num_steps: int | None = None,
     eta: float = 0.0,
     guidance_scale: float = 1.0,
     labels: str = "balanced",
@@ -457,7 +146,7 @@ def evaluate_checkpoint(
     ref_num: int | None = None,
     batch_size: int = 64,
     seed: int = 0,
-    device: str = "cpu",
+    device: str = "auto",
     partial_dir: str | Path | None = None,
     extractor: FeatureExtractor | None = None,
     inception: str | Path | None = None,
@@ -475,10 +164,11 @@ def evaluate_checkpoint(
     `pipeline` may be given directly (anything with `.generate`, `.num_classes`, `.resolution`,
     `.dataset`); otherwise `lddpm.pipeline.load_pipeline(path, device)` is used.
     """
+    device = str(resolve_device(device))
     if pipeline is None:
-        from lddpm.pipeline import load_pipeline
-
         pipeline = load_pipeline(path, device=device)
+    if num_steps is None and hasattr(pipeline, "diffusion"):  # the sampler's default (all T for ddpm), as `lddpm sample`
+        num_steps = default_num_steps(sampler, pipeline.diffusion.num_timesteps)
     num_classes = int(getattr(pipeline, "num_classes", 0) or 0)
     if labels not in ("balanced", "none"):
         raise LddpmError(f"--labels must be 'balanced' or 'none', got {labels!r}")
@@ -548,7 +238,7 @@ def evaluate_checkpoint(
         progress=progress,
     )
     return {"kind": "samples", **metrics, "cost": cost, "settings": settings, "notes": [note] if note else [],
-            "lddpm_version": __version__, "created": _now()}
+            "lddpm_version": __version__, "created": now_iso()}
 
 
 def evaluate_image_files(
@@ -581,7 +271,7 @@ def evaluate_image_files(
                                  classifier_meta=clf_meta, is_network=is_net, is_network_info=is_info,
                                  device=device, progress=progress)
     return {"kind": "images", **metrics, "settings": {"images": str(images_path), "num": len(images)},
-            "notes": [note] if note else [], "lddpm_version": __version__, "created": _now()}
+            "notes": [note] if note else [], "lddpm_version": __version__, "created": now_iso()}
 
 
 @torch.inference_mode()
@@ -589,7 +279,7 @@ def vae_reconstructions(vae: nn.Module, images: np.ndarray, *, batch_size: int =
     """uint8 reconstructions decode(encode(x).mode()), clamped to [-1, 1], of uint8 (N, H, W, C) images."""
     out = []
     vae = vae.to(device).eval()
-    for i in _tqdm(range(0, len(images), batch_size), progress, desc="VAE reconstructions", unit="batch"):
+    for i in maybe_tqdm(range(0, len(images), batch_size), progress, desc="VAE reconstructions", unit="batch"):
         x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
         recon = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
         out.append(((recon + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
@@ -629,7 +319,7 @@ def evaluate_vae(
         "psnr": float(psnr.mean()),
         "source": {"dataset": getattr(cache, "dataset", None), "split": getattr(cache, "split", None), "num": num},
         "lddpm_version": __version__,
-        "created": _now(),
+        "created": now_iso(),
     }
 
 
@@ -661,19 +351,4 @@ def summary_line(result: dict) -> str:
 
 def write_result(result: dict, out: str | Path) -> Path:
     """Write an evaluation result as indented JSON (atomically)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
-    tmp.replace(out)
-    return out
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+    return write_json(out, result)

@@ -1,0 +1,91 @@
+"""Image grids: one tiling function for training grids, `lddpm sample` and the study's labelled grids."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from lddpm.errors import LddpmError
+from lddpm.io import write_png
+
+
+def tile_rows(rows: list[list[np.ndarray]], *, scale: int = 1, padding: int = 2, pad_value: int = 0) -> np.ndarray:
+    """Tile rows of equally sized uint8 images (H, W, C), each upscaled `scale` times, `padding` pixels apart."""
+    first = next(img for row in rows for img in row)
+    h, w, c = first.shape
+    th, tw = h * scale + padding, w * scale + padding
+    cols = max(len(row) for row in rows)
+    canvas = np.full((len(rows) * th + padding, cols * tw + padding, c), pad_value, np.uint8)
+    for r, row in enumerate(rows):
+        for k, img in enumerate(row):
+            top, left = padding + r * th, padding + k * tw
+            canvas[top:top + h * scale, left:left + w * scale] = img.repeat(scale, axis=0).repeat(scale, axis=1)
+    return canvas
+
+
+def _check(images: np.ndarray) -> np.ndarray:
+    """uint8 images as (N, H, W, C); (N, H, W) gets a channel axis."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise LddpmError(f"a grid needs uint8 images of shape (N, H, W, C), got {images.dtype} {images.shape}")
+    return images
+
+
+def make_grid(images: np.ndarray, nrow: int = 8, padding: int = 2, pad_value: int = 0) -> np.ndarray:
+    """Tile uint8 images (N, H, W, C) row-major, `nrow` per row, `padding` pixels between."""
+    images = _check(images)
+    n, h, w, c = images.shape
+    if n == 0:
+        return np.full((h + 2 * padding, w + 2 * padding, c), pad_value, np.uint8)
+    nrow = max(1, min(int(nrow), n))
+    return tile_rows([list(images[i:i + nrow]) for i in range(0, n, nrow)], padding=padding, pad_value=pad_value)
+
+
+def labelled_grid(images: np.ndarray, labels: np.ndarray | None, *, per_class: int = 8, max_images: int = 64,
+                  class_names: list[str] | None = None, padding: int = 2) -> np.ndarray:
+    """An RGB grid on white: one row per class (named when `class_names` is given) or a square of images.
+
+    Images smaller than 64 pixels are upscaled by an integer factor so a person can see them.
+    """
+    images = _check(images)
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    n, h, w, _ = images.shape
+    row_names = None
+    if labels is not None and len(labels) == n:
+        labels = np.asarray(labels)
+        classes = sorted(int(c) for c in np.unique(labels))
+        rows = [[images[i] for i in np.flatnonzero(labels == c)[:per_class]] for c in classes]
+        if class_names:
+            row_names = [class_names[c] if c < len(class_names) else str(c) for c in classes]
+    else:
+        k = min(n, max_images)
+        cols = max(1, int(math.ceil(math.sqrt(k))))
+        rows = [list(images[i:i + cols]) for i in range(0, k, cols)]
+    scale = max(1, 64 // max(h, w))
+    canvas = tile_rows(rows, scale=scale, padding=padding, pad_value=255)
+    if row_names:
+        canvas = _add_row_names(canvas, row_names, h * scale + padding, padding)
+    return canvas
+
+
+def _add_row_names(canvas: np.ndarray, names: list[str], row_height: int, pad: int) -> np.ndarray:
+    """Prepend a white margin with each row's name."""
+    from PIL import Image, ImageDraw
+
+    width = 8 + 7 * max(len(s) for s in names)
+    out = Image.new("RGB", (canvas.shape[1] + width, canvas.shape[0]), "white")
+    out.paste(Image.fromarray(canvas), (width, 0))
+    draw = ImageDraw.Draw(out)
+    for r, name in enumerate(names):
+        draw.text((4, pad + r * row_height + row_height // 2 - 6), name, fill=(0, 0, 0))
+    return np.asarray(out)
+
+
+def save_grid(images: np.ndarray, path: str | Path, nrow: int = 8) -> Path:
+    """Write uint8 images (N, H, W, C) as one PNG grid with `nrow` images per row (atomically)."""
+    return write_png(path, make_grid(images, nrow))

@@ -1,0 +1,174 @@
+"""Atomic file output: every writer of the package goes through these functions.
+
+A file is written to a hidden temporary name in its own folder (`.NAME.tmp-PID-RANDOM`), flushed,
+then moved over the target with `os.replace`, so a reader (or a crash) never sees half a file and
+the previous good file stays in place until the new one is complete. A full disk raises one
+LddpmError that says so. Stale temporary files of a killed writer match `TEMP_PATTERN` and are
+removed by `remove_stale_temp_files`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from lddpm.errors import LddpmError
+
+TEMP_MARK = ".tmp-"
+TEMP_PATTERN = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}(\.[a-z0-9]+)?$")
+
+
+def temp_path(path: str | Path, suffix: str = "") -> Path:
+    """A hidden temporary sibling of `path` (same folder, so `os.replace` is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
+def _os_error(exc: OSError, path: Path) -> LddpmError:
+    """One clear message for an operating-system failure while writing `path`."""
+    if exc.errno == errno.ENOSPC:
+        return LddpmError(f"disk full while writing {path}; free some space and run the command again "
+                          "(the previous file, if any, is unchanged)")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return LddpmError(f"cannot write {path}: permission denied; choose a writable location")
+    if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+        return LddpmError(f"cannot write {path}: {exc.strerror.lower()}; choose another path")
+    return LddpmError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces `path`, on failure it is removed."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _os_error(exc, path) from None
+    tmp = temp_path(path, suffix)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _os_error(exc, path) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write bytes atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (UTF-8)."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def json_default(obj: Any) -> Any:
+    """JSON encoding of numpy scalars and arrays and of paths."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def finite_or_none(value: Any) -> Any:
+    """NaN / inf -> None, so that a result stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def to_json(obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> str:
+    """`json.dumps` with the package's encoder and a final newline."""
+    return json.dumps(obj, indent=indent, sort_keys=sort_keys, default=json_default) + "\n"
+
+
+def write_json(path: str | Path, obj: Any, *, sort_keys: bool = False) -> Path:
+    """Write indented JSON atomically."""
+    return write_text(path, to_json(obj, sort_keys=sort_keys))
+
+
+def write_png(path: str | Path, image: np.ndarray) -> Path:
+    """Write a uint8 image (H, W), (H, W, 1) or (H, W, 3) as PNG atomically."""
+    from PIL import Image
+
+    image = np.ascontiguousarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    with atomic_path(path, ".png") as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+    return Path(path)
+
+
+def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
+    """Write arrays as an .npz file atomically."""
+    with atomic_path(path, ".npz") as tmp:
+        np.savez(tmp, **arrays)
+    return Path(path)
+
+
+def write_with(path: str | Path, writer: Callable[[Path], Any], suffix: str = "") -> Path:
+    """Call `writer(tmp_path)` and move the result into place atomically (for other formats)."""
+    with atomic_path(path, suffix) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+def make_temp_dir(target: str | Path) -> Path:
+    """A new hidden temporary folder next to `target`, for `swap_in_dir`."""
+    target = Path(target)
+    tmp = temp_path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise _os_error(exc, target) from None
+    return tmp
+
+
+def swap_in_dir(tmp: Path, target: str | Path) -> None:
+    """Move a finished temporary folder to `target`, replacing (then deleting) an existing one."""
+    target = Path(target)
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete this package's leftover temporary files/folders in `folder` (a killed writer's)."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if TEMP_PATTERN.match(entry.name) or re.match(r"^\..+\.old-\d+-[0-9a-f]{8}$", entry.name):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+            removed.append(entry)
+    return removed

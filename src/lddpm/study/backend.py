@@ -1,0 +1,229 @@
+"""The real study backend: trains runs with `lddpm.train` and scores cells with `lddpm.evaluate`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lddpm.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint
+from lddpm.config import load_config, save_config
+from lddpm.data import open_cache, prepare
+from lddpm.errors import LddpmError
+from lddpm.evaluate import evaluate_checkpoint, evaluate_vae, load_extractor, reference_stats, vae_reconstructions
+from lddpm.metrics.classifier import META_FILE, default_classifier_dir, train_dataset_classifier
+from lddpm.pipeline import load_vae
+from lddpm.study.schema import CellSpec, RunSpec, Study, log
+from lddpm.train import check_names, train, train_vae
+
+def _toml_literal(value: Any) -> str:
+    """A value as a `--set` literal (strings quoted, so paths never parse as numbers)."""
+    return json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+class StudyBackend:
+    """Trains runs with `lddpm.train` and scores cells with `lddpm.evaluate`.
+
+    Loads the FID feature network, the reference statistics and the classifier once per study.
+    `extractor` replaces the pinned Inception network (tests use a tiny stand-in).
+    """
+
+    def __init__(self, *, extractor=None, progress: bool = True):
+        self.extractor = extractor
+        self.progress = progress
+        self._reference: dict[tuple, Any] = {}
+        self._classifier: tuple | None = None
+
+    # ------------------------------------------------------------------------- training
+    def run_config(self, run: RunSpec, run_dir: Path, study: Study, deps: dict):
+        """The trainer config of a run: its preset/file, the study's data settings, then `set`."""
+        s = study.settings
+        source = run.config
+        if source.endswith(".toml") or "/" in source:
+            source = str((study.base_dir / source).resolve())
+        overrides = [
+            f"data.dataset={_toml_literal(s.dataset)}",
+            f"data.resolution={s.resolution}",
+            f"run.out={_toml_literal(str(run_dir))}",
+            f"run.seed={s.seed}",
+            f"run.device={_toml_literal(_config_device(s.device))}",
+        ]
+        if s.data_root:
+            overrides.append(f"data.root={_toml_literal(s.data_root)}")
+        if s.cache_dir:
+            overrides.append(f"data.cache_dir={_toml_literal(s.cache_dir)}")
+        if run.vae:
+            overrides.append(f"data.latent={_toml_literal(str(deps[run.vae]['run_dir']))}")
+        if run.steps:
+            overrides.append(f"run.steps={run.steps}")
+        overrides += run.set
+        return check_names(load_config(source, overrides))
+
+    def train(self, run: RunSpec, run_dir: Path, study: Study, deps: dict) -> dict:
+        """Reuse the run if its final checkpoint exists, else train it (resuming from its last checkpoint)."""
+        config = self.run_config(run, run_dir, study, deps)
+        final = run_dir / "checkpoints" / checkpoint_name(config.run.steps)
+        if not final.is_file():
+            resume = bool(list_checkpoints(run_dir / "checkpoints")) if (run_dir / "checkpoints").is_dir() else False
+            if study.settings.train_nproc > 1:
+                self._train_subprocess(run, config, run_dir, resume, study.settings.train_nproc)
+            else:
+                fn = train_vae if run.kind == "vae" else train
+                result = fn(config, run_dir, resume=resume, progress=self.progress)
+                if result.get("stopped"):
+                    raise KeyboardInterrupt(f"training of {run.name} stopped at step {result['step']}")
+            save_config(config, run_dir)
+        if not final.is_file():
+            raise LddpmError(f"run {run.name}: training ended without its final checkpoint {final}")
+        return self._run_info(run, config, final)
+
+    def _train_subprocess(self, run: RunSpec, config, run_dir: Path, resume: bool, nproc: int) -> None:
+        """Train through `lddpm train --nproc N` (torchrun, DDP) from the resolved config file."""
+        save_config(config, run_dir)
+        command = [sys.executable, "-m", "lddpm", "train-vae" if run.kind == "vae" else "train",
+                   str(run_dir / "config.toml"), "--out", str(run_dir), "--nproc", str(nproc)]
+        command += ["--resume"] if resume else []
+        command += [] if self.progress else ["--quiet"]
+        print("[study] " + " ".join(command), flush=True)
+        code = subprocess.call(command)
+        if code:
+            raise LddpmError(f"run {run.name}: `{' '.join(command)}` exited with status {code}")
+
+    @staticmethod
+    def _run_info(run: RunSpec, config, final: Path) -> dict:
+        """What the table needs from a finished run, read from its final checkpoint."""
+        meta = load_checkpoint(final).meta
+        dataset = meta.get("dataset") or {}
+        name = config.model.name
+        if run.kind == "vae":
+            model = f"VAE {name}"
+        else:
+            model = f"{'DiT' if config.model.kind == 'dit' else 'U-Net'} {name}"
+            if config.data.latent:
+                model += " (latent)"
+            if config.run.class_conditional:
+                model += ", class-cond."
+        return {
+            "run_dir": str(final.parent.parent),
+            "checkpoint": str(final),
+            "model": model,
+            "schedule": None if run.kind == "vae" else config.diffusion.schedule,
+            "train_images": int(meta.get("images_seen", 0)),
+            "train_seconds": float(meta.get("wall_time", 0.0)),
+            "class_names": list(dataset.get("class_names") or []),
+            "data": f"{dataset.get('name', config.data.dataset)} {dataset.get('resolution', config.data.resolution)}px",
+        }
+
+    # ------------------------------------------------------------------------- evaluation
+    def _extractor(self, study: Study):
+        """The FID feature network (pinned Inception unless one was given)."""
+        if self.extractor is None:
+            self.extractor = load_extractor(batch_size=study.settings.fid_batch_size, device=_config_device(study.settings.device, resolve=True))
+        return self.extractor
+
+    def _reference_stats(self, study: Study):
+        """Reference statistics of the study's reference split (cached on disk by lddpm.evaluate)."""
+        s = study.settings
+        key = (s.dataset, s.reference_split, s.reference_n, s.resolution)
+        if key not in self._reference:
+            self._reference[key] = reference_stats(
+                s.dataset, split=s.reference_split, num=s.reference_n or None, resolution=s.resolution,
+                extractor=self._extractor(study), cache_dir=s.cache_dir, data_root=s.data_root, progress=self.progress,
+            )
+        return self._reference[key]
+
+    def _classifier_folder(self, study: Study) -> Path:
+        """The classifier for class accuracy / the Inception-style score; trained here if missing."""
+        s = study.settings
+        folder = Path(s.classifier) if s.classifier else default_classifier_dir(s.dataset, s.resolution, s.cache_dir)
+        if not (folder / META_FILE).is_file():
+            log(self.progress, f"[study] training the classifier for class metrics -> {folder}")
+            train_dataset_classifier(s.dataset, s.resolution, epochs=s.classifier_epochs, seed=s.seed, out=folder,
+                                     cache_dir=s.cache_dir, root=s.data_root, device=_config_device(s.device, resolve=True),
+                                     progress=self.progress)
+        return folder
+
+    def cell(self, cell: CellSpec, info: dict, study: Study, out_dir: Path) -> dict:
+        """Score one cell; returns row fields plus `images`/`labels` for the grid."""
+        if cell.kind == "vae":
+            return self._vae_cell(cell, info, study)
+        s = study.settings
+        device = _config_device(s.device, resolve=True)
+        partial = out_dir / "cells" / f"{cell.name}.samples"
+        result = evaluate_checkpoint(
+            info["run_dir"], num=study.fid_n(cell), sampler=cell.sampler, num_steps=cell.steps, eta=cell.eta,
+            guidance_scale=cell.guidance_scale, labels=cell.labels, reference=self._reference_stats(study),
+            batch_size=s.sample_batch_size, seed=s.seed, device=device, partial_dir=partial,
+            extractor=self._extractor(study), classifier=str(self._classifier_folder(study)),
+            cache_dir=s.cache_dir, data_root=s.data_root, progress=self.progress,
+        )
+        images, labels = _read_partial(partial)
+        cost = result.get("cost") or {}
+        evals = cost.get("network_evaluations_per_image")
+        if evals is None:  # every batch was resumed from disk: count from the settings
+            evals = cell.steps * (2 if cell.guidance_scale != 1.0 else 1)
+        return {
+            "fid": result["fid"], "fid_n": result["num_images"],
+            "inception_score": result.get("inception_score") or result.get("classifier_score"),
+            "class_accuracy": result.get("class_accuracy"), "precision": result.get("precision"),
+            "recall": result.get("recall"), "seconds_per_image": cost.get("seconds_per_image"),
+            "model_evals": int(round(evals)), "images": images, "labels": labels,
+            "extra": {"reference": result.get("reference"), "cost": cost, "notes": result.get("notes")},
+        }
+
+    def _vae_cell(self, cell: CellSpec, info: dict, study: Study) -> dict:
+        """Reconstructions of the reference split: rFID, PSNR; grid of originals next to reconstructions."""
+        s = study.settings
+        device = _config_device(s.device, resolve=True)
+        vae = load_vae(info["run_dir"], device)
+        cache = open_cache(prepare(s.dataset, resolution=s.resolution, split=s.reference_split, root=s.data_root,
+                                   cache_dir=s.cache_dir, progress=self.progress))
+        start = time.perf_counter()
+        result = evaluate_vae(vae, cache, reference_stats=self._reference_stats(study), extractor=self._extractor(study),
+                              num=study.fid_n(cell), batch_size=s.sample_batch_size, device=device, progress=self.progress)
+        seconds = time.perf_counter() - start
+        originals = np.asarray(cache.images[:32])
+        recon = vae_reconstructions(vae, originals, batch_size=32, device=device)
+        pairs = np.stack([originals, recon], axis=1).reshape(-1, *originals.shape[1:])
+        return {
+            "fid": result["fid"], "fid_n": result["num_images"], "precision": result.get("precision"),
+            "recall": result.get("recall"), "seconds_per_image": seconds / max(1, result["num_images"]),
+            "model_evals": 1, "psnr": result["psnr"], "mse": result["mse"], "images": pairs, "labels": None,
+        }
+
+
+def _config_device(device: str, resolve: bool = False) -> str:
+    """The study's device as the trainer's run.device (auto/cpu/cuda); `resolve` turns auto into one."""
+    name = device.split(":")[0] if device else "auto"
+    if resolve and name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _read_partial(folder: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The images (and labels) lddpm.evaluate saved batch by batch under `folder`."""
+    files = sorted(folder.glob("batch-*.npz"))
+    if not files:
+        return None, None
+    images, labels = [], []
+    for f in files:
+        with np.load(f) as data:
+            images.append(data["images"])
+            labels.append(data["labels"] if "labels" in data else None)
+    return np.concatenate(images), (None if any(y is None for y in labels) else np.concatenate(labels))
+
+
+def train_run(run: RunSpec, run_dir: Path, study: Study, deps: dict) -> dict:
+    """Train (or reuse / resume) one run with the project's trainer; returns its info."""
+    return StudyBackend().train(run, run_dir, study, deps)
+
+
+def evaluate_cell(cell: CellSpec, info: dict, study: Study, out_dir: Path) -> dict:
+    """Score one cell with the project's evaluator (a fresh backend; `run_study` shares one)."""
+    return StudyBackend().cell(cell, info, study, out_dir)

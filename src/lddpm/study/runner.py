@@ -1,0 +1,134 @@
+"""The study runner: train (or reuse) each run, score each cell, write the report as cells finish.
+
+`run_study` is resumable: each finished cell is stored atomically in `cells/<name>.json` and
+skipped on the next run; a training run is reused when its final checkpoint exists (and resumed
+from its last checkpoint otherwise). A cell that raises is recorded as `failed: <message>` and the
+rest of the grid goes on. How a run is trained and a cell is scored is injectable (`train_fn`,
+`cell_fn`), so the runner and the report are testable with toy functions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from lddpm import report
+from lddpm.grid import labelled_grid
+from lddpm.io import finite_or_none, to_json, write_png, write_text
+from lddpm.study.backend import StudyBackend
+from lddpm.study.schema import CellSpec, RunSpec, Study, base_row, log
+
+TrainFn = Callable[[RunSpec, Path, "Study", dict], dict]
+CellFn = Callable[[CellSpec, dict, "Study", Path], dict]
+
+
+def run_study(
+    study: Study,
+    out_dir: str | Path,
+    *,
+    train_fn: TrainFn | None = None,
+    cell_fn: CellFn | None = None,
+    only: list[str] | None = None,
+    rerun_failed: bool = True,
+    progress: bool = True,
+) -> list[dict]:
+    """Run every cell not yet finished, then write the report; returns the table rows.
+
+    `train_fn(run, run_dir, study, deps) -> info` trains (or reuses) one run; `deps` maps the run's
+    VAE run name to its info. `info` holds at least `run_dir`, and may hold `model`, `schedule`,
+    `train_images`, `train_seconds`, `num_classes`, `class_names`.
+    `cell_fn(cell, info, study, out_dir) -> result` scores one cell; `result` holds metric fields of
+    `ROW_FIELDS` and optionally `images` (uint8 (N,H,W,C)) and `labels` for the sample grid.
+    Defaults are the real trainer and evaluator (`train_run`, `evaluate_cell`).
+    """
+    out = Path(out_dir)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    if train_fn is None or cell_fn is None:
+        backend = StudyBackend(progress=progress)
+        train_fn = train_fn or backend.train
+        cell_fn = cell_fn or backend.cell
+    infos: dict[str, dict | BaseException] = {}
+
+    def ensure_run(name: str) -> dict:
+        if name not in infos:
+            run = study.runs[name]
+            try:
+                deps = {run.vae: ensure_run(run.vae)} if run.vae else {}
+                log(progress, f"[study] run {name}: training / reusing ({run.config})")
+                infos[name] = train_fn(run, out / "runs" / name, study, deps)
+            except Exception as exc:  # remembered, so the run's other cells fail fast
+                infos[name] = exc
+        info = infos[name]
+        if isinstance(info, BaseException):
+            raise info
+        return info
+
+    rows = []
+    for cell in study.cells:
+        path = out / "cells" / f"{cell.name}.json"
+        old = json.loads(path.read_text()) if path.is_file() else None
+        done = old is not None and (old.get("status") == "ok" or not rerun_failed)
+        if done or (only and cell.name not in only):
+            rows.append(old if old is not None else base_row(cell, study, status="not run"))
+            continue
+        log(progress, f"[study] cell {cell.name}: {cell.kind} {cell.sampler} steps={cell.steps} s={cell.guidance_scale:g}")
+        row = base_row(cell, study, status="ok")
+        start = time.perf_counter()
+        try:
+            info = ensure_run(cell.run)
+            for key in ("model", "schedule", "train_images", "train_seconds", "data"):
+                if info.get(key) is not None:
+                    row[key] = info[key]
+            result = dict(cell_fn(cell, info, study, out))
+            images, labels = result.pop("images", None), result.pop("labels", None)
+            row.update(result)
+            if images is not None:
+                grid = labelled_grid(images, labels, per_class=study.settings.grid_per_class,
+                                     max_images=study.settings.grid_size, class_names=info.get("class_names"))
+                row["grid"] = f"grids/{cell.name}.png"
+                write_png(out / row["grid"], grid)
+        except Exception as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            row["status"] = f"failed: {message}"
+            write_text(out / "cells" / f"{cell.name}.error.txt", traceback.format_exc())
+            log(progress, f"[study] cell {cell.name} failed: {message}")
+        row["cell_seconds"] = round(time.perf_counter() - start, 3)
+        row = {k: finite_or_none(v) for k, v in row.items()}
+        write_text(path, to_json(row).rstrip("\n"))
+        rows.append(row)
+        pending = [base_row(c, study, "pending") for c in study.cells[len(rows):]]
+        write_report(study, rows + pending, out, plots=False)  # the table so far; plots at the end
+    write_report(study, rows, out, run_dirs={n: i["run_dir"] for n, i in infos.items() if isinstance(i, dict)})
+    log(progress, f"[study] results in {out / 'index.html'}")
+    return rows
+
+
+def load_rows(study: Study, out_dir: str | Path) -> list[dict]:
+    """The rows of the finished (or failed) cells under `out_dir/cells`; others as "not run"."""
+    rows = []
+    for cell in study.cells:
+        path = Path(out_dir) / "cells" / f"{cell.name}.json"
+        rows.append(json.loads(path.read_text()) if path.is_file() else base_row(cell, study, "not run"))
+    return rows
+
+
+def write_report(study: Study, rows: list[dict], out_dir: str | Path, run_dirs: dict[str, Any] | None = None,
+                 *, plots: bool = True) -> None:
+    """Write results.json, results.csv, results.md, plots/*.png (unless `plots` is false) and index.html."""
+    out = Path(out_dir)
+    run_dirs = dict(run_dirs or {})
+    for name in study.runs:
+        run_dirs.setdefault(name, out / "runs" / name)
+    payload = {"study": asdict(study.settings), "runs": {n: asdict(r) for n, r in study.runs.items()}, "rows": rows}
+    write_text(out / "results.json", to_json(payload).rstrip("\n"))
+    write_text(out / "results.csv", report.to_csv(rows))
+    write_text(out / "results.md", report.to_markdown(study, rows))
+    if plots:
+        made = report.write_plots(rows, {n: Path(d) for n, d in run_dirs.items()}, out / "plots")
+    else:  # keep linking the plots of the last full report
+        made = [(p.stem.replace("_", " "), f"plots/{p.name}") for p in sorted((out / "plots").glob("*.png")) if not p.name.startswith(".")]
+    write_text(out / "index.html", report.to_html(study, rows, made))

@@ -1,0 +1,230 @@
+"""The study file's schema: settings, runs, cells, their parsing and validation, and the row fields.
+
+The study: a grid of training runs and evaluation cells -> one folder with table, plots, grids.
+
+A study file (TOML) has three parts:
+
+    [study]            shared settings: dataset, resolution, N for FID, reference split, seed, ...
+    [runs.<name>]      training runs: a trainer config (file or preset) + `set` overrides + steps
+    [[cells]]          evaluation cells: run, sampler, steps, eta, guidance scale, labels
+
+A cell's `run`, `sampler`, `steps`, `guidance_scale` and `eta` may be lists; the cell is then expanded into one
+cell per combination and its `name` is a template (`"ddim-{steps}"`, `"cfg-s{guidance_scale:g}"`).
+
+`run_study` is resumable: each finished cell is stored atomically in `cells/<name>.json` and
+skipped on the next run; a training run is reused when its final checkpoint exists (and resumed
+from its last checkpoint otherwise). A cell that raises is recorded as `failed: <message>` and the
+rest of the grid goes on. How a run is trained and a cell is scored is injectable (`train_fn`,
+`cell_fn`), so the runner and the report are testable with toy functions.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from lddpm.config import read_toml
+from lddpm.errors import LddpmError
+
+CELL_KINDS = ("sample", "vae")
+RUN_KINDS = ("diffusion", "vae")
+LABEL_MODES = ("balanced", "none")
+PLOT_GROUPS = ("samplers", "guidance", "schedules", "vae", "architecture", "other")
+
+# One row of the results table: these keys, in this order, in results.json/csv.
+ROW_FIELDS = (
+    "name", "status", "run", "model", "data", "sampler", "steps", "eta", "guidance_scale",
+    "schedule", "fid", "fid_n", "inception_score", "class_accuracy", "precision", "recall",
+    "seconds_per_image", "model_evals", "train_images", "train_seconds", "group",
+)
+
+
+@dataclass
+class StudySettings:
+    """Settings shared by every run and cell of a study."""
+
+    name: str = "study"
+    dataset: str = "fashion-mnist"
+    resolution: int = 32
+    fid_n: int = 500  # images per cell for FID / IS / precision-recall
+    reference_split: str = "test"  # FID reference statistics come from this split
+    reference_n: int = 0  # images of that split in the reference statistics (0 = all)
+    seed: int = 0
+    fid_batch_size: int = 50
+    sample_batch_size: int = 64
+    grid_per_class: int = 8  # grid columns when the samples have labels (one row per class)
+    grid_size: int = 64  # images in the grid of an unlabelled cell
+    classifier: str = ""  # classifier folder; empty: the shared default (trained when missing)
+    classifier_epochs: float = 2.0  # training length of that classifier when it is trained here
+    device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
+    train_nproc: int = 1  # processes per training run (> 1: `lddpm train --nproc N`, torchrun + DDP)
+    data_root: str | None = None
+    cache_dir: str | None = None
+
+
+@dataclass
+class RunSpec:
+    """One training run: a trainer config plus overrides."""
+
+    name: str
+    config: str  # trainer config: a TOML file (relative to the study file) or a preset name
+    kind: str = "diffusion"  # "diffusion" or "vae"
+    steps: int | None = None  # total training steps (overrides the config's)
+    set: list[str] = field(default_factory=list)  # `--set key=value` overrides
+    vae: str | None = None  # name of the VAE run whose latents a latent-diffusion run trains on
+
+
+@dataclass
+class CellSpec:
+    """One evaluation cell: a run scored with one sampler setting."""
+
+    name: str
+    run: str
+    kind: str = "sample"  # "sample": generate and score; "vae": reconstruct the reference split
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+    labels: str = "balanced"  # "balanced": equal images per class (conditional runs); "none"
+    group: str = ""  # which plot the cell belongs to; inferred when empty
+    fid_n: int | None = None  # overrides the study's N for this cell
+
+
+@dataclass
+class Study:
+    """A parsed study file."""
+
+    settings: StudySettings
+    runs: dict[str, RunSpec]
+    cells: list[CellSpec]
+    base_dir: Path = Path(".")  # folder of the study file; trainer config paths are relative to it
+
+    def fid_n(self, cell: CellSpec) -> int:
+        """N for this cell's FID."""
+        return cell.fid_n or self.settings.fid_n
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _from_dict(cls, data: dict, where: str, **extra):
+    """Build dataclass `cls` from a TOML table, naming unknown keys in the error."""
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise LddpmError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed - set(extra))}")
+    return cls(**data, **extra)
+
+
+def _expand_cell(raw: dict, index: int) -> list[CellSpec]:
+    """Expand list-valued run/sampler/steps/guidance_scale/eta into one cell per combination."""
+    if "name" not in raw or "run" not in raw:
+        raise LddpmError(f"cells[{index}]: every cell needs `name` and `run` (got keys {sorted(raw)})")
+    axes = {k: raw[k] for k in ("run", "sampler", "steps", "guidance_scale", "eta") if isinstance(raw.get(k), list)}
+    if not axes:
+        return [_from_dict(CellSpec, raw, f"cells[{index}]")]
+    cells = []
+    for combo in itertools.product(*axes.values()):
+        item = dict(raw, **dict(zip(axes, combo)))
+        try:
+            item["name"] = raw["name"].format(**item)
+        except (KeyError, ValueError) as exc:
+            raise LddpmError(f"cells[{index}]: bad name template {raw['name']!r}: {exc}") from None
+        cells.append(_from_dict(CellSpec, item, f"cells[{index}]"))
+    if len({c.name for c in cells}) < len(cells):
+        raise LddpmError(f"cells[{index}]: name template {raw['name']!r} must mention every list-valued key {list(axes)}")
+    return cells
+
+
+def _infer_group(cell: CellSpec) -> str:
+    """The plot a cell belongs to, when the study file does not say."""
+    if cell.kind == "vae":
+        return "vae"
+    return "samplers" if cell.guidance_scale == 1.0 else "guidance"
+
+
+def study_from_dict(data: dict, base_dir: str | Path = ".") -> Study:
+    """Parse and validate a study description (the TOML file's contents)."""
+    unknown = sorted(set(data) - {"study", "runs", "cells"})
+    if unknown:
+        raise LddpmError(f"study file: unknown top-level table(s) {unknown}; allowed: study, runs, cells")
+    settings = _from_dict(StudySettings, dict(data.get("study", {})), "[study]")
+    runs = {}
+    for name, raw in data.get("runs", {}).items():
+        if "config" not in raw:
+            raise LddpmError(f"[runs.{name}]: missing `config` (a trainer TOML file or preset name)")
+        run = _from_dict(RunSpec, dict(raw), f"[runs.{name}]", name=name)
+        if run.kind not in RUN_KINDS:
+            raise LddpmError(f"[runs.{name}]: kind {run.kind!r} is not one of {RUN_KINDS}")
+        runs[name] = run
+    for run in runs.values():
+        if run.vae is not None and (run.vae not in runs or runs[run.vae].kind != "vae"):
+            raise LddpmError(f"[runs.{run.name}]: vae = {run.vae!r} must name a run with kind = \"vae\"")
+    cells: list[CellSpec] = []
+    for i, raw in enumerate(data.get("cells", [])):
+        cells.extend(_expand_cell(dict(raw), i))
+    if not cells:
+        raise LddpmError("study file: no [[cells]] given; add at least one evaluation cell")
+    seen = set()
+    for cell in cells:
+        if cell.name in seen:
+            raise LddpmError(f"cells: duplicate cell name {cell.name!r}; cell names must be unique")
+        seen.add(cell.name)
+        if cell.run not in runs:
+            raise LddpmError(f"cell {cell.name!r}: run {cell.run!r} is not defined; defined runs: {sorted(runs)}")
+        if cell.kind not in CELL_KINDS:
+            raise LddpmError(f"cell {cell.name!r}: kind {cell.kind!r} is not one of {CELL_KINDS}")
+        if cell.labels not in LABEL_MODES:
+            raise LddpmError(f"cell {cell.name!r}: labels {cell.labels!r} is not one of {LABEL_MODES}")
+        if cell.kind == "vae" and runs[cell.run].kind != "vae":
+            raise LddpmError(f"cell {cell.name!r}: kind \"vae\" needs a run with kind = \"vae\"")
+        if cell.group == "":
+            cell.group = _infer_group(cell)
+        if cell.group not in PLOT_GROUPS:
+            raise LddpmError(f"cell {cell.name!r}: group {cell.group!r} is not one of {PLOT_GROUPS}")
+    return Study(settings, runs, cells, Path(base_dir))
+
+
+def find_study_file(name: str | Path) -> Path:
+    """A study file path, or a preset name (`study-quick`, `demo`) looked up in the configs folder."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = path.name if path.suffix == ".toml" else f"{path.name}.toml"
+    candidates = [
+        Path(__file__).resolve().parent.parent / "configs" / stem,  # shipped with the package
+        Path.cwd() / "configs" / stem,
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise LddpmError(f"study file {str(name)!r} not found (also looked for configs/{stem}); give a TOML file path")
+
+
+def load_study(path: str | Path) -> Study:
+    """Read a study TOML file (or preset name); trainer config paths resolve relative to it."""
+    path = find_study_file(path)
+    data = read_toml(path, what="study file")
+    return study_from_dict(data, base_dir=path.parent)
+
+
+def base_row(cell: CellSpec, study: Study, status: str) -> dict:
+    """A table row with the cell's settings filled in and no metrics yet."""
+    row: dict[str, Any] = {k: None for k in ROW_FIELDS}
+    row.update(
+        name=cell.name, status=status, run=cell.run, data=f"{study.settings.dataset} {study.settings.resolution}px",
+        sampler=cell.sampler if cell.kind == "sample" else "reconstruction",
+        steps=cell.steps if cell.kind == "sample" else None,
+        eta=cell.eta if cell.kind == "sample" else None,
+        guidance_scale=cell.guidance_scale if cell.kind == "sample" else None,
+        fid_n=study.fid_n(cell), group=cell.group, kind=cell.kind,
+    )
+    return row
+
+
+def log(progress: bool, message: str) -> None:
+    """Print a progress line (flushed, so it shows up in logs at once)."""
+    if progress:
+        print(message, flush=True)

@@ -1,0 +1,174 @@
+"""The diffusion trainer: a noise predictor on images or on a VAE's latents (data.latent)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lddpm import distributed
+from lddpm.checkpoint import load_checkpoint
+from lddpm.config import Config
+from lddpm.data import ImageLoader, LatentLoader, default_cache_dir, encode_latents, open_latent_cache
+from lddpm.diffusion import build_diffusion
+from lddpm.errors import LddpmError
+from lddpm.grid import save_grid
+from lddpm.nn import build_network
+from lddpm.pipeline import Pipeline, load_vae
+from lddpm.train.loop import TrainingLoop
+from lddpm.train.utils import EMA, network_overrides, open_training_images
+
+
+class DiffusionTrainer(TrainingLoop):
+    """Trains a noise predictor on images or on a VAE's latents (data.latent)."""
+
+    kind = "diffusion"
+
+    def build(self) -> None:
+        """Data (and latent cache), network, EMA, diffusion, optimizer."""
+        c = self.config
+        cache = open_training_images(c, self.info, self.progress)
+        self.dataset_info = {"name": c.data.dataset, "split": c.data.split, "num_classes": cache.num_classes,
+                             "class_names": list(cache.class_names), "channels": cache.channels,
+                             "resolution": cache.resolution}
+        self.vae, self.vae_meta = None, None
+        accum, world = c.optim.grad_accum, self.info.world_size
+        shard_ids = [self.info.rank * accum + i for i in range(accum)]
+        if c.data.latent:
+            self.vae, self.vae_meta = self._load_vae(cache)
+            latents = self._latent_cache(cache)
+            self.loaders = {s: LatentLoader(latents, self.shard_batch, seed=c.run.seed, rank=s,
+                                            world_size=world * accum, scaling_factor=self.vae.scaling_factor)
+                            for s in shard_ids}
+            in_channels, resolution = self.vae.latent_channels, cache.resolution // self.vae.downsample_factor
+        else:
+            self.loaders = {s: ImageLoader(cache, self.shard_batch, seed=c.run.seed, rank=s,
+                                           world_size=world * accum, hflip=c.data.hflip)
+                            for s in shard_ids}
+            in_channels, resolution = cache.channels, cache.resolution
+        num_classes = cache.num_classes if c.run.class_conditional else 0
+        if c.run.class_conditional and num_classes < 1:
+            raise LddpmError(f"run.class_conditional = true but dataset {c.data.dataset!r} has no classes")
+        if c.model.kind not in ("unet", "dit"):
+            raise LddpmError(f"lddpm train trains a noise predictor: model.kind must be 'unet' or 'dit', not {c.model.kind!r} "
+                             "(use lddpm train-vae for autoencoders)")
+        derived = {"resolution": resolution, "in_channels": in_channels, "num_classes": num_classes,
+                   "learned_sigma": c.diffusion.learned_variance}
+        self.model = build_network(c.model.kind, c.model.name, **network_overrides(c, derived)).to(self.device)
+        self.model.train()
+        self.ema = EMA(self.model, c.optim.ema_decay, c.optim.ema_warmup)
+        self.diffusion = build_diffusion(c.diffusion)
+        self.optimizer = self.make_optimizer(self.model.parameters())
+        self.forward_model = self.wrap_ddp(self.model)
+        self.null_label = self.model.null_label if num_classes else None
+        self.grid_pipeline = Pipeline(self.ema.model, self.diffusion, vae=self.vae, config=c,
+                                      dataset=self.dataset_info, device=self.device)
+
+    def _load_vae(self, cache):
+        """The VAE run named by data.latent; refuse one trained on other data or resolution."""
+        c = self.config
+        if not Path(c.data.latent).exists():
+            raise LddpmError(
+                f"data.latent = {c.data.latent!r}: no such VAE run; train it first (lddpm train-vae CONFIG "
+                f"--out {c.data.latent}) or point data.latent at an existing VAE run folder or checkpoint"
+            )
+        ckpt = load_checkpoint(c.data.latent)
+        if ckpt.meta.get("kind") != "vae":
+            raise LddpmError(f"data.latent = {c.data.latent!r} is a {ckpt.meta.get('kind')!r} run, not a VAE run")
+        vae_data = ckpt.meta["config"]["data"]
+        ours = (c.data.dataset, c.data.split, c.data.resolution)
+        theirs = (vae_data["dataset"], vae_data["split"], vae_data["resolution"])
+        if (vae_data["dataset"], vae_data["resolution"]) != (c.data.dataset, c.data.resolution):
+            raise LddpmError(
+                f"the VAE run {c.data.latent} was trained on {theirs[0]} at {theirs[2]}px, but this run uses "
+                f"{ours[0]} at {ours[2]}px; train a VAE on the same data and resolution"
+            )
+        if ckpt.meta["network"]["config"].get("in_channels") != cache.channels:
+            raise LddpmError(f"the VAE run {c.data.latent} expects {ckpt.meta['network']['config'].get('in_channels')} "
+                             f"channels, the data has {cache.channels}")
+        vae = load_vae(ckpt.path, device=self.device)
+        meta = {"run": str(c.data.latent), "checkpoint": str(ckpt.path.resolve()), "step": ckpt.meta["step"],
+                "code_version": ckpt.header["code_version"], "scaling_factor": vae.scaling_factor,
+                "network_config": vae.config.to_dict()}
+        return vae, meta
+
+    def _latent_cache(self, cache):
+        """Encode the image cache with the VAE once (rank 0) and open it."""
+        c = self.config
+        root = Path(c.data.cache_dir) if c.data.cache_dir else default_cache_dir()
+        key = hashlib.sha256(f"{self.vae_meta['checkpoint']}|{self.vae_meta['step']}".encode()).hexdigest()[:12]
+        out = root / "latents" / f"{Path(cache.path).name}-vae-{key}"
+        vae_id = f"{self.vae_meta['checkpoint']}@{self.vae_meta['step']}"
+        if self.info.is_main:
+            encode_latents(self.vae, cache, out, batch_size=64, device=self.device, progress=self.progress, vae_id=vae_id)
+        distributed.barrier(self.info)
+        self.vae_meta["latent_cache"] = str(out)
+        return open_latent_cache(out)
+
+    def micro_loss(self, shard: int, generator: torch.Generator):
+        """Diffusion loss of one micro-batch, with label dropout for classifier-free guidance."""
+        x, y = self.loaders[shard].batch(self.step)
+        x = x.to(self.device, non_blocking=True)
+        if self.null_label is not None:
+            y = y.to(self.device)
+            # Important: dropping labels to the null label trains the unconditional model for CFG.
+            drop = torch.rand(y.shape, generator=generator, device=self.device) < self.config.run.label_dropout
+            y = torch.where(drop, torch.full_like(y, self.null_label), y)
+        else:
+            y = None
+        with self.autocast():
+            out = self.diffusion.training_losses(self.forward_model, x, y=y, generator=generator)
+        per_sample = {}
+        if self.diffusion.timestep_sampling == "adaptive":
+            per_sample = {"t": out["t"], "loss": out.get("loss_unweighted", out["loss"]).float()}
+        return out["loss"].float().mean(), per_sample
+
+    def after_step(self, gathered):
+        """Feed all ranks' losses to the adaptive timestep sampler."""
+        if gathered:
+            self.diffusion.update_timestep_sampler(gathered["t"], gathered["loss"])
+
+    def groups(self):
+        """model, ema, optimizer, diffusion (timestep sampler), and the VAE for latent runs."""
+        groups = {"model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
+                  "optimizer": self.optimizer.state_dict(), "diffusion": self.diffusion.state_dict()}
+        if self.vae is not None:
+            groups["vae"] = self.vae.state_dict()  # makes the checkpoint self-contained for sampling
+        return groups
+
+    def load_groups(self, ckpt):
+        """Restore weights, EMA, optimizer and timestep-sampler state."""
+        self.model.load_state_dict(ckpt.load("model", self.device))
+        self.ema.model.load_state_dict(ckpt.load("ema", self.device))
+        self.optimizer.load_state_dict(ckpt.load("optimizer"))  # CPU: AdamW keeps "step" there
+        self.diffusion.load_state_dict(ckpt.load("diffusion"))
+
+    def meta(self):
+        """Dataset and VAE descriptions for the pipeline."""
+        return {"dataset": self.dataset_info, "vae": self.vae_meta}
+
+    def write_grid(self, path: Path) -> None:
+        """EMA samples from fixed noise; one row per class for conditional models."""
+        c = self.config
+        if self.null_label is not None:
+            k = self.model.num_classes
+            per_class = max(1, c.run.num_sample_images // k)
+            labels = np.repeat(np.arange(k), per_class)
+            nrow = per_class
+        else:
+            labels, nrow = None, int(math.ceil(math.sqrt(c.run.num_sample_images)))
+        num = len(labels) if labels is not None else c.run.num_sample_images
+        images, _ = self.grid_pipeline.generate(
+            num, sampler=c.run.sampler, num_steps=c.run.sample_steps, labels=labels, seed=c.run.seed,
+            guidance_scale=c.run.guidance_scale, batch_size=max(num, 1), progress=False)
+        save_grid(images, path, nrow=nrow)
+
+
+def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True,
+          stop_at: int | None = None) -> dict[str, Any]:
+    """Train a diffusion model; `stop_at` stops (with a checkpoint) after that many steps, as a signal would."""
+    return DiffusionTrainer(config, run_dir, resume=resume, progress=progress, stop_at=stop_at).run()

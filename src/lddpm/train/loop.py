@@ -1,0 +1,276 @@
+"""The training loop shared by the diffusion and the autoencoder trainers.
+
+The training loop for diffusion models (pixel or latent space) and for the KL autoencoder.
+
+One loop serves both (`train`, `train_vae`): AdamW with linear LR warm-up, gradient clipping,
+an EMA of the weights, optional bf16 autocast and torch.compile, DDP under torchrun, and
+checkpoints that make a resumed run end with exactly the weights of an uninterrupted one.
+
+Exact resume without saved RNG streams: every random draw of step `n` comes from generators
+seeded by (seed, n, shard) -- the data order (`ImageLoader.batch(n)`), timesteps, noise and
+label dropout (a `torch.Generator`), and dropout inside the network (the global torch seed is
+reset per micro-batch). A "shard" is one micro-batch of the global batch: process `rank` with
+`grad_accum` micro-batches owns shards rank * grad_accum + i of world_size * grad_accum, so
+2 processes and 1 process with grad_accum=2 see the same data and the same noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from lddpm import distributed
+from lddpm.checkpoint import estimate_checkpoint_bytes, list_checkpoints, load_checkpoint, save_run_checkpoint
+from lddpm.config import Config, save_config, validate
+from lddpm.errors import LddpmError
+from lddpm.seeding import step_seed
+from lddpm.train.utils import (StopSignal, check_names, check_run_dir, lr_at, resume_differences,
+                               use_deterministic_kernels)
+
+
+class TrainingLoop:
+    """What both trainers share: run folder, resume, signals, logging, checkpoints, guards."""
+
+    kind = "base"
+
+    def __init__(self, config: Config, run_dir: str | Path | None = None, *, resume: bool = False,
+                 progress: bool = True, stop_at: int | None = None):
+        self.config = check_names(validate(config.copy()))
+        self.run_dir = Path(run_dir if run_dir is not None else config.run.out)
+        self.config.run.out = str(self.run_dir)
+        self.resume, self.progress, self.stop_at = resume, progress, stop_at
+        self.info = distributed.setup(self.config.run.device)
+        self.device = self.info.device
+        use_deterministic_kernels(self.device, self.config.run.deterministic)
+        o = self.config.optim
+        self.shards = self.info.world_size * o.grad_accum
+        if o.batch_size % self.shards:
+            raise LddpmError(
+                f"optim.batch_size = {o.batch_size} is not divisible by processes x grad_accum = {self.shards}"
+            )
+        self.shard_batch = o.batch_size // self.shards
+        self.step = 0
+        self.wall_offset = 0.0
+
+    # ----------------------------------------------------------------- hooks for subclasses
+    def build(self) -> None:
+        """Create data, networks and optimizers (self.model, self.ema, self.optimizer)."""
+        raise NotImplementedError
+
+    def micro_loss(self, shard: int, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward one micro-batch; return its mean loss and per-sample tensors to gather."""
+        raise NotImplementedError
+
+    def after_step(self, gathered: dict[str, torch.Tensor]) -> None:
+        """Work after the optimizer step (adaptive timestep sampler, discriminator...)."""
+
+    def groups(self) -> dict[str, Any]:
+        """Checkpoint state groups."""
+        raise NotImplementedError
+
+    def load_groups(self, ckpt) -> None:
+        """Restore from an opened checkpoint."""
+        raise NotImplementedError
+
+    def meta(self) -> dict[str, Any]:
+        """Task-specific checkpoint metadata."""
+        return {}
+
+    def write_grid(self, path: Path) -> None:
+        """Write the sample grid of the current step."""
+
+    def finish(self) -> None:
+        """Work after the last step, before the final checkpoint."""
+
+    # ----------------------------------------------------------------- shared machinery
+    def autocast(self):
+        """bf16 autocast on CPU or CUDA when run.bf16, else nothing."""
+        if self.config.run.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def wrap_ddp(self, model: nn.Module) -> nn.Module:
+        """The module the forward pass calls: DDP-wrapped under torchrun, compiled if asked."""
+        forward = model
+        if self.info.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            forward = DistributedDataParallel(model, device_ids=ids)
+        if self.config.run.compile:
+            forward = torch.compile(forward)
+        return forward
+
+    def full_meta(self) -> dict[str, Any]:
+        """Everything a checkpoint records besides tensors."""
+        return {
+            "kind": self.kind,
+            "step": self.step,
+            "images_seen": self.step * self.config.optim.batch_size,
+            "wall_time": self.wall_offset + (time.time() - self.t0),
+            "config": self.config.to_dict(),
+            "network": {"kind": self.config.model.kind, "config": self.model.config.to_dict()},
+            **self.meta(),
+        }
+
+    def save(self) -> Path | None:
+        """Checkpoint on rank 0."""
+        if not self.info.is_main:
+            return None
+        return save_run_checkpoint(self.run_dir, self.step, self.groups(), self.full_meta(),
+                                   keep=self.config.run.keep_checkpoints)
+
+    def _prepare_run_dir(self) -> None:
+        """Check the folder and disk, refuse to clobber an existing run, resume if asked."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        existing = list_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
+        if self.info.is_main:
+            if existing and not self.resume:
+                raise LddpmError(
+                    f"run folder {self.run_dir} already has checkpoints; add --resume to continue it or "
+                    "choose another --out"
+                )
+            needed = estimate_checkpoint_bytes(self.model, self.ema.model) * (self.config.run.keep_checkpoints + 1)
+            check_run_dir(self.run_dir, needed + 20_000_000)
+        if self.resume:
+            if not existing:
+                raise LddpmError(f"nothing to resume: {self.run_dir} has no checkpoints; drop --resume to start it")
+            ckpt = load_checkpoint(self.run_dir)
+            if ckpt.meta.get("kind") != self.kind:
+                raise LddpmError(f"{ckpt.path} is a {ckpt.meta.get('kind')!r} checkpoint; this is a {self.kind} run")
+            saved = ckpt.meta["network"]["config"]
+            now = self.model.config.to_dict()
+            if saved != now or ckpt.meta["network"]["kind"] != self.config.model.kind:
+                diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
+                         for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+                raise LddpmError(
+                    f"cannot resume {self.run_dir}: the network shape changed ({'; '.join(diffs) or 'kind'}); "
+                    "resume with the run's own config.toml or start a new run folder"
+                )
+            changed = resume_differences(ckpt.meta["config"], self.config.to_dict())
+            if changed:
+                raise LddpmError(
+                    f"cannot resume {self.run_dir}: {', '.join(changed)} changed since its checkpoint; resume with "
+                    "the run's own config.toml (only run.steps, logging and checkpoint settings may change) or "
+                    "start a new run folder"
+                )
+            self.load_groups(ckpt)
+            self.step = int(ckpt.meta["step"])
+            self.wall_offset = float(ckpt.meta.get("wall_time", 0.0))
+        if self.info.is_main:
+            save_config(self.config, self.run_dir)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def run(self) -> dict[str, Any]:
+        """Train to run.steps (or until a stop request); return a summary."""
+        try:
+            return self._run()
+        finally:
+            distributed.teardown(self.info)
+
+    def _run(self) -> dict[str, Any]:
+        self.t0 = time.time()
+        c = self.config
+        torch.manual_seed(c.run.seed)  # identical initial weights on every rank
+        self.build()
+        self._prepare_run_dir()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        total = c.run.steps
+        bar = tqdm(total=total, initial=min(self.step, total), unit="step", desc=self.kind,
+                   disable=not (self.progress and self.info.is_main), dynamic_ncols=True)
+        stopped, last_loss = False, float("nan")
+        loss_sum, loss_count, step_time, images = 0.0, 0, 0.0, 0
+        with StopSignal() as stop:
+            while self.step < total:
+                t_start = time.perf_counter()
+                loss_value, grad_norm, stop_now = self._train_step(stop.requested)
+                step_time += time.perf_counter() - t_start
+                images += c.optim.batch_size
+                loss_sum, loss_count, last_loss = loss_sum + loss_value, loss_count + 1, loss_value
+                self.step += 1
+                if self.info.is_main:
+                    bar.update(1)
+                    if self.step % c.run.log_every == 0 or self.step == total:
+                        record = {
+                            "step": self.step,
+                            "loss": loss_sum / loss_count,
+                            "lr": lr_at(self.step - 1, c.optim.lr, c.optim.warmup_steps),
+                            "grad_norm": grad_norm,
+                            "images_per_s": images / max(step_time, 1e-9),
+                            "wall_time": self.wall_offset + (time.time() - self.t0),
+                        }
+                        self._log(record)
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                        loss_sum, loss_count, step_time, images = 0.0, 0, 0.0, 0
+                    if c.run.sample_every and self.step % c.run.sample_every == 0 and self.step < total:
+                        self.write_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
+                if stop_now or (self.stop_at is not None and self.step >= self.stop_at):
+                    stopped = self.step < total
+                    break
+                if self.step % c.run.checkpoint_every == 0 and self.step < total:
+                    self.save()
+        bar.close()
+        if not stopped:
+            self.finish()
+            if self.info.is_main:
+                self.write_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
+        path = self.save()
+        return {"run_dir": str(self.run_dir), "step": self.step, "stopped": stopped, "loss": last_loss,
+                "checkpoint": str(path) if path else None}
+
+    def _train_step(self, stop_requested: bool) -> tuple[float, float, bool]:
+        """One optimizer step over grad_accum micro-batches; returns (loss, grad_norm, stop)."""
+        c = self.config
+        accum = c.optim.grad_accum
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total = torch.zeros((), device=self.device, dtype=torch.float64)
+        gathered: dict[str, list[torch.Tensor]] = {}
+        for i in range(accum):
+            shard = self.info.rank * accum + i
+            seed = step_seed(c.run.seed, self.step, shard)
+            torch.random.default_generator.manual_seed(seed)  # dropout inside the network
+            if self.device.type == "cuda":
+                torch.cuda.manual_seed(seed)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            sync = self.info.enabled and i < accum - 1
+            with (self.forward_model.no_sync() if sync and hasattr(self.forward_model, "no_sync") else nullcontext()):
+                loss, per_sample = self.micro_loss(shard, generator)
+                (loss / accum).backward()
+            loss_total += loss.detach().double() / accum
+            for key, value in per_sample.items():
+                gathered.setdefault(key, []).append(value.detach())
+        # One collective for the mean loss over ranks and the stop flag; all ranks then agree.
+        status = torch.stack([loss_total, torch.tensor(float(stop_requested), device=self.device, dtype=torch.float64)])
+        distributed.all_reduce_sum(status, self.info)
+        loss_value = float(status[0]) / self.info.world_size
+        if not math.isfinite(loss_value):
+            last = list_checkpoints(self.run_dir / "checkpoints")
+            where = f"the last good checkpoint {last[-1]} is intact" if last else "no checkpoint was written yet"
+            raise LddpmError(
+                f"the loss became {loss_value} at step {self.step + 1}: training diverged and stopped; {where}. "
+                "Lower optim.lr, set optim.grad_clip, or turn off run.bf16"
+            )
+        max_norm = c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, c.optim.lr, c.optim.warmup_steps)
+        self.optimizer.step()
+        self.ema.update(self.model, self.step)
+        self.after_step({k: distributed.all_gather_cat(torch.cat(v), self.info) for k, v in gathered.items()})
+        return loss_value, grad_norm, bool(status[1] > 0)
+
+    def make_optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
+        """AdamW with the [optim] settings."""
+        o = self.config.optim
+        return torch.optim.AdamW(params, lr=lr if lr is not None else o.lr, betas=tuple(o.betas),
+                                 weight_decay=o.weight_decay, foreach=True)
