@@ -272,7 +272,7 @@ class _Loop:
             ckpt = load_checkpoint(self.run_dir)
             if ckpt.meta.get("kind") != self.kind:
                 raise LddpmError(f"{ckpt.path} is a {ckpt.meta.get('kind')!r} checkpoint; this is a {self.kind} run")
-            saved = ckpt.meta["network"]["config"]
+            saved = type(self.model.config).from_dict(ckpt.meta["network"]["config"]).to_dict()  # newer fields: defaults
             now = self.model.config.to_dict()
             if saved != now or ckpt.meta["network"]["kind"] != self.config.model.kind:
                 diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
@@ -474,7 +474,8 @@ class DiffusionTrainer(_Loop):
         vae_data = ckpt.meta["config"]["data"]
         ours = (c.data.dataset, c.data.split, c.data.resolution)
         theirs = (vae_data["dataset"], vae_data["split"], vae_data["resolution"])
-        if (vae_data["dataset"], vae_data["resolution"]) != (c.data.dataset, c.data.resolution):
+        imported = ckpt.meta.get("source", {}).get("format") == "diffusers"  # pretrained (lddpm import): any data
+        if not imported and (vae_data["dataset"], vae_data["resolution"]) != (c.data.dataset, c.data.resolution):
             raise LddpmError(
                 f"the VAE run {c.data.latent} was trained on {theirs[0]} at {theirs[2]}px, but this run uses "
                 f"{ours[0]} at {ours[2]}px; train a VAE on the same data and resolution"
