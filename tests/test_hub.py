@@ -130,20 +130,36 @@ def test_unet_import_export_round_trip(name, tmp_path):
     assert state_equal(load_checkpoint(tmp_path / "run2").load("ema"), ckpt.load("ema"))
 
 
-def test_lddpm_unet_to_diffusers_and_back_is_bitwise(tmp_path):
-    """An lddpm-trained shape (the registry's `small`, two heads, ADM embedding) survives the round trip."""
+def save_lddpm_run(folder: Path, net: torch.nn.Module, ema: torch.nn.Module | None = None) -> Path:
+    """A minimal diffusion run folder holding `net` (and `ema`, default the same weights)."""
     from lddpm.checkpoint import save_run_checkpoint
     from lddpm.config import Config, save_config
 
-    net = perturbed(network_from_config("unet", UNET_CONFIGS["small"].replace(num_classes=3, model_channels=16,
-                                                                              norm_groups=4)), 3)
     config = Config()
-    config.model.overrides = {"num_classes": 3, "model_channels": 16, "norm_groups": 4}
-    config.model.name = "small"
-    save_config(config, tmp_path / "run")
+    save_config(config, folder)
     meta = {"kind": "diffusion", "step": 5, "config": config.to_dict(),
             "network": {"kind": "unet", "config": net.config.to_dict()}, "dataset": None}
-    save_run_checkpoint(tmp_path / "run", 5, {"model": net.state_dict(), "ema": net.state_dict()}, meta, keep=1)
+    groups = {"model": net.state_dict(), "ema": (ema or net).state_dict()}
+    save_run_checkpoint(folder, 5, groups, meta, keep=1)
+    return folder
+
+
+def test_export_uses_ema_weights_unless_asked(tmp_path):
+    config = UNET_CONFIGS["tiny"].replace(model_channels=8, norm_groups=4)
+    net, ema = perturbed(network_from_config("unet", config), 1), perturbed(network_from_config("unet", config), 2)
+    save_lddpm_run(tmp_path / "run", net, ema)
+    export_diffusers(tmp_path / "run", tmp_path / "ema")
+    export_diffusers(tmp_path / "run", tmp_path / "raw", weights="model")
+    for folder, source in (("ema", ema), ("raw", net)):
+        import_diffusers(tmp_path / folder, tmp_path / f"back-{folder}")
+        assert state_equal(load_checkpoint(tmp_path / f"back-{folder}").load("model"), source.state_dict())
+
+
+def test_lddpm_unet_to_diffusers_and_back_is_bitwise(tmp_path):
+    """An lddpm-trained shape (the registry's `small`, two heads, ADM embedding) survives the round trip."""
+    net = perturbed(network_from_config("unet", UNET_CONFIGS["small"].replace(num_classes=3, model_channels=16,
+                                                                              norm_groups=4)), 3)
+    save_lddpm_run(tmp_path / "run", net)
     export_diffusers(tmp_path / "run", tmp_path / "hf")
     theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "hf" / "unet").eval()
     x = torch.randn(2, 3, 32, 32)
@@ -219,6 +235,35 @@ def test_vae_import_export_round_trip(name, tmp_path):
     assert state_equal(load_checkpoint(tmp_path / "run2").load("model"), load_checkpoint(tmp_path / "run").load("model"))
 
 
+def test_lddpm_vae_exports_when_it_computes_what_autoencoderkl_computes(tmp_path):
+    """lddpm's default VAE pads every side before its stride-2 convs (AutoencoderKL pads right/bottom):
+    export refuses it by name; with LDM's padding and eps it exports and matches diffusers."""
+    from lddpm.checkpoint import save_run_checkpoint
+    from lddpm.config import Config
+
+    def vae_run(folder: Path, **overrides) -> torch.nn.Module:
+        net = perturbed(network_from_config("vae", VAE_CONFIGS["kl-f4-tiny"].replace(**overrides)), 4)
+        net.scaling_factor = 0.7
+        meta = {"kind": "vae", "step": 1, "config": Config().to_dict(), "scaling_factor": 0.7,
+                "network": {"kind": "vae", "config": net.config.to_dict()}, "dataset": None}
+        save_run_checkpoint(folder, 1, {"model": net.state_dict(), "ema": net.state_dict()}, meta, keep=1)
+        return net
+
+    vae_run(tmp_path / "default")
+    with pytest.raises(LddpmError, match="downsample_padding=1"):
+        export_diffusers(tmp_path / "default", tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    ours = vae_run(tmp_path / "ldm", downsample_padding=0, norm_eps=1e-6)
+    export_diffusers(tmp_path / "ldm", tmp_path / "hf")
+    theirs = diffusers.AutoencoderKL.from_pretrained(tmp_path / "hf").eval()
+    assert theirs.config.scaling_factor == pytest.approx(0.7)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert max_diff(theirs.encode(x).latent_dist.mean, ours.encode(x).mean) <= TOL
+        z = ours.encode(x).mean
+        assert max_diff(theirs.decode(z).sample, ours.decode(z)) <= TOL
+
+
 def test_sd_vae_shape_maps_onto_kl_f8():
     """Stable Diffusion's kl-f8 autoencoder: lddpm's kl-f8 parameter count, every tensor placed."""
     theirs = diffusers.AutoencoderKL(**SD_VAE)
@@ -289,6 +334,17 @@ def test_imported_pipeline_samples_like_diffusers(sampler, tmp_path):
     ours = (ours / 2 + 0.5).clamp(0, 1)
     assert max_diff(ours, expected) <= 1e-4
     assert float(expected.std()) > 0.05  # the samples are not trivially constant
+
+
+def test_provenance_hash_follows_the_file_contents(tmp_path):
+    from lddpm.convert.runs import folder_sha256
+
+    folder = saved_unet(tmp_path)
+    before, files = folder_sha256(folder)
+    assert sorted(f[0] for f in files) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(raw, indent=1))  # same config, other bytes
+    assert folder_sha256(folder)[0] != before
 
 
 def test_scheduler_config_becomes_the_diffusion_section(tmp_path):
@@ -373,6 +429,19 @@ def test_unrepresentable_config_fields_are_refused_by_name(field, value, match, 
     assert_refused(tmp_path, folder, capsys, match)
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("down_block_types", ["AttnDownEncoderBlock2D", "DownEncoderBlock2D"], "down_block_types[0]"),
+    ("shift_factor", 0.1159, "shift_factor"),
+    ("use_quant_conv", False, "use_quant_conv"),
+])
+def test_unrepresentable_vae_fields_are_refused_by_name(field, value, match, tmp_path, capsys):
+    diffusers_vae(VAES["grey-no-mid-attention"]).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    raw = json.loads((tmp_path / "hf" / "config.json").read_text())
+    raw[field] = value
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(raw))
+    assert_refused(tmp_path, tmp_path / "hf", capsys, match)
+
+
 def test_mismatched_tensor_shapes_are_refused(tmp_path, capsys):
     folder = saved_unet(tmp_path)
     raw = json.loads((folder / "config.json").read_text())
@@ -395,6 +464,9 @@ def test_cli_import_export_and_existing_output(tmp_path, capsys):
     assert run_cli("import", str(folder), "--out", str(tmp_path / "run"), "--dataset", "cifar10") == 0
     assert "UNet2DModel" in capsys.readouterr().out
     assert load_pipeline(tmp_path / "run").dataset == "cifar10"
+    assert run_cli("sample", str(tmp_path / "run"), "--num", "2", "--steps", "2", "--out", str(tmp_path / "s.png"),
+                   "--quiet") == 0
+    assert (tmp_path / "s.png").is_file()
     assert run_cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--weights", "model") == 0
     assert json.loads((tmp_path / "hf" / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
     assert run_cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")) == 2

@@ -298,7 +298,8 @@ def vae_config_to_diffusers(config: VAEConfig) -> dict[str, Any]:
     if config.downsample_padding != 0 or config.norm_eps != VAE_NORM_EPS:
         raise LddpmError(f"downsample_padding={config.downsample_padding}, norm_eps={config.norm_eps}: diffusers' "
                          f"AutoencoderKL always pads right/bottom (0) and uses GroupNorm eps {VAE_NORM_EPS}; "
-                         "this autoencoder would compute something else there")
+                         "this autoencoder would compute something else there (train with "
+                         "model.overrides.downsample_padding = 0 and norm_eps = 1e-6 to export)")
     levels = len(config.channel_mult)
     out = dict(AUTOENCODER_KL_DEFAULTS)
     out.update({
