@@ -102,7 +102,10 @@ def _atomic_folder(out: Path, write) -> None:
         raise LddpmError(f"{out} already exists and is not empty; choose another --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
         write(tmp)
         if out.exists():
             out.rmdir()
@@ -186,6 +189,8 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
         num_classes = unet_config.num_classes
     else:
         vae_config = vae[1]
+        if "scheduler" in parts:
+            notes.append("the pipeline has a scheduler but no unet/: imported as a VAE run; the scheduler is not used")
         config.model = ModelConfig(**_model_section("vae", vae_config))
         config.data.resolution = vae_config.resolution
         kind, image_res, channels, num_classes = "vae", vae_config.resolution, vae_config.in_channels, 0
