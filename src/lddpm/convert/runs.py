@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -97,19 +95,15 @@ def _pipeline_parts(src: Path) -> dict[str, Path]:
 
 
 def _atomic_folder(out: Path, write) -> None:
-    """Run write(tmp) on a fresh temporary folder beside `out`, then rename it to `out`."""
+    """Run write(tmp) on a fresh temporary folder beside `out`, then move it to `out` (lddpm.io)."""
+    from lddpm.io import make_temp_dir, swap_in_dir
+
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LddpmError(f"{out} already exists and is not empty; choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
+    tmp = make_temp_dir(out)
     try:
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
         write(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        swap_in_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
