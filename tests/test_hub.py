@@ -188,6 +188,18 @@ def test_ddpm_cifar10_shape_maps_onto_the_registry_config():
         assert max_diff(ours(x, t), theirs(x, t).sample) <= TOL
 
 
+def test_sharded_weights_are_read(tmp_path):
+    theirs = diffusers_unet(DDPM_SMALL)
+    theirs.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="100KB")
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1
+    import_diffusers(tmp_path / "hf", tmp_path / "run")
+    assert state_equal(load_checkpoint(tmp_path / "run").load("model"),
+                       load_pipeline(tmp_path / "run").model.state_dict())
+    x, t, _ = unet_inputs(DDPM_SMALL)
+    with torch.no_grad():
+        assert max_diff(load_pipeline(tmp_path / "run").model(x, t), theirs(x, t).sample) <= TOL
+
+
 def test_legacy_attention_names_are_read(tmp_path):
     """Checkpoints saved before diffusers 0.14 (google/ddpm-*) name attention query/key/value/proj_attn."""
     from safetensors.torch import save_file
@@ -372,6 +384,17 @@ def test_scheduler_config_becomes_the_diffusion_section(tmp_path):
     provenance = json.loads((tmp_path / "run" / "provenance.json").read_text())
     assert provenance["components"]["scheduler"]["class"] == "DDPMScheduler"
     assert provenance["pipeline_class"] == "DDPMPipeline" and len(provenance["sha256"]) == 64
+
+
+def test_ddim_pipeline_scheduler_is_read(tmp_path):
+    unet = diffusers_unet(PLAIN_SMALL | dict(in_channels=3, out_channels=3, sample_size=8))
+    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                    set_alpha_to_one=False)
+    diffusers.DDIMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp_path / "pipe")
+    summary = import_diffusers(tmp_path / "pipe", tmp_path / "run")
+    assert summary["classes"]["scheduler"] == "DDIMScheduler"
+    assert any("set_alpha_to_one" in note for note in summary["notes"])
+    assert load_checkpoint(tmp_path / "run").meta["config"]["diffusion"]["schedule"] == "scaled_linear"
 
 
 @pytest.mark.parametrize("schedule", [dict(beta_schedule="squaredcos_cap_v2"), dict(beta_schedule="scaled_linear",
