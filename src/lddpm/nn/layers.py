@@ -12,16 +12,21 @@ from torch import nn
 from lddpm.errors import LddpmError
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, *, flip_sin_to_cos: bool = True,
+                       freq_shift: float = 0.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, shape (B, dim).
 
     Section 3.5 of Vaswani et al. 2017 as used by Ho et al. 2020; [cos, sin] order as in ADM
-    (Dhariwal & Nichol 2021). Frequencies are max_period^(-i / half) for i < half.
+    (Dhariwal & Nichol 2021). Frequencies are max_period^(-i / (half - freq_shift)) for i < half.
+    Ho et al.'s original code (and its diffusers port) uses [sin, cos] (`flip_sin_to_cos=False`)
+    and `freq_shift=1`.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    denominator = half - freq_shift if freq_shift else half
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / denominator)
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    pair = [torch.cos(args), torch.sin(args)]
+    emb = torch.cat(pair if flip_sin_to_cos else pair[::-1], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -45,15 +50,15 @@ class ResBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int | None, *, dropout: float = 0.0,
-                 norm_groups: int = 32, scale_shift: bool = False, zero_init: bool = True):
+                 norm_groups: int = 32, scale_shift: bool = False, zero_init: bool = True, eps: float = 1e-5):
         super().__init__()
         self.scale_shift = scale_shift
-        self.norm1 = nn.GroupNorm(norm_groups, in_channels)
+        self.norm1 = nn.GroupNorm(norm_groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = None
         if emb_dim is not None:
             self.emb_proj = nn.Linear(emb_dim, out_channels * (2 if scale_shift else 1))
-        self.norm2 = nn.GroupNorm(norm_groups, out_channels)
+        self.norm2 = nn.GroupNorm(norm_groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if zero_init:
@@ -82,10 +87,11 @@ class AttentionBlock(nn.Module):
     Uses `F.scaled_dot_product_attention` (the fused kernel where the backend has one).
     """
 
-    def __init__(self, channels: int, num_heads: int = 1, *, norm_groups: int = 32, zero_init: bool = True):
+    def __init__(self, channels: int, num_heads: int = 1, *, norm_groups: int = 32, zero_init: bool = True,
+                 eps: float = 1e-5):
         super().__init__()
         self.num_heads = num_heads
-        self.norm = nn.GroupNorm(norm_groups, channels)
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=eps)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
         if zero_init:
@@ -102,14 +108,23 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 convolution."""
+    """Halve H and W with a stride-2 3x3 convolution.
 
-    def __init__(self, channels: int):
+    `padding=1` pads one pixel on every side; `padding=0` pads one pixel on the right and bottom
+    only, as Ho et al.'s TensorFlow code ("SAME" padding) and LDM's autoencoder do.
+    """
+
+    def __init__(self, channels: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        if padding not in (0, 1):
+            raise LddpmError(f"downsample padding must be 0 (right/bottom only) or 1 (every side), got {padding!r}")
+        self.asymmetric = padding == 0
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H/2, W/2)."""
+        if self.asymmetric:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 

@@ -145,7 +145,7 @@ class TrainingLoop:
             ckpt = load_checkpoint(self.run_dir)
             if ckpt.meta.get("kind") != self.kind:
                 raise LddpmError(f"{ckpt.path} is a {ckpt.meta.get('kind')!r} checkpoint; this is a {self.kind} run")
-            saved = ckpt.meta["network"]["config"]
+            saved = type(self.model.config).from_dict(ckpt.meta["network"]["config"]).to_dict()  # newer fields: defaults
             now = self.model.config.to_dict()
             if saved != now or ckpt.meta["network"]["kind"] != self.config.model.kind:
                 diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
