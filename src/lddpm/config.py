@@ -454,6 +454,9 @@ def validate(config: Config) -> Config:
         NETWORK_NAMES = None
     if NETWORK_NAMES is not None:
         _choice(f"model.name (for kind {m.kind!r})", m.name, tuple(NETWORK_NAMES[m.kind]))
+        from lddpm.nn import network_config
+
+        network_config(m.kind, m.name, **m.overrides)  # model.overrides: known fields of the right type
     _choice("diffusion.objective", d.objective, OBJECTIVES)
     _choice("diffusion.loss_weighting", d.loss_weighting, LOSS_WEIGHTINGS)
     _choice("diffusion.timestep_sampling", d.timestep_sampling, TIMESTEP_SAMPLINGS)
@@ -515,6 +518,13 @@ def validate(config: Config) -> Config:
         raise LddpmError(f"run.label_dropout = {r.label_dropout}: expected a number in [0, 1)")
     if d.min_snr_gamma <= 0:
         raise LddpmError(f"diffusion.min_snr_gamma = {d.min_snr_gamma} must be positive")
+    from lddpm import checks
+
+    checks.finite_number("run.guidance_scale", r.guidance_scale)
+    checks.finite_number("diffusion.min_snr_gamma", d.min_snr_gamma)
+    checks.resolution("data.resolution", data.resolution)
+    checks.int_in_range("diffusion.num_timesteps", d.num_timesteps, 1, checks.MAX_NUM_TIMESTEPS,
+                        " (larger schedules only cost memory; 1000 is the usual T)")
     if r.guidance_scale != 1.0 and not r.class_conditional:
         raise LddpmError(
             f"run.guidance_scale = {r.guidance_scale} needs a class-conditional model "

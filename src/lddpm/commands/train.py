@@ -115,8 +115,15 @@ def _sample(args: argparse.Namespace) -> int:
     from lddpm.grid import save_grid
     from lddpm.pipeline import load_pipeline
 
+    from lddpm import checks
+
     if args.num < 1:
         raise LddpmError(f"--num must be >= 1, got {args.num}")
+    checks.finite_number("--guidance-scale", args.guidance_scale)
+    checks.finite_number("--eta", args.eta)
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--nrow", args.nrow)):
+        if value is not None:
+            checks.int_in_range(flag, value, 1)
     device = resolve_device(args.device)
     pipeline = load_pipeline(args.run, device=device, use_ema=not args.no_ema)
     labels = None

@@ -315,6 +315,7 @@ def read_image_folder(
     """List `split_dir/<class>/*.<image>`; classes are the given names or the sorted subfolders."""
     if not split_dir.is_dir():
         raise LddpmError(f"{dataset}: folder {split_dir} does not exist")
+    discovered = class_names is None  # classes from the subfolders: an empty one is a mistake
     if class_names is None:
         class_names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_names:
@@ -327,13 +328,21 @@ def read_image_folder(
                 f"e.g. {', '.join(str(split_dir / c) for c in missing[:3])}; expected an ImageNet-style "
                 "tree <root>/<split>/<wnid>/*.JPEG (validation images sorted into wnid folders)"
             )
-    files, labels = [], []
+    files, labels, empty = [], [], []
     for label, c in enumerate(class_names):
         imgs = _list_images(split_dir / c)
         files += [str(p) for p in imgs]
         labels += [label] * len(imgs)
+        if not imgs and discovered:
+            empty.append(c)
     if not files:
         raise LddpmError(f"{dataset}: no images ({'/'.join(IMAGE_EXTENSIONS)}) found under {split_dir}")
+    if empty:
+        raise LddpmError(
+            f"{dataset}: class folder {split_dir / empty[0]} has no images"
+            + (f" (and {len(empty) - 1} more empty class folders)" if len(empty) > 1 else "")
+            + f"; add images ({'/'.join(IMAGE_EXTENSIONS)}) or remove the folder"
+        )
     return RawDataset(
         labels=np.asarray(labels, dtype=np.int64), class_names=list(class_names), mode="RGB",
         sources=_folder_sources(files, split_dir), fingerprint="size+mtime", files=files, root=str(split_dir),
