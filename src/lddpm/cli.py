@@ -95,9 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         _fail(args.command, os_error_message(exc))
     except (MemoryError, RuntimeError) as exc:
-        if not is_out_of_memory(exc):
-            raise
-        _fail(args.command, memory_message(exc))
+        if is_out_of_memory(exc):
+            _fail(args.command, memory_message(exc))
+        if str(exc).startswith("Error(s) in loading state_dict"):  # a checkpoint that does not fit the network
+            first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else ""
+            _fail(args.command, f"the checkpoint's tensors do not fit the network ({first[:200]}); "
+                  "use a checkpoint written with this run's config")
+        raise
     except KeyboardInterrupt:
         print(f"lddpm {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)
