@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "lddpm.commands.train",  # train, train-vae, sample
     "lddpm.commands.evaluate",  # eval, fid-ref, train-classifier
     "lddpm.commands.study",  # study, demo
+    "lddpm.commands.verify",  # verify-cache
 )
 
 
