@@ -33,6 +33,8 @@ class Parser(argparse.ArgumentParser):
 
 def os_error_message(exc: OSError) -> str:
     """One line for an operating-system failure: what happened to which file, and the fix."""
+    if exc.errno is None:  # e.g. PIL's "cannot identify image file ...": the message names the file
+        return f"{exc}; check or replace that file"
     where = exc.filename if exc.filename is not None else "a file"
     if exc.errno == errno.ENOSPC:
         return f"disk full while writing {where}; free some space and run the command again"
