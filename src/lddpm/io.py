@@ -41,7 +41,9 @@ def _os_error(exc: OSError, path: Path) -> LddpmError:
                           "(the previous file, if any, is unchanged)")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return LddpmError(f"cannot write {path}: permission denied; choose a writable location")
-    if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+    if exc.errno == errno.EEXIST:  # mkdir of a parent that is a regular file
+        return LddpmError(f"cannot write {path}: a part of this path is a file, not a folder; choose another path")
+    if exc.errno in (errno.EISDIR, errno.ENOTDIR):
         return LddpmError(f"cannot write {path}: {exc.strerror.lower()}; choose another path")
     return LddpmError(f"cannot write {path}: {exc.strerror or exc}")
 
