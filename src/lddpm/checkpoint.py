@@ -28,7 +28,7 @@ from lddpm.io import remove_stale_temp_files, write_text, write_with
 FORMAT = "lddpm-checkpoint/1"
 META_KEY = "lddpm"
 LAST_POINTER = "last.txt"
-STORED_FLOAT = torch.float32  # every floating tensor lddpm writes is float32 (bf16 runs autocast)
+HALF_FLOATS = (torch.float16, torch.bfloat16)  # lddpm writes float32/float64 only (bf16 runs use autocast)
 _STEP_RE = re.compile(r"step_(\d+)\.safetensors$")
 
 
@@ -138,9 +138,9 @@ class Checkpoint:
             raise LddpmError(f"checkpoint {self.path} is damaged: {exc}") from None
 
     def _checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Refuse a floating tensor that is not float32 or holds NaN/inf (a damaged or foreign file)."""
+        """Refuse a half-precision floating tensor or one holding NaN/inf (a damaged or foreign file)."""
         if tensor.is_floating_point():
-            if tensor.dtype != STORED_FLOAT:
+            if tensor.dtype in HALF_FLOATS:
                 raise LddpmError(f"checkpoint {self.path}: tensor {name} is {str(tensor.dtype).replace('torch.', '')}, "
                                  "but lddpm checkpoints hold float32; convert the weights to float32 (or use the run's own checkpoint)")
             if not bool(torch.isfinite(tensor).all()):
