@@ -221,6 +221,23 @@ def png_folder(tmp: Path, bad: bool) -> Path:
     return folder
 
 
+def idx_copy(world: World, tmp: Path, images: bytes) -> Path:
+    """A copy of the IDX folder whose train images file is replaced by `images` (gzipped)."""
+    shutil.copytree(world.idx, tmp / "idx")
+    with gzip.open(tmp / "idx" / "train-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
+        f.write(images)
+    return tmp / "idx"
+
+
+def gzip_bomb(world: World, tmp: Path) -> Path:
+    """A header for 40 images, then 64 MiB of zeros (a few hundred KiB compressed)."""
+    root = idx_copy(world, tmp, struct.pack(">IIII", 2051, 40, 28, 28))
+    with gzip.open(root / "train-images-idx3-ubyte.gz", "ab", compresslevel=1) as f:
+        for _ in range(64):
+            f.write(bytes(1 << 20))
+    return root
+
+
 def file_blocker(tmp: Path) -> Path:
     """A regular file, so that `blocker/x` cannot be created."""
     p = tmp / "blocker"
@@ -292,6 +309,10 @@ CASES = [
                                                 (w.idx / "train-images-idx3-ubyte.gz").read_bytes()[:200]),
                                             ["prepare", "fashion-mnist", "--root", t / "idx", "--cache-dir", t / "c", "--quiet"])[-1],
      r"train-images-idx3-ubyte"),
+    ("prepare-gzip-bomb", lambda w, t: ["prepare", "fashion-mnist", "--root", gzip_bomb(w, t), "--cache-dir", t / "c", "--quiet"],
+     r"has more than 31376 bytes but its header \(dims \(40, 28, 28\)\) says 31376"),
+    ("prepare-idx-huge-header", lambda w, t: ["prepare", "fashion-mnist", "--root", idx_copy(w, t, struct.pack(">IIII", 2051, 2**31, 4096, 4096)),
+                                              "--cache-dir", t / "c", "--quiet"], r"announces \d+ bytes of data.*header is damaged"),
     ("prepare-cache-dir-under-a-file", lambda w, t: _prep(w, "--cache-dir", file_blocker(t) / "c"), r"blocker"),
     ("prepare-cache-dir-is-a-file", lambda w, t: _prep(w, "--cache-dir", file_blocker(t)), r"blocker"),
     # ---- prepare: image folders
