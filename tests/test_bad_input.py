@@ -93,6 +93,8 @@ def world(tmp_path_factory):
     ])
     train(config, w.run, progress=False)
     torch.jit.save(torch.jit.script(_Features()), str(w.net))
+    assert main(["fid-ref", "fashion-mnist", "--num", "16", "--resolution", "16", "--inception", str(w.net), "--cache-dir",
+                 str(w.cache), "--root", str(w.idx), "--out", str(w.base / "ref"), "--quiet"]) == 0
     w.study.mkdir()
     (w.study / "toy.toml").write_text(
         '[study]\nname = "toy"\n\n[runs.net]\nconfig = "fashion-quick"\n\n'
@@ -236,6 +238,23 @@ def gzip_bomb(world: World, tmp: Path) -> Path:
         for _ in range(64):
             f.write(bytes(1 << 20))
     return root
+
+
+def damaged_reference(world: World, tmp: Path, npz: bytes | None = None, manifest: str | None = None) -> Path:
+    """A copy of the good FID reference (ref.npz + ref.json) with one file replaced."""
+    (tmp / "ref.npz").write_bytes(npz if npz is not None else (world.base / "ref.npz").read_bytes())
+    (tmp / "ref.json").write_text(manifest if manifest is not None else (world.base / "ref.json").read_text())
+    return tmp / "ref"
+
+
+def damaged_classifier(tmp: Path, meta: dict, weights: dict) -> Path:
+    from safetensors.torch import save_file
+
+    folder = tmp / "clf"
+    folder.mkdir()
+    (folder / "classifier.json").write_text(json.dumps(meta))
+    save_file(weights, str(folder / "model.safetensors"))
+    return folder
 
 
 def file_blocker(tmp: Path) -> Path:
@@ -425,7 +444,19 @@ CASES = [
      r"none\.npz"),
     ("eval-nan-checkpoint", lambda w, t: _eval(w, t, run=copy_checkpoint(w, t, tensors=nan_weights)), r"contains NaN or infinity"),
     ("eval-missing-inception", lambda w, t: _eval(w, t, run=w.run)[:1] + [w.run, "--inception", t / "net.pt", "--quiet"], r"net\.pt"),
+    ("eval-classifier-meta-missing-key", lambda w, t: _eval(w, t, run=w.run)[:-1] + ["--classifier", damaged_classifier(t, {}, {"w": torch.zeros(1)}), "--quiet"],
+     r"the classifier in .*clf.* is damaged \(KeyError: 'architecture'\).*train-classifier"),
+    ("eval-classifier-weights-do-not-fit", lambda w, t: _eval(w, t, run=w.run)[:-1] + ["--classifier", damaged_classifier(
+        t, {"architecture": {"in_channels": 1, "num_classes": 10}}, {"w": torch.zeros(1)}), "--quiet"], r"the classifier in .*clf.* is damaged"),
     # ---- fid-ref
+    ("fid-ref-reference-manifest-not-json", lambda w, t: _fidref(w, t, "--num", "16", "--resolution", "16", "--out",
+                                                                damaged_reference(w, t, manifest="{oops")), r"cannot read .*ref\.json.*--rebuild"),
+    ("fid-ref-reference-npz-garbage", lambda w, t: _fidref(w, t, "--num", "16", "--resolution", "16", "--out",
+                                                           damaged_reference(w, t, npz=b"PK not a zip")), r"cannot read .*ref\.npz.*--rebuild"),
+    ("fid-ref-reference-npz-pickle", lambda w, t: (np.save(t / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True),
+                                                   _fidref(w, t, "--num", "16", "--resolution", "16", "--out",
+                                                           damaged_reference(w, t, npz=(t / "obj.npy").read_bytes())))[-1],
+     r"cannot read .*ref\.npz"),
     ("fid-ref-num-type", lambda w, t: _fidref(w, t, "--num", "all"), r"argument --num: invalid int value: 'all'"),
     ("fid-ref-num-missing", lambda w, t: _fidref(w, t), r"the following arguments are required: --num"),
     ("fid-ref-num-negative", lambda w, t: _fidref(w, t, "--num", "-3"), r"--num = -3 is out of range"),
@@ -489,6 +520,36 @@ def test_a_bug_is_not_swallowed(monkeypatch):
     monkeypatch.setattr(data_cmd, "run_prepare", buggy)
     with pytest.raises(TypeError, match="a bug"):
         main(["prepare", "mnist"])
+
+
+@pytest.mark.parametrize("exc,pattern", [
+    (MemoryError("Unable to allocate 7.45 TiB for an array with shape (100000, 100000, 100000)"), r"out of memory.*7\.45 TiB"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                  "800000000000 bytes"), r"out of memory.*800000000000 bytes.*lower the resolution"),
+    (OSError(errno.ENOSPC, "No space left on device", "/data/x.npy"), r"disk full while writing /data/x\.npy"),
+    (PermissionError(errno.EACCES, "Permission denied", "/root/x"), r"permission denied: /root/x"),
+])
+def test_exhaustion_and_os_failures_are_one_line(exc, pattern, monkeypatch, capsys):
+    import lddpm.commands.train as train_cmd
+
+    def fail(args):
+        raise exc
+
+    monkeypatch.setattr(train_cmd, "_sample", fail)
+    assert run_cli(["sample", "run"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(r"^lddpm sample: error: " + pattern, err), err
+
+
+def test_an_unexpected_runtime_error_keeps_its_traceback(monkeypatch):
+    import lddpm.commands.train as train_cmd
+
+    def fail(args):
+        raise RuntimeError("shape bug in the sampler")
+
+    monkeypatch.setattr(train_cmd, "_sample", fail)
+    with pytest.raises(RuntimeError, match="shape bug"):
+        main(["sample", "run"])
 
 
 # ------------------------------------------------------------------------------------------------
