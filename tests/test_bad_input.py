@@ -586,6 +586,31 @@ def test_disk_full_during_prepare_keeps_the_previous_cache(world, tmp_path, monk
     assert tree_hashes(tmp_path / "c") == before  # old cache intact, no temp folder left
 
 
+def test_a_cache_larger_than_the_free_space_is_refused_before_writing(world, tmp_path, monkeypatch, capsys):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    status = run_cli(_prep(world, "--resolution", "64", "--cache-dir", tmp_path / "c"))
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert re.search(r"disk full: this cache needs 0\.00 GiB \(40 images of 64x64x1\) but .* has 0\.00 GiB free", err), err
+    assert list((tmp_path / "c").iterdir()) == []  # no temp folder left
+
+
+def test_sample_out_dir_is_written_atomically_and_a_full_disk_is_one_line(world, tmp_path, monkeypatch, capsys):
+    assert run_cli(_sample(world, tmp_path, "--out-dir", tmp_path / "each")) == 0
+    capsys.readouterr()
+    before = tree_hashes(tmp_path)
+    assert len([k for k in before if k.startswith("each/")]) == 2
+    monkeypatch.setattr(os, "replace", _enospc)
+    assert run_cli(_sample(world, tmp_path, "--out-dir", tmp_path / "each", "--seed", "1")) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^lddpm sample: error: disk full while writing .*grid\.png", err) and len(err.strip().splitlines()) == 1
+    monkeypatch.undo()
+    assert tree_hashes(tmp_path) == before
+
+
 def test_disk_full_during_a_study_report_keeps_the_previous_report(world, tmp_path, monkeypatch, capsys):
     from lddpm import study as st
 

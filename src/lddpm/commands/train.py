@@ -146,13 +146,12 @@ def _sample(args: argparse.Namespace) -> int:
         nrow = args.nrow or int(np.ceil(np.sqrt(len(images))))
         written.append(str(save_grid(images, out, nrow=nrow)))
     if args.out_dir:
-        from PIL import Image
+        from lddpm.io import write_png
 
         folder = Path(args.out_dir)
-        folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             suffix = f"_class{int(out_labels[i])}" if out_labels is not None else ""
-            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(folder / f"{i:05d}{suffix}.png")
+            write_png(folder / f"{i:05d}{suffix}.png", image)  # atomic; a full disk is one clear error
         written.append(f"{folder}/ ({len(images)} files)")
     print(f"{len(images)} images with {args.sampler} ({args.steps or 'default'} steps) in {took:.1f} s "
           f"({took / len(images):.3f} s/image) -> {', '.join(written)}")

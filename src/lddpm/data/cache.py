@@ -243,6 +243,11 @@ def _build(folder_tmp: Path, raw: readers.RawDataset, *, name: str, split: str, 
     channels = 1 if raw.mode == "L" else 3
     n = len(raw.labels)
     images_path = folder_tmp / "images.npy"
+    needed, free = n * resolution * resolution * channels, shutil.disk_usage(folder_tmp).free
+    if needed > free:  # refuse before writing rather than fill the disk
+        raise LddpmError(f"disk full: this cache needs {needed / 2**30:.2f} GiB ({n} images of {resolution}x{resolution}x{channels}) "
+                         f"but {folder_tmp.parent} has {free / 2**30:.2f} GiB free; free some space, lower --resolution "
+                         "or choose another --cache-dir")
     out = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(n, resolution, resolution, channels))
     labels = raw.labels
     skipped: list[str] = []
