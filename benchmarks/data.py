@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lddpm.data import ImageLoader, open_cache
-from lddpm.data.cache import CACHE_FORMAT, CACHE_FORMAT_VERSION
+from lddpm.data.cache import CACHE_FORMAT, CACHE_FORMAT_VERSION, _array_checksums
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
@@ -36,9 +36,12 @@ def synthetic_cache(folder: Path, n: int, resolution: int, channels: int) -> Pat
     for i in range(0, n, 8192):
         images[i:i + 8192] = rng.integers(0, 256, images[i:i + 8192].shape, dtype=np.uint8)
     images.flush()
+    del images
     np.save(folder / "labels.npy", rng.integers(0, 10, n).astype(np.int64))
+    arrays, checksum = _array_checksums(folder, ("images.npy", "labels.npy"))  # open_cache checks them
     manifest = {"format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION, "dataset": "synthetic",
-                "split": "train", "count": n, "class_names": [str(i) for i in range(10)], "checksum": "none"}
+                "split": "train", "count": n, "class_names": [str(i) for i in range(10)],
+                "arrays": arrays, "checksum": checksum}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 

@@ -214,9 +214,17 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     if not (path / META_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise LddpmError(f"no classifier in {str(path)!r}; train one with `lddpm train-classifier DATASET`")
-    meta = json.loads((path / META_FILE).read_text())
-    model = SmallClassifier(**meta["architecture"])
-    model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        model = SmallClassifier(**meta["architecture"])
+        weights = load_file(str(path / WEIGHTS_FILE))
+        model.load_state_dict(weights)
+    except Exception as exc:  # damaged JSON or weights, a missing key, weights that do not fit
+        raise LddpmError(f"the classifier in {str(path)!r} is damaged ({type(exc).__name__}: {str(exc)[:200]}); "
+                         "train it again with `lddpm train-classifier DATASET`") from None
+    if not all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point()):
+        raise LddpmError(f"the classifier weights in {str(path)!r} contain NaN or infinity; "
+                         "train it again with `lddpm train-classifier DATASET`")
     return model.to(device).eval(), meta
 
 

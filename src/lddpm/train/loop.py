@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lddpm import distributed
-from lddpm.checkpoint import estimate_checkpoint_bytes, list_checkpoints, load_checkpoint, save_run_checkpoint
+from lddpm.checkpoint import clean_checkpoint_dir, estimate_checkpoint_bytes, list_checkpoints, load_checkpoint, save_run_checkpoint
 from lddpm.config import Config, save_config, validate
 from lddpm.errors import LddpmError
 from lddpm.seeding import step_seed
@@ -139,6 +139,7 @@ class TrainingLoop:
                 )
             needed = estimate_checkpoint_bytes(self.model, self.ema.model) * (self.config.run.keep_checkpoints + 1)
             check_run_dir(self.run_dir, needed + 20_000_000)
+            clean_checkpoint_dir(self.run_dir)  # a killed save's temporary files
         if self.resume:
             if not existing:
                 raise LddpmError(f"nothing to resume: {self.run_dir} has no checkpoints; drop --resume to start it")
@@ -161,7 +162,12 @@ class TrainingLoop:
                     "the run's own config.toml (only run.steps, logging and checkpoint settings may change) or "
                     "start a new run folder"
                 )
-            self.load_groups(ckpt)
+            try:
+                self.load_groups(ckpt)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                detail = " ".join(str(exc).split())[:300]
+                raise LddpmError(f"{ckpt.path}: its saved tensors do not fit this run ({detail}); "
+                                 "resume with the run's own config.toml or start a new run folder") from None
             self.step = int(ckpt.meta["step"])
             self.wall_offset = float(ckpt.meta.get("wall_time", 0.0))
         if self.info.is_main:
