@@ -112,7 +112,7 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     return strict(manifest, str(path), "manifest")
 
 
-def _array_checksums(folder: Path, names: tuple[str, ...]) -> tuple[dict, str]:
+def array_checksums(folder: Path, names: tuple[str, ...]) -> tuple[dict, str]:
     arrays = {}
     for n in names:
         arr = np.load(folder / n, mmap_mode="r")
@@ -275,7 +275,7 @@ def _build(folder_tmp: Path, raw: readers.RawDataset, *, name: str, split: str, 
         out.flush()
         del out
     np.save(folder_tmp / "labels.npy", labels.astype(np.int64))
-    arrays, checksum = _array_checksums(folder_tmp, ("images.npy", "labels.npy"))
+    arrays, checksum = array_checksums(folder_tmp, ("images.npy", "labels.npy"))
     counts = np.bincount(labels, minlength=len(raw.class_names))
     native = NATIVE_SIZE.get(name)
     steps = {"decode": "Pillow" if raw.files else f"{name} reader (uint8 arrays)", "mode": raw.mode,

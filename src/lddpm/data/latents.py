@@ -23,8 +23,8 @@ import torch
 
 from lddpm import __version__
 from lddpm.data import integrity
-from lddpm.data.cache import ImageCache, _array_checksums, read_manifest
-from lddpm.data.loader import EpochSampler, _iterate, uint8_to_tensor
+from lddpm.data.cache import ImageCache, array_checksums, read_manifest
+from lddpm.data.loader import EpochSampler, iterate_batches, uint8_to_tensor
 from lddpm.errors import LddpmError
 from lddpm.io import make_temp_dir, swap_in_dir
 
@@ -149,7 +149,7 @@ def encode_latents(
         std.flush()
         del mean, std
         np.save(tmp / "labels.npy", np.asarray(cache.labels, dtype=np.int64))
-        arrays, checksum = _array_checksums(tmp, LATENT_ARRAYS)
+        arrays, checksum = array_checksums(tmp, LATENT_ARRAYS)
         manifest = {
             "format": LATENT_FORMAT,
             "format_version": 1,
@@ -210,4 +210,4 @@ class LatentLoader:
 
     def iter_from(self, step: int = 0, *, prefetch: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield batch(step), batch(step + 1), ... forever."""
-        return _iterate(self.batch, step, prefetch)
+        return iterate_batches(self.batch, step, prefetch)
