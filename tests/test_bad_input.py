@@ -486,7 +486,7 @@ CASES = [
     ("study-zero-steps", lambda w, t: ["study", bad_toml(t, "[runs.a]\nconfig = 'fashion-quick'\n[[cells]]\nname = 'c'\nrun = 'a'\n"
                                                        "steps = 0\n"), "--quiet"], r"cell 'c': steps = 0 is out of range"),
     ("study-damaged-cell-file", lambda w, t: ["study", w.study / "toy.toml", "--out", damaged_cell(t), "--report-only", "--quiet"],
-     r"cells/ddim\.json is damaged.*delete it"),
+     r"cannot read .*cells/ddim\.json: it is damaged.*delete it"),
     ("study-nproc-0", lambda w, t: ["study", w.study / "toy.toml", "--nproc", "0", "--out", t / "s", "--quiet"], r"--nproc must be >= 1"),
     ("study-out-under-a-file", lambda w, t: ["study", w.study / "toy.toml", "--out", file_blocker(t) / "s", "--quiet"], r"blocker"),
     ("demo-out-under-a-file", lambda w, t: ["demo", "--out", file_blocker(t) / "d", "--quiet"], r"blocker"),

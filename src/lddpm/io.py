@@ -104,6 +104,20 @@ def to_json(obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> str
     return json.dumps(obj, indent=indent, sort_keys=sort_keys, default=json_default) + "\n"
 
 
+def read_json_object(path: str | Path, fix: str) -> dict[str, Any]:
+    """A JSON object read from `path`; missing, unreadable, invalid or not an object -> one LddpmError ending in `fix`."""
+    path = Path(path)
+    if not path.is_file():
+        raise LddpmError(f"{path} not found; {fix}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise LddpmError(f"cannot read {path}: it is damaged or not JSON ({exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise LddpmError(f"{path} does not hold a JSON object; {fix}")
+    return data
+
+
 def write_json(path: str | Path, obj: Any, *, sort_keys: bool = False) -> Path:
     """Write indented JSON atomically."""
     return write_text(path, to_json(obj, sort_keys=sort_keys))

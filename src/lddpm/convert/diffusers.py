@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lddpm.errors import LddpmError
+from lddpm.io import read_json_object
 from lddpm.nn.unet import UNetConfig
 from lddpm.nn.vae import VAEConfig
 
@@ -76,6 +77,19 @@ def _square_size(where: str, size: Any) -> int:
     return size
 
 
+def check_fixed_fields_and_blocks(c: dict[str, Any], expect: dict[str, tuple[Any, str]],
+                                  where: str) -> tuple[list[str], list[str], list[int]]:
+    """Refuse a field whose value lddpm cannot represent (`expect`: key -> (the one value, why)); return
+    the down blocks, up blocks and channels, checked to have one entry per level."""
+    for key, (value, why) in expect.items():
+        if c[key] != value:
+            raise refuse(where, key, c[key], why)
+    down, up, channels = list(c["down_block_types"]), list(c["up_block_types"]), list(c["block_out_channels"])
+    if not (len(down) == len(up) == len(channels) >= 1):
+        raise LddpmError(f"{where}: down_block_types, up_block_types and block_out_channels must have equal lengths")
+    return down, up, channels
+
+
 def unet_config_from_diffusers(config: dict[str, Any], where: str = "UNet2DModel") -> UNetConfig:
     """A UNet2DModel config -> UNetConfig, refusing every field lddpm's U-Net cannot represent."""
     c = resolve_config(where, config, UNET2D_DEFAULTS)
@@ -87,12 +101,7 @@ def unet_config_from_diffusers(config: dict[str, Any], where: str = "UNet2DModel
               "upsample_type": ("conv", "upsampling is nearest-neighbour + convolution"),
               "act_fn": ("silu", "every activation is SiLU"),
               "class_embed_type": (None, "class labels use a plain embedding table (num_class_embeds)")}
-    for key, (value, why) in expect.items():
-        if c[key] != value:
-            raise refuse(where, key, c[key], why)
-    down, up, channels = list(c["down_block_types"]), list(c["up_block_types"]), list(c["block_out_channels"])
-    if not (len(down) == len(up) == len(channels) >= 1):
-        raise LddpmError(f"{where}: down_block_types, up_block_types and block_out_channels must have equal lengths")
+    down, up, channels = check_fixed_fields_and_blocks(c, expect, where)
     for i, name in enumerate(down):
         if name not in _DOWN:
             raise refuse(where, f"down_block_types[{i}]", name, f"supported down blocks: {', '.join(_DOWN)}")
@@ -259,12 +268,7 @@ def vae_config_from_diffusers(config: dict[str, Any], where: str = "AutoencoderK
               "latents_std": (None, "latents are only scaled, with one scaling_factor"),
               "use_quant_conv": (True, "the autoencoder always has quant_conv"),
               "use_post_quant_conv": (True, "the autoencoder always has post_quant_conv")}
-    for key, (value, why) in expect.items():
-        if c[key] != value:
-            raise refuse(where, key, c[key], why)
-    down, up, channels = list(c["down_block_types"]), list(c["up_block_types"]), list(c["block_out_channels"])
-    if not (len(down) == len(up) == len(channels) >= 1):
-        raise LddpmError(f"{where}: down_block_types, up_block_types and block_out_channels must have equal lengths")
+    down, up, channels = check_fixed_fields_and_blocks(c, expect, where)
     for key, names, allowed in (("down_block_types", down, "DownEncoderBlock2D"), ("up_block_types", up, "UpDecoderBlock2D")):
         for i, name in enumerate(names):
             if name != allowed:
@@ -512,15 +516,7 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from `path`; missing or invalid -> LddpmError naming it."""
-    if not path.is_file():
-        raise LddpmError(f"{path} not found: a diffusers {what} needs it; nothing was written")
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise LddpmError(f"{path} is not valid JSON ({exc}); nothing was written") from None
-    if not isinstance(data, dict):
-        raise LddpmError(f"{path} must hold a JSON object; nothing was written")
-    return data
+    return read_json_object(path, f"a diffusers {what} needs it as a valid JSON object; nothing was written")
 
 
 # ----------------------------------------------------------------------------- schedulers

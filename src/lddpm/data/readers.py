@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lddpm.data.integrity import sha256_file
 from lddpm.errors import LddpmError
 
 FASHION_MNIST_DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
@@ -82,15 +83,6 @@ class RawDataset:
     images: np.ndarray | None = None  # (N,H,W) grey or (N,H,W,3) RGB, uint8
     files: list[str] = field(default_factory=list)
     root: str = ""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

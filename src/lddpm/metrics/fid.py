@@ -6,7 +6,6 @@ mean and covariance of Inception pool3 features of two image sets.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import scipy.linalg
 from lddpm.checks import strict
 from lddpm.data.cache import default_cache_dir  # noqa: F401  (re-exported for metrics users)
 from lddpm.errors import LddpmError
-from lddpm.io import write_json, write_npz
+from lddpm.io import read_json_object, write_json, write_npz
 
 # Keys of a reference manifest that must equal the request before cached statistics are used.
 REFERENCE_KEYS = ("dataset", "split", "num", "resolution", "network_sha1", "dataset_checksum")
@@ -147,13 +146,7 @@ def load_reference(path: str | Path, expect: dict | None = None) -> ReferenceSta
     if not npz.is_file() or not meta.is_file():
         raise LddpmError(f"reference statistics {str(npz)!r} (with its .json manifest) not found; build them with `lddpm fid-ref`")
     fix = "rebuild them with `lddpm fid-ref ... --rebuild`"
-    try:
-        manifest = json.loads(meta.read_text())
-    except (OSError, ValueError) as exc:
-        raise LddpmError(f"cannot read {str(meta)!r} ({exc}); {fix}") from None
-    if not isinstance(manifest, dict):
-        raise LddpmError(f"{str(meta)!r} is not a manifest object; {fix}")
-    manifest = strict(manifest, str(meta), "manifest")
+    manifest = strict(read_json_object(meta, fix), str(meta), "manifest")
     for key, want in (expect or {}).items():
         have = manifest.get(key)
         if have != want:

@@ -9,7 +9,6 @@ rest of the grid goes on. How a run is trained and a cell is scored is injectabl
 
 from __future__ import annotations
 
-import json
 import time
 import traceback
 from dataclasses import asdict
@@ -17,9 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lddpm import report
-from lddpm.errors import LddpmError
 from lddpm.grid import labelled_grid
-from lddpm.io import finite_or_none, remove_stale_temp_files, to_json, write_png, write_text
+from lddpm.io import finite_or_none, read_json_object, remove_stale_temp_files, to_json, write_png, write_text
 from lddpm.study.backend import StudyBackend
 from lddpm.study.schema import CellSpec, RunSpec, Study, base_row, log
 
@@ -112,15 +110,7 @@ def run_study(
 
 def read_cell(path: Path) -> dict | None:
     """A finished cell's row, or None when the cell has not run; a damaged file is one clear error."""
-    if not path.is_file():
-        return None
-    try:
-        row = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise LddpmError(f"{path} is damaged ({exc}); delete it to run that cell again") from None
-    if not isinstance(row, dict):
-        raise LddpmError(f"{path} is not a cell result; delete it to run that cell again")
-    return row
+    return read_json_object(path, "delete it to run that cell again") if path.is_file() else None
 
 
 def load_rows(study: Study, out_dir: str | Path) -> list[dict]:
