@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lddpm import __version__
 from lddpm.checks import strict
@@ -86,8 +88,6 @@ def _unflatten(obj: Any, get_tensor) -> Any:
 
 def save_checkpoint(path: str | Path, groups: dict[str, Any], meta: dict[str, Any]) -> Path:
     """Atomically write `groups` (nested state with tensors) and JSON `meta` to one file."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -124,8 +124,6 @@ class Checkpoint:
 
     def load(self, group: str, device: str | torch.device = "cpu") -> Any:
         """The nested state of one group, with its tensors."""
-        from safetensors import safe_open
-
         if group not in self.header["structure"]:
             raise LddpmError(f"checkpoint {self.path} has no {group!r} state (has: {', '.join(self.groups)})")
         try:
@@ -150,8 +148,6 @@ class Checkpoint:
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Open and check a checkpoint file (or run folder); LddpmError names a bad file."""
-    from safetensors import safe_open
-
     path = resolve_checkpoint(path)
     try:
         with safe_open(str(path), framework="pt") as handle:

@@ -18,11 +18,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from lddpm.errors import LddpmError
 from lddpm.io import read_json_object
 from lddpm.nn.unet import UNetConfig
 from lddpm.nn.vae import VAEConfig
+from lddpm.schedule import SCHEDULES, NoiseSchedule
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -501,8 +503,6 @@ def weight_files(folder: Path) -> list[Path]:
 
 def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     """Every tensor of the given safetensors files (safetensors never runs code)."""
-    from safetensors import safe_open
-
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
         try:
@@ -549,8 +549,6 @@ def diffusion_from_scheduler(config: dict[str, Any], *, latent: bool, where: str
     `latent` says whether the model denoises VAE latents (lddpm never clips those) or pixels (always
     clipped to [-1, 1]); clip_sample must agree.
     """
-    from lddpm.schedule import SCHEDULES, NoiseSchedule
-
     name = config.get("_class_name")
     if name not in SCHEDULER_DEFAULTS:
         raise LddpmError(f"{where}: scheduler class {name!r} is not supported; lddpm reads "
@@ -609,8 +607,6 @@ def diffusion_from_scheduler(config: dict[str, Any], *, latent: bool, where: str
 
 def scheduler_from_diffusion(diffusion: dict[str, Any], *, latent: bool) -> dict[str, Any]:
     """lddpm [diffusion] values -> a complete DDPMScheduler config with the same betas and objective."""
-    from lddpm.schedule import NoiseSchedule
-
     T, schedule = int(diffusion["num_timesteps"]), diffusion["schedule"]
     out = {"_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
            **SCHEDULER_DEFAULTS["DDPMScheduler"]}

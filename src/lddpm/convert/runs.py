@@ -16,12 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
+from lddpm import __version__
+from lddpm.checkpoint import load_checkpoint, save_run_checkpoint
+from lddpm.config import Config, DiffusionConfig, ModelConfig, save_config, validate
 from lddpm.convert.diffusers import (CLASS_FOR_KIND, CONFIG_NAME, DIFFUSERS_VERSION, SCHEDULER_CONFIG_NAME,
                                      WEIGHTS_NAME, ModelClass, diffusion_from_scheduler, from_diffusers_state,
                                      model_class, read_json, read_safetensors, scheduler_from_diffusion,
                                      to_diffusers_state, weight_files)
 from lddpm.errors import LddpmError
+from lddpm.io import make_temp_dir, swap_in_dir
+from lddpm.nn import network_config, network_from_config
 
 PIPELINE_COMPONENTS = ("unet", "vae", "scheduler")
 # The registry config an imported network is written against (its differences become model.overrides).
@@ -44,8 +50,6 @@ def folder_sha256(folder: Path) -> tuple[str, list[list[Any]]]:
 
 def read_model_folder(folder: Path) -> tuple[ModelClass, Any, dict[str, torch.Tensor], dict[str, Any]]:
     """(table entry, lddpm network config, lddpm state dict, raw diffusers config) of a model folder."""
-    from lddpm.nn import network_from_config
-
     raw = read_json(folder / CONFIG_NAME, "model folder")
     where = str(folder / CONFIG_NAME)
     entry = model_class(raw.get("_class_name"), where)
@@ -65,8 +69,6 @@ def _component(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _model_section(kind: str, config) -> dict[str, Any]:
     """[model] for a network config: a registry name plus the fields that differ from it."""
-    from lddpm.nn import network_config
-
     name = BASE_NAMES[kind]
     base = network_config(kind, name).to_dict()
     ours = config.to_dict()
@@ -96,8 +98,6 @@ def _pipeline_parts(src: Path) -> dict[str, Path]:
 
 def _atomic_folder(out: Path, write) -> None:
     """Run write(tmp) on a fresh temporary folder beside `out`, then move it to `out` (lddpm.io)."""
-    from lddpm.io import make_temp_dir, swap_in_dir
-
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LddpmError(f"{out} already exists and is not empty; choose another --out or remove it")
     tmp = make_temp_dir(out)
@@ -116,10 +116,6 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
     `lddpm sample` / `lddpm eval` load; an AutoencoderKL alone becomes a VAE run usable as
     `data.latent`. `dataset` names the data the model was trained on (for `lddpm eval`'s reference).
     """
-    from lddpm import __version__
-    from lddpm.checkpoint import save_run_checkpoint
-    from lddpm.config import Config, DiffusionConfig, ModelConfig, save_config, validate
-
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise LddpmError(f"{src} is not a folder: give a local diffusers model or pipeline folder "
@@ -222,8 +218,6 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
 
 def _write_model(folder: Path, entry: ModelClass, config, state: dict[str, torch.Tensor]) -> None:
     """config.json + diffusion_pytorch_model.safetensors of one diffusers model."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     raw = {"_class_name": entry.diffusers_name, "_diffusers_version": DIFFUSERS_VERSION,
            **entry.config_to_diffusers(config)}
@@ -234,9 +228,6 @@ def _write_model(folder: Path, entry: ModelClass, config, state: dict[str, torch
 def export_diffusers(run: str | Path, out: str | Path, *, weights: str = "ema") -> dict[str, Any]:
     """Write a run as a diffusers folder: a pipeline layout (unet/, scheduler/[, vae/]) for a diffusion
     run, a model folder for a VAE run. `weights`: "ema" (what lddpm samples and decodes with) or "model"."""
-    from lddpm.checkpoint import load_checkpoint
-    from lddpm.nn import network_from_config
-
     if weights not in ("ema", "model"):
         raise LddpmError(f"--weights must be ema or model, not {weights!r}")
     ckpt = load_checkpoint(run)

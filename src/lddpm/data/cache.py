@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from lddpm import __version__
 from lddpm.data import preprocess, readers
@@ -200,8 +201,6 @@ def _read_raw(name: str, split: str, root: str | None, cache_dir: Path) -> reade
 
 
 def _write_array_images(raw: readers.RawDataset, out: np.ndarray, resolution: int, fit: str, progress: bool) -> None:
-    from tqdm import tqdm
-
     step = 4096
     with tqdm(total=len(out), unit="img", desc="preprocess", disable=not progress) as bar:
         for i in range(0, len(out), step):
@@ -213,8 +212,6 @@ def _write_folder_images(
     raw: readers.RawDataset, out: np.ndarray, resolution: int, workers: int, skip_bad: bool, progress: bool
 ) -> list[str]:
     """Decode all files into `out` with a process pool; returns the skipped files (raises unless skip_bad)."""
-    from tqdm import tqdm
-
     files = raw.files
     chunk = max(16, min(256, math.ceil(len(files) / (4 * max(1, workers)))))
     jobs = [(files[i:i + chunk], resolution, raw.mode) for i in range(0, len(files), chunk)]

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from lddpm import __version__
 from lddpm.data import open_cache, prepare, test_split
@@ -83,8 +85,6 @@ def train_classifier(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.25)
     bar = range(total)
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(bar, desc="train classifier", unit="step")
     model.train()
     order = torch.randperm(len(train_images), generator=gen)
@@ -196,8 +196,6 @@ def default_classifier_dir(dataset: str, resolution: int, cache_dir: str | Path 
 
 def save_classifier(model: SmallClassifier, out_dir: str | Path, meta: dict) -> Path:
     """Write model.safetensors and classifier.json (architecture + `meta`) into `out_dir`."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -209,8 +207,6 @@ def save_classifier(model: SmallClassifier, out_dir: str | Path, meta: dict) -> 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[SmallClassifier, dict]:
     """Load a classifier folder written by `save_classifier`; returns (model in eval mode, metadata)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / META_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise LddpmError(f"no classifier in {str(path)!r}; train one with `lddpm train-classifier DATASET`")
