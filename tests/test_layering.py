@@ -56,3 +56,25 @@ def test_imports_point_down_the_layers(importer, imported, line):
     if a == b or b == "__version__" or (a, imported) in ALLOWED_UPWARD:
         return
     assert RANK[a] > RANK[b], f"lddpm.{importer} (line {line}) imports lddpm.{imported}, which is not below it"
+
+
+def test_one_toml_reader():
+    """Only lddpm.config parses TOML (tomllib, or tomli on Python 3.10); everyone else calls config.read_toml."""
+    readers = set()
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            if any(n.split(".")[0] in ("tomllib", "tomli") for n in names):
+                readers.add(path.relative_to(SRC).as_posix())
+    assert readers == {"config.py"}
+
+
+def test_no_private_names_imported_across_modules():
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lddpm"):
+                offenders += [f"{path.relative_to(SRC)}: {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not offenders

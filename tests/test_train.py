@@ -109,6 +109,8 @@ def test_resume_equals_uninterrupted(data_dirs, tmp_path):
     train(config, full, progress=False)
     stopped = train(config, part, progress=False, stop_at=3)
     assert stopped["stopped"] and stopped["step"] == 3
+    # Exactly the state a resume restores (no RNG states: every draw is reseeded from (seed, step, shard)).
+    assert sorted(load_checkpoint(part).groups) == ["diffusion", "ema", "model", "optimizer"]
     assert load_checkpoint(part).meta["step"] == 3
     resumed = train(config, part, resume=True, progress=False)
     assert resumed["step"] == 6 and not resumed["stopped"]
