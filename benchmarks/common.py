@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import platform
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from lddpm.io import write_json as write_json_atomic
 
 
 def read_status_kb(key: str) -> int | None:
@@ -56,16 +58,13 @@ class PeakMemory:
 
 def environment() -> dict[str, Any]:
     """Versions and machine facts recorded with every benchmark result."""
-    return {"torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
-            "threads": torch.get_num_threads()}
+    return {"torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
+            "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def write_json(result: dict[str, Any], out: str | Path) -> Path:
     """Write the result as indented JSON (creating the folder; atomically) and say where."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_json_atomic(out, result)
     print(f"wrote {out}")
-    return out
+    return Path(out)

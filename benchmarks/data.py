@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -21,10 +20,10 @@ import numpy as np
 import torch
 
 from lddpm.data import ImageLoader, open_cache
-from lddpm.data.cache import CACHE_FORMAT, CACHE_FORMAT_VERSION
+from lddpm.data.cache import CACHE_FORMAT, CACHE_FORMAT_VERSION, array_checksums
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json  # noqa: E402
+from common import environment, write_json  # noqa: E402
 
 
 def synthetic_cache(folder: Path, n: int, resolution: int, channels: int) -> Path:
@@ -36,9 +35,12 @@ def synthetic_cache(folder: Path, n: int, resolution: int, channels: int) -> Pat
     for i in range(0, n, 8192):
         images[i:i + 8192] = rng.integers(0, 256, images[i:i + 8192].shape, dtype=np.uint8)
     images.flush()
+    del images
     np.save(folder / "labels.npy", rng.integers(0, 10, n).astype(np.int64))
+    arrays, checksum = array_checksums(folder, ("images.npy", "labels.npy"))  # open_cache checks them
     manifest = {"format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION, "dataset": "synthetic",
-                "split": "train", "count": n, "class_names": [str(i) for i in range(10)], "checksum": "none"}
+                "split": "train", "count": n, "class_names": [str(i) for i in range(10)],
+                "arrays": arrays, "checksum": checksum}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
@@ -95,9 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         shape = "x".join(str(s) for s in r["shape"])
         print(f"{r['cache']:<28} {shape:<12} {r['batch_size']:>5} {str(r['hflip']):>5} {r['prefetch']:>8} "
               f"{r['batches_per_s']:>10.1f} {r['images_per_s']:>11.0f}")
-    result = {"benchmark": "data-loader", "quick": args.quick, "threads": args.threads,
-              "torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
-              "machine": platform.machine(), "rows": rows}
+    result = {"benchmark": "data-loader", "quick": args.quick, **environment(), "threads": args.threads, "rows": rows}
     write_json(result, args.out)
     return result
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from lddpm.nn import build_network, network_config
 from lddpm.nn.vae import vae_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakMemory  # noqa: E402
+from common import PeakMemory, environment  # noqa: E402
 
 DEFAULT_CONFIGS = "unet:ddpm-cifar10,unet:small,unet:tiny,vae:kl-f4,vae:kl-f4-tiny"
 MODES = ("fp32", "bf16", "channels_last")
@@ -336,10 +335,7 @@ def run(args) -> dict:
                 print(f"  interleaved {o['config']} {o['mode']}: lddpm / diffusers "
                       f"{o['train_speedup_vs_diffusers_interleaved']:.2f}x train, "
                       f"{o['fwd_speedup_vs_diffusers_interleaved']:.2f}x forward", flush=True)
-    return {"meta": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "python": platform.python_version(),
-                     "machine": platform.machine(),
-                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    return {"meta": {**environment(),
                      # Without native bf16 support oneDNN is skipped and bf16 convs fall back to slow kernels.
                      "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                      "batch": args.batch, "iters": args.iters, "warmup": args.warmup},

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import gzip
 import json
-import platform
 import statistics
 import struct
 import sys
@@ -34,7 +33,7 @@ from lddpm.config import apply_overrides, load_config
 from lddpm.train import network_overrides, step_seed, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakMemory  # noqa: E402
+from common import PeakMemory, environment  # noqa: E402
 
 
 def write_synthetic_idx(root: Path, n: int = 256, prefix: str = "train") -> Path:
@@ -156,9 +155,7 @@ def main() -> None:
         "bare_peak_memory_mib": max((r["peak_memory_mib"] or 0) for r in bare),
         "trainer_peak_memory_mib": max((r["peak_memory_mib"] or 0) for r in full),
         "runs": {"bare": bare, "trainer": full},
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
+        **environment(),
         "quick": args.quick,
     }
     print(f"{'loop':<10}{'images/s':>12}{'peak MiB':>12}")

@@ -118,6 +118,8 @@ def test_resume_equals_uninterrupted(data_dirs, tmp_path, network):
     train(config, full, progress=False)
     stopped = train(config, part, progress=False, stop_at=3)
     assert stopped["stopped"] and stopped["step"] == 3
+    # Exactly the state a resume restores (no RNG states: every draw is reseeded from (seed, step, shard)).
+    assert sorted(load_checkpoint(part).groups) == ["diffusion", "ema", "model", "optimizer"]
     assert load_checkpoint(part).meta["step"] == 3 and load_checkpoint(part).meta["network"]["kind"] == network
     resumed = train(config, part, resume=True, progress=False)
     assert resumed["step"] == 6 and not resumed["stopped"]
@@ -352,3 +354,14 @@ def test_load_vae_decodes_with_the_ema_weights(data_dirs, tmp_path):
     assert all(torch.equal(load_vae(tmp_path / "vae", use_ema=False).state_dict()[k], raw[k]) for k in raw)
     # The scaling factor was measured on the EMA autoencoder's latents, and both copies carry it.
     assert float(ema["latent_scale"]) == float(raw["latent_scale"]) != 1.0
+
+
+def test_a_killed_saves_temporary_files_are_removed_when_the_run_starts_again(data_dirs, tmp_path):
+    config = tiny_config(data_dirs, "run.steps=3")
+    train(config, tmp_path / "run", progress=False, stop_at=2)
+    stale = tmp_path / "run" / "checkpoints" / ".step_0000003.safetensors.tmp-999999-0123abcd"
+    stale.write_bytes(b"half a checkpoint")
+    keep = tmp_path / "run" / "checkpoints" / "notes.txt"  # not lddpm's naming: left alone
+    keep.write_text("mine")
+    train(config, tmp_path / "run", resume=True, progress=False)
+    assert not stale.exists() and keep.read_text() == "mine"

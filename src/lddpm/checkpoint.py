@@ -18,14 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lddpm import __version__
+from lddpm.checks import strict
 from lddpm.errors import LddpmError
-from lddpm.io import write_text, write_with
+from lddpm.io import remove_stale_temp_files, write_text, write_with
 
 FORMAT = "lddpm-checkpoint/1"
 META_KEY = "lddpm"
 LAST_POINTER = "last.txt"
+HALF_FLOATS = (torch.float16, torch.bfloat16)  # lddpm writes float32/float64 only (bf16 runs use autocast)
 _STEP_RE = re.compile(r"step_(\d+)\.safetensors$")
 
 
@@ -84,8 +88,6 @@ def _unflatten(obj: Any, get_tensor) -> Any:
 
 def save_checkpoint(path: str | Path, groups: dict[str, Any], meta: dict[str, Any]) -> Path:
     """Atomically write `groups` (nested state with tensors) and JSON `meta` to one file."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -113,7 +115,7 @@ class Checkpoint:
     def __init__(self, path: Path, header: dict[str, Any]):
         self.path = path
         self.header = header
-        self.meta: dict[str, Any] = header["meta"]
+        self.meta: dict[str, Any] = strict(header["meta"], str(path), "checkpoint metadata")
 
     @property
     def groups(self) -> list[str]:
@@ -122,23 +124,30 @@ class Checkpoint:
 
     def load(self, group: str, device: str | torch.device = "cpu") -> Any:
         """The nested state of one group, with its tensors."""
-        from safetensors import safe_open
-
         if group not in self.header["structure"]:
             raise LddpmError(f"checkpoint {self.path} has no {group!r} state (has: {', '.join(self.groups)})")
         try:
             with safe_open(str(self.path), framework="pt", device=str(device)) as handle:
-                return _unflatten(self.header["structure"][group], handle.get_tensor)
+                return _unflatten(self.header["structure"][group], lambda name: self._checked(name, handle.get_tensor(name)))
         except LddpmError:
             raise
         except Exception as exc:  # a file changed or damaged after opening
             raise LddpmError(f"checkpoint {self.path} is damaged: {exc}") from None
 
+    def _checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Refuse a half-precision floating tensor or one holding NaN/inf (a damaged or foreign file)."""
+        if tensor.is_floating_point():
+            if tensor.dtype in HALF_FLOATS:
+                raise LddpmError(f"checkpoint {self.path}: tensor {name} is {str(tensor.dtype).replace('torch.', '')}, "
+                                 "but lddpm checkpoints hold float32; convert the weights to float32 (or use the run's own checkpoint)")
+            if not bool(torch.isfinite(tensor).all()):
+                raise LddpmError(f"checkpoint {self.path}: tensor {name} contains NaN or infinity; "
+                                 "use an earlier checkpoint of the run (the weights in this file are unusable)")
+        return tensor
+
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Open and check a checkpoint file (or run folder); LddpmError names a bad file."""
-    from safetensors import safe_open
-
     path = resolve_checkpoint(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -157,6 +166,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise LddpmError(f"{path}: the lddpm metadata is not valid JSON (damaged checkpoint)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise LddpmError(f"{path}: unknown checkpoint format {header.get('format') if isinstance(header, dict) else header!r}; expected {FORMAT}")
+    for key in ("structure", "meta"):
+        if not isinstance(header.get(key), dict):
+            raise LddpmError(f"{path} is damaged: its lddpm metadata has no {key!r} table")
     wanted: set[str] = set()
     _unflatten(header["structure"], lambda name: wanted.add(name))
     missing = wanted - names
@@ -197,6 +209,15 @@ def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
     if not found:
         raise LddpmError(f"no checkpoint found in {path} (expected {folder}/step_*.safetensors)")
     return found[-1]
+
+
+def clean_checkpoint_dir(run_dir: str | Path) -> list[Path]:
+    """Remove the stale temporary files (`.step_*.safetensors.tmp-*`) a killed save left in `run_dir/checkpoints`.
+
+    Only names made by lddpm's atomic writer are touched, and never those of a writer still running.
+    Call it when a run starts (fresh or resumed).
+    """
+    return remove_stale_temp_files(Path(run_dir) / "checkpoints")
 
 
 def save_run_checkpoint(run_dir: str | Path, step: int, groups: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:

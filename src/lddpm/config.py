@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lddpm.errors import LddpmError, check_choice
+from lddpm import checks
+from lddpm.checks import check_choice
+from lddpm.errors import LddpmError
 
 try:
     import tomllib
@@ -357,6 +359,11 @@ def validate(config: Config) -> Config:
         raise LddpmError(f"run.label_dropout = {r.label_dropout}: expected a number in [0, 1)")
     if d.min_snr_gamma <= 0:
         raise LddpmError(f"diffusion.min_snr_gamma = {d.min_snr_gamma} must be positive")
+    checks.finite_number("run.guidance_scale", r.guidance_scale)
+    checks.finite_number("diffusion.min_snr_gamma", d.min_snr_gamma)
+    checks.resolution("data.resolution", data.resolution)
+    checks.int_in_range("diffusion.num_timesteps", d.num_timesteps, 1, checks.MAX_NUM_TIMESTEPS,
+                        " (larger schedules only cost memory; 1000 is the usual T)")
     if r.guidance_scale != 1.0 and not r.class_conditional:
         raise LddpmError(
             f"run.guidance_scale = {r.guidance_scale} needs a class-conditional model "

@@ -41,7 +41,9 @@ def _os_error(exc: OSError, path: Path) -> LddpmError:
                           "(the previous file, if any, is unchanged)")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return LddpmError(f"cannot write {path}: permission denied; choose a writable location")
-    if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+    if exc.errno == errno.EEXIST:  # mkdir of a parent that is a regular file
+        return LddpmError(f"cannot write {path}: a part of this path is a file, not a folder; choose another path")
+    if exc.errno in (errno.EISDIR, errno.ENOTDIR):
         return LddpmError(f"cannot write {path}: {exc.strerror.lower()}; choose another path")
     return LddpmError(f"cannot write {path}: {exc.strerror or exc}")
 
@@ -102,6 +104,20 @@ def to_json(obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> str
     return json.dumps(obj, indent=indent, sort_keys=sort_keys, default=json_default) + "\n"
 
 
+def read_json_object(path: str | Path, fix: str) -> dict[str, Any]:
+    """A JSON object read from `path`; missing, unreadable, invalid or not an object -> one LddpmError ending in `fix`."""
+    path = Path(path)
+    if not path.is_file():
+        raise LddpmError(f"{path} not found; {fix}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise LddpmError(f"cannot read {path}: it is damaged or not JSON ({exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise LddpmError(f"{path} does not hold a JSON object; {fix}")
+    return data
+
+
 def write_json(path: str | Path, obj: Any, *, sort_keys: bool = False) -> Path:
     """Write indented JSON atomically."""
     return write_text(path, to_json(obj, sort_keys=sort_keys))
@@ -157,14 +173,39 @@ def swap_in_dir(tmp: Path, target: str | Path) -> None:
         os.rename(tmp, target)
 
 
-def remove_stale_temp_files(folder: str | Path) -> list[Path]:
-    """Delete this package's leftover temporary files/folders in `folder` (a killed writer's)."""
+def os_error(exc: OSError, path: str | Path) -> LddpmError:
+    """The one-line LddpmError for an OSError while writing `path` (disk full, permission, bad path)."""
+    return _os_error(exc, Path(path))
+
+
+def _writer_alive(name: str) -> bool:
+    """True if the process id in a temp name `.NAME.tmp-PID-HEX` is a running process on this machine."""
+    match = re.search(r"\.(?:tmp|old)-(\d+)-[0-9a-f]{8}", name)
+    if not match:
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | Path, *, keep_live: bool = True) -> list[Path]:
+    """Delete this package's leftover temporary files/folders in `folder` (a killed writer's).
+
+    With `keep_live`, entries whose writer process is still running here are kept (a concurrent
+    writer in the same folder is not disturbed).
+    """
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
         if TEMP_PATTERN.match(entry.name) or re.match(r"^\..+\.old-\d+-[0-9a-f]{8}$", entry.name):
+            if keep_live and _writer_alive(entry.name):
+                continue
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

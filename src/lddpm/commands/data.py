@@ -31,13 +31,21 @@ def register(subparsers) -> None:
     p.add_argument("--fit", choices=("pad", "resize"), default=None,
                    help="28-pixel sets: zero-pad (default) or resize to the resolution")
     p.add_argument("--overwrite", action="store_true", help="rebuild even if a cache exists (the old one stays until the new one is complete)")
+    p.add_argument("--verify", action="store_true",
+                   help="hash every byte of the (new or reused) cache against its manifest (see also `lddpm verify-cache`)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_prepare)
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Run `lddpm prepare` and print a summary of the cache."""
+    from lddpm import checks
     from lddpm.data import open_cache, prepare
+
+    if args.resolution is not None:
+        checks.resolution("--resolution", args.resolution)
+    if args.workers is not None:
+        checks.int_in_range("--workers", args.workers, 1, 256)
 
     folder = prepare(
         args.dataset, resolution=args.resolution, split=args.split, root=args.root,
@@ -45,6 +53,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         download=args.download, fit=args.fit, overwrite=args.overwrite, progress=not args.quiet,
     )
     cache = open_cache(folder)
+    if args.verify:
+        cache.verify()
     m = cache.manifest
     print(f"{folder}")
     print(f"  {m['dataset']} {m['split']}: {len(cache)} images, {cache.resolution}x{cache.resolution}x{cache.channels} uint8, "

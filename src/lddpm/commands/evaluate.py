@@ -101,10 +101,21 @@ def run_eval(args: argparse.Namespace) -> int:
     from lddpm.distributed import resolve_device
     from lddpm.errors import LddpmError
 
+    from lddpm import checks
+
     args.device = str(resolve_device(args.device))
     modes = [m for m in (args.run, args.images, args.vae) if m]
     if len(modes) != 1:
         raise LddpmError("give exactly one of RUN_OR_CHECKPOINT, --images DIR_OR_NPZ or --vae RUN")
+    checks.finite_number("--guidance-scale", args.guidance_scale)
+    checks.finite_number("--eta", args.eta)
+    for flag, value in (("--num", args.num), ("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value is not None:  # --steps None: the sampler's default
+            checks.int_in_range(flag, value, 1)
+    if args.ref_num is not None:
+        checks.int_in_range("--ref-num", args.ref_num, 0)
+    if args.resolution is not None:
+        checks.resolution("--resolution", args.resolution)
     progress = not args.quiet
     extractor = ev.load_extractor(args.inception, args.inception_sha1, batch_size=args.batch_size, device=args.device)
     with warnings.catch_warnings(record=True) as caught:
@@ -180,7 +191,12 @@ def run_fid_ref(args: argparse.Namespace) -> int:
     from lddpm.distributed import resolve_device
     from lddpm.metrics.fid import default_reference_path, reference_files
 
+    from lddpm import checks
+
     args.device = str(resolve_device(args.device))
+    checks.int_in_range("--num", args.num, 0)
+    checks.int_in_range("--batch-size", args.batch_size, 1)
+    checks.resolution("--resolution", args.resolution)
     extractor = ev.load_extractor(args.inception, args.inception_sha1, batch_size=args.batch_size, device=args.device)
     ref = ev.reference_stats(
         args.dataset, split=args.split, num=args.num or None, resolution=args.resolution, extractor=extractor,
@@ -196,10 +212,19 @@ def run_fid_ref(args: argparse.Namespace) -> int:
 
 def run_train_classifier(args: argparse.Namespace) -> int:
     """Run `lddpm train-classifier`: train on the train split, report test accuracy, save weights + metadata."""
+    from lddpm import checks
     from lddpm.distributed import resolve_device
+    from lddpm.errors import LddpmError
     from lddpm.metrics.classifier import train_dataset_classifier
 
     args.device = str(resolve_device(args.device))
+    checks.resolution("--resolution", args.resolution)
+    checks.int_in_range("--batch-size", args.batch_size, 1)
+    checks.finite_number("--epochs", args.epochs)
+    checks.finite_number("--lr", args.lr)
+    if args.epochs <= 0 or args.lr <= 0:
+        raise LddpmError(f"--epochs and --lr must be positive, got {args.epochs} and {args.lr}")
+
     folder, meta = train_dataset_classifier(
         args.dataset, args.resolution, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, hflip=args.hflip,
         seed=args.seed, out=args.out, cache_dir=args.cache_dir, root=args.root, device=args.device,

@@ -115,8 +115,15 @@ def _sample(args: argparse.Namespace) -> int:
     from lddpm.grid import save_grid
     from lddpm.pipeline import load_pipeline
 
+    from lddpm import checks
+
     if args.num < 1:
         raise LddpmError(f"--num must be >= 1, got {args.num}")
+    checks.finite_number("--guidance-scale", args.guidance_scale)
+    checks.finite_number("--eta", args.eta)
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--nrow", args.nrow)):
+        if value is not None:
+            checks.int_in_range(flag, value, 1)
     device = resolve_device(args.device)
     pipeline = load_pipeline(args.run, device=device, use_ema=not args.no_ema)
     labels = None
@@ -139,13 +146,12 @@ def _sample(args: argparse.Namespace) -> int:
         nrow = args.nrow or int(np.ceil(np.sqrt(len(images))))
         written.append(str(save_grid(images, out, nrow=nrow)))
     if args.out_dir:
-        from PIL import Image
+        from lddpm.io import write_png
 
         folder = Path(args.out_dir)
-        folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             suffix = f"_class{int(out_labels[i])}" if out_labels is not None else ""
-            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(folder / f"{i:05d}{suffix}.png")
+            write_png(folder / f"{i:05d}{suffix}.png", image)  # atomic; a full disk is one clear error
         written.append(f"{folder}/ ({len(images)} files)")
     print(f"{len(images)} images with {args.sampler} ({args.steps or 'default'} steps) in {took:.1f} s "
           f"({took / len(images):.3f} s/image) -> {', '.join(written)}")

@@ -8,7 +8,6 @@ Layout of one cache folder `<cache_dir>/<dataset>-<split>-<resolution>[-<fit>]`:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import multiprocessing
@@ -19,12 +18,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from lddpm import __version__
 from lddpm.data import preprocess, readers
 from lddpm.data.download import download_file
 from lddpm.errors import LddpmError
-from lddpm.io import make_temp_dir, swap_in_dir
+from lddpm.checks import resolution as check_resolution
+from lddpm.checks import strict
+from lddpm.data import integrity
+from lddpm.io import make_temp_dir, os_error, remove_stale_temp_files, swap_in_dir
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder")
 SPLITS = {
@@ -107,16 +110,25 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         raise LddpmError(f"cannot read {path}: {exc}; delete the folder and prepare it again")
     if not isinstance(manifest, dict):
         raise LddpmError(f"{path} is not a manifest object; delete the folder and prepare it again")
-    return manifest
+    return strict(manifest, str(path), "manifest")
 
 
-def _array_checksums(folder: Path, names: tuple[str, ...]) -> tuple[dict, str]:
+def array_checksums(folder: Path, names: tuple[str, ...]) -> tuple[dict, str]:
     arrays = {}
     for n in names:
         arr = np.load(folder / n, mmap_mode="r")
-        arrays[n] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": readers.sha256_file(folder / n)}
-    checksum = hashlib.sha256("".join(arrays[n]["sha256"] for n in names).encode()).hexdigest()
-    return arrays, checksum
+        arrays[n] = integrity.array_record(folder / n, arr.shape, arr.dtype)
+    return arrays, integrity.combined_checksum(arrays, names)
+
+
+def rebuild_hint(manifest: dict) -> str:
+    """How to rebuild a damaged cache: the `lddpm prepare ... --overwrite` command for its request."""
+    request = manifest.get("request") if isinstance(manifest.get("request"), dict) else {}
+    parts = ["lddpm prepare", str(request.get("dataset", manifest.get("dataset", "DATASET")))]
+    for key in ("split", "resolution", "fit", "root"):
+        if request.get(key) is not None:
+            parts.append(f"--{key} {request[key]}")
+    return f"rebuild it with `{' '.join(parts)} --overwrite` (add your --cache-dir), or delete the folder"
 
 
 class ImageCache:
@@ -127,6 +139,7 @@ class ImageCache:
         self.manifest = read_manifest(self.path)
         if self.manifest.get("format") != CACHE_FORMAT:
             raise LddpmError(f"{self.path} is not an lddpm image cache (format {self.manifest.get('format')!r})")
+        integrity.verify_arrays(self.path, self.manifest, ("images.npy", "labels.npy"), fix=rebuild_hint(self.manifest))
         try:
             self.images = np.load(self.path / "images.npy", mmap_mode="r")
             self.labels = np.load(self.path / "labels.npy")
@@ -150,10 +163,9 @@ class ImageCache:
         return f"ImageCache({str(self.path)!r}, {self.dataset}/{self.split}, n={len(self)}, {self.resolution}px x{self.channels})"
 
     def verify(self) -> None:
-        """Recompute the array checksums and raise LddpmError if they differ from the manifest."""
-        _, checksum = _array_checksums(self.path, ("images.npy", "labels.npy"))
-        if checksum != self.checksum:
-            raise LddpmError(f"cache {self.path} is corrupt (array checksum mismatch); delete it and prepare again")
+        """Hash every byte of the arrays and raise LddpmError if they differ from the manifest."""
+        integrity.verify_arrays(self.path, self.manifest, ("images.npy", "labels.npy"),
+                                fix=rebuild_hint(self.manifest), full=True)
 
 
 def open_cache(path: str | os.PathLike) -> ImageCache:
@@ -189,8 +201,6 @@ def _read_raw(name: str, split: str, root: str | None, cache_dir: Path) -> reade
 
 
 def _write_array_images(raw: readers.RawDataset, out: np.ndarray, resolution: int, fit: str, progress: bool) -> None:
-    from tqdm import tqdm
-
     step = 4096
     with tqdm(total=len(out), unit="img", desc="preprocess", disable=not progress) as bar:
         for i in range(0, len(out), step):
@@ -202,8 +212,6 @@ def _write_folder_images(
     raw: readers.RawDataset, out: np.ndarray, resolution: int, workers: int, skip_bad: bool, progress: bool
 ) -> list[str]:
     """Decode all files into `out` with a process pool; returns the skipped files (raises unless skip_bad)."""
-    from tqdm import tqdm
-
     files = raw.files
     chunk = max(16, min(256, math.ceil(len(files) / (4 * max(1, workers)))))
     jobs = [(files[i:i + chunk], resolution, raw.mode) for i in range(0, len(files), chunk)]
@@ -232,6 +240,11 @@ def _build(folder_tmp: Path, raw: readers.RawDataset, *, name: str, split: str, 
     channels = 1 if raw.mode == "L" else 3
     n = len(raw.labels)
     images_path = folder_tmp / "images.npy"
+    needed, free = n * resolution * resolution * channels, shutil.disk_usage(folder_tmp).free
+    if needed > free:  # refuse before writing rather than fill the disk
+        raise LddpmError(f"disk full: this cache needs {needed / 2**30:.2f} GiB ({n} images of {resolution}x{resolution}x{channels}) "
+                         f"but {folder_tmp.parent} has {free / 2**30:.2f} GiB free; free some space, lower --resolution "
+                         "or choose another --cache-dir")
     out = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(n, resolution, resolution, channels))
     labels = raw.labels
     skipped: list[str] = []
@@ -259,7 +272,7 @@ def _build(folder_tmp: Path, raw: readers.RawDataset, *, name: str, split: str, 
         out.flush()
         del out
     np.save(folder_tmp / "labels.npy", labels.astype(np.int64))
-    arrays, checksum = _array_checksums(folder_tmp, ("images.npy", "labels.npy"))
+    arrays, checksum = array_checksums(folder_tmp, ("images.npy", "labels.npy"))
     counts = np.bincount(labels, minlength=len(raw.class_names))
     native = NATIVE_SIZE.get(name)
     steps = {"decode": "Pillow" if raw.files else f"{name} reader (uint8 arrays)", "mode": raw.mode,
@@ -313,9 +326,7 @@ def prepare(
     """
     check_dataset(name)
     _, default_res, _, _ = dataset_info(name)
-    resolution = int(resolution or default_res)
-    if resolution < 1:
-        raise LddpmError(f"resolution must be a positive number of pixels, got {resolution}")
+    resolution = check_resolution("resolution", default_res if resolution is None else resolution)
     if SPLITS[name] is not None and split not in SPLITS[name]:
         raise LddpmError(f"unknown split {split!r} for {name}; choose one of {', '.join(SPLITS[name])}")
     fit = fit or default_fit(name, resolution)
@@ -327,6 +338,7 @@ def prepare(
     if root is None and name == "imagefolder":
         raise LddpmError("imagefolder needs --root DIR (a folder of class subfolders, or of split folders)")
     folder = cache_dir / cache_name(name, split, resolution, fit, root)
+    remove_stale_temp_files(cache_dir)  # temp folders of a killed prepare (never a running one's)
     request = {"dataset": name, "split": split, "resolution": resolution, "fit": fit,
                "root": str(Path(root).resolve()) if root is not None else None}
 
@@ -348,15 +360,18 @@ def prepare(
 
     tmp = make_temp_dir(folder)
     try:
-        _build(tmp, raw, name=name, split=split, resolution=resolution, fit=fit, workers=workers,
-               skip_bad=skip_bad, progress=progress, request=request)
-        if folder.exists():  # overwrite: swap, then drop the old cache
-            swap_in_dir(tmp, folder)
-        else:
-            try:
-                os.rename(tmp, folder)
-            except OSError:  # another process finished the same cache first
-                _check_request(folder, read_manifest(folder), request)
+        try:
+            _build(tmp, raw, name=name, split=split, resolution=resolution, fit=fit, workers=workers,
+                   skip_bad=skip_bad, progress=progress, request=request)
+            if folder.exists():  # overwrite: swap, then drop the old cache
+                swap_in_dir(tmp, folder)
+            else:
+                try:
+                    os.rename(tmp, folder)
+                except OSError:  # another process finished the same cache first
+                    _check_request(folder, read_manifest(folder), request)
+        except OSError as exc:  # disk full, permissions: the old cache (if any) is untouched
+            raise os_error(exc, folder) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -22,12 +22,14 @@ import numpy as np
 import torch
 
 from lddpm import __version__
-from lddpm.data.cache import ImageCache, read_manifest
-from lddpm.data.loader import EpochSampler, _iterate, uint8_to_tensor
+from lddpm.data import integrity
+from lddpm.data.cache import ImageCache, array_checksums, read_manifest
+from lddpm.data.loader import EpochSampler, iterate_batches, uint8_to_tensor
 from lddpm.errors import LddpmError
 from lddpm.io import make_temp_dir, swap_in_dir
 
 LATENT_FORMAT = "lddpm-latent-cache"
+LATENT_ARRAYS = ("mean.npy", "std.npy", "labels.npy")
 
 
 def state_dict_sha256(module: torch.nn.Module) -> str:
@@ -55,6 +57,8 @@ class LatentCache:
         self.manifest = read_manifest(self.path)
         if self.manifest.get("format") != LATENT_FORMAT:
             raise LddpmError(f"{self.path} is not an lddpm latent cache (format {self.manifest.get('format')!r})")
+        if "arrays" in self.manifest:  # caches written before array checksums were added have none
+            integrity.verify_arrays(self.path, self.manifest, LATENT_ARRAYS, fix=LATENT_FIX.format(path=self.path))
         try:
             self.mean = np.load(self.path / "mean.npy", mmap_mode="r")
             self.std = np.load(self.path / "std.npy", mmap_mode="r")
@@ -70,6 +74,13 @@ class LatentCache:
 
     def __len__(self) -> int:
         return int(self.mean.shape[0])
+
+    def verify(self) -> None:
+        """Hash every byte of the arrays and raise LddpmError if they differ from the manifest."""
+        integrity.verify_arrays(self.path, self.manifest, LATENT_ARRAYS, fix=LATENT_FIX.format(path=self.path), full=True)
+
+
+LATENT_FIX = "delete {path} and run the training again (it encodes the latents anew)"
 
 
 def open_latent_cache(path: str | os.PathLike) -> LatentCache:
@@ -138,6 +149,7 @@ def encode_latents(
         std.flush()
         del mean, std
         np.save(tmp / "labels.npy", np.asarray(cache.labels, dtype=np.int64))
+        arrays, checksum = array_checksums(tmp, LATENT_ARRAYS)
         manifest = {
             "format": LATENT_FORMAT,
             "format_version": 1,
@@ -152,6 +164,8 @@ def encode_latents(
             "dtype": "float16",
             "scaling_factor": _scaling_factor(vae),
             "class_names": cache.class_names,
+            "arrays": arrays,
+            "checksum": checksum,
             "lddpm_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -196,4 +210,4 @@ class LatentLoader:
 
     def iter_from(self, step: int = 0, *, prefetch: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield batch(step), batch(step + 1), ... forever."""
-        return _iterate(self.batch, step, prefetch)
+        return iterate_batches(self.batch, step, prefetch)

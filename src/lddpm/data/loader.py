@@ -83,7 +83,7 @@ def uint8_to_tensor(images: np.ndarray) -> torch.Tensor:
     return x.to(torch.float32).mul_(1.0 / 127.5).sub_(1.0)
 
 
-def _iterate(batch_fn, step: int, prefetch: int) -> Iterator:
+def iterate_batches(batch_fn, step: int, prefetch: int) -> Iterator:
     """Yield batch_fn(step), batch_fn(step + 1), ... forever, optionally from a background thread."""
     if prefetch <= 0:
         while True:
@@ -167,4 +167,4 @@ class ImageLoader:
 
     def iter_from(self, step: int = 0, *, prefetch: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield batch(step), batch(step + 1), ... forever (`prefetch` > 0: from a background thread)."""
-        return _iterate(self.batch, step, prefetch)
+        return iterate_batches(self.batch, step, prefetch)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lddpm.data.integrity import sha256_file
 from lddpm.errors import LddpmError
 
 FASHION_MNIST_DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
@@ -84,15 +85,6 @@ class RawDataset:
     root: str = ""
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # IDX (MNIST, Fashion-MNIST)
 
@@ -104,13 +96,29 @@ def _idx_names(split: str, kind: str) -> list[str]:
     return [s + ext for s in stems for ext in (".gz", "")]
 
 
+MAX_IDX_BYTES = 1 << 32  # 4 GiB of pixels: far beyond any MNIST-like set; a larger header is damage
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read one IDX file (gzipped or raw) of unsigned bytes; checks the magic number and size."""
+    """Read one IDX file (gzipped or raw) of unsigned bytes; checks the magic number and size.
+
+    Only as many bytes as the header announces (plus one, to detect extra data) are read, so a
+    gzip member that inflates to gigabytes is refused without inflating it.
+    """
     path = Path(path)
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
-            data = f.read()
+            data = f.read(4)
+            if len(data) == 4 and data[:3] == b"\x00\x00\x08" and data[3] in (1, 3):
+                data += f.read(4 * data[3])
+                if len(data) == 4 + 4 * data[3]:
+                    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=data[3], offset=4))
+                    body = int(np.prod(dims, dtype=np.int64))
+                    if body > MAX_IDX_BYTES:
+                        raise LddpmError(f"IDX file {path} announces {body} bytes of data (dims {dims}), more than "
+                                         f"lddpm reads ({MAX_IDX_BYTES}); the header is damaged: re-download the file")
+                    data += f.read(body + 1)
     except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
         raise LddpmError(f"cannot read IDX file {path}: {exc} (corrupt or truncated; re-download it)")
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or data[3] not in (1, 3):
@@ -123,10 +131,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(data) < header:
         raise LddpmError(f"IDX file {path} is truncated inside its header")
     dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(dims))
+    expected = header + int(np.prod(dims, dtype=np.int64))
     if len(data) != expected:
+        size = f"more than {expected}" if len(data) > expected else str(len(data))
         raise LddpmError(
-            f"IDX file {path} has {len(data)} bytes but its header (dims {dims}) says {expected}: "
+            f"IDX file {path} has {size} bytes but its header (dims {dims}) says {expected}: "
             "the file is truncated or corrupt"
         )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
@@ -315,6 +324,7 @@ def read_image_folder(
     """List `split_dir/<class>/*.<image>`; classes are the given names or the sorted subfolders."""
     if not split_dir.is_dir():
         raise LddpmError(f"{dataset}: folder {split_dir} does not exist")
+    discovered = class_names is None  # classes from the subfolders: an empty one is a mistake
     if class_names is None:
         class_names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_names:
@@ -327,13 +337,21 @@ def read_image_folder(
                 f"e.g. {', '.join(str(split_dir / c) for c in missing[:3])}; expected an ImageNet-style "
                 "tree <root>/<split>/<wnid>/*.JPEG (validation images sorted into wnid folders)"
             )
-    files, labels = [], []
+    files, labels, empty = [], [], []
     for label, c in enumerate(class_names):
         imgs = _list_images(split_dir / c)
         files += [str(p) for p in imgs]
         labels += [label] * len(imgs)
+        if not imgs and discovered:
+            empty.append(c)
     if not files:
         raise LddpmError(f"{dataset}: no images ({'/'.join(IMAGE_EXTENSIONS)}) found under {split_dir}")
+    if empty:
+        raise LddpmError(
+            f"{dataset}: class folder {split_dir / empty[0]} has no images"
+            + (f" (and {len(empty) - 1} more empty class folders)" if len(empty) > 1 else "")
+            + f"; add images ({'/'.join(IMAGE_EXTENSIONS)}) or remove the folder"
+        )
     return RawDataset(
         labels=np.asarray(labels, dtype=np.int64), class_names=list(class_names), mode="RGB",
         sources=_folder_sources(files, split_dir), fingerprint="size+mtime", files=files, root=str(split_dir),

@@ -168,8 +168,11 @@ def load_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
             raise LddpmError(f"no .png files in {str(path)!r}")
         arrays = []
         for f in files:
-            with Image.open(f) as img:
-                arrays.append(np.asarray(img.convert("L" if img.mode in ("L", "I", "I;16", "1") else "RGB")))
+            try:
+                with Image.open(f) as img:
+                    arrays.append(np.asarray(img.convert("L" if img.mode in ("L", "I", "I;16", "1") else "RGB")))
+            except (OSError, ValueError) as exc:
+                raise LddpmError(f"{f} is not a readable image ({exc}); remove it from {path}") from None
         if len({a.shape for a in arrays}) != 1:
             raise LddpmError(f"the PNG files in {str(path)!r} differ in size or channels; all must match")
         return check_images(np.stack(arrays), f"images in {path}"), None

@@ -77,10 +77,11 @@ def reference_from_cache(
     meta_path = reference_files(stem)[1]
     if meta_path.is_file() and not rebuild:
         try:
-            cached_format = json.loads(meta_path.read_text()).get("format")
-        except (ValueError, AttributeError):
-            cached_format = None
-        if cached_format == REFERENCE_FORMAT:  # an older format is rebuilt in place
+            cached = json.loads(meta_path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            cached = None  # damaged: load_reference names the file and the rebuild command
+        older = isinstance(cached, dict) and isinstance(cached.get("format", 1), int) and cached.get("format", 1) < REFERENCE_FORMAT
+        if not older:  # an older format is rebuilt in place
             return load_reference(stem, expect=request)
     idx = reference_indices(total, num)
     # Important: precision/recall keep at most PR_MAX_FEATURES real features, and caches are written class

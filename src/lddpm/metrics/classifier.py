@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from lddpm import __version__
 from lddpm.data import open_cache, prepare, test_split
@@ -83,8 +85,6 @@ def train_classifier(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.25)
     bar = range(total)
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(bar, desc="train classifier", unit="step")
     model.train()
     order = torch.randperm(len(train_images), generator=gen)
@@ -196,8 +196,6 @@ def default_classifier_dir(dataset: str, resolution: int, cache_dir: str | Path 
 
 def save_classifier(model: SmallClassifier, out_dir: str | Path, meta: dict) -> Path:
     """Write model.safetensors and classifier.json (architecture + `meta`) into `out_dir`."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -209,14 +207,20 @@ def save_classifier(model: SmallClassifier, out_dir: str | Path, meta: dict) -> 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[SmallClassifier, dict]:
     """Load a classifier folder written by `save_classifier`; returns (model in eval mode, metadata)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / META_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise LddpmError(f"no classifier in {str(path)!r}; train one with `lddpm train-classifier DATASET`")
-    meta = json.loads((path / META_FILE).read_text())
-    model = SmallClassifier(**meta["architecture"])
-    model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        model = SmallClassifier(**meta["architecture"])
+        weights = load_file(str(path / WEIGHTS_FILE))
+        model.load_state_dict(weights)
+    except Exception as exc:  # damaged JSON or weights, a missing key, weights that do not fit
+        raise LddpmError(f"the classifier in {str(path)!r} is damaged ({type(exc).__name__}: {str(exc)[:200]}); "
+                         "train it again with `lddpm train-classifier DATASET`") from None
+    if not all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point()):
+        raise LddpmError(f"the classifier weights in {str(path)!r} contain NaN or infinity; "
+                         "train it again with `lddpm train-classifier DATASET`")
     return model.to(device).eval(), meta
 
 

@@ -6,7 +6,6 @@ mean and covariance of Inception pool3 features of two image sets.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
+from lddpm.checks import strict
 from lddpm.data.cache import default_cache_dir  # noqa: F401  (re-exported for metrics users)
 from lddpm.errors import LddpmError
-from lddpm.io import write_json, write_npz
+from lddpm.io import read_json_object, write_json, write_npz
 
 # Keys of a reference manifest that must equal the request before cached statistics are used.
 REFERENCE_KEYS = ("dataset", "split", "num", "resolution", "network_sha1", "dataset_checksum")
@@ -145,7 +145,8 @@ def load_reference(path: str | Path, expect: dict | None = None) -> ReferenceSta
     npz, meta = reference_files(path)
     if not npz.is_file() or not meta.is_file():
         raise LddpmError(f"reference statistics {str(npz)!r} (with its .json manifest) not found; build them with `lddpm fid-ref`")
-    manifest = json.loads(meta.read_text())
+    fix = "rebuild them with `lddpm fid-ref ... --rebuild`"
+    manifest = strict(read_json_object(meta, fix), str(meta), "manifest")
     for key, want in (expect or {}).items():
         have = manifest.get(key)
         if have != want:
@@ -153,6 +154,17 @@ def load_reference(path: str | Path, expect: dict | None = None) -> ReferenceSta
                 f"reference statistics {str(npz)!r} were made with {key}={have!r}, but {key}={want!r} was asked for; "
                 "rebuild them (`lddpm fid-ref ... --rebuild`) or pass matching settings"
             )
-    with np.load(npz) as data:
-        features = data["features"].astype(np.float64) if "features" in data else None
-        return ReferenceStats(data["mu"], data["sigma"], manifest, features)
+    try:
+        with np.load(npz) as data:
+            missing = [k for k in ("mu", "sigma") if k not in data]
+            if missing:
+                raise LddpmError(f"{str(npz)!r} has no {missing[0]!r} array; {fix}")
+            features = data["features"].astype(np.float64) if "features" in data else None
+            mu, sigma = data["mu"], data["sigma"]
+    except LddpmError:
+        raise
+    except Exception as exc:  # not an npz, truncated, or holding pickled objects (never loaded)
+        raise LddpmError(f"cannot read {str(npz)!r} ({type(exc).__name__}: {exc}); {fix}") from None
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()) or sigma.shape != (len(mu), len(mu)):
+        raise LddpmError(f"{str(npz)!r} holds non-finite or mis-shaped statistics; {fix}")
+    return ReferenceStats(mu, sigma, manifest, features)

@@ -16,8 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lddpm.errors import LddpmError
-from lddpm.nn.layers import NetworkConfig, timestep_embedding
-from lddpm.nn.unet import UNet
+from lddpm.nn.layers import NetworkConfig, class_labels, timestep_embedding
 
 TIMESTEP_FREQUENCIES = 256  # size of the sinusoidal timestep embedding fed to the MLP (the paper's code)
 
@@ -148,8 +147,6 @@ class DiT(nn.Module):
     + 294,912 position-embedding values = 675,129,632 as in the paper's code; DiT-S/2 32,963,360.
     """
 
-    _labels = UNet._labels  # same label rules as the U-Net: None = all null, range checked
-
     def __init__(self, config: DiTConfig):
         super().__init__()
         config.validate()
@@ -211,7 +208,7 @@ class DiT(nn.Module):
         weight = self.time_embed[0].weight
         c = self.time_embed(timestep_embedding(t, TIMESTEP_FREQUENCIES).to(weight.dtype))
         if self.label_embed is not None:
-            c = c + self.label_embed(self._labels(y, b, x.device))
+            c = c + self.label_embed(class_labels(y, b, self.num_classes, x.device))
         elif y is not None and bool((torch.as_tensor(y) != 0).any()):
             raise LddpmError("this DiT is unconditional (num_classes=0): pass y=None "
                              "(or build it with num_classes > 0)")

@@ -1,4 +1,5 @@
-"""Building blocks shared by the U-Net and the autoencoder: timestep embedding, ResBlock, attention, up/down."""
+"""Building blocks shared by the U-Net, the DiT and the autoencoder: timestep embedding, class labels, ResBlock,
+attention, up/down."""
 
 from __future__ import annotations
 
@@ -12,19 +13,39 @@ from torch import nn
 from lddpm.errors import LddpmError
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, *, flip_sin_to_cos: bool = True,
+                       freq_shift: float = 0.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, shape (B, dim).
 
     Section 3.5 of Vaswani et al. 2017 as used by Ho et al. 2020; [cos, sin] order as in ADM
-    (Dhariwal & Nichol 2021). Frequencies are max_period^(-i / half) for i < half.
+    (Dhariwal & Nichol 2021). Frequencies are max_period^(-i / (half - freq_shift)) for i < half.
+    Ho et al.'s original code (and its diffusers port) uses [sin, cos] (`flip_sin_to_cos=False`)
+    and `freq_shift=1`.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    denominator = half - freq_shift if freq_shift else half
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / denominator)
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    pair = [torch.cos(args), torch.sin(args)]
+    emb = torch.cat(pair if flip_sin_to_cos else pair[::-1], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
+
+
+def class_labels(y, batch: int, num_classes: int, device: torch.device) -> torch.Tensor:
+    """Labels to embed: y=None means all null (label num_classes); anything outside [0, num_classes] is an error."""
+    if y is None:
+        return torch.full((batch,), num_classes, dtype=torch.long, device=device)
+    y = torch.as_tensor(y, device=device).long().reshape(-1).expand(batch)
+    if torch.compiler.is_compiling() or y.device.type == "meta":
+        return y
+    lo, hi = torch.aminmax(y)
+    if lo < 0 or hi > num_classes:
+        bad = int(lo) if lo < 0 else int(hi)
+        raise LddpmError(f"class label {bad} is outside [0, {num_classes}] "
+                         f"(0..{num_classes - 1} are classes, {num_classes} is the null label)")
+    return y
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -45,15 +66,15 @@ class ResBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int | None, *, dropout: float = 0.0,
-                 norm_groups: int = 32, scale_shift: bool = False, zero_init: bool = True):
+                 norm_groups: int = 32, scale_shift: bool = False, zero_init: bool = True, eps: float = 1e-5):
         super().__init__()
         self.scale_shift = scale_shift
-        self.norm1 = nn.GroupNorm(norm_groups, in_channels)
+        self.norm1 = nn.GroupNorm(norm_groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = None
         if emb_dim is not None:
             self.emb_proj = nn.Linear(emb_dim, out_channels * (2 if scale_shift else 1))
-        self.norm2 = nn.GroupNorm(norm_groups, out_channels)
+        self.norm2 = nn.GroupNorm(norm_groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if zero_init:
@@ -82,10 +103,11 @@ class AttentionBlock(nn.Module):
     Uses `F.scaled_dot_product_attention` (the fused kernel where the backend has one).
     """
 
-    def __init__(self, channels: int, num_heads: int = 1, *, norm_groups: int = 32, zero_init: bool = True):
+    def __init__(self, channels: int, num_heads: int = 1, *, norm_groups: int = 32, zero_init: bool = True,
+                 eps: float = 1e-5):
         super().__init__()
         self.num_heads = num_heads
-        self.norm = nn.GroupNorm(norm_groups, channels)
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=eps)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
         if zero_init:
@@ -102,14 +124,23 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 convolution."""
+    """Halve H and W with a stride-2 3x3 convolution.
 
-    def __init__(self, channels: int):
+    `padding=1` pads one pixel on every side; `padding=0` pads one pixel on the right and bottom
+    only, as Ho et al.'s TensorFlow code ("SAME" padding) and LDM's autoencoder do.
+    """
+
+    def __init__(self, channels: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        if padding not in (0, 1):
+            raise LddpmError(f"downsample padding must be 0 (right/bottom only) or 1 (every side), got {padding!r}")
+        self.asymmetric = padding == 0
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H/2, W/2)."""
+        if self.asymmetric:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -151,6 +182,8 @@ class NetworkConfig:
         if unknown:
             raise LddpmError(f"unknown {cls.__name__} field(s) {', '.join(map(repr, unknown))}; "
                              f"allowed: {', '.join(fields)}")
+        for key, value in d.items():
+            _check_field_type(cls.__name__, key, str(fields[key].type), value)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def replace(self, **overrides):
@@ -158,3 +191,27 @@ class NetworkConfig:
         d = self.to_dict()
         d.update(overrides)
         return type(self).from_dict(d)
+
+
+def _check_field_type(owner: str, key: str, type_name: str, value) -> None:
+    """Raise LddpmError when a config value has the wrong type (e.g. model_channels="abc")."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if type_name == "int":
+        ok = is_int(value)
+        wanted = "an integer"
+    elif type_name == "float":
+        ok = (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+        wanted = "a finite number"
+    elif type_name == "bool":
+        ok = isinstance(value, bool)
+        wanted = "true or false"
+    elif type_name.startswith("tuple[int"):
+        ok = isinstance(value, (list, tuple)) and all(is_int(v) for v in value)
+        wanted = "a list of integers"
+    else:
+        return
+    if not ok:
+        raise LddpmError(f"{owner} field {key} = {value!r}: expected {wanted} "
+                         f"(check model.overrides.{key} in the config or the checkpoint's network config)")

@@ -79,6 +79,7 @@ def network_config(kind: str, name: str, **overrides):
     if name not in configs:
         raise LddpmError(f"unknown {kind} config {name!r}; choose one of {', '.join(configs)}")
     base = configs[name]
+    type(base).from_dict({**base.to_dict(), **overrides})  # unknown keys and wrong types -> LddpmError
     if "resolution" in overrides and "attention_resolutions" not in overrides and hasattr(base, "attention_resolutions"):
         new_res = int(overrides["resolution"])
         levels = [base.resolution // 2**i for i in range(len(base.channel_mult))]

@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lddpm.errors import LddpmError
 from lddpm.nn.layers import (AttentionBlock, Downsample, EmbedSequential, NetworkConfig, ResBlock, Upsample,
-                             timestep_embedding, zero_module)
+                             class_labels, timestep_embedding, zero_module)
 
 
 @dataclass
@@ -34,6 +34,12 @@ class UNetConfig(NetworkConfig):
     use_scale_shift_norm: bool = False
     gradient_checkpointing: bool = False
     channels_last: bool = False
+    # Options of published checkpoints (the diffusers port of Ho et al.'s CIFAR-10 model uses
+    # flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6); the defaults are ADM's.
+    flip_sin_to_cos: bool = True  # timestep embedding order: [cos, sin] (True) or [sin, cos]
+    freq_shift: float = 0.0  # frequencies max_period^(-i / (half - freq_shift))
+    downsample_padding: int = 1  # 1: pad every side; 0: pad right/bottom only (TensorFlow "SAME")
+    norm_eps: float = 1e-5  # GroupNorm epsilon
 
     def level_resolutions(self) -> list[int]:
         """Feature-map size at each level of the encoder."""
@@ -109,10 +115,10 @@ class UNet(nn.Module):
 
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes > 0 else None
-        block = dict(dropout=c.dropout, norm_groups=c.norm_groups, scale_shift=c.use_scale_shift_norm)
+        block = dict(dropout=c.dropout, norm_groups=c.norm_groups, scale_shift=c.use_scale_shift_norm, eps=c.norm_eps)
 
         def attention(channels: int) -> AttentionBlock:
-            return AttentionBlock(channels, c.heads_for(channels), norm_groups=c.norm_groups)
+            return AttentionBlock(channels, c.heads_for(channels), norm_groups=c.norm_groups, eps=c.norm_eps)
 
         self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -127,7 +133,7 @@ class UNet(nn.Module):
                 self.down.append(EmbedSequential(layers))
                 skip_channels.append(cur)
             if level != len(c.channel_mult) - 1:
-                self.down.append(EmbedSequential([Downsample(cur)]))
+                self.down.append(EmbedSequential([Downsample(cur, c.downsample_padding)]))
                 skip_channels.append(cur)
                 res //= 2
 
@@ -149,24 +155,14 @@ class UNet(nn.Module):
                     res *= 2
                 self.up.append(EmbedSequential(layers))
 
-        self.norm_out = nn.GroupNorm(c.norm_groups, cur)
+        self.norm_out = nn.GroupNorm(c.norm_groups, cur, eps=c.norm_eps)
         self.conv_out = zero_module(nn.Conv2d(cur, self.out_channels, 3, padding=1))
         if c.channels_last:
             self.to(memory_format=torch.channels_last)
 
     def _labels(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         """Labels to embed: y=None means all null; anything outside [0, num_classes] is an error."""
-        if y is None:
-            return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
-        y = torch.as_tensor(y, device=device).long().reshape(-1).expand(batch)
-        if torch.compiler.is_compiling() or y.device.type == "meta":
-            return y
-        lo, hi = torch.aminmax(y)
-        if lo < 0 or hi > self.num_classes:
-            bad = int(lo) if lo < 0 else int(hi)
-            raise LddpmError(f"class label {bad} is outside [0, {self.num_classes}] "
-                             f"(0..{self.num_classes - 1} are classes, {self.num_classes} is the null label)")
-        return y
+        return class_labels(y, batch, self.num_classes, device)
 
     def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """Apply one block, recomputing its activations in backward when checkpointing is on."""
@@ -178,7 +174,9 @@ class UNet(nn.Module):
         """x (B, C, H, W), t (B,) timesteps, y (B,) labels or None -> (B, out_channels, H, W)."""
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(self.time_embed[0].weight.dtype))
+        c = self.config
+        t_emb = timestep_embedding(t, c.model_channels, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
+        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
         if self.label_embed is not None:
             emb = emb + self.label_embed(self._labels(y, b, x.device))
         elif y is not None and bool((torch.as_tensor(y) != 0).any()):

@@ -31,6 +31,8 @@ class VAEConfig(NetworkConfig):
     dropout: float = 0.0
     norm_groups: int = 32
     scaling_factor: float = 1.0
+    downsample_padding: int = 1  # 1: pad every side; 0: pad right/bottom only (LDM's and diffusers' autoencoder)
+    norm_eps: float = 1e-5  # GroupNorm epsilon (LDM / diffusers autoencoders use 1e-6)
 
     @property
     def downsample_factor(self) -> int:
@@ -96,7 +98,8 @@ class Encoder(nn.Module):
     def __init__(self, c: VAEConfig):
         super().__init__()
         ch, res = c.base_channels, c.resolution
-        block = dict(dropout=c.dropout, norm_groups=c.norm_groups, zero_init=False)
+        block = dict(dropout=c.dropout, norm_groups=c.norm_groups, zero_init=False, eps=c.norm_eps)
+        attention = dict(norm_groups=c.norm_groups, zero_init=False, eps=c.norm_eps)
         self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
         layers: list[nn.Module] = []
         cur = ch
@@ -105,16 +108,16 @@ class Encoder(nn.Module):
                 layers.append(ResBlock(cur, ch * mult, None, **block))
                 cur = ch * mult
                 if res in c.attention_resolutions:
-                    layers.append(AttentionBlock(cur, norm_groups=c.norm_groups, zero_init=False))
+                    layers.append(AttentionBlock(cur, **attention))
             if level != len(c.channel_mult) - 1:
-                layers.append(Downsample(cur))
+                layers.append(Downsample(cur, c.downsample_padding))
                 res //= 2
         layers.append(ResBlock(cur, cur, None, **block))
         if c.mid_attention:
-            layers.append(AttentionBlock(cur, norm_groups=c.norm_groups, zero_init=False))
+            layers.append(AttentionBlock(cur, **attention))
         layers.append(ResBlock(cur, cur, None, **block))
         self.blocks = nn.ModuleList(layers)
-        self.norm_out = nn.GroupNorm(c.norm_groups, cur)
+        self.norm_out = nn.GroupNorm(c.norm_groups, cur, eps=c.norm_eps)
         self.conv_out = nn.Conv2d(cur, 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,25 +134,26 @@ class Decoder(nn.Module):
     def __init__(self, c: VAEConfig):
         super().__init__()
         ch = c.base_channels
-        block = dict(dropout=c.dropout, norm_groups=c.norm_groups, zero_init=False)
+        block = dict(dropout=c.dropout, norm_groups=c.norm_groups, zero_init=False, eps=c.norm_eps)
+        attention = dict(norm_groups=c.norm_groups, zero_init=False, eps=c.norm_eps)
         cur = ch * c.channel_mult[-1]
         res = c.resolution // c.downsample_factor
         self.conv_in = nn.Conv2d(c.latent_channels, cur, 3, padding=1)
         layers: list[nn.Module] = [ResBlock(cur, cur, None, **block)]
         if c.mid_attention:
-            layers.append(AttentionBlock(cur, norm_groups=c.norm_groups, zero_init=False))
+            layers.append(AttentionBlock(cur, **attention))
         layers.append(ResBlock(cur, cur, None, **block))
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for _ in range(c.num_res_blocks + 1):
                 layers.append(ResBlock(cur, ch * mult, None, **block))
                 cur = ch * mult
                 if res in c.attention_resolutions:
-                    layers.append(AttentionBlock(cur, norm_groups=c.norm_groups, zero_init=False))
+                    layers.append(AttentionBlock(cur, **attention))
             if level:
                 layers.append(Upsample(cur))
                 res *= 2
         self.blocks = nn.ModuleList(layers)
-        self.norm_out = nn.GroupNorm(c.norm_groups, cur)
+        self.norm_out = nn.GroupNorm(c.norm_groups, cur, eps=c.norm_eps)
         self.conv_out = nn.Conv2d(cur, c.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ rest of the grid goes on. How a run is trained and a cell is scored is injectabl
 
 from __future__ import annotations
 
-import json
 import time
 import traceback
 from dataclasses import asdict
@@ -18,7 +17,7 @@ from typing import Any, Callable
 
 from lddpm import report
 from lddpm.grid import labelled_grid
-from lddpm.io import finite_or_none, to_json, write_png, write_text
+from lddpm.io import finite_or_none, read_json_object, remove_stale_temp_files, to_json, write_png, write_text
 from lddpm.study.backend import StudyBackend
 from lddpm.study.schema import CellSpec, RunSpec, Study, base_row, log
 
@@ -47,6 +46,8 @@ def run_study(
     """
     out = Path(out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "cells", out / "grids", out / "plots"):
+        remove_stale_temp_files(folder)  # a killed study's half-written files
     if train_fn is None or cell_fn is None:
         backend = StudyBackend(progress=progress)
         train_fn = train_fn or backend.train
@@ -70,7 +71,7 @@ def run_study(
     rows = []
     for cell in study.cells:
         path = out / "cells" / f"{cell.name}.json"
-        old = json.loads(path.read_text()) if path.is_file() else None
+        old = read_cell(path)
         done = old is not None and (old.get("status") == "ok" or not rerun_failed)
         if done or (only and cell.name not in only):
             rows.append(old if old is not None else base_row(cell, study, status="not run"))
@@ -107,12 +108,18 @@ def run_study(
     return rows
 
 
+def read_cell(path: Path) -> dict | None:
+    """A finished cell's row, or None when the cell has not run; a damaged file is one clear error."""
+    return read_json_object(path, "delete it to run that cell again") if path.is_file() else None
+
+
 def load_rows(study: Study, out_dir: str | Path) -> list[dict]:
     """The rows of the finished (or failed) cells under `out_dir/cells`; others as "not run"."""
     rows = []
     for cell in study.cells:
         path = Path(out_dir) / "cells" / f"{cell.name}.json"
-        rows.append(json.loads(path.read_text()) if path.is_file() else base_row(cell, study, "not run"))
+        old = read_cell(path)
+        rows.append(old if old is not None else base_row(cell, study, "not run"))
     return rows
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lddpm import checks
 from lddpm.config import read_toml
 from lddpm.errors import LddpmError
 
@@ -178,6 +179,9 @@ def study_from_dict(data: dict, base_dir: str | Path = ".") -> Study:
             raise LddpmError(f"cell {cell.name!r}: kind {cell.kind!r} is not one of {CELL_KINDS}")
         if cell.labels not in LABEL_MODES:
             raise LddpmError(f"cell {cell.name!r}: labels {cell.labels!r} is not one of {LABEL_MODES}")
+        checks.finite_number(f"cell {cell.name!r}: guidance_scale", cell.guidance_scale)
+        checks.finite_number(f"cell {cell.name!r}: eta", cell.eta)
+        checks.int_in_range(f"cell {cell.name!r}: steps", cell.steps, 1)
         if cell.kind == "vae" and runs[cell.run].kind != "vae":
             raise LddpmError(f"cell {cell.name!r}: kind \"vae\" needs a run with kind = \"vae\"")
         if cell.group == "":

@@ -82,7 +82,8 @@ class DiffusionTrainer(TrainingLoop):
         vae_data = ckpt.meta["config"]["data"]
         ours = (c.data.dataset, c.data.split, c.data.resolution)
         theirs = (vae_data["dataset"], vae_data["split"], vae_data["resolution"])
-        if (vae_data["dataset"], vae_data["resolution"]) != (c.data.dataset, c.data.resolution):
+        imported = ckpt.meta.get("source", {}).get("format") == "diffusers"  # pretrained (lddpm import): any data
+        if not imported and (vae_data["dataset"], vae_data["resolution"]) != (c.data.dataset, c.data.resolution):
             raise LddpmError(
                 f"the VAE run {c.data.latent} was trained on {theirs[0]} at {theirs[2]}px, but this run uses "
                 f"{ours[0]} at {ours[2]}px; train a VAE on the same data and resolution"

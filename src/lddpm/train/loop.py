@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lddpm import distributed
-from lddpm.checkpoint import estimate_checkpoint_bytes, list_checkpoints, load_checkpoint, save_run_checkpoint
+from lddpm.checkpoint import clean_checkpoint_dir, estimate_checkpoint_bytes, list_checkpoints, load_checkpoint, save_run_checkpoint
 from lddpm.config import Config, save_config, validate
 from lddpm.errors import LddpmError
 from lddpm.seeding import step_seed
@@ -139,13 +139,14 @@ class TrainingLoop:
                 )
             needed = estimate_checkpoint_bytes(self.model, self.ema.model) * (self.config.run.keep_checkpoints + 1)
             check_run_dir(self.run_dir, needed + 20_000_000)
+            clean_checkpoint_dir(self.run_dir)  # a killed save's temporary files
         if self.resume:
             if not existing:
                 raise LddpmError(f"nothing to resume: {self.run_dir} has no checkpoints; drop --resume to start it")
             ckpt = load_checkpoint(self.run_dir)
             if ckpt.meta.get("kind") != self.kind:
                 raise LddpmError(f"{ckpt.path} is a {ckpt.meta.get('kind')!r} checkpoint; this is a {self.kind} run")
-            saved = ckpt.meta["network"]["config"]
+            saved = type(self.model.config).from_dict(ckpt.meta["network"]["config"]).to_dict()  # newer fields: defaults
             now = self.model.config.to_dict()
             if saved != now or ckpt.meta["network"]["kind"] != self.config.model.kind:
                 diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
@@ -161,7 +162,12 @@ class TrainingLoop:
                     "the run's own config.toml (only run.steps, logging and checkpoint settings may change) or "
                     "start a new run folder"
                 )
-            self.load_groups(ckpt)
+            try:
+                self.load_groups(ckpt)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                detail = " ".join(str(exc).split())[:300]
+                raise LddpmError(f"{ckpt.path}: its saved tensors do not fit this run ({detail}); "
+                                 "resume with the run's own config.toml or start a new run folder") from None
             self.step = int(ckpt.meta["step"])
             self.wall_offset = float(ckpt.meta.get("wall_time", 0.0))
         if self.info.is_main:

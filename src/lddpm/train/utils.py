@@ -16,8 +16,9 @@ from lddpm import distributed
 from lddpm.config import Config
 from lddpm.data import DATASETS, open_cache, prepare
 from lddpm.diffusion import LOSS_WEIGHTINGS, OBJECTIVES, TIMESTEP_SAMPLINGS
-from lddpm.errors import LddpmError, check_choice
-from lddpm.nn import NETWORK_NAMES
+from lddpm.checks import check_choice
+from lddpm.errors import LddpmError
+from lddpm.nn import NETWORK_NAMES, network_config
 from lddpm.nn.vae import RECON_LOSSES
 from lddpm.sampling import SAMPLERS
 from lddpm.schedule import SCHEDULES
@@ -154,6 +155,7 @@ def check_names(config: Config) -> Config:
     m, d, r = config.model, config.diffusion, config.run
     check_choice("model.kind", m.kind, NETWORK_NAMES)
     check_choice(f"model.name (for kind {m.kind!r})", m.name, NETWORK_NAMES[m.kind])
+    network_config(m.kind, m.name, **m.overrides)  # model.overrides: known fields of the right type
     check_choice("diffusion.schedule", d.schedule, SCHEDULES)
     check_choice("diffusion.objective", d.objective, OBJECTIVES)
     check_choice("diffusion.loss_weighting", d.loss_weighting, LOSS_WEIGHTINGS)

@@ -1,0 +1,1 @@
+"""Converters between lddpm runs and other formats (diffusers model and pipeline folders)."""

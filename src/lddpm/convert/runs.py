@@ -1,0 +1,277 @@
+"""`lddpm import` / `lddpm export`: diffusers model or pipeline folders <-> lddpm run folders.
+
+An imported run is an ordinary run folder (config.toml, config.json, checkpoints/ with the weights
+as both `model` and `ema`) plus provenance.json (source folder hash, diffusers classes and version,
+notes on settings that lddpm chooses at sampling time). Both directions write into a temporary
+folder next to the target and rename it at the end: on any error nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lddpm import __version__
+from lddpm.checkpoint import load_checkpoint, save_run_checkpoint
+from lddpm.config import Config, DiffusionConfig, ModelConfig, save_config, validate
+from lddpm.convert.diffusers import (CLASS_FOR_KIND, CONFIG_NAME, DIFFUSERS_VERSION, SCHEDULER_CONFIG_NAME,
+                                     WEIGHTS_NAME, ModelClass, diffusion_from_scheduler, from_diffusers_state,
+                                     model_class, read_json, read_safetensors, scheduler_from_diffusion,
+                                     to_diffusers_state, weight_files)
+from lddpm.errors import LddpmError
+from lddpm.io import make_temp_dir, swap_in_dir
+from lddpm.nn import network_config, network_from_config
+
+PIPELINE_COMPONENTS = ("unet", "vae", "scheduler")
+# The registry config an imported network is written against (its differences become model.overrides).
+BASE_NAMES = {"unet": "ddpm-cifar10", "vae": "kl-f8"}
+
+
+def folder_sha256(folder: Path) -> tuple[str, list[list[Any]]]:
+    """sha256 over (relative path, sha256 of contents) of every file, in sorted order; and the file list."""
+    digest, files = hashlib.sha256(), []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        h = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                h.update(block)
+        digest.update(f"{rel}\0{h.hexdigest()}\n".encode())
+        files.append([rel, path.stat().st_size, h.hexdigest()])
+    return digest.hexdigest(), files
+
+
+def read_model_folder(folder: Path) -> tuple[ModelClass, Any, dict[str, torch.Tensor], dict[str, Any]]:
+    """(table entry, lddpm network config, lddpm state dict, raw diffusers config) of a model folder."""
+    raw = read_json(folder / CONFIG_NAME, "model folder")
+    where = str(folder / CONFIG_NAME)
+    entry = model_class(raw.get("_class_name"), where)
+    config = entry.config_from_diffusers(raw, where)
+    tensors = read_safetensors(weight_files(folder))
+    with torch.device("meta"):  # shapes only: nothing allocated
+        network = network_from_config(entry.kind, config)
+    expected = {k: v.shape for k, v in network.state_dict().items()}
+    state = from_diffusers_state(entry, config, expected, tensors, str(folder))
+    return entry, config, state, raw
+
+
+def _component(raw: dict[str, Any]) -> dict[str, Any]:
+    """Provenance of one diffusers component: class, version and its full config."""
+    return {"class": raw.get("_class_name"), "diffusers_version": raw.get("_diffusers_version"), "config": raw}
+
+
+def _model_section(kind: str, config) -> dict[str, Any]:
+    """[model] for a network config: a registry name plus the fields that differ from it."""
+    name = BASE_NAMES[kind]
+    base = network_config(kind, name).to_dict()
+    ours = config.to_dict()
+    overrides = {k: v for k, v in ours.items() if base[k] != v}
+    if "resolution" in overrides:  # keep attention where it is (network_config would move it with the resolution)
+        overrides.setdefault("attention_resolutions", ours["attention_resolutions"])
+    return {"kind": kind, "name": name, "overrides": overrides}
+
+
+def _pipeline_parts(src: Path) -> dict[str, Path]:
+    """The component folders of a pipeline folder; unsupported components are refused by name."""
+    index_path = src / "model_index.json"
+    if index_path.is_file():
+        index = read_json(index_path, "pipeline folder")
+        for key, value in index.items():
+            if key.startswith("_") or key in PIPELINE_COMPONENTS:
+                continue
+            if isinstance(value, list) and any(v is not None for v in value):
+                raise LddpmError(f"{index_path}: component {key!r} ({value[-1]}) cannot be imported; lddpm reads "
+                                 f"{', '.join(PIPELINE_COMPONENTS)}; nothing was written")
+    parts = {name: src / name for name in PIPELINE_COMPONENTS if (src / name).is_dir()}
+    if "unet" not in parts and "vae" not in parts:
+        raise LddpmError(f"{src} holds no unet/ or vae/ folder: give a diffusers model folder (with {CONFIG_NAME}) "
+                         "or a pipeline folder; nothing was written")
+    return parts
+
+
+def _atomic_folder(out: Path, write) -> None:
+    """Run write(tmp) on a fresh temporary folder beside `out`, then move it to `out` (lddpm.io)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LddpmError(f"{out} already exists and is not empty; choose another --out or remove it")
+    tmp = make_temp_dir(out)
+    try:
+        write(tmp)
+        swap_in_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = None) -> dict[str, Any]:
+    """Turn a local diffusers model or pipeline folder into an lddpm run folder; returns a summary.
+
+    UNet2DModel (+ scheduler, + AutoencoderKL for a latent pipeline) becomes a diffusion run that
+    `lddpm sample` / `lddpm eval` load; an AutoencoderKL alone becomes a VAE run usable as
+    `data.latent`. `dataset` names the data the model was trained on (for `lddpm eval`'s reference).
+    """
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise LddpmError(f"{src} is not a folder: give a local diffusers model or pipeline folder "
+                         "(download one with `huggingface-cli download REPO --local-dir DIR`)")
+    if (src / CONFIG_NAME).is_file():
+        parts, pipeline_class = {"model": src}, None
+    else:
+        parts = _pipeline_parts(src)
+        index = src / "model_index.json"
+        pipeline_class = read_json(index, "pipeline folder").get("_class_name") if index.is_file() else None
+    components: dict[str, Any] = {}
+    models: dict[str, tuple] = {}
+    for name, folder in parts.items():
+        if name == "scheduler":
+            continue
+        entry, config, state, raw = read_model_folder(folder)
+        expected_kind = {"unet": "unet", "vae": "vae"}.get(name, entry.kind)
+        if entry.kind != expected_kind:
+            raise LddpmError(f"{folder / CONFIG_NAME}: a {entry.diffusers_name} in the {name}/ folder; "
+                             f"expected a {CLASS_FOR_KIND[expected_kind].diffusers_name}; nothing was written")
+        models[entry.kind] = (entry, config, state)
+        components[name if name != "model" else entry.kind] = _component(raw)
+    unet, vae = models.get("unet"), models.get("vae")
+    notes: list[str] = []
+    config = Config()
+    config.run.out = str(out)
+    config.data.dataset = dataset or "imagefolder"
+    if unet is not None:
+        unet_config = unet[1]
+        latent = vae is not None
+        if "scheduler" in parts:
+            raw = read_json(parts["scheduler"] / SCHEDULER_CONFIG_NAME, "scheduler folder")
+            diffusion, scheduler_notes = diffusion_from_scheduler(
+                raw, latent=latent, where=str(parts["scheduler"] / SCHEDULER_CONFIG_NAME))
+            components["scheduler"] = _component(raw)
+            notes += scheduler_notes
+        else:
+            diffusion = {**dataclasses.asdict(DiffusionConfig()), "learned_variance": unet_config.learned_sigma}
+            notes.append("no scheduler config: the [diffusion] section holds lddpm's defaults (linear, T = 1000, eps); "
+                         "import the pipeline folder to take them from its scheduler/scheduler_config.json")
+        if diffusion["learned_variance"] != unet_config.learned_sigma:
+            raise LddpmError(f"{src}: the scheduler says variance_type "
+                             f"{'learned_range' if diffusion['learned_variance'] else 'fixed'}, but the U-Net outputs "
+                             f"{unet_config.in_channels * (2 if unet_config.learned_sigma else 1)} channels for "
+                             f"{unet_config.in_channels} inputs; nothing was written")
+        config.diffusion = DiffusionConfig(**{**dataclasses.asdict(DiffusionConfig()), **diffusion})
+        config.model = ModelConfig(**_model_section("unet", unet_config))
+        config.run.class_conditional = unet_config.num_classes > 0
+        if latent:
+            vae_config = vae[1]
+            if vae_config.latent_channels != unet_config.in_channels:
+                raise LddpmError(f"{src}: the VAE makes {vae_config.latent_channels}-channel latents but the U-Net "
+                                 f"takes {unet_config.in_channels} channels; nothing was written")
+            image_res, channels = unet_config.resolution * vae_config.downsample_factor, vae_config.in_channels
+        else:
+            image_res, channels = unet_config.resolution, unet_config.in_channels
+        config.data.resolution = image_res
+        kind = "diffusion"
+        network = {"kind": "unet", "config": unet_config.to_dict()}
+        groups = {"model": unet[2], "ema": unet[2]}
+        num_classes = unet_config.num_classes
+    else:
+        vae_config = vae[1]
+        if "scheduler" in parts:
+            notes.append("the pipeline has a scheduler but no unet/: imported as a VAE run; the scheduler is not used")
+        config.model = ModelConfig(**_model_section("vae", vae_config))
+        config.data.resolution = vae_config.resolution
+        kind, image_res, channels, num_classes = "vae", vae_config.resolution, vae_config.in_channels, 0
+        network = {"kind": "vae", "config": vae_config.to_dict()}
+        groups = {"model": vae[2], "ema": vae[2]}
+    validate(config)
+    digest, files = folder_sha256(src)
+    source = {"format": "diffusers", "folder": str(src.resolve()), "sha256": digest, "files": files,
+              "pipeline_class": pipeline_class, "components": components, "notes": notes,
+              "imported_by": f"lddpm {__version__}"}
+    meta = {"kind": kind, "step": 0, "images_seen": 0, "wall_time": 0.0, "config": config.to_dict(),
+            "network": network, "source": {k: v for k, v in source.items() if k != "files"},
+            "dataset": {"name": dataset, "split": "train", "num_classes": num_classes, "class_names": [],
+                        "channels": channels, "resolution": image_res}}
+    if kind == "vae":
+        meta["scaling_factor"] = vae_config.scaling_factor
+    elif vae is not None:
+        groups["vae"] = vae[2]
+        meta["vae"] = {"run": None, "checkpoint": None, "step": 0, "code_version": None,
+                       "scaling_factor": vae_config.scaling_factor, "network_config": vae_config.to_dict(),
+                       "source": "the vae/ folder of the imported pipeline"}
+
+    def write(tmp: Path) -> None:
+        save_config(config, tmp)
+        save_run_checkpoint(tmp, 0, groups, meta, keep=1)
+        (tmp / "provenance.json").write_text(json.dumps(source, indent=2) + "\n")
+
+    _atomic_folder(out, write)
+    return {"out": str(out), "kind": kind, "classes": {k: v["class"] for k, v in components.items()},
+            "sha256": digest, "notes": notes}
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _write_model(folder: Path, entry: ModelClass, config, state: dict[str, torch.Tensor]) -> None:
+    """config.json + diffusion_pytorch_model.safetensors of one diffusers model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = {"_class_name": entry.diffusers_name, "_diffusers_version": DIFFUSERS_VERSION,
+           **entry.config_to_diffusers(config)}
+    (folder / CONFIG_NAME).write_text(json.dumps(raw, indent=2) + "\n")
+    save_file(to_diffusers_state(entry, config, state), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def export_diffusers(run: str | Path, out: str | Path, *, weights: str = "ema") -> dict[str, Any]:
+    """Write a run as a diffusers folder: a pipeline layout (unet/, scheduler/[, vae/]) for a diffusion
+    run, a model folder for a VAE run. `weights`: "ema" (what lddpm samples and decodes with) or "model"."""
+    if weights not in ("ema", "model"):
+        raise LddpmError(f"--weights must be ema or model, not {weights!r}")
+    ckpt = load_checkpoint(run)
+    kind = ckpt.meta.get("kind")
+    if kind not in ("diffusion", "vae"):
+        raise LddpmError(f"{ckpt.path} is a {kind!r} checkpoint; export takes a diffusion or VAE run")
+    group = weights
+    network_kind = ckpt.meta["network"]["kind"]
+    if network_kind not in CLASS_FOR_KIND:
+        raise LddpmError(f"{ckpt.path}: no diffusers class is mapped for lddpm network kind {network_kind!r} yet "
+                         f"(exportable: {', '.join(CLASS_FOR_KIND)})")
+    entry = CLASS_FOR_KIND[network_kind]
+    config = network_from_config(network_kind, ckpt.meta["network"]["config"]).config  # validated, with defaults
+    if kind == "vae" and "scaling_factor" in ckpt.meta:
+        config = config.replace(scaling_factor=float(ckpt.meta["scaling_factor"]))
+    state = ckpt.load(group)
+    entry.config_to_diffusers(config)  # refuse before writing anything
+    notes = []
+    if getattr(config, "dropout", 0.0):
+        notes.append(f"dropout = {config.dropout} is a training setting; "
+                     + ("UNet2DModel stores it" if network_kind == "unet" else "AutoencoderKL has no dropout field"))
+    vae_part = None
+    if kind == "diffusion" and "vae" in ckpt.groups:
+        vae_entry = CLASS_FOR_KIND["vae"]
+        vae_config = network_from_config("vae", ckpt.meta["vae"]["network_config"]).config
+        vae_entry.config_to_diffusers(vae_config)
+        vae_part = (vae_entry, vae_config, ckpt.load("vae"))
+    diffusion = ckpt.meta["config"]["diffusion"] if kind == "diffusion" else None
+
+    def write(tmp: Path) -> None:
+        if kind == "vae":
+            _write_model(tmp, entry, config, state)
+            return
+        _write_model(tmp / "unet", entry, config, state)
+        scheduler = scheduler_from_diffusion(diffusion, latent=vae_part is not None)
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / SCHEDULER_CONFIG_NAME).write_text(json.dumps(scheduler, indent=2) + "\n")
+        if vae_part is not None:
+            _write_model(tmp / "vae", *vae_part)
+        else:  # diffusers has no stock pipeline for an unconditional U-Net on AutoencoderKL latents
+            index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+                     "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    _atomic_folder(Path(out), write)
+    return {"out": str(out), "kind": kind, "weights": group, "class": entry.diffusers_name,
+            "checkpoint": str(ckpt.path), "notes": notes}
