@@ -86,8 +86,10 @@ class OnnxNetwork:
     """A feature network run by ONNX Runtime's CPU provider: float32 (N, 3, S, S) tensor -> (N, D) tensor."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
-
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # installed but broken
+            raise LddpmError(f"onnxruntime does not import: {exc}; {INSTALL_HINT}") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
