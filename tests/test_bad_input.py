@@ -24,26 +24,13 @@ from PIL import Image
 
 from lddpm.cli import main
 from lddpm.errors import LddpmError
+from helpers import write_random_idx
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 
 # ------------------------------------------------------------------------------------------------
 # the good data every case must leave alone
-
-
-def write_idx(root: Path, n: int = 40) -> Path:
-    """Tiny Fashion-MNIST-format IDX files (train and t10k)."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    labels = (np.arange(n) % 10).astype(np.uint8)
-    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    for split in ("train", "t10k"):
-        with gzip.open(root / f"{split}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        with gzip.open(root / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">II", 2049, n) + labels.tobytes())
-    return root
 
 
 class _Features(torch.nn.Module):
@@ -84,7 +71,7 @@ def world(tmp_path_factory):
     from lddpm.train import train
 
     w = World(tmp_path_factory.mktemp("good"))
-    write_idx(w.idx)
+    write_random_idx(w.idx)
     prepare("fashion-mnist", resolution=16, root=w.idx, cache_dir=w.cache, progress=False)
     config = apply_overrides(config_from_preset("fashion-quick"), [
         f"data.root={json.dumps(str(w.idx))}", f"data.cache_dir={json.dumps(str(w.cache))}", "data.resolution=16",

@@ -13,6 +13,7 @@ from torch import nn
 from lddpm import evaluate as ev
 from lddpm.errors import LddpmError
 from lddpm.metrics import FeatureExtractor
+from helpers import ConvFeatures, write_random_idx
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -332,28 +333,12 @@ def test_cli_registers_evaluation_commands(capsys):
         parser.parse_args(["eval"]).func(parser.parse_args(["eval"]))
 
 
-def _write_idx(root, n=40):
-    """Tiny Fashion-MNIST-format IDX files (train and t10k splits)."""
-    import gzip
-    import struct
-
-    root.mkdir(parents=True, exist_ok=True)
-    labels = (np.arange(n) % 10).astype(np.uint8)
-    images = np.random.default_rng(0).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    for split in ("train", "t10k"):
-        with gzip.open(root / f"{split}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        with gzip.open(root / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">II", 2049, n) + labels.tobytes())
-    return root
-
-
 def test_evaluate_checkpoint_end_to_end_with_a_tiny_trained_run(tmp_path):
     """A 2-step run trained by lddpm.train, sampled through lddpm.pipeline, scored against a prepared cache."""
     from lddpm.config import apply_overrides, config_from_preset
     from lddpm.train import train
 
-    root, cache = _write_idx(tmp_path / "idx"), tmp_path / "cache"
+    root, cache = write_random_idx(tmp_path / "idx"), tmp_path / "cache"
     config = apply_overrides(config_from_preset("fashion-quick"), [
         f"data.root={json.dumps(str(root))}", f"data.cache_dir={json.dumps(str(cache))}", "data.resolution=8",
         "optim.batch_size=4", "optim.warmup_steps=1", "run.steps=2", "run.log_every=1", "run.sample_every=0",
@@ -372,21 +357,12 @@ def test_evaluate_checkpoint_end_to_end_with_a_tiny_trained_run(tmp_path):
     assert len(list((tmp_path / "s").glob("batch-*.npz"))) == 2
 
 
-class _ConvFeatures(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 5, stride=4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x)).mean(dim=(2, 3))
-
-
 def test_cli_fid_ref_and_eval_images(tmp_path, capsys):
     from lddpm.cli import main
 
-    root, cache = _write_idx(tmp_path / "idx"), tmp_path / "cache"
+    root, cache = write_random_idx(tmp_path / "idx"), tmp_path / "cache"
     net = tmp_path / "net.pt"
-    torch.jit.save(torch.jit.script(_ConvFeatures()), str(net))
+    torch.jit.save(torch.jit.script(ConvFeatures()), str(net))
     common = ["--inception", str(net), "--cache-dir", str(cache), "--root", str(root), "--quiet"]
     assert main(["fid-ref", "fashion-mnist", "--num", "20", "--resolution", "32", *common]) == 0
     assert "N=20 32px" in capsys.readouterr().out
@@ -412,7 +388,7 @@ def test_cli_eval_vae_reconstructions_of_a_tiny_trained_vae(tmp_path, capsys):
     from lddpm.config import apply_overrides, config_from_preset
     from lddpm.train import train_vae
 
-    root, cache = _write_idx(tmp_path / "idx"), tmp_path / "cache"
+    root, cache = write_random_idx(tmp_path / "idx"), tmp_path / "cache"
     config = apply_overrides(config_from_preset("vae-fashion-quick"), [
         f"data.root={json.dumps(str(root))}", f"data.cache_dir={json.dumps(str(cache))}", "data.resolution=16",
         "optim.batch_size=4", "optim.warmup_steps=1", "run.steps=2", "run.log_every=1", "run.sample_every=0",
@@ -421,7 +397,7 @@ def test_cli_eval_vae_reconstructions_of_a_tiny_trained_vae(tmp_path, capsys):
     ])
     train_vae(config, tmp_path / "vae", progress=False)
     net = tmp_path / "net.pt"
-    torch.jit.save(torch.jit.script(_ConvFeatures()), str(net))
+    torch.jit.save(torch.jit.script(ConvFeatures()), str(net))
     out = tmp_path / "vae.json"
     assert main(["eval", "--vae", str(tmp_path / "vae"), "--reference", "fashion-mnist:train", "--num", "12",
                  "--inception", str(net), "--cache-dir", str(cache), "--root", str(root), "--out", str(out),

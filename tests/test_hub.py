@@ -361,14 +361,15 @@ def test_provenance_hash_follows_the_file_contents(tmp_path):
 
 def test_imported_pipeline_is_evaluated_like_a_trained_run(tmp_path):
     """`lddpm eval`'s evaluate_checkpoint on an imported grey 8x8 DDPM pipeline, against a prepared cache."""
-    from test_evaluate import _extractor, _write_idx
+    from helpers import write_random_idx
+    from test_evaluate import _extractor
 
     from lddpm import evaluate as ev
 
     unet = diffusers_unet(PLAIN_SMALL | dict(in_channels=1, out_channels=1, sample_size=8))
     diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()).save_pretrained(tmp_path / "pipe")
     import_diffusers(tmp_path / "pipe", tmp_path / "run", dataset="fashion-mnist")
-    root, cache = _write_idx(tmp_path / "idx"), tmp_path / "cache"
+    root, cache = write_random_idx(tmp_path / "idx"), tmp_path / "cache"
     result = ev.evaluate_checkpoint(tmp_path / "run", num=8, sampler="ddim", num_steps=2, batch_size=8,
                                     extractor=_extractor(), classifier=None, cache_dir=cache, data_root=root,
                                     partial_dir=tmp_path / "s", progress=False)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 import re
-import struct
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from lddpm import evaluate as ev
 from lddpm.errors import LddpmError
 from lddpm.metrics import FeatureExtractor, ReferenceStats, kernel_inception_distance
 from lddpm.study import run_study, study_from_dict
+from helpers import ConvFeatures, write_idx_pair
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -54,23 +53,9 @@ def test_evaluate_generated_reports_kid_against_the_reference_features():
 
 def _write_idx(root, n=40):
     """Tiny Fashion-MNIST-format IDX files: train has darker images than t10k."""
-    root.mkdir(parents=True, exist_ok=True)
-    for split, level in (("train", 80), ("t10k", 150)):
-        images = np.clip(level + np.random.default_rng(level).normal(0, 30, (n, 28, 28)), 0, 255).astype(np.uint8)
-        with gzip.open(root / f"{split}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        with gzip.open(root / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">II", 2049, n) + (np.arange(n) % 10).astype(np.uint8).tobytes())
-    return root
-
-
-class _ConvFeatures(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 5, stride=4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x)).mean(dim=(2, 3))
+    images = {split: np.clip(level + np.random.default_rng(level).normal(0, 30, (n, 28, 28)), 0, 255).astype(np.uint8)
+              for split, level in (("train", 80), ("t10k", 150))}
+    return write_idx_pair(root, images, np.arange(n) % 10)
 
 
 def test_cli_fid_ref_against_another_split_and_eval_json_has_kid(tmp_path, capsys):
@@ -78,7 +63,7 @@ def test_cli_fid_ref_against_another_split_and_eval_json_has_kid(tmp_path, capsy
 
     root, cache, net = _write_idx(tmp_path / "idx"), tmp_path / "cache", tmp_path / "net.pt"
     torch.manual_seed(0)
-    torch.jit.save(torch.jit.script(_ConvFeatures()), str(net))
+    torch.jit.save(torch.jit.script(ConvFeatures()), str(net))
     onnx = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
     backend = "onnx" if onnx else "torch"
     common = ["--inception", str(net), "--cache-dir", str(cache), "--root", str(root), "--quiet", "--feature-backend", backend]
