@@ -600,6 +600,10 @@ def test_dit_pipeline_imports_as_a_latent_run_and_exports_a_dit_pipeline(tmp_pat
     scheduler = diffusers.DDIMScheduler(clip_sample=False)
     source = diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
     source.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    # facebook/DiT-XL-2-256's model_index.json also holds id2label (save_pretrained does not write it)
+    names = {"0": "tench, Tinca tinca", "1": "goldfish", "2": "shark", "3": "ray", "4": "cock"}  # ImageNet's first 5
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({**index, "id2label": names}))
     summary = import_diffusers(tmp_path / "pipe", tmp_path / "run")
     assert summary["classes"] == {"transformer": "DiTTransformer2DModel", "vae": "AutoencoderKL",
                                   "scheduler": "DDIMScheduler"}
@@ -608,6 +612,7 @@ def test_dit_pipeline_imports_as_a_latent_run_and_exports_a_dit_pipeline(tmp_pat
     assert ckpt.meta["config"]["diffusion"]["learned_variance"] is True  # DDIMScheduler: the 6 channels decide
     pipe = load_pipeline(tmp_path / "run")
     assert pipe.vae is not None and pipe.vae.scaling_factor == pytest.approx(0.3)
+    assert pipe.class_names == [names[str(i)] for i in range(5)]
     x, t, y = dit_inputs(dict(DIT_SIGMA, in_channels=3, sample_size=4))
     with torch.no_grad():
         assert max_diff(pipe.model(x, t, y=y), transformer(x, timestep=t, class_labels=y).sample) <= TOL
@@ -616,6 +621,7 @@ def test_dit_pipeline_imports_as_a_latent_run_and_exports_a_dit_pipeline(tmp_pat
     assert json.loads((tmp_path / "out" / "model_index.json").read_text())["_class_name"] == "DiTPipeline"
     assert any("label 1000" in note for note in summary["notes"])  # 5 classes: DiTPipeline guides with label 1000
     again = diffusers.DiTPipeline.from_pretrained(tmp_path / "out")
+    assert again.get_label_ids(["goldfish", "Tinca tinca"]) == [1, 0]  # id2label written back
     assert max_diff(again.scheduler.alphas_cumprod, scheduler.alphas_cumprod) == 0
     again.scheduler = scheduler  # lddpm writes trailing timestep spacing; sample with the source's leading one
     images = []

@@ -100,6 +100,15 @@ def _pipeline_parts(src: Path) -> dict[str, Path]:
     return parts
 
 
+def _class_names(id2label: Any, num_classes: int) -> list[str]:
+    """DiTPipeline's id2label ({"0": "tench, Tinca tinca", ...}) as a list of names; [] unless it names 0..N-1."""
+    if not isinstance(id2label, dict) or not num_classes or len(id2label) != num_classes:
+        return []
+    if sorted(id2label) != sorted(str(i) for i in range(num_classes)):
+        return []
+    return [str(id2label[str(i)]) for i in range(num_classes)]
+
+
 def _atomic_folder(out: Path, write) -> None:
     """Run write(tmp) on a fresh temporary folder beside `out`, then move it to `out` (lddpm.io)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -125,11 +134,12 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
         raise LddpmError(f"{src} is not a folder: give a local diffusers model or pipeline folder "
                          "(download one with `huggingface-cli download REPO --local-dir DIR`)")
     if (src / CONFIG_NAME).is_file():
-        parts, pipeline_class = {"model": src}, None
+        parts, pipeline_class, id2label = {"model": src}, None, None
     else:
         parts = _pipeline_parts(src)
         index = src / "model_index.json"
         pipeline_class = read_json(index, "pipeline folder").get("_class_name") if index.is_file() else None
+        id2label = read_json(index, "pipeline folder").get("id2label") if index.is_file() else None
     components: dict[str, Any] = {}
     models: dict[str, tuple] = {}
     for name, folder in parts.items():
@@ -195,13 +205,16 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
         network = {"kind": "vae", "config": vae_config.to_dict()}
         groups = {"model": vae[2], "ema": vae[2]}
     validate(config)
+    class_names = _class_names(id2label, num_classes)
+    if id2label and not class_names:
+        notes.append(f"model_index.json's id2label does not name classes 0..{num_classes - 1}; class names not kept")
     digest, files = folder_sha256(src)
     source = {"format": "diffusers", "folder": str(src.resolve()), "sha256": digest, "files": files,
               "pipeline_class": pipeline_class, "components": components, "notes": notes,
               "imported_by": f"lddpm {__version__}"}
     meta = {"kind": kind, "step": 0, "images_seen": 0, "wall_time": 0.0, "config": config.to_dict(),
             "network": network, "source": {k: v for k, v in source.items() if k != "files"},
-            "dataset": {"name": dataset, "split": "train", "num_classes": num_classes, "class_names": [],
+            "dataset": {"name": dataset, "split": "train", "num_classes": num_classes, "class_names": class_names,
                         "channels": channels, "resolution": image_res}}
     if kind == "vae":
         meta["scaling_factor"] = vae_config.scaling_factor
@@ -264,6 +277,7 @@ def export_diffusers(run: str | Path, out: str | Path, *, weights: str = "ema") 
         vae_entry.config_to_diffusers(vae_config)
         vae_part = (vae_entry, vae_config, ckpt.load("vae"))
     diffusion = ckpt.meta["config"]["diffusion"] if kind == "diffusion" else None
+    class_names = list((ckpt.meta.get("dataset") or {}).get("class_names") or [])
 
     dit = network_kind == "dit"
     if dit and vae_part is None:
@@ -291,6 +305,8 @@ def export_diffusers(run: str | Path, out: str | Path, *, weights: str = "ema") 
                 index = {"_class_name": "DiTPipeline", "_diffusers_version": DIFFUSERS_VERSION,
                          "scheduler": ["diffusers", "DDIMScheduler"],
                          "transformer": ["diffusers", "DiTTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+                if class_names:  # DiTPipeline.get_label_ids reads them
+                    index["id2label"] = {str(i): name for i, name in enumerate(class_names)}
                 (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         elif not dit:  # diffusers has no stock pipeline for an unconditional U-Net on AutoencoderKL latents
             index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
