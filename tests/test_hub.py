@@ -710,3 +710,20 @@ def test_lddpm_dit_exports_only_with_diffusers_timestep_frequencies(tmp_path):
             assert max_diff(theirs(x, timestep=t, class_labels=y).sample, net(x, t, y=y)) <= TOL
         assert json.loads((tmp_path / "hf" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] \
             == "DDIMScheduler"
+
+
+def test_dit_saved_as_a_transformer2dmodel_imports_like_diffusers_loads_it(tmp_path):
+    """DiT folders saved before diffusers 0.28 (facebook/DiT-*) name the class Transformer2DModel."""
+    theirs = diffusers_dit(DIT_SIGMA)
+    theirs.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    raw = json.loads((tmp_path / "hf" / "config.json").read_text())
+    legacy = {k: DIT_XL_2_256[k] for k in ("cross_attention_dim", "num_vector_embeds", "only_cross_attention",
+                                           "use_linear_projection")}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**raw, **legacy, "_class_name": "Transformer2DModel"}))
+    loaded = diffusers.Transformer2DModel.from_pretrained(tmp_path / "hf").eval()  # diffusers' own remapping
+    assert type(loaded).__name__ == "DiTTransformer2DModel"
+    import_diffusers(tmp_path / "hf", tmp_path / "run")
+    x, t, y = dit_inputs(DIT_SIGMA)
+    with torch.no_grad():
+        assert max_diff(load_pipeline(tmp_path / "run").model(x, t, y=y),
+                        loaded(x, timestep=t, class_labels=y).sample) <= TOL
