@@ -613,6 +613,8 @@ def test_dit_pipeline_imports_as_a_latent_run_and_exports_a_dit_pipeline(tmp_pat
     pipe = load_pipeline(tmp_path / "run")
     assert pipe.vae is not None and pipe.vae.scaling_factor == pytest.approx(0.3)
     assert pipe.class_names == [names[str(i)] for i in range(5)]
+    images, labels = pipe.generate(2, sampler="ddim", num_steps=2, guidance_scale=2.0, progress=False)
+    assert images.shape == (2, 16, 16, 3) and list(labels) == [0, 1]  # sampled as latents, decoded by the VAE
     x, t, y = dit_inputs(dict(DIT_SIGMA, in_channels=3, sample_size=4))
     with torch.no_grad():
         assert max_diff(pipe.model(x, t, y=y), transformer(x, timestep=t, class_labels=y).sample) <= TOL
