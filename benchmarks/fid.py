@@ -1,11 +1,16 @@
-"""FID feature extraction speed with the pinned Inception network: images/s per batch size and memory layout.
+"""FID feature extraction with the pinned Inception network: every backend side by side in one run.
 
-    python benchmarks/fid.py                        # batch 25/50/100, with and without channels_last
+    python benchmarks/fid.py                        # 100 images, batch 50, 3 interleaved repeats
     python benchmarks/fid.py --quick                # tiny run, to check the script works
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/fid.py   # the faster allocator
 
-Also reports how far channels_last moves the features (must stay ~1e-6) and the time of one
-Frechet distance (scipy sqrtm of a 2048x2048 product). Prints a table and writes JSON.
+Backends: PyTorch fp32 (the reference), PyTorch with channels_last, PyTorch frozen +
+optimize_for_inference, the same with oneDNN graph fusion, ONNX Runtime (the `onnx` backend, when
+installed) and OpenVINO fp32 (when installed and tcmalloc is not preloaded: it crashes under it).
+The backends take turns batch by batch, so that load from other processes falls on all alike; each
+row gives the median images/s, its ratio to PyTorch fp32 (median of the per-repeat ratios) and the
+largest relative feature error against PyTorch fp32 on the same images. Also times one Frechet
+distance (scipy sqrtm of a 2048x2048 product). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -15,36 +20,69 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lddpm.metrics import frechet_distance, load_inception
+from lddpm.metrics.inception import find_inception_file, load_torchscript
+from lddpm.metrics.onnx_backend import onnx_available, onnx_cache_path, onnx_network
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
 
 
-def measure(batch_size: int, channels_last: bool, images: np.ndarray, reference: np.ndarray | None) -> tuple[dict, np.ndarray]:
-    """images/s over all `images` after one warm-up batch; features of the first batch for comparison."""
-    ext = load_inception(batch_size=batch_size, channels_last=channels_last)
-    first = ext.features_batch(images[:batch_size])  # warm-up (also the comparison batch)
-    start = time.perf_counter()
-    ext.features(images)
-    elapsed = time.perf_counter() - start
-    row = {
-        "batch_size": batch_size,
-        "channels_last": channels_last,
-        "images": len(images),
-        "seconds": elapsed,
-        "images_per_s": len(images) / elapsed,
+def _frozen(ext, onednn_fusion: bool = False):
+    """The extractor with its TorchScript network frozen and optimised for inference (optionally oneDNN graph fusion)."""
+    net, _ = load_torchscript(find_inception_file(), None, "FID feature network")
+    torch.jit.enable_onednn_fusion(onednn_fusion)
+    ext.network = torch.jit.optimize_for_inference(torch.jit.freeze(net.eval()))
+    return ext
+
+
+class _OpenVino:
+    """The exported ONNX file compiled by OpenVINO's CPU plugin in fp32 (its default on bf16 CPUs is bf16)."""
+
+    def __init__(self, path: Path, threads: int):
+        import openvino as ov
+
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        self.model = ov.Core().compile_model(str(path), "CPU", config)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.model(x.numpy())[0].copy())
+
+
+def backends(batch_size: int) -> dict:
+    """name -> (constructor of a FeatureExtractor, or None, and why it is skipped)."""
+    out = {
+        "torch fp32": (lambda: load_inception(batch_size=batch_size, backend="torch"), None),
+        "torch channels_last": (lambda: load_inception(batch_size=batch_size, backend="torch", channels_last=True), None),
+        "torch frozen": (lambda: _frozen(load_inception(batch_size=batch_size, backend="torch")), None),
+        "torch frozen+onednn-fusion": (lambda: _frozen(load_inception(batch_size=batch_size, backend="torch"), True), None),
     }
-    if reference is not None:
-        n = min(len(reference), len(first))
-        diff = np.linalg.norm(first[:n] - reference[:n]) / np.linalg.norm(reference[:n])
-        row["feature_rel_diff_vs_first_row"] = float(diff)
-    return row, first
+    out["onnxruntime"] = (
+        (lambda: load_inception(batch_size=batch_size, backend="onnx"), None) if onnx_available()
+        else (None, "onnxruntime/onnx not installed (pip install 'lddpm[fast-fid]')")
+    )
+    if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+        out["openvino fp32"] = (None, "skipped: OpenVINO crashes with tcmalloc preloaded")
+    else:
+        try:
+            import openvino  # noqa: F401
+
+            def make_openvino():
+                ext = load_inception(batch_size=batch_size, backend="torch")
+                onnx_network(ext.network, sha1=ext.sha1, input_size=ext.input_size)  # exports once, cached
+                ext.network = _OpenVino(onnx_cache_path(ext.sha1, ext.input_size), torch.get_num_threads())
+                return ext
+
+            out["openvino fp32"] = (make_openvino, None)
+        except ImportError:
+            out["openvino fp32"] = (None, "openvino not installed")
+    return out
 
 
 def time_frechet(dim: int) -> float:
@@ -60,45 +98,100 @@ def time_frechet(dim: int) -> float:
 def main(argv: list[str] | None = None) -> dict:
     """Measure, print a table and write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[25, 50, 100])
-    parser.add_argument("--num", type=int, default=200, help="images per configuration (after warm-up)")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--num", type=int, default=100, help="images per timed pass (after one warm-up batch)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed passes per backend")
     parser.add_argument("--resolution", type=int, default=32, help="input image size (resized to 299 inside)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--quick", action="store_true", help="4 images, batch 2, and a 128-d Frechet distance")
+    parser.add_argument("--only", nargs="+", default=None, help="backend names to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="4 images, batch 2, 1 repeat, and a 128-d Frechet distance")
     parser.add_argument("--out", default="benchmarks/results/fid.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.batch_size, args.num = [2], 4
+        args.batch_size, args.num, args.repeats = 2, 4, 1
     images = np.random.default_rng(0).integers(0, 256, size=(args.num, args.resolution, args.resolution, 1), dtype=np.uint8)
 
-    rows, reference = [], None
-    for bs in args.batch_size:
-        for channels_last in (False, True):
-            row, first = measure(bs, channels_last, images, reference)
-            if reference is None:
-                reference = first
-            rows.append(row)
+    extractors, rows = {}, {}
+    for name, (make, skipped) in backends(args.batch_size).items():
+        if args.only and name not in args.only:
+            continue
+        if skipped:
+            rows[name] = {"backend": name, "skipped": skipped}
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ext = make()
+                ext.features_batch(images[: args.batch_size])  # warm-up (oneDNN fusion compiles on its first calls)
+                ext.features_batch(images[: args.batch_size])
+        except Exception as exc:  # noqa: BLE001 - a backend that fails here is reported, not fatal
+            rows[name] = {"backend": name, "skipped": f"failed: {str(exc).splitlines()[0][:120]}"}
+            continue
+        finally:
+            torch.jit.enable_onednn_fusion(False)
+        extractors[name] = ext
+        rows[name] = {"backend": name, "images_per_s": [], "features": None}
+    # interleaved batch by batch, so that load from other processes falls on every backend alike
+    batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+    for _ in range(args.repeats):
+        seconds, feats = dict.fromkeys(extractors, 0.0), {name: [] for name in extractors}
+        for batch in batches:
+            for name, ext in extractors.items():
+                torch.jit.enable_onednn_fusion(name.endswith("onednn-fusion"))  # a global switch: on for its row only
+                start = time.perf_counter()
+                feats[name].append(ext.features(batch))
+                seconds[name] += time.perf_counter() - start
+                torch.jit.enable_onednn_fusion(False)
+        for name in extractors:
+            rows[name]["images_per_s"].append(len(images) / seconds[name])
+            rows[name]["features"] = np.concatenate(feats[name])
+
+    base = rows.get("torch fp32", {})
+    base_speeds, ref = np.array(base.get("images_per_s", [])), base.get("features")
+    for row in rows.values():
+        if "skipped" in row:
+            continue
+        speeds, feats = row.pop("images_per_s"), row.pop("features")
+        row.update(images=len(images), repeats=len(speeds), images_per_s=float(np.median(speeds)),
+                   images_per_s_all=[round(s, 3) for s in speeds])
+        if ref is not None:
+            row["speedup_vs_torch_fp32"] = float(np.median(np.array(speeds) / base_speeds))
+            row["max_rel_feature_error"] = float(np.abs(feats - ref).max() / np.abs(ref).max())
+            row["norm_rel_feature_error"] = float(np.linalg.norm(feats - ref) / np.linalg.norm(ref))
     fid_dim = 128 if args.quick else 2048
     frechet_s = time_frechet(fid_dim)
 
-    header = f"{'batch':>5} {'channels_last':>13} {'images':>6} {'seconds':>8} {'images/s':>9} {'feature rel diff':>17}"
+    header = f"{'backend':<27} {'images/s':>9} {'x torch fp32':>12} {'max rel err':>12} {'norm rel err':>12}"
     print(header)
     print("-" * len(header))
-    for r in rows:
-        diff = r.get("feature_rel_diff_vs_first_row")
-        print(f"{r['batch_size']:>5} {str(r['channels_last']):>13} {r['images']:>6} {r['seconds']:>8.2f} "
-              f"{r['images_per_s']:>9.2f} {'-' if diff is None else f'{diff:.2e}':>17}")
+    for r in rows.values():
+        if "skipped" in r:
+            print(f"{r['backend']:<27} {r['skipped']}")
+            continue
+        print(f"{r['backend']:<27} {r['images_per_s']:>9.2f} {r.get('speedup_vs_torch_fp32', float('nan')):>12.2f} "
+              f"{r.get('max_rel_feature_error', float('nan')):>12.2e} {r.get('norm_rel_feature_error', float('nan')):>12.2e}")
     print(f"Frechet distance ({fid_dim}-d, scipy sqrtm): {frechet_s:.2f} s")
     result = {
         "benchmark": "fid-features", "quick": args.quick, "threads": torch.get_num_threads(),
-        "ld_preload": os.environ.get("LD_PRELOAD", ""), "resolution": args.resolution,
+        "batch_size": args.batch_size, "ld_preload": os.environ.get("LD_PRELOAD", ""), "resolution": args.resolution,
         "torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
-        "machine": platform.machine(), "rows": rows, "frechet_distance": {"dim": fid_dim, "seconds": frechet_s},
+        "onnxruntime": _version("onnxruntime"), "openvino": _version("openvino"),
+        "machine": platform.machine(), "rows": list(rows.values()), "frechet_distance": {"dim": fid_dim, "seconds": frechet_s},
     }
     write_json(result, args.out)
     return result
+
+
+def _version(package: str) -> str | None:
+    """Installed version of a package, or None."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

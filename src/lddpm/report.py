@@ -24,6 +24,7 @@ TABLE_COLUMNS = (
     ("Guidance s", "guidance_scale", "{:g}"),
     ("Schedule", "schedule", "{}"),
     ("FID", "fid", "{:.2f}"),
+    ("KID x10^3", "kid", "kid"),
     ("IS-style", "inception_score", "{:.2f}"),
     ("Class acc.", "class_accuracy", "{:.1%}"),
     ("Precision", "precision", "{:.3f}"),
@@ -58,6 +59,24 @@ def _fid_heading(rows: list[dict]) -> tuple[str, bool]:
     return "FID", True
 
 
+def _kid_text(row: dict) -> str:
+    """KID x 10^3 with its standard deviation over subsets, e.g. '12.34 ± 0.56'."""
+    if row.get("kid") is None:
+        return "–"
+    std = row.get("kid_std")
+    return f"{row['kid'] * 1e3:.2f}" + ("" if std is None else f" ± {std * 1e3:.2f}")
+
+
+def floor_text(floor: dict | None) -> str | None:
+    """One sentence on the real-data floor: N real images of another split scored against the same reference."""
+    if not floor:
+        return None
+    if floor.get("fid") is None:
+        return f"Real-data floor at N={floor.get('num')}: not measured ({floor.get('failed', 'no result')})."
+    return (f"Real-data floor at N={floor['num']}: {floor['num']} real {floor.get('split')} images score FID "
+            f"{floor['fid']:.2f}, KID x10^3 {_kid_text(floor)} against the same reference; no cell can be expected below it.")
+
+
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Headings and formatted cells of the results table."""
     fid_heading, per_row_n = _fid_heading(rows)
@@ -66,7 +85,7 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     for row in rows:
         cells = []
         for _, key, spec in TABLE_COLUMNS:
-            text = _fmt(row.get(key), spec)
+            text = _kid_text(row) if spec == "kid" else _fmt(row.get(key), spec)
             if key == "fid" and per_row_n and row.get("fid") is not None:
                 text += f" (N={row.get('fid_n')})"
             if key == "fid" and row.get("kind") == "vae" and row.get("fid") is not None:
@@ -76,8 +95,8 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return headings, body
 
 
-def to_markdown(study: Study, rows: list[dict]) -> str:
-    """results.md: settings line, the table, and notes on reconstruction cells and failures."""
+def to_markdown(study: Study, rows: list[dict], floor: dict | None = None) -> str:
+    """results.md: settings line, the real-data floor, the table, and notes on reconstruction cells and failures."""
     s = study.settings
     headings, body = table(rows)
     lines = [
@@ -86,13 +105,18 @@ def to_markdown(study: Study, rows: list[dict]) -> str:
         f"Dataset {s.dataset} at {s.resolution}x{s.resolution}; FID against the {s.reference_split} split "
         f"(Inception pool3 features, N generated images vs reference statistics); seed {s.seed}.",
         "",
+    ]
+    if floor_text(floor):
+        lines += [floor_text(floor), ""]
+    lines += [
         "| " + " | ".join(headings) + " |",
         "|" + "|".join("---" for _ in headings) + "|",
     ]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
     lines += [
         "",
-        "FID: lower is better, comparable only at equal N. IS-style: Inception-style score "
+        "FID: lower is better, comparable only at equal N. KID x10^3: the unbiased kernel distance "
+        "(Binkowski et al. 2018), mean ± std over 100 subsets of min(1000, N). IS-style: Inception-style score "
         "(exp of the mean KL between the study classifier's per-image and marginal class "
         "distributions). Class acc.: share of conditional samples the classifier assigns to "
         "the requested class. Model evals: network evaluations per image (2 per step with guidance). "
@@ -165,7 +189,7 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{SAMPLER_LABELS.get(sampler, sampler)} ({run})")
         ax.set_xscale("log")
         ax.set_xlabel("sampling steps")
-        ax.set_ylabel(f"FID (N={ok[0].get('fid_n')})" if len({r.get('fid_n') for r in ok}) == 1 else "FID")
+        ax.set_ylabel(_fid_axis(ok))
         ax.set_title("FID against sampling steps")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -194,7 +218,7 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
             xs_a = [p[0] for p in pts if p[2] is not None]
             ax2.plot(xs_a, [100 * p[2] for p in pts if p[2] is not None], "o-", label=run)
         ax1.set_xlabel("guidance scale s")
-        ax1.set_ylabel("FID")
+        ax1.set_ylabel(_fid_axis(ok))
         ax1.set_title("FID against guidance scale")
         ax2.set_xlabel("guidance scale s")
         ax2.set_ylabel("class accuracy (%)")
@@ -211,9 +235,33 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
         labels = [f"{r.get('schedule') or r['run']}" for r in sched]
         ax.bar(range(len(sched)), [r["fid"] for r in sched], color="tab:blue")
         ax.set_xticks(range(len(sched)), labels, rotation=20, ha="right")
-        ax.set_ylabel("FID")
+        ax.set_ylabel(_fid_axis(ok))
         ax.set_title("FID per noise schedule (same training budget)")
         save(fig, "schedules.png", "FID per noise schedule")
+
+    # FID and KID against training time: one model trained to several lengths, a line per model and guidance scale.
+    trained = [r for r in ok if r.get("group") == "architecture" and r.get("fid") is not None and r.get("train_seconds")]
+    if trained:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        lines: dict[str, list[dict]] = {}
+        for r in trained:
+            s = r.get("guidance_scale")
+            lines.setdefault(f"{r.get('model') or r['run']}" + ("" if s is None else f", s={s:g}"), []).append(r)
+        for label, members in sorted(lines.items()):
+            members.sort(key=lambda r: r["train_seconds"])
+            minutes = [r["train_seconds"] / 60 for r in members]
+            ax1.plot(minutes, [r["fid"] for r in members], marker="o", label=label)
+            kid = [(m, r["kid"] * 1e3) for m, r in zip(minutes, members) if r.get("kid") is not None]
+            if kid:
+                ax2.plot(*zip(*kid), marker="o", label=label)
+        ax1.set_ylabel(_fid_axis(ok))
+        ax2.set_ylabel("KID x10^3")
+        for ax, what in ((ax1, "FID"), (ax2, "KID")):
+            ax.set_xlabel("training wall time (minutes)")
+            ax.set_title(f"{what} against training time")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        save(fig, "fid_vs_training_time.png", "FID and KID against training time")
 
     # Training loss curves from each run's log.jsonl.
     curves = {name: read_loss_log(Path(d) / "log.jsonl") for name, d in sorted(run_dirs.items())}
@@ -244,6 +292,12 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
     return made
 
 
+def _fid_axis(rows: list[dict]) -> str:
+    """The FID axis label with the study's N (a study scores every cell at one N)."""
+    ns = sorted({r.get("fid_n") for r in rows if r.get("fid_n") is not None})
+    return f"FID (N={ns[0]})" if len(ns) == 1 else f"FID (N={', '.join(map(str, ns))})"
+
+
 def _smooth(values: list[float], alpha: float = 0.05) -> list[float]:
     """Exponential moving average (bias-corrected) so noisy losses read as a curve."""
     out, avg = [], 0.0
@@ -256,7 +310,7 @@ def _smooth(values: list[float], alpha: float = 0.05) -> list[float]:
 # ----------------------------------------------------------------------------- html
 
 
-def to_html(study: Study, rows: list[dict], plots: list[tuple[str, str]]) -> str:
+def to_html(study: Study, rows: list[dict], plots: list[tuple[str, str]], floor: dict | None = None) -> str:
     """index.html: table, plots and sample grids on one page; relative links only."""
     s = study.settings
     esc = html.escape
@@ -273,6 +327,7 @@ def to_html(study: Study, rows: list[dict], plots: list[tuple[str, str]]) -> str
         f"<p>{esc(s.dataset)} at {s.resolution}x{s.resolution}; FID against the {esc(s.reference_split)} split; "
         f"seed {s.seed}. Also as <a href='results.md'>results.md</a>, <a href='results.json'>results.json</a>, "
         f"<a href='results.csv'>results.csv</a>.</p>",
+        f"<p>{esc(floor_text(floor))}</p>" if floor_text(floor) else "",
         "<h2>Results</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headings) + "</tr>",
     ]
     for row, cells in zip(rows, body):

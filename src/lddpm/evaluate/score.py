@@ -13,12 +13,15 @@ from lddpm import __version__
 from lddpm.distributed import resolve_device
 from lddpm.errors import LddpmError
 from lddpm.evaluate.generate import ForwardCounter, balanced_labels, find_denoiser, generate_resumable, load_images, peak_memory
-from lddpm.evaluate.reference import (load_extractor, maybe_tqdm, now_iso, parse_reference, reference_size, reference_stats)
+from lddpm.data import open_cache, prepare
+from lddpm.evaluate.reference import (load_extractor, maybe_tqdm, now_iso, parse_reference, reference_indices,
+                                      reference_size, reference_stats)
 from lddpm.io import write_json
 from lddpm.metrics import (FeatureExtractor, FeatureStats, ReferenceStats, check_images, class_accuracy,
                            class_probabilities, frechet_distance, inception_score, load_classifier, load_is_network,
                            network_probabilities, precision_recall)
 from lddpm.metrics.classifier import default_classifier_dir
+from lddpm.metrics.kid import kernel_inception_distance
 from lddpm.pipeline import load_pipeline
 from lddpm.sampling import default_num_steps
 
@@ -83,6 +86,10 @@ def evaluate_generated(
                                    "of": reference_stats.manifest.get("num")})
     else:
         out.update(precision=None, recall=None)
+    # KID (Binkowski et al. 2018) against the reference's kept real features (a seeded random subset); unbiased at any N
+    out.update(kid=None, kid_std=None)
+    if real is not None and len(real) >= 2 and n >= 2:
+        out.update(kernel_inception_distance(real, feats))
     if labels is not None:
         labels = np.asarray(labels, dtype=np.int64)
         if labels.shape != (n,):
@@ -101,6 +108,33 @@ def evaluate_generated(
         out["inception_score"], out["inception_score_std"] = inception_score(probs, splits)
         out["is_network"] = {**(is_network_info or {}), "splits": splits}
     return out
+
+
+def real_data_floor(
+    dataset: str,
+    *,
+    reference: ReferenceStats,
+    split: str,
+    num: int,
+    resolution: int,
+    extractor: FeatureExtractor,
+    cache_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """FID and KID of `num` real images of DATASET:SPLIT against `reference`: what a perfect model scores at this N."""
+    if split == reference.manifest.get("split"):
+        raise LddpmError(f"the real-data floor needs a split other than the reference's ({split!r}); e.g. train vs test")
+    cache = open_cache(prepare(dataset, resolution=resolution, split=split, root=data_root, cache_dir=cache_dir, progress=progress))
+    if num > len(cache):
+        raise LddpmError(f"the real-data floor needs {num} images but {dataset}:{split} has {len(cache)}; use a smaller N")
+    images = check_images(np.asarray(cache.images[reference_indices(len(cache), num)]), f"{dataset}:{split} images")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the rank-deficient-covariance warning: the floor shares it with the cells
+        result = evaluate_generated(images, reference_stats=reference, extractor=extractor, progress=progress)
+    keys = ("fid", "kid", "kid_std", "kid_subsets", "kid_subset_size", "kid_seed", "full_rank_covariance")
+    return {"dataset": dataset, "split": split, "num": num, **{k: result.get(k) for k in keys},
+            "reference": result["reference"]}
 
 
 def resolve_classifier(
@@ -327,6 +361,8 @@ def summary_line(result: dict) -> str:
     """One line with the headline numbers of an evaluation result."""
     ref = result.get("reference", {})
     parts = [f"FID {result['fid']:.2f} (N={result['num_images']} vs {ref.get('dataset')}:{ref.get('split')} N={ref.get('num')})"]
+    if result.get("kid") is not None:
+        parts.append(f"KID x10^3 {result['kid'] * 1e3:.2f} +- {result['kid_std'] * 1e3:.2f} (subsets of {result['kid_subset_size']})")
     if result.get("precision") is not None:
         parts.append(f"precision {result['precision']:.3f} recall {result['recall']:.3f}")
     if result.get("classifier_score") is not None:

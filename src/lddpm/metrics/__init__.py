@@ -1,4 +1,4 @@
-"""FID, Inception-style score, class accuracy, precision/recall.
+"""FID, KID, Inception-style score, class accuracy, precision/recall.
 
 A leaf package: it knows nothing of training, sampling or the CLI.
 """
@@ -33,6 +33,7 @@ from lddpm.metrics.inception import (
     nvidia_prologue,
     nvidia_resize,
 )
+from lddpm.metrics.kid import kernel_inception_distance
 from lddpm.metrics.precision_recall import precision_recall
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "find_inception_file",
     "frechet_distance",
     "inception_score",
+    "kernel_inception_distance",
     "load_classifier",
     "load_inception",
     "load_is_network",

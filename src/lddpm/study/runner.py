@@ -19,7 +19,7 @@ from lddpm import report
 from lddpm.grid import labelled_grid
 from lddpm.io import finite_or_none, read_json_object, remove_stale_temp_files, to_json, write_png, write_text
 from lddpm.study.backend import StudyBackend
-from lddpm.study.schema import CellSpec, RunSpec, Study, base_row, log
+from lddpm.study.schema import REAL_FLOOR_FILE, CellSpec, RunSpec, Study, base_row, log
 
 TrainFn = Callable[[RunSpec, Path, "Study", dict], dict]
 CellFn = Callable[[CellSpec, dict, "Study", Path], dict]
@@ -31,6 +31,7 @@ def run_study(
     *,
     train_fn: TrainFn | None = None,
     cell_fn: CellFn | None = None,
+    floor_fn: Callable[[Study], dict] | None = None,
     only: list[str] | None = None,
     rerun_failed: bool = True,
     progress: bool = True,
@@ -42,6 +43,8 @@ def run_study(
     `train_images`, `train_seconds`, `num_classes`, `class_names`.
     `cell_fn(cell, info, study, out_dir) -> result` scores one cell; `result` holds metric fields of
     `ROW_FIELDS` and optionally `images` (uint8 (N,H,W,C)) and `labels` for the sample grid.
+    `floor_fn(study) -> dict` scores N real images against the reference once (the real-data floor,
+    kept in real_floor.json and printed above the table); the real backend's is used with the defaults.
     Defaults are the real trainer and evaluator (`train_run`, `evaluate_cell`).
     """
     out = Path(out_dir)
@@ -52,6 +55,9 @@ def run_study(
         backend = StudyBackend(progress=progress)
         train_fn = train_fn or backend.train
         cell_fn = cell_fn or backend.cell
+        floor_fn = floor_fn or backend.real_floor
+    if floor_fn is not None:
+        measure_real_floor(study, out, floor_fn, progress)
     infos: dict[str, dict | BaseException] = {}
 
     def ensure_run(name: str) -> dict:
@@ -108,6 +114,23 @@ def run_study(
     return rows
 
 
+def measure_real_floor(study: Study, out: Path, floor_fn: Callable[[Study], dict], progress: bool) -> None:
+    """Score N real images against the reference once (real_floor.json); a failure is recorded, not fatal."""
+    s = study.settings
+    path, num = out / REAL_FLOOR_FILE, s.fid_n
+    key = [s.dataset, s.resolution, s.reference_split, s.reference_n, num]  # what the floor depends on
+    old = read_json_object(path, "delete it to measure the floor again") if path.is_file() else None
+    if old and old.get("key") == key and old.get("fid") is not None:
+        return
+    log(progress, f"[study] real-data floor: {num} real images against the reference")
+    try:
+        floor = dict(floor_fn(study))
+    except Exception as exc:  # the floor is context for the table; the cells still run
+        floor = {"num": num, "failed": str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}
+    floor["key"] = key
+    write_text(path, to_json({k: finite_or_none(v) for k, v in floor.items()}).rstrip("\n"))
+
+
 def read_cell(path: Path) -> dict | None:
     """A finished cell's row, or None when the cell has not run; a damaged file is one clear error."""
     return read_json_object(path, "delete it to run that cell again") if path.is_file() else None
@@ -130,12 +153,15 @@ def write_report(study: Study, rows: list[dict], out_dir: str | Path, run_dirs: 
     run_dirs = dict(run_dirs or {})
     for name in study.runs:
         run_dirs.setdefault(name, out / "runs" / name)
-    payload = {"study": asdict(study.settings), "runs": {n: asdict(r) for n, r in study.runs.items()}, "rows": rows}
+    floor_path = out / REAL_FLOOR_FILE
+    floor = read_json_object(floor_path, "delete it to measure the floor again") if floor_path.is_file() else None
+    payload = {"study": asdict(study.settings), "runs": {n: asdict(r) for n, r in study.runs.items()}, "rows": rows,
+               "real_floor": floor}
     write_text(out / "results.json", to_json(payload).rstrip("\n"))
     write_text(out / "results.csv", report.to_csv(rows))
-    write_text(out / "results.md", report.to_markdown(study, rows))
+    write_text(out / "results.md", report.to_markdown(study, rows, floor))
     if plots:
         made = report.write_plots(rows, {n: Path(d) for n, d in run_dirs.items()}, out / "plots")
     else:  # keep linking the plots of the last full report
         made = [(p.stem.replace("_", " "), f"plots/{p.name}") for p in sorted((out / "plots").glob("*.png")) if not p.name.startswith(".")]
-    write_text(out / "index.html", report.to_html(study, rows, made))
+    write_text(out / "index.html", report.to_html(study, rows, made, floor))

@@ -28,16 +28,18 @@ from typing import Any
 from lddpm import checks
 from lddpm.config import read_toml
 from lddpm.errors import LddpmError
+from lddpm.metrics.onnx_backend import FEATURE_BACKENDS
 
 CELL_KINDS = ("sample", "vae")
 RUN_KINDS = ("diffusion", "vae")
 LABEL_MODES = ("balanced", "none")
+REAL_FLOOR_FILE = "real_floor.json"
 PLOT_GROUPS = ("samplers", "guidance", "schedules", "vae", "architecture", "other")
 
 # One row of the results table: these keys, in this order, in results.json/csv.
 ROW_FIELDS = (
     "name", "status", "run", "model", "data", "sampler", "steps", "eta", "guidance_scale",
-    "schedule", "fid", "fid_n", "inception_score", "class_accuracy", "precision", "recall",
+    "schedule", "fid", "fid_n", "kid", "kid_std", "inception_score", "class_accuracy", "precision", "recall",
     "seconds_per_image", "model_evals", "train_images", "train_seconds", "group",
 )
 
@@ -49,7 +51,7 @@ class StudySettings:
     name: str = "study"
     dataset: str = "fashion-mnist"
     resolution: int = 32
-    fid_n: int = 500  # images per cell for FID / IS / precision-recall
+    fid_n: int = 500  # images per cell for FID / KID / IS / precision-recall: one N for every cell
     reference_split: str = "test"  # FID reference statistics come from this split
     reference_n: int = 0  # images of that split in the reference statistics (0 = all)
     seed: int = 0
@@ -63,6 +65,7 @@ class StudySettings:
     train_nproc: int = 1  # processes per training run (> 1: `lddpm train --nproc N`, torchrun + DDP)
     data_root: str | None = None
     cache_dir: str | None = None
+    feature_backend: str = "auto"  # Inception features through "torch", "onnx" (ONNX Runtime) or "auto"
 
 
 @dataclass
@@ -90,7 +93,7 @@ class CellSpec:
     guidance_scale: float = 1.0
     labels: str = "balanced"  # "balanced": equal images per class (conditional runs); "none"
     group: str = ""  # which plot the cell belongs to; inferred when empty
-    fid_n: int | None = None  # overrides the study's N for this cell
+    fid_n: int | None = None  # must equal the study's N when given (FIDs are comparable only at equal N)
 
 
 @dataclass
@@ -152,6 +155,7 @@ def study_from_dict(data: dict, base_dir: str | Path = ".") -> Study:
     if unknown:
         raise LddpmError(f"study file: unknown top-level table(s) {unknown}; allowed: study, runs, cells")
     settings = _from_dict(StudySettings, dict(data.get("study", {})), "[study]")
+    checks.check_choice("[study] feature_backend", settings.feature_backend, FEATURE_BACKENDS)
     runs = {}
     for name, raw in data.get("runs", {}).items():
         if "config" not in raw:
@@ -188,6 +192,12 @@ def study_from_dict(data: dict, base_dir: str | Path = ".") -> Study:
             cell.group = _infer_group(cell)
         if cell.group not in PLOT_GROUPS:
             raise LddpmError(f"cell {cell.name!r}: group {cell.group!r} is not one of {PLOT_GROUPS}")
+        if cell.fid_n is not None and cell.fid_n != settings.fid_n:
+            raise LddpmError(
+                f"cell {cell.name!r}: fid_n = {cell.fid_n} differs from the study's fid_n = {settings.fid_n}; every cell "
+                "is scored at the study's one N (FIDs at different N are not comparable): remove the cell's fid_n, "
+                "or change [study] fid_n for all cells (or drop the cell that cannot afford it)"
+            )
     return Study(settings, runs, cells, Path(base_dir))
 
 
