@@ -644,9 +644,7 @@ def test_dit_xl_2_256_config_maps_onto_the_registry_dit_xl_2():
     assert config == network_config("dit", "dit-xl/2").replace(freq_shift=1.0, mlp_norm_eps=1e-5)
     with torch.device("meta"):
         ours = network_from_config("dit", config)
-        theirs = diffusers.DiTTransformer2DModel(**{k: v for k, v in DIT_XL_2_256.items()
-                                                    if not k.startswith("_") and k in CLASSES["DiTTransformer2DModel"]
-                                                    .config_to_diffusers(config)})
+        theirs = diffusers.DiTTransformer2DModel(**CLASSES["DiTTransformer2DModel"].config_to_diffusers(config))
     n_ours = sum(p.numel() for p in ours.parameters())
     n_theirs = sum(p.numel() for p in theirs.parameters())
     assert n_ours == 674_834_720  # the paper's code, position embedding not counted
@@ -658,7 +656,8 @@ def test_dit_xl_2_256_config_maps_onto_the_registry_dit_xl_2():
     named = set()
     for key, tensor in ours.state_dict().items():
         names = diffusers_names(key, entry.module_pairs(config))
-        assert sum(shapes[n][0] for n in names) == tensor.shape[0] and all(shapes[n][1:] == tensor.shape[1:] for n in names)
+        assert sum(shapes[n][0] for n in names) == tensor.shape[0]  # qkv: to_q, to_k, to_v stacked
+        assert all(shapes[n][1:] == tensor.shape[1:] for n in names)
         named.update(names)
     named.update(copy for _, copies in entry.copies(config) for copy in copies)
     assert named == set(shapes) - {"pos_embed.pos_embed"}  # diffusers' fixed sin-cos buffer (lddpm's is not saved)

@@ -453,11 +453,13 @@ def dit_module_pairs(config: DiTConfig) -> list[tuple[str, str]]:
     """(lddpm module, DiTTransformer2DModel module); the shared embedding maps onto block 0's copy."""
     emb = _DIT_EMBEDDING.format(0)
     pairs = [("patch_embed", "pos_embed.proj"), ("time_embed.0", f"{emb}.timestep_embedder.linear_1"),
-             ("time_embed.2", f"{emb}.timestep_embedder.linear_2"), ("label_embed", f"{emb}.class_embedder.embedding_table"),
+             ("time_embed.2", f"{emb}.timestep_embedder.linear_2"),
+             ("label_embed", f"{emb}.class_embedder.embedding_table"),
              ("final_layer.adaLN", "proj_out_1"), ("final_layer.linear", "proj_out_2")]
     for i in range(config.depth):
-        pairs += [(f"blocks.{i}.attn", f"transformer_blocks.{i}.attn1"), (f"blocks.{i}.adaLN", f"transformer_blocks.{i}.norm1.linear"),
-                  (f"blocks.{i}.mlp.0", f"transformer_blocks.{i}.ff.net.0.proj"), (f"blocks.{i}.mlp.2", f"transformer_blocks.{i}.ff.net.2")]
+        ours, theirs = f"blocks.{i}", f"transformer_blocks.{i}"
+        pairs += [(f"{ours}.attn", f"{theirs}.attn1"), (f"{ours}.adaLN", f"{theirs}.norm1.linear"),
+                  (f"{ours}.mlp.0", f"{theirs}.ff.net.0.proj"), (f"{ours}.mlp.2", f"{theirs}.ff.net.2")]
     return pairs
 
 
