@@ -75,7 +75,8 @@ def _model_section(kind: str, config) -> dict[str, Any]:
     base = network_config(kind, name).to_dict()
     ours = config.to_dict()
     overrides = {k: v for k, v in ours.items() if base[k] != v}
-    if "resolution" in overrides and "attention_resolutions" in ours:  # keep attention where it is (network_config would move it with the resolution)
+    # keep attention where it is (network_config would move it with the resolution); a DiT has no such field
+    if "resolution" in overrides and "attention_resolutions" in ours:
         overrides.setdefault("attention_resolutions", ours["attention_resolutions"])
     return {"kind": kind, "name": name, "overrides": overrides}
 
@@ -95,8 +96,8 @@ def _pipeline_parts(src: Path) -> dict[str, Path]:
     if "unet" in parts and "transformer" in parts:
         raise LddpmError(f"{src} holds both unet/ and transformer/; lddpm imports one denoiser; nothing was written")
     if not {"unet", "transformer", "vae"} & set(parts):
-        raise LddpmError(f"{src} holds no unet/, transformer/ or vae/ folder: give a diffusers model folder (with {CONFIG_NAME}) "
-                         "or a pipeline folder; nothing was written")
+        raise LddpmError(f"{src} holds no unet/, transformer/ or vae/ folder: give a diffusers model folder "
+                         f"(with {CONFIG_NAME}) or a pipeline folder; nothing was written")
     return parts
 
 
@@ -138,8 +139,8 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
     else:
         parts = _pipeline_parts(src)
         index = src / "model_index.json"
-        pipeline_class = read_json(index, "pipeline folder").get("_class_name") if index.is_file() else None
-        id2label = read_json(index, "pipeline folder").get("id2label") if index.is_file() else None
+        index_config = read_json(index, "pipeline folder") if index.is_file() else {}
+        pipeline_class, id2label = index_config.get("_class_name"), index_config.get("id2label")
     components: dict[str, Any] = {}
     models: dict[str, tuple] = {}
     for name, folder in parts.items():
@@ -176,7 +177,8 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
                          "import the pipeline folder to take them from its scheduler/scheduler_config.json")
         if diffusion["learned_variance"] != unet_config.learned_sigma:
             raise LddpmError(f"{src}: the scheduler says variance_type "
-                             f"{'learned_range' if diffusion['learned_variance'] else 'fixed'}, but the network outputs "
+                             f"{'learned_range' if diffusion['learned_variance'] else 'fixed'}, but the network "
+                             f"outputs "
                              f"{unet_config.in_channels * (2 if unet_config.learned_sigma else 1)} channels for "
                              f"{unet_config.in_channels} inputs; nothing was written")
         config.diffusion = DiffusionConfig(**{**dataclasses.asdict(DiffusionConfig()), **diffusion})
