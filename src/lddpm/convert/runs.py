@@ -178,8 +178,7 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
         if diffusion["learned_variance"] != unet_config.learned_sigma:
             raise LddpmError(f"{src}: the scheduler says variance_type "
                              f"{'learned_range' if diffusion['learned_variance'] else 'fixed'}, but the network "
-                             f"outputs "
-                             f"{unet_config.in_channels * (2 if unet_config.learned_sigma else 1)} channels for "
+                             f"outputs {unet_config.in_channels * (2 if unet_config.learned_sigma else 1)} channels for "
                              f"{unet_config.in_channels} inputs; nothing was written")
         config.diffusion = DiffusionConfig(**{**dataclasses.asdict(DiffusionConfig()), **diffusion})
         config.model = ModelConfig(**_model_section(denoiser_kind, unet_config))
