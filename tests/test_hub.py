@@ -446,7 +446,7 @@ def test_pickle_weights_are_refused_unread(tmp_path, capsys):
 def test_missing_config_is_refused(tmp_path, capsys):
     folder = saved_unet(tmp_path)
     (folder / "config.json").unlink()
-    assert_refused(tmp_path, folder, capsys, "no unet/ or vae/")
+    assert_refused(tmp_path, folder, capsys, "no unet/, transformer/ or vae/")
     pipe = tmp_path / "pipe"
     shutil.copytree(folder, pipe / "unet")
     assert_refused(tmp_path, pipe, capsys, "config.json not found")
@@ -514,3 +514,218 @@ def test_cli_import_export_and_existing_output(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(LddpmError, match="not a folder"):
         import_diffusers(tmp_path / "nowhere", tmp_path / "x")
+
+
+# ----------------------------------------------------------------------------- DiTTransformer2DModel
+
+# Learned sigma (8 = 2 x 4 output channels), diffusers' default norm_eps (1e-5 in the MLP LayerNorm).
+DIT_SIGMA = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                 sample_size=8, patch_size=2, num_embeds_ada_norm=5)
+# No learned sigma (out_channels left to default = in_channels), 4x4 patches, three heads, and a large MLP
+# LayerNorm eps (so that an eps not carried over would show in the outputs).
+DIT_PLAIN = dict(num_attention_heads=3, attention_head_dim=8, in_channels=3, num_layers=3, sample_size=8,
+                 patch_size=4, num_embeds_ada_norm=3, norm_eps=0.1)
+DITS = {"dit-sigma": DIT_SIGMA, "dit-plain": DIT_PLAIN}
+# facebook/DiT-XL-2-256's transformer/config.json as published (saved by diffusers 0.12 as a Transformer2DModel).
+DIT_XL_2_256 = {"_class_name": "Transformer2DModel", "_diffusers_version": "0.12.0.dev0",
+                "activation_fn": "gelu-approximate", "attention_bias": True, "attention_head_dim": 72,
+                "cross_attention_dim": None, "dropout": 0.0, "in_channels": 4, "norm_elementwise_affine": False,
+                "norm_num_groups": 32, "norm_type": "ada_norm_zero", "num_attention_heads": 16,
+                "num_embeds_ada_norm": 1000, "num_layers": 28, "num_vector_embeds": None,
+                "only_cross_attention": False, "out_channels": 8, "patch_size": 2, "sample_size": 32,
+                "upcast_attention": False, "use_linear_projection": False}
+
+
+def share_embedding(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every block block 0's timestep/class embedding (a trained diffusers DiT has one shared embedding)."""
+    first = model.transformer_blocks[0].norm1.emb.state_dict()
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(first)
+    return model
+
+
+def diffusers_dit(config: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    return share_embedding(perturbed(diffusers.DiTTransformer2DModel(**config), seed))
+
+
+def dit_inputs(config: dict):
+    g = torch.Generator().manual_seed(1)
+    r, classes = config["sample_size"], config["num_embeds_ada_norm"]
+    x = torch.randn(3, config["in_channels"], r, r, generator=g)
+    return x, torch.tensor([3, 500, 999]), torch.tensor([0, classes - 1, classes])  # the last is the null label
+
+
+@pytest.mark.parametrize("name", list(DITS))
+def test_dit_import_export_round_trip(name, tmp_path):
+    config = DITS[name]
+    theirs = diffusers_dit(config)
+    theirs.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    summary = import_diffusers(tmp_path / "hf", tmp_path / "run")
+    assert summary["classes"] == {"dit": "DiTTransformer2DModel"}
+    ours = load_pipeline(tmp_path / "run").model
+    assert type(ours).__name__ == "DiT" and ours.config.learned_sigma == ("out_channels" in config)
+    assert ours.null_label == config["num_embeds_ada_norm"]
+    x, t, y = dit_inputs(config)
+    with torch.no_grad():
+        expected = theirs(x, timestep=t, class_labels=y).sample
+        assert float(expected.abs().max()) > 0.1
+        assert max_diff(ours(x, t, y=y), expected) <= TOL
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.meta["config"]["diffusion"]["learned_variance"] == ours.config.learned_sigma
+
+    export_diffusers(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out" / "model_index.json").exists()  # a pixel-space DiT: no stock pipeline
+    again = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "out" / "transformer").eval()
+    assert state_equal(again.state_dict(), theirs.state_dict())  # every block's embedding copy written
+    with torch.no_grad():
+        assert max_diff(again(x, timestep=t, class_labels=y).sample, ours(x, t, y=y)) <= TOL
+    import_diffusers(tmp_path / "out", tmp_path / "run2")
+    assert state_equal(load_checkpoint(tmp_path / "run2").load("ema"), ckpt.load("ema"))
+
+
+def test_dit_with_differing_block_embeddings_is_refused_naming_the_block(tmp_path, capsys):
+    theirs = diffusers_dit(DIT_PLAIN)
+    with torch.no_grad():
+        theirs.transformer_blocks[2].norm1.emb.class_embedder.embedding_table.weight[1, 0] += 1e-3
+    theirs.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    assert_refused(tmp_path, tmp_path / "hf", capsys,
+                   "transformer_blocks.2 holds its own copy of the shared embedding, and "
+                   "transformer_blocks.2.norm1.emb.class_embedder.embedding_table.weight differs")
+
+
+def test_dit_pipeline_imports_as_a_latent_run_and_exports_a_dit_pipeline(tmp_path):
+    """DiTPipeline (transformer/ + DDIMScheduler + AutoencoderKL) -> latent run -> DiTPipeline: same images."""
+    vae = diffusers_vae(VAES["kl-f4-small"], seed=1)  # 16 px -> 4x4x3 latents
+    transformer = diffusers_dit(dict(DIT_SIGMA, in_channels=3, out_channels=6, sample_size=4), seed=2)
+    scheduler = diffusers.DDIMScheduler(clip_sample=False)
+    source = diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+    source.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    # facebook/DiT-XL-2-256's model_index.json also holds id2label (save_pretrained does not write it)
+    names = {"0": "tench, Tinca tinca", "1": "goldfish", "2": "shark", "3": "ray", "4": "cock"}  # ImageNet's first 5
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({**index, "id2label": names}))
+    summary = import_diffusers(tmp_path / "pipe", tmp_path / "run")
+    assert summary["classes"] == {"transformer": "DiTTransformer2DModel", "vae": "AutoencoderKL",
+                                  "scheduler": "DDIMScheduler"}
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.meta["config"]["model"]["kind"] == "dit" and ckpt.meta["dataset"]["resolution"] == 16
+    assert ckpt.meta["config"]["diffusion"]["learned_variance"] is True  # DDIMScheduler: the 6 channels decide
+    pipe = load_pipeline(tmp_path / "run")
+    assert pipe.vae is not None and pipe.vae.scaling_factor == pytest.approx(0.3)
+    assert pipe.class_names == [names[str(i)] for i in range(5)]
+    images, labels = pipe.generate(2, sampler="ddim", num_steps=2, guidance_scale=2.0, progress=False)
+    assert images.shape == (2, 16, 16, 3) and list(labels) == [0, 1]  # sampled as latents, decoded by the VAE
+    x, t, y = dit_inputs(dict(DIT_SIGMA, in_channels=3, sample_size=4))
+    with torch.no_grad():
+        assert max_diff(pipe.model(x, t, y=y), transformer(x, timestep=t, class_labels=y).sample) <= TOL
+
+    summary = export_diffusers(tmp_path / "run", tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "model_index.json").read_text())["_class_name"] == "DiTPipeline"
+    assert any("label 1000" in note for note in summary["notes"])  # 5 classes: DiTPipeline guides with label 1000
+    again = diffusers.DiTPipeline.from_pretrained(tmp_path / "out")
+    assert again.get_label_ids(["goldfish", "Tinca tinca"]) == [1, 0]  # id2label written back
+    assert max_diff(again.scheduler.alphas_cumprod, scheduler.alphas_cumprod) == 0
+    again.scheduler = scheduler  # lddpm writes trailing timestep spacing; sample with the source's leading one
+    images = []
+    for p in (source, again):
+        p.set_progress_bar_config(disable=True)
+        g = torch.Generator().manual_seed(3)
+        images.append(torch.from_numpy(p(class_labels=[1, 4], guidance_scale=1.0, generator=g,
+                                         num_inference_steps=4, output_type="np").images))
+    assert float(images[0].std()) > 0.01 and max_diff(images[0], images[1]) <= 1e-5
+
+
+def test_dit_xl_2_256_config_maps_onto_the_registry_dit_xl_2():
+    from lddpm.convert.diffusers import CLASS_FOR_KIND, diffusers_names, dit_config_from_diffusers
+    from lddpm.nn import network_config
+
+    config = dit_config_from_diffusers(DIT_XL_2_256)
+    # diffusers' DiT: timestep frequencies over 128 - 1, MLP LayerNorm eps 1e-5 (its norm_eps default)
+    assert config == network_config("dit", "dit-xl/2").replace(freq_shift=1.0, mlp_norm_eps=1e-5)
+    with torch.device("meta"):
+        ours = network_from_config("dit", config)
+        theirs = diffusers.DiTTransformer2DModel(**CLASSES["DiTTransformer2DModel"].config_to_diffusers(config))
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    assert n_ours == 674_834_720  # the paper's code, position embedding not counted
+    embedding = (256 * 1152 + 1152) + (1152 * 1152 + 1152) + 1001 * 1152  # timestep MLP + class table
+    assert n_theirs == n_ours + 27 * embedding  # diffusers repeats the embedding in blocks 1..27
+    # every lddpm tensor has a diffusers tensor of its shape; with the copies, every diffusers tensor is named
+    entry = CLASS_FOR_KIND["dit"]
+    shapes = {k: v.shape for k, v in theirs.state_dict().items()}
+    named = set()
+    for key, tensor in ours.state_dict().items():
+        names = diffusers_names(key, entry.module_pairs(config))
+        assert sum(shapes[n][0] for n in names) == tensor.shape[0]  # qkv: to_q, to_k, to_v stacked
+        assert all(shapes[n][1:] == tensor.shape[1:] for n in names)
+        named.update(names)
+    named.update(copy for _, copies in entry.copies(config) for copy in copies)
+    assert named == set(shapes) - {"pos_embed.pos_embed"}  # diffusers' fixed sin-cos buffer (lddpm's is not saved)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("norm_type", "ada_norm", "norm_type = \"ada_norm\""),
+    ("norm_elementwise_affine", True, "norm_elementwise_affine"),
+    ("activation_fn", "geglu", "activation_fn"),
+    ("dropout", 0.1, "dropout"),
+    ("out_channels", 5, "out_channels = 5"),
+    ("num_embeds_ada_norm", 0, "num_embeds_ada_norm"),
+    ("cross_attention_dim", 768, "cross_attention_dim"),
+    ("interpolation_scale", 2, "interpolation_scale"),
+])
+def test_unrepresentable_dit_fields_are_refused_by_name(field, value, match):
+    from lddpm.convert.diffusers import dit_config_from_diffusers
+
+    with pytest.raises(LddpmError, match=match.replace("(", r"\(")):
+        dit_config_from_diffusers({**DIT_XL_2_256, field: value})
+    if field == "norm_type":  # a Transformer2DModel that is not a DiT is refused as a class
+        from lddpm.convert.diffusers import model_class
+        with pytest.raises(LddpmError, match="not a DiT"):
+            model_class("Transformer2DModel", "here", {**DIT_XL_2_256, field: value})
+
+
+def test_lddpm_dit_exports_only_with_diffusers_timestep_frequencies(tmp_path):
+    from lddpm.checkpoint import save_run_checkpoint
+    from lddpm.config import Config, save_config
+
+    config = network_from_config("dit", dict(resolution=8, in_channels=4, patch_size=2, hidden_size=32, depth=2,
+                                             num_heads=2, num_classes=5, learned_sigma=True)).config
+    for shift in (0.0, 1.0):
+        net = perturbed(network_from_config("dit", config.replace(freq_shift=shift)), 4)
+        run = tmp_path / f"run{shift:g}"
+        run_config = Config()
+        run_config.diffusion.learned_variance = True
+        save_config(run_config, run)
+        meta = {"kind": "diffusion", "step": 1, "config": run_config.to_dict(),
+                "network": {"kind": "dit", "config": net.config.to_dict()}, "dataset": None}
+        save_run_checkpoint(run, 1, {"model": net.state_dict(), "ema": net.state_dict()}, meta, keep=1)
+        if shift == 0.0:  # the paper's frequencies: diffusers' DiT cannot compute them
+            with pytest.raises(LddpmError, match="model.overrides.freq_shift = 1"):
+                export_diffusers(run, tmp_path / "hf0")
+            assert not (tmp_path / "hf0").exists()
+            continue
+        export_diffusers(run, tmp_path / "hf")
+        theirs = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "hf" / "transformer").eval()
+        x, t, y = dit_inputs(DIT_SIGMA)
+        with torch.no_grad():
+            assert max_diff(theirs(x, timestep=t, class_labels=y).sample, net(x, t, y=y)) <= TOL
+        assert json.loads((tmp_path / "hf" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] \
+            == "DDIMScheduler"
+
+
+def test_dit_saved_as_a_transformer2dmodel_imports_like_diffusers_loads_it(tmp_path):
+    """DiT folders saved before diffusers 0.28 (facebook/DiT-*) name the class Transformer2DModel."""
+    theirs = diffusers_dit(DIT_SIGMA)
+    theirs.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    raw = json.loads((tmp_path / "hf" / "config.json").read_text())
+    legacy = {k: DIT_XL_2_256[k] for k in ("cross_attention_dim", "num_vector_embeds", "only_cross_attention",
+                                           "use_linear_projection")}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**raw, **legacy, "_class_name": "Transformer2DModel"}))
+    loaded = diffusers.Transformer2DModel.from_pretrained(tmp_path / "hf").eval()  # diffusers' own remapping
+    assert type(loaded).__name__ == "DiTTransformer2DModel"
+    import_diffusers(tmp_path / "hf", tmp_path / "run")
+    x, t, y = dit_inputs(DIT_SIGMA)
+    with torch.no_grad():
+        assert max_diff(load_pipeline(tmp_path / "run").model(x, t, y=y),
+                        loaded(x, timestep=t, class_labels=y).sample) <= TOL

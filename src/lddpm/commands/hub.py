@@ -11,8 +11,9 @@ def register(subparsers) -> None:
         "import",
         help="turn a local diffusers model or pipeline folder (safetensors only) into an lddpm run folder",
         description="Read a diffusers folder: a model folder (config.json + diffusion_pytorch_model.safetensors: "
-        "UNet2DModel or AutoencoderKL) or a pipeline folder (unet/, scheduler/, optionally vae/). Write a run "
-        "folder that `lddpm sample` and `lddpm eval` load (a U-Net) or that a latent run names as data.latent "
+        "UNet2DModel, DiTTransformer2DModel or AutoencoderKL) or a pipeline folder (unet/ or transformer/, scheduler/, "
+        "optionally vae/; DDPMPipeline, DiTPipeline). Write a run "
+        "folder that `lddpm sample` and `lddpm eval` load (a U-Net or DiT) or that a latent run names as data.latent "
         "(an AutoencoderKL), with the weights as both model and EMA and provenance.json. Pickle weights "
         "(.bin/.ckpt/.pt/.pth) are refused; so is any config field lddpm cannot represent.",
     )
@@ -25,8 +26,9 @@ def register(subparsers) -> None:
     e = subparsers.add_parser(
         "export",
         help="write a run as a diffusers folder (pipeline layout for diffusion runs, model folder for VAE runs)",
-        description="Write the network of a run or checkpoint as a diffusers folder: unet/ (UNet2DModel), "
-        "scheduler/scheduler_config.json (DDPMScheduler) and, for a latent run, vae/ (AutoencoderKL); a VAE run "
+        description="Write the network of a run or checkpoint as a diffusers folder: unet/ (UNet2DModel) or "
+        "transformer/ (DiTTransformer2DModel), scheduler/scheduler_config.json (DDPMScheduler; DDIMScheduler for a "
+        "DiT) and, for a latent run, vae/ (AutoencoderKL; with a DiT also model_index.json for DiTPipeline); a VAE run "
         "becomes one AutoencoderKL model folder. Load it with diffusers' from_pretrained.",
     )
     e.add_argument("run", metavar="RUN_OR_CHECKPOINT")

@@ -4,8 +4,9 @@ Each supported diffusers class has one `ModelClass` entry in `CLASSES`: its `__i
 a config mapping in each direction, and the table of module pairs (lddpm prefix, diffusers
 prefix) that renames the weights. A config field lddpm cannot represent raises LddpmError naming
 it; nothing is dropped silently. Only safetensors files are read (`read_safetensors`).
-To add a class (e.g. DiTTransformer2DModel): write its defaults, the two config functions and
-the module-pair table, and register it in `CLASSES`.
+To add a class: write its defaults, the two config functions and the module-pair table, and
+register it in `CLASSES`. A tensor diffusers repeats (DiT's per-block copy of the timestep/class
+embedding) is listed in `copies`: written to every copy on export, checked identical on import.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safetensors import safe_open
 
 from lddpm.errors import LddpmError
 from lddpm.io import read_json_object
+from lddpm.nn.dit import DiTConfig
 from lddpm.nn.unet import UNetConfig
 from lddpm.nn.vae import VAEConfig
 from lddpm.schedule import SCHEDULES, NoiseSchedule
@@ -353,6 +355,123 @@ def _vae_derived(config: VAEConfig) -> dict[str, torch.Tensor]:
     return {"latent_scale": torch.tensor(float(config.scaling_factor))}
 
 
+# ----------------------------------------------------------------------------- DiTTransformer2DModel
+
+# diffusers.DiTTransformer2DModel.__init__ defaults (diffusers 0.28-0.42).
+DIT_DEFAULTS: dict[str, Any] = {
+    "num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "out_channels": None, "num_layers": 28,
+    "dropout": 0.0, "norm_num_groups": 32, "attention_bias": True, "sample_size": 32, "patch_size": 2,
+    "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000, "upcast_attention": False,
+    "norm_type": "ada_norm_zero", "norm_elementwise_affine": False, "norm_eps": 1e-5,
+}
+# Transformer2DModel (the class name of DiT checkpoints saved before diffusers 0.28, e.g. facebook/DiT-XL-2-256):
+# diffusers loads one with norm_type "ada_norm_zero" as a DiTTransformer2DModel. Its other fields must keep the
+# values under which that load computes a DiT; the defaults of the fields the two classes share differ.
+TRANSFORMER2D_DEFAULTS: dict[str, Any] = {
+    **DIT_DEFAULTS, "attention_head_dim": 88, "in_channels": None, "num_layers": 1, "attention_bias": False,
+    "sample_size": None, "patch_size": None, "activation_fn": "geglu", "num_embeds_ada_norm": None,
+    "norm_type": "layer_norm", "norm_elementwise_affine": True,
+    "cross_attention_dim": None, "num_vector_embeds": None, "use_linear_projection": False,
+    "only_cross_attention": False, "double_self_attention": False, "attention_type": "default",
+    "caption_channels": None, "interpolation_scale": None, "use_additional_conditions": None,
+}
+DIT_FREQ_SHIFT = 1  # diffusers' CombinedTimestepLabelEmbeddings: Timesteps(256, flip_sin_to_cos=True, shift 1)
+
+
+def dit_config_from_diffusers(config: dict[str, Any], where: str = "DiTTransformer2DModel") -> DiTConfig:
+    """A DiTTransformer2DModel (or DiT-shaped Transformer2DModel) config -> DiTConfig, refusing what lddpm's
+    DiT cannot represent."""
+    legacy = config.get("_class_name") == "Transformer2DModel"
+    c = resolve_config(where, config, TRANSFORMER2D_DEFAULTS if legacy else DIT_DEFAULTS)
+    expect = {"norm_type": ("ada_norm_zero", "lddpm's DiT blocks are adaLN-Zero"),
+              "activation_fn": ("gelu-approximate", "the MLP uses tanh-approximated GELU"),
+              "attention_bias": (True, "the q, k, v projections have biases"),
+              "norm_elementwise_affine": (False, "the LayerNorms have no affine parameters (adaLN supplies them)"),
+              "dropout": (0.0, "lddpm's DiT has no dropout"),
+              "upcast_attention": (False, "attention runs in the model's dtype")}
+    if legacy:
+        expect.update({key: (TRANSFORMER2D_DEFAULTS[key], "a DiT has no such input or layer") for key in (
+            "cross_attention_dim", "num_vector_embeds", "use_linear_projection", "only_cross_attention",
+            "double_self_attention", "attention_type", "caption_channels", "interpolation_scale",
+            "use_additional_conditions")})
+    for key, (value, why) in expect.items():
+        if c[key] != value:
+            raise refuse(where, key, c[key], why)
+    for key in ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers", "patch_size"):
+        if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < 1:
+            raise refuse(where, key, c[key], "it must be a positive integer")
+    classes = c["num_embeds_ada_norm"]
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        raise refuse(where, "num_embeds_ada_norm", classes, "lddpm's DiT is class-conditional with at least one class "
+                     "(diffusers' table has num_embeds_ada_norm + 1 rows, the last the null label, as lddpm's)")
+    in_ch = c["in_channels"]
+    out_ch = in_ch if c["out_channels"] is None else c["out_channels"]
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise refuse(where, "out_channels", out_ch, f"the output has in_channels ({in_ch}) or, with a learned "
+                     f"variance, 2 x in_channels channels")
+    eps = c["norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise refuse(where, "norm_eps", eps, "it must be a positive number")
+    config = DiTConfig(
+        resolution=_square_size(where, c["sample_size"]), in_channels=in_ch, patch_size=c["patch_size"],
+        hidden_size=c["num_attention_heads"] * c["attention_head_dim"], depth=c["num_layers"],
+        num_heads=c["num_attention_heads"], mlp_ratio=4.0, num_classes=classes, learned_sigma=out_ch == 2 * in_ch,
+        freq_shift=float(DIT_FREQ_SHIFT), mlp_norm_eps=float(eps))
+    try:
+        config.validate()
+    except LddpmError as exc:
+        raise LddpmError(f"{where}: {exc}; nothing was written") from None
+    return config
+
+
+def dit_config_to_diffusers(config: DiTConfig) -> dict[str, Any]:
+    """DiTConfig -> a complete DiTTransformer2DModel config; refuses a DiT diffusers would compute differently."""
+    if config.freq_shift != DIT_FREQ_SHIFT:
+        raise LddpmError(f"freq_shift={config.freq_shift}: diffusers' DiTTransformer2DModel divides its timestep "
+                         f"frequencies by 128 - {DIT_FREQ_SHIFT} (fixed in its code), this DiT by 128 - "
+                         f"{config.freq_shift}; it would compute something else (train with "
+                         f"model.overrides.freq_shift = {DIT_FREQ_SHIFT} to export)")
+    if config.mlp_ratio != 4.0:
+        raise LddpmError(f"mlp_ratio={config.mlp_ratio}: DiTTransformer2DModel's MLP is always 4 x hidden_size wide")
+    if config.num_classes < 1:
+        raise LddpmError("num_classes=0: DiTTransformer2DModel is always class-conditional (num_embeds_ada_norm "
+                         ">= 1); an unconditional lddpm DiT has no diffusers counterpart")
+    out = dict(DIT_DEFAULTS)
+    out.update({
+        "num_attention_heads": config.num_heads, "attention_head_dim": config.hidden_size // config.num_heads,
+        "in_channels": config.in_channels, "out_channels": config.in_channels * (2 if config.learned_sigma else 1),
+        "num_layers": config.depth, "sample_size": config.resolution, "patch_size": config.patch_size,
+        "num_embeds_ada_norm": config.num_classes, "norm_eps": config.mlp_norm_eps,
+    })
+    return out
+
+
+_DIT_EMBEDDING = "transformer_blocks.{}.norm1.emb"  # diffusers' per-block copy of the timestep/class embedding
+
+
+def dit_module_pairs(config: DiTConfig) -> list[tuple[str, str]]:
+    """(lddpm module, DiTTransformer2DModel module); the shared embedding maps onto block 0's copy."""
+    emb = _DIT_EMBEDDING.format(0)
+    pairs = [("patch_embed", "pos_embed.proj"), ("time_embed.0", f"{emb}.timestep_embedder.linear_1"),
+             ("time_embed.2", f"{emb}.timestep_embedder.linear_2"),
+             ("label_embed", f"{emb}.class_embedder.embedding_table"),
+             ("final_layer.adaLN", "proj_out_1"), ("final_layer.linear", "proj_out_2")]
+    for i in range(config.depth):
+        ours, theirs = f"blocks.{i}", f"transformer_blocks.{i}"
+        pairs += [(f"{ours}.attn", f"{theirs}.attn1"), (f"{ours}.adaLN", f"{theirs}.norm1.linear"),
+                  (f"{ours}.mlp.0", f"{theirs}.ff.net.0.proj"), (f"{ours}.mlp.2", f"{theirs}.ff.net.2")]
+    return pairs
+
+
+def dit_copies(config: DiTConfig) -> list[tuple[str, dict[str, str]]]:
+    """For blocks 1..depth-1: (block, {copy name: block 0's name}) of the embedding diffusers repeats per block."""
+    names = [f"timestep_embedder.linear_{j}.{k}" for j in (1, 2) for k in ("weight", "bias")]
+    names.append("class_embedder.embedding_table.weight")
+    first = _DIT_EMBEDDING.format(0)
+    return [(f"transformer_blocks.{i}", {f"{_DIT_EMBEDDING.format(i)}.{n}": f"{first}.{n}" for n in names})
+            for i in range(1, config.depth)]
+
+
 # ----------------------------------------------------------------------------- the class table
 
 
@@ -366,6 +485,8 @@ class ModelClass:
     config_to_diffusers: Callable[[Any], dict[str, Any]]
     module_pairs: Callable[[Any], list[tuple[str, str]]]
     derived: Callable[[Any], dict[str, torch.Tensor]] = lambda config: {}  # lddpm tensors diffusers keeps in its config
+    # diffusers tensors that repeat another one: [(where, {copy name: original name})], checked in order on import
+    copies: Callable[[Any], list[tuple[str, dict[str, str]]]] = lambda config: []
 
 
 CLASSES: dict[str, ModelClass] = {
@@ -373,12 +494,22 @@ CLASSES: dict[str, ModelClass] = {
                               unet_module_pairs),
     "AutoencoderKL": ModelClass("AutoencoderKL", "vae", vae_config_from_diffusers, vae_config_to_diffusers,
                                 vae_module_pairs, _vae_derived),
+    "DiTTransformer2DModel": ModelClass("DiTTransformer2DModel", "dit", dit_config_from_diffusers,
+                                        dit_config_to_diffusers, dit_module_pairs, copies=dit_copies),
 }
 CLASS_FOR_KIND = {entry.kind: entry for entry in CLASSES.values()}
+# Class names of older diffusers releases and the entry they load as (diffusers remaps them the same way).
+LEGACY_CLASSES = {"Transformer2DModel": ("DiTTransformer2DModel", "norm_type", "ada_norm_zero")}
 
 
-def model_class(name: Any, where: str) -> ModelClass:
+def model_class(name: Any, where: str, config: dict[str, Any] | None = None) -> ModelClass:
     """The table entry for a diffusers `_class_name`; an unknown class is refused by name."""
+    if name in LEGACY_CLASSES and config is not None:
+        target, key, value = LEGACY_CLASSES[name]
+        if config.get(key) == value:
+            return CLASSES[target]
+        raise LddpmError(f"{where}: a {name} with {key} = {json.dumps(config.get(key))} is not a DiT; lddpm imports "
+                         f"a {name} only with {key} = {json.dumps(value)} (as a {target}); nothing was written")
     if name not in CLASSES:
         raise LddpmError(f"{where}: diffusers class {name!r} is not supported; lddpm imports "
                          f"{', '.join(CLASSES)}; nothing was written")
@@ -424,6 +555,9 @@ def to_diffusers_state(entry: ModelClass, config: Any, state: dict[str, torch.Te
         parts = tensor.chunk(len(names), dim=0) if len(names) > 1 else [tensor]
         for name, part in zip(names, parts):
             out[name] = part.detach().to("cpu").contiguous().clone()
+    for _, copies in entry.copies(config):
+        for copy, original in copies.items():
+            out[copy] = out[original].clone()
     return out
 
 
@@ -436,6 +570,16 @@ def from_diffusers_state(entry: ModelClass, config: Any, expected: dict[str, tor
     """
     pairs, derived = entry.module_pairs(config), entry.derived(config)
     used: set[str] = set()
+    for block, copies in entry.copies(config):
+        for copy, original in copies.items():
+            if copy not in tensors or original not in tensors:
+                raise LddpmError(f"{where}: tensor {copy if original in tensors else original} is missing; "
+                                 "the weights do not match config.json; nothing was written")
+            if tensors[copy].shape != tensors[original].shape or not torch.equal(tensors[copy], tensors[original]):
+                raise LddpmError(f"{where}: {block} holds its own copy of the shared embedding, and {copy} differs "
+                                 f"from {original}; lddpm's network has one embedding for all blocks, so these "
+                                 "weights cannot be represented; nothing was written")
+            used.add(copy)
     state: dict[str, torch.Tensor] = {}
     for key, shape in expected.items():
         if key in derived:
@@ -592,7 +736,8 @@ def diffusion_from_scheduler(config: dict[str, Any], *, latent: bool, where: str
                 if not _close(c[key], ours):
                     raise refuse(where, key, c[key], f"lddpm's {schedule!r} schedule at T = {T} uses {key} = {ours:.6g}")
     diffusion = {"schedule": schedule, "num_timesteps": T, "objective": _PREDICTION[c["prediction_type"]],
-                 "learned_variance": variance == "learned_range",
+                 # DDIMScheduler has no variance_type: None = the model's output channels decide
+                 "learned_variance": None if name == "DDIMScheduler" else variance == "learned_range",
                  "rescale_zero_terminal_snr": bool(c["rescale_betas_zero_snr"])}
     notes = []
     if variance.startswith("fixed_large"):
@@ -605,11 +750,13 @@ def diffusion_from_scheduler(config: dict[str, Any], *, latent: bool, where: str
     return diffusion, notes
 
 
-def scheduler_from_diffusion(diffusion: dict[str, Any], *, latent: bool) -> dict[str, Any]:
-    """lddpm [diffusion] values -> a complete DDPMScheduler config with the same betas and objective."""
+def scheduler_from_diffusion(diffusion: dict[str, Any], *, latent: bool,
+                             scheduler_class: str = "DDPMScheduler") -> dict[str, Any]:
+    """lddpm [diffusion] values -> a complete DDPMScheduler (or DDIMScheduler) config with the same betas and
+    objective. DDIMScheduler has no variance_type: a learned variance is then known from the model alone."""
     T, schedule = int(diffusion["num_timesteps"]), diffusion["schedule"]
-    out = {"_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
-           **SCHEDULER_DEFAULTS["DDPMScheduler"]}
+    out = {"_class_name": scheduler_class, "_diffusers_version": DIFFUSERS_VERSION,
+           **SCHEDULER_DEFAULTS[scheduler_class]}
     names = {ours: theirs for theirs, ours in _BETA_SCHEDULE.items()}
     if schedule in names:
         out["beta_schedule"] = names[schedule]
@@ -622,4 +769,6 @@ def scheduler_from_diffusion(diffusion: dict[str, Any], *, latent: bool) -> dict
                 "variance_type": "learned_range" if diffusion.get("learned_variance") else "fixed_small",
                 "clip_sample": not latent, "timestep_spacing": "trailing",
                 "rescale_betas_zero_snr": bool(diffusion.get("rescale_zero_terminal_snr"))})
+    if scheduler_class == "DDIMScheduler":
+        del out["variance_type"]
     return out

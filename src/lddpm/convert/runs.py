@@ -29,9 +29,11 @@ from lddpm.errors import LddpmError
 from lddpm.io import make_temp_dir, swap_in_dir
 from lddpm.nn import network_config, network_from_config
 
-PIPELINE_COMPONENTS = ("unet", "vae", "scheduler")
+PIPELINE_COMPONENTS = ("unet", "transformer", "vae", "scheduler")
+# The denoiser folder of a pipeline and the network kind it holds (DiTPipeline: transformer/).
+DENOISER_FOLDERS = {"unet": "unet", "transformer": "dit"}
 # The registry config an imported network is written against (its differences become model.overrides).
-BASE_NAMES = {"unet": "ddpm-cifar10", "vae": "kl-f8"}
+BASE_NAMES = {"unet": "ddpm-cifar10", "vae": "kl-f8", "dit": "dit-xl/2"}
 
 
 def folder_sha256(folder: Path) -> tuple[str, list[list[Any]]]:
@@ -52,7 +54,7 @@ def read_model_folder(folder: Path) -> tuple[ModelClass, Any, dict[str, torch.Te
     """(table entry, lddpm network config, lddpm state dict, raw diffusers config) of a model folder."""
     raw = read_json(folder / CONFIG_NAME, "model folder")
     where = str(folder / CONFIG_NAME)
-    entry = model_class(raw.get("_class_name"), where)
+    entry = model_class(raw.get("_class_name"), where, raw)
     config = entry.config_from_diffusers(raw, where)
     tensors = read_safetensors(weight_files(folder))
     with torch.device("meta"):  # shapes only: nothing allocated
@@ -73,7 +75,8 @@ def _model_section(kind: str, config) -> dict[str, Any]:
     base = network_config(kind, name).to_dict()
     ours = config.to_dict()
     overrides = {k: v for k, v in ours.items() if base[k] != v}
-    if "resolution" in overrides:  # keep attention where it is (network_config would move it with the resolution)
+    # keep attention where it is (network_config would move it with the resolution); a DiT has no such field
+    if "resolution" in overrides and "attention_resolutions" in ours:
         overrides.setdefault("attention_resolutions", ours["attention_resolutions"])
     return {"kind": kind, "name": name, "overrides": overrides}
 
@@ -90,10 +93,21 @@ def _pipeline_parts(src: Path) -> dict[str, Path]:
                 raise LddpmError(f"{index_path}: component {key!r} ({value[-1]}) cannot be imported; lddpm reads "
                                  f"{', '.join(PIPELINE_COMPONENTS)}; nothing was written")
     parts = {name: src / name for name in PIPELINE_COMPONENTS if (src / name).is_dir()}
-    if "unet" not in parts and "vae" not in parts:
-        raise LddpmError(f"{src} holds no unet/ or vae/ folder: give a diffusers model folder (with {CONFIG_NAME}) "
-                         "or a pipeline folder; nothing was written")
+    if "unet" in parts and "transformer" in parts:
+        raise LddpmError(f"{src} holds both unet/ and transformer/; lddpm imports one denoiser; nothing was written")
+    if not {"unet", "transformer", "vae"} & set(parts):
+        raise LddpmError(f"{src} holds no unet/, transformer/ or vae/ folder: give a diffusers model folder "
+                         f"(with {CONFIG_NAME}) or a pipeline folder; nothing was written")
     return parts
+
+
+def _class_names(id2label: Any, num_classes: int) -> list[str]:
+    """DiTPipeline's id2label ({"0": "tench, Tinca tinca", ...}) as a list of names; [] unless it names 0..N-1."""
+    if not isinstance(id2label, dict) or not num_classes or len(id2label) != num_classes:
+        return []
+    if sorted(id2label) != sorted(str(i) for i in range(num_classes)):
+        return []
+    return [str(id2label[str(i)]) for i in range(num_classes)]
 
 
 def _atomic_folder(out: Path, write) -> None:
@@ -121,24 +135,27 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
         raise LddpmError(f"{src} is not a folder: give a local diffusers model or pipeline folder "
                          "(download one with `huggingface-cli download REPO --local-dir DIR`)")
     if (src / CONFIG_NAME).is_file():
-        parts, pipeline_class = {"model": src}, None
+        parts, pipeline_class, id2label = {"model": src}, None, None
     else:
         parts = _pipeline_parts(src)
         index = src / "model_index.json"
-        pipeline_class = read_json(index, "pipeline folder").get("_class_name") if index.is_file() else None
+        index_config = read_json(index, "pipeline folder") if index.is_file() else {}
+        pipeline_class, id2label = index_config.get("_class_name"), index_config.get("id2label")
     components: dict[str, Any] = {}
     models: dict[str, tuple] = {}
     for name, folder in parts.items():
         if name == "scheduler":
             continue
         entry, config, state, raw = read_model_folder(folder)
-        expected_kind = {"unet": "unet", "vae": "vae"}.get(name, entry.kind)
+        expected_kind = {**DENOISER_FOLDERS, "vae": "vae"}.get(name, entry.kind)
         if entry.kind != expected_kind:
             raise LddpmError(f"{folder / CONFIG_NAME}: a {entry.diffusers_name} in the {name}/ folder; "
                              f"expected a {CLASS_FOR_KIND[expected_kind].diffusers_name}; nothing was written")
         models[entry.kind] = (entry, config, state)
         components[name if name != "model" else entry.kind] = _component(raw)
-    unet, vae = models.get("unet"), models.get("vae")
+    vae = models.get("vae")
+    denoiser_kind = next((k for k in ("unet", "dit") if k in models), None)
+    unet = models.get(denoiser_kind)  # the denoiser: a U-Net or a DiT
     notes: list[str] = []
     config = Config()
     config.run.out = str(out)
@@ -152,29 +169,31 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
                 raw, latent=latent, where=str(parts["scheduler"] / SCHEDULER_CONFIG_NAME))
             components["scheduler"] = _component(raw)
             notes += scheduler_notes
+            if diffusion["learned_variance"] is None:  # DDIMScheduler: the network's output channels decide
+                diffusion["learned_variance"] = unet_config.learned_sigma
         else:
             diffusion = {**dataclasses.asdict(DiffusionConfig()), "learned_variance": unet_config.learned_sigma}
             notes.append("no scheduler config: the [diffusion] section holds lddpm's defaults (linear, T = 1000, eps); "
                          "import the pipeline folder to take them from its scheduler/scheduler_config.json")
         if diffusion["learned_variance"] != unet_config.learned_sigma:
             raise LddpmError(f"{src}: the scheduler says variance_type "
-                             f"{'learned_range' if diffusion['learned_variance'] else 'fixed'}, but the U-Net outputs "
-                             f"{unet_config.in_channels * (2 if unet_config.learned_sigma else 1)} channels for "
+                             f"{'learned_range' if diffusion['learned_variance'] else 'fixed'}, but the network "
+                             f"outputs {unet_config.in_channels * (2 if unet_config.learned_sigma else 1)} channels for "
                              f"{unet_config.in_channels} inputs; nothing was written")
         config.diffusion = DiffusionConfig(**{**dataclasses.asdict(DiffusionConfig()), **diffusion})
-        config.model = ModelConfig(**_model_section("unet", unet_config))
+        config.model = ModelConfig(**_model_section(denoiser_kind, unet_config))
         config.run.class_conditional = unet_config.num_classes > 0
         if latent:
             vae_config = vae[1]
             if vae_config.latent_channels != unet_config.in_channels:
-                raise LddpmError(f"{src}: the VAE makes {vae_config.latent_channels}-channel latents but the U-Net "
+                raise LddpmError(f"{src}: the VAE makes {vae_config.latent_channels}-channel latents but the network "
                                  f"takes {unet_config.in_channels} channels; nothing was written")
             image_res, channels = unet_config.resolution * vae_config.downsample_factor, vae_config.in_channels
         else:
             image_res, channels = unet_config.resolution, unet_config.in_channels
         config.data.resolution = image_res
         kind = "diffusion"
-        network = {"kind": "unet", "config": unet_config.to_dict()}
+        network = {"kind": denoiser_kind, "config": unet_config.to_dict()}
         groups = {"model": unet[2], "ema": unet[2]}
         num_classes = unet_config.num_classes
     else:
@@ -187,13 +206,16 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
         network = {"kind": "vae", "config": vae_config.to_dict()}
         groups = {"model": vae[2], "ema": vae[2]}
     validate(config)
+    class_names = _class_names(id2label, num_classes)
+    if id2label and not class_names:
+        notes.append(f"model_index.json's id2label does not name classes 0..{num_classes - 1}; class names not kept")
     digest, files = folder_sha256(src)
     source = {"format": "diffusers", "folder": str(src.resolve()), "sha256": digest, "files": files,
               "pipeline_class": pipeline_class, "components": components, "notes": notes,
               "imported_by": f"lddpm {__version__}"}
     meta = {"kind": kind, "step": 0, "images_seen": 0, "wall_time": 0.0, "config": config.to_dict(),
             "network": network, "source": {k: v for k, v in source.items() if k != "files"},
-            "dataset": {"name": dataset, "split": "train", "num_classes": num_classes, "class_names": [],
+            "dataset": {"name": dataset, "split": "train", "num_classes": num_classes, "class_names": class_names,
                         "channels": channels, "resolution": image_res}}
     if kind == "vae":
         meta["scaling_factor"] = vae_config.scaling_factor
@@ -226,7 +248,7 @@ def _write_model(folder: Path, entry: ModelClass, config, state: dict[str, torch
 
 
 def export_diffusers(run: str | Path, out: str | Path, *, weights: str = "ema") -> dict[str, Any]:
-    """Write a run as a diffusers folder: a pipeline layout (unet/, scheduler/[, vae/]) for a diffusion
+    """Write a run as a diffusers folder: a pipeline layout (unet/ or transformer/, scheduler/[, vae/]) for a diffusion
     run, a model folder for a VAE run. `weights`: "ema" (what lddpm samples and decodes with) or "model"."""
     if weights not in ("ema", "model"):
         raise LddpmError(f"--weights must be ema or model, not {weights!r}")
@@ -256,18 +278,38 @@ def export_diffusers(run: str | Path, out: str | Path, *, weights: str = "ema") 
         vae_entry.config_to_diffusers(vae_config)
         vae_part = (vae_entry, vae_config, ckpt.load("vae"))
     diffusion = ckpt.meta["config"]["diffusion"] if kind == "diffusion" else None
+    class_names = list((ckpt.meta.get("dataset") or {}).get("class_names") or [])
+
+    dit = network_kind == "dit"
+    if dit and vae_part is None:
+        notes.append("a pixel-space DiT: written as transformer/ + scheduler/ without model_index.json "
+                     "(DiTPipeline needs a vae/)")
+    if dit and vae_part is not None and config.num_classes != 1000:
+        notes.append(f"DiTPipeline guides with label 1000 as the null label (fixed in its code); this DiT has "
+                     f"{config.num_classes} classes (null label {config.num_classes}): call it with guidance_scale=1, "
+                     "or guide with lddpm")
 
     def write(tmp: Path) -> None:
         if kind == "vae":
             _write_model(tmp, entry, config, state)
             return
-        _write_model(tmp / "unet", entry, config, state)
-        scheduler = scheduler_from_diffusion(diffusion, latent=vae_part is not None)
+        _write_model(tmp / ("transformer" if dit else "unet"), entry, config, state)
+        # DiTPipeline passes only the eps channels to its scheduler, so its scheduler must not expect the
+        # variance channels: a DDIMScheduler (as facebook/DiT-XL-2-256), whose step needs none.
+        scheduler = scheduler_from_diffusion(diffusion, latent=vae_part is not None,
+                                             scheduler_class="DDIMScheduler" if dit else "DDPMScheduler")
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / SCHEDULER_CONFIG_NAME).write_text(json.dumps(scheduler, indent=2) + "\n")
         if vae_part is not None:
             _write_model(tmp / "vae", *vae_part)
-        else:  # diffusers has no stock pipeline for an unconditional U-Net on AutoencoderKL latents
+            if dit:
+                index = {"_class_name": "DiTPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+                         "scheduler": ["diffusers", "DDIMScheduler"],
+                         "transformer": ["diffusers", "DiTTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+                if class_names:  # DiTPipeline.get_label_ids reads them
+                    index["id2label"] = {str(i): name for i, name in enumerate(class_names)}
+                (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        elif not dit:  # diffusers has no stock pipeline for an unconditional U-Net on AutoencoderKL latents
             index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
                      "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

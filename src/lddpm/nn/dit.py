@@ -34,6 +34,10 @@ class DiTConfig(NetworkConfig):
     num_classes: int = 1000  # 0 = unconditional; else labels 0..num_classes-1 plus the null label num_classes
     learned_sigma: bool = True
     gradient_checkpointing: bool = False
+    # Timestep frequencies are 10000^(-i / (128 - freq_shift)): 0 in the paper's code, 1 in diffusers'
+    # DiTTransformer2DModel (hard-coded there), so an imported diffusers DiT computes what diffusers computes.
+    freq_shift: float = 0.0
+    mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before each MLP (1e-6 in the paper's code, diffusers' norm_eps)
 
     def num_patches(self) -> int:
         """Number of tokens: (resolution / patch_size)^2."""
@@ -57,6 +61,9 @@ class DiTConfig(NetworkConfig):
             raise LddpmError(f"mlp_ratio={self.mlp_ratio} must be positive")
         if self.num_classes < 0:
             raise LddpmError(f"num_classes={self.num_classes} must be >= 0 (0 = unconditional)")
+        if not 0 <= self.freq_shift < TIMESTEP_FREQUENCIES // 2 or not self.mlp_norm_eps > 0:
+            raise LddpmError(f"freq_shift={self.freq_shift} must be in [0, {TIMESTEP_FREQUENCIES // 2}) and "
+                             f"mlp_norm_eps={self.mlp_norm_eps} positive")
 
 
 def sincos_position_embedding(dim: int, grid_size: int) -> torch.Tensor:
@@ -103,8 +110,9 @@ class DiTBlock(nn.Module):
     The conditioning Linear starts at zero, so every gate is 0 and the block starts as the identity.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, mlp_norm_eps: float = 1e-6):
         super().__init__()
+        self.mlp_norm_eps = mlp_norm_eps
         self.attn = Attention(dim, num_heads)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
@@ -116,7 +124,7 @@ class DiTBlock(nn.Module):
         d = x.shape[-1]
         h = self.attn(modulate(F.layer_norm(x, (d,), eps=1e-6), shift_msa, scale_msa))
         x = torch.addcmul(x, gate_msa[:, None], h)
-        h = self.mlp(modulate(F.layer_norm(x, (d,), eps=1e-6), shift_mlp, scale_mlp))
+        h = self.mlp(modulate(F.layer_norm(x, (d,), eps=self.mlp_norm_eps), shift_mlp, scale_mlp))
         return torch.addcmul(x, gate_mlp[:, None], h)
 
 
@@ -163,7 +171,7 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_position_embedding(dim, self.grid_size)[None], persistent=False)
         self.time_embed = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCIES, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.label_embed = nn.Embedding(c.num_classes + 1, dim) if c.num_classes > 0 else None
-        self.blocks = nn.ModuleList(DiTBlock(dim, c.num_heads, c.mlp_ratio) for _ in range(c.depth))
+        self.blocks = nn.ModuleList(DiTBlock(dim, c.num_heads, c.mlp_ratio, c.mlp_norm_eps) for _ in range(c.depth))
         self.final_layer = FinalLayer(dim, p * p * self.out_channels)
         self.initialize_weights()
 
@@ -205,7 +213,8 @@ class DiT(nn.Module):
                              f"{'x'.join(map(str, x.shape[1:]))}; build it with matching in_channels/resolution")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
         weight = self.time_embed[0].weight
-        c = self.time_embed(timestep_embedding(t, TIMESTEP_FREQUENCIES).to(weight.dtype))
+        c = self.time_embed(timestep_embedding(t, TIMESTEP_FREQUENCIES, freq_shift=self.config.freq_shift)
+                            .to(weight.dtype))
         if self.label_embed is not None:
             c = c + self.label_embed(class_labels(y, b, self.num_classes, x.device))
         elif y is not None and bool((torch.as_tensor(y) != 0).any()):
