@@ -239,8 +239,10 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
         ax.set_title("FID per noise schedule (same training budget)")
         save(fig, "schedules.png", "FID per noise schedule")
 
-    # FID and KID against training time: one model trained to several lengths, a line per model and guidance scale.
-    trained = [r for r in ok if r.get("group") == "architecture" and r.get("fid") is not None and r.get("train_seconds")]
+    # FID and KID against training length: one model trained to several lengths, a line per model and guidance
+    # scale. The x axis is images seen, not wall time: wall times of runs trained at different moments on a
+    # shared machine are not comparable, and an architecture study equalises time by scaling the steps.
+    trained = [r for r in ok if r.get("group") == "architecture" and r.get("fid") is not None and r.get("train_images")]
     if trained:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         lines: dict[str, list[dict]] = {}
@@ -248,20 +250,20 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
             s = r.get("guidance_scale")
             lines.setdefault(f"{r.get('model') or r['run']}" + ("" if s is None else f", s={s:g}"), []).append(r)
         for label, members in sorted(lines.items()):
-            members.sort(key=lambda r: r["train_seconds"])
-            minutes = [r["train_seconds"] / 60 for r in members]
-            ax1.plot(minutes, [r["fid"] for r in members], marker="o", label=label)
-            kid = [(m, r["kid"] * 1e3) for m, r in zip(minutes, members) if r.get("kid") is not None]
+            members.sort(key=lambda r: r["train_images"])
+            seen = [r["train_images"] / 1000 for r in members]
+            ax1.plot(seen, [r["fid"] for r in members], marker="o", label=label)
+            kid = [(x, r["kid"] * 1e3) for x, r in zip(seen, members) if r.get("kid") is not None]
             if kid:
                 ax2.plot(*zip(*kid), marker="o", label=label)
         ax1.set_ylabel(_fid_axis(ok))
         ax2.set_ylabel("KID x10^3")
         for ax, what in ((ax1, "FID"), (ax2, "KID")):
-            ax.set_xlabel("training wall time (minutes)")
-            ax.set_title(f"{what} against training time")
+            ax.set_xlabel("training images seen (thousands)")
+            ax.set_title(f"{what} against training length")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        save(fig, "fid_vs_training_time.png", "FID and KID against training time")
+        save(fig, "fid_vs_training.png", "FID and KID against training length")
 
     # Training loss curves from each run's log.jsonl.
     curves = {name: read_loss_log(Path(d) / "log.jsonl") for name, d in sorted(run_dirs.items())}
