@@ -54,6 +54,9 @@ class SmallClassifier(nn.Module):
 
 def to_model_input(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1]."""
+    images = np.asarray(images)
+    if not images.flags.writeable:  # a memory-mapped cache: torch wants a writable buffer
+        images = images.copy()
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
