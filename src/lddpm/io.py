@@ -192,6 +192,17 @@ def _writer_alive(name: str) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `target`; on success it replaces `target`, else it is removed."""
+    tmp = make_temp_dir(target)
+    try:
+        yield tmp
+        swap_in_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def remove_stale_temp_files(folder: str | Path, *, keep_live: bool = True) -> list[Path]:
     """Delete this package's leftover temporary files/folders in `folder` (a killed writer's).
 

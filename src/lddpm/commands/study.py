@@ -49,12 +49,8 @@ def _study(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise LddpmError("run `lddpm study` as one process; use --nproc N to train each run with N processes (torchrun)")
     study = st.load_study(args.config)
-    if args.device:
+    if args.device:  # "auto" is resolved where the device is used (the trainer and the study backend)
         study.settings.device = args.device
-    elif study.settings.device == "auto":
-        import torch
-
-        study.settings.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.nproc is not None:
         if args.nproc < 1:
             raise LddpmError(f"--nproc must be >= 1, got {args.nproc}")

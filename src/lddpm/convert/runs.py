@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,8 @@ from lddpm.convert.diffusers import (CLASS_FOR_KIND, CONFIG_NAME, DIFFUSERS_VERS
                                      model_class, read_json, read_safetensors, scheduler_from_diffusion,
                                      to_diffusers_state, weight_files)
 from lddpm.errors import LddpmError
-from lddpm.io import make_temp_dir, swap_in_dir
+from lddpm.data.integrity import sha256_file
+from lddpm.io import atomic_dir
 from lddpm.nn import network_config, network_from_config
 
 PIPELINE_COMPONENTS = ("unet", "transformer", "vae", "scheduler")
@@ -41,12 +41,9 @@ def folder_sha256(folder: Path) -> tuple[str, list[list[Any]]]:
     digest, files = hashlib.sha256(), []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
-        h = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                h.update(block)
-        digest.update(f"{rel}\0{h.hexdigest()}\n".encode())
-        files.append([rel, path.stat().st_size, h.hexdigest()])
+        file_hash = sha256_file(path)
+        digest.update(f"{rel}\0{file_hash}\n".encode())
+        files.append([rel, path.stat().st_size, file_hash])
     return digest.hexdigest(), files
 
 
@@ -114,13 +111,8 @@ def _atomic_folder(out: Path, write) -> None:
     """Run write(tmp) on a fresh temporary folder beside `out`, then move it to `out` (lddpm.io)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LddpmError(f"{out} already exists and is not empty; choose another --out or remove it")
-    tmp = make_temp_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         write(tmp)
-        swap_in_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = None) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from lddpm.data import integrity
 from lddpm.data.cache import ImageCache, array_checksums, read_manifest
 from lddpm.data.loader import EpochSampler, iterate_batches, uint8_to_tensor
 from lddpm.errors import LddpmError
-from lddpm.io import make_temp_dir, swap_in_dir
+from lddpm.io import atomic_dir
 
 LATENT_FORMAT = "lddpm-latent-cache"
 LATENT_ARRAYS = ("mean.npy", "std.npy", "labels.npy")
@@ -122,57 +121,56 @@ def encode_latents(
     if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
         raise LddpmError(f"{out_dir} exists and is not a latent cache; choose another folder")
 
-    tmp = make_temp_dir(out_dir)
     was_training = getattr(vae, "training", False)
     if hasattr(vae, "eval"):
         vae.eval()
     try:
-        n = len(cache)
-        mean = std = None
-        with tqdm(total=n, unit="img", desc="encode", disable=not progress) as bar:
-            for i in range(0, n, batch_size):
-                x = uint8_to_tensor(np.asarray(cache.images[i:i + batch_size])).to(device)
-                posterior = vae.encode(x)
-                m, s = posterior.mean.float().cpu().numpy(), posterior.std.float().cpu().numpy()
-                if mean is None:
-                    shape = (n,) + m.shape[1:]
-                    mean = np.lib.format.open_memmap(tmp / "mean.npy", mode="w+", dtype=np.float16, shape=shape)
-                    std = np.lib.format.open_memmap(tmp / "std.npy", mode="w+", dtype=np.float16, shape=shape)
-                m, s = m.astype(np.float16), s.astype(np.float16)
-                if not (np.isfinite(m).all() and np.isfinite(s).all()):
-                    raise LddpmError(f"the VAE produced non-finite latents (or beyond float16 range) for images {i}..{i + len(m) - 1}")
-                mean[i:i + len(m)] = m
-                std[i:i + len(s)] = s
-                bar.update(len(m))
-        latent_shape = list(mean.shape[1:])
-        mean.flush()
-        std.flush()
-        del mean, std
-        np.save(tmp / "labels.npy", np.asarray(cache.labels, dtype=np.int64))
-        arrays, checksum = array_checksums(tmp, LATENT_ARRAYS)
-        manifest = {
-            "format": LATENT_FORMAT,
-            "format_version": 1,
-            **request,
-            "source_cache": str(cache.path),
-            "dataset": cache.dataset,
-            "split": cache.split,
-            "resolution": cache.resolution,
-            "channels": cache.channels,
-            "count": n,
-            "latent_shape": latent_shape,
-            "dtype": "float16",
-            "scaling_factor": _scaling_factor(vae),
-            "class_names": cache.class_names,
-            "arrays": arrays,
-            "checksum": checksum,
-            "lddpm_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        swap_in_dir(tmp, out_dir)
+        with atomic_dir(out_dir) as tmp:
+            n = len(cache)
+            mean = std = None
+            with tqdm(total=n, unit="img", desc="encode", disable=not progress) as bar:
+                for i in range(0, n, batch_size):
+                    x = uint8_to_tensor(np.asarray(cache.images[i:i + batch_size])).to(device)
+                    posterior = vae.encode(x)
+                    m, s = posterior.mean.float().cpu().numpy(), posterior.std.float().cpu().numpy()
+                    if mean is None:
+                        shape = (n,) + m.shape[1:]
+                        mean = np.lib.format.open_memmap(tmp / "mean.npy", mode="w+", dtype=np.float16, shape=shape)
+                        std = np.lib.format.open_memmap(tmp / "std.npy", mode="w+", dtype=np.float16, shape=shape)
+                    m, s = m.astype(np.float16), s.astype(np.float16)
+                    if not (np.isfinite(m).all() and np.isfinite(s).all()):
+                        raise LddpmError(f"the VAE produced non-finite latents (or beyond float16 range) for images "
+                                         f"{i}..{i + len(m) - 1}")
+                    mean[i:i + len(m)] = m
+                    std[i:i + len(s)] = s
+                    bar.update(len(m))
+            latent_shape = list(mean.shape[1:])
+            mean.flush()
+            std.flush()
+            del mean, std
+            np.save(tmp / "labels.npy", np.asarray(cache.labels, dtype=np.int64))
+            arrays, checksum = array_checksums(tmp, LATENT_ARRAYS)
+            manifest = {
+                "format": LATENT_FORMAT,
+                "format_version": 1,
+                **request,
+                "source_cache": str(cache.path),
+                "dataset": cache.dataset,
+                "split": cache.split,
+                "resolution": cache.resolution,
+                "channels": cache.channels,
+                "count": n,
+                "latent_shape": latent_shape,
+                "dtype": "float16",
+                "scaling_factor": _scaling_factor(vae),
+                "class_names": cache.class_names,
+                "arrays": arrays,
+                "checksum": checksum,
+                "lddpm_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if was_training and hasattr(vae, "train"):
             vae.train()
     return out_dir

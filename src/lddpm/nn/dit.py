@@ -12,10 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lddpm.errors import LddpmError
-from lddpm.nn.layers import NetworkConfig, class_labels, timestep_embedding
+from lddpm.nn.layers import NetworkConfig, class_labels, run_block, timestep_embedding
 
 TIMESTEP_FREQUENCIES = 256  # size of the sinusoidal timestep embedding fed to the MLP (the paper's code)
 
@@ -199,12 +198,6 @@ class DiT(nn.Module):
         x = x.view(b, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, ch, g * p, g * p)
 
-    def _run(self, block: nn.Module, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Apply one block, recomputing its activations in backward when checkpointing is on."""
-        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, c, use_reentrant=False)
-        return block(h, c)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W), t (B,) timesteps, y (B,) labels or None -> (B, out_channels, H, W)."""
         b = x.shape[0]
@@ -223,5 +216,5 @@ class DiT(nn.Module):
         c = F.silu(c)  # every adaLN Linear starts with SiLU (the paper's code): do it once here
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.to(weight.dtype)  # (B, T, D)
         for block in self.blocks:
-            h = self._run(block, h, c)
+            h = run_block(block, h, c, checkpointed=self.config.gradient_checkpointing and self.training)
         return self.unpatchify(self.final_layer(h, c))

@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lddpm.errors import LddpmError
 
@@ -46,6 +47,13 @@ def class_labels(y, batch: int, num_classes: int, device: torch.device) -> torch
         raise LddpmError(f"class label {bad} is outside [0, {num_classes}] "
                          f"(0..{num_classes - 1} are classes, {num_classes} is the null label)")
     return y
+
+
+def run_block(block: nn.Module, h: torch.Tensor, cond: torch.Tensor, *, checkpointed: bool) -> torch.Tensor:
+    """block(h, cond); with `checkpointed` (and gradients on) its activations are recomputed in backward."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(block, h, cond, use_reentrant=False)
+    return block(h, cond)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

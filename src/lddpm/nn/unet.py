@@ -7,11 +7,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lddpm.errors import LddpmError
 from lddpm.nn.layers import (AttentionBlock, Downsample, EmbedSequential, NetworkConfig, ResBlock, Upsample,
-                             class_labels, timestep_embedding, zero_module)
+                             class_labels, run_block, timestep_embedding, zero_module)
 
 
 @dataclass
@@ -160,15 +159,9 @@ class UNet(nn.Module):
         if c.channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def _labels(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-        """Labels to embed: y=None means all null; anything outside [0, num_classes] is an error."""
-        return class_labels(y, batch, self.num_classes, device)
-
     def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """Apply one block, recomputing its activations in backward when checkpointing is on."""
-        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, use_reentrant=False)
-        return block(h, emb)
+        """Apply one block (with activation checkpointing when configured)."""
+        return run_block(block, h, emb, checkpointed=self.config.gradient_checkpointing and self.training)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W), t (B,) timesteps, y (B,) labels or None -> (B, out_channels, H, W)."""
@@ -178,7 +171,7 @@ class UNet(nn.Module):
         t_emb = timestep_embedding(t, c.model_channels, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
         if self.label_embed is not None:
-            emb = emb + self.label_embed(self._labels(y, b, x.device))
+            emb = emb + self.label_embed(class_labels(y, b, self.num_classes, x.device))
         elif y is not None and bool((torch.as_tensor(y) != 0).any()):
             raise LddpmError("this U-Net is unconditional (num_classes=0): pass y=None "
                              "(or build it with num_classes > 0)")

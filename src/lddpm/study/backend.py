@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from lddpm.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint
 from lddpm.config import load_config, save_config
 from lddpm.data import open_cache, prepare, test_split
+from lddpm.distributed import resolve_device
 from lddpm.errors import LddpmError
 from lddpm.evaluate import (evaluate_checkpoint, evaluate_vae, load_extractor, real_data_floor, reference_stats,
                             vae_reconstructions)
@@ -216,9 +216,7 @@ class StudyBackend:
 def _config_device(device: str, resolve: bool = False) -> str:
     """The study's device as the trainer's run.device (auto/cpu/cuda); `resolve` turns auto into one."""
     name = device.split(":")[0] if device else "auto"
-    if resolve and name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return resolve_device(name).type if resolve else name
 
 
 def _read_partial(folder: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
