@@ -88,9 +88,6 @@ class Pipeline:
         batch_size. Latent samples are divided by the VAE's scaling factor and decoded.
         """
         stochastic = is_stochastic(sampler, eta)     # also rejects an unknown sampler or a bad eta
-        if guidance_scale != 1.0 and self.null_label is None:
-            raise LddpmError(f"guidance scale {guidance_scale} needs a class-conditional model trained with label "
-                             "dropout; this model is unconditional (use guidance scale 1)")
         if num < 0 or batch_size < 1:
             raise LddpmError(f"num ({num}) must be >= 0 and batch_size ({batch_size}) >= 1")
         labels = self._labels(num, labels)

@@ -69,8 +69,8 @@ class ClassifierFreeGuidance:
 
     def __init__(self, model: Model, guidance_scale: float, null_label: int | None) -> None:
         if guidance_scale != 1.0 and null_label is None:
-            raise LddpmError(f"guidance_scale={guidance_scale} needs null_label (the unconditional label of a "
-                             "class-conditional model trained with label dropout); use guidance_scale=1 for this model")
+            raise LddpmError(f"guidance_scale={guidance_scale} needs null_label: this model is unconditional (guidance "
+                             "needs a class-conditional model trained with label dropout); use guidance_scale=1")
         self.model = model
         self.guidance_scale = float(guidance_scale)
         self.null_label = null_label
