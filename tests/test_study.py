@@ -147,7 +147,7 @@ def test_grid_has_one_row_per_class():
     assert (row1 == 255).all() and (grid[2 : 2 + 4 * scale, 2 : 2 + 4 * scale] == 0).all()
 
 
-@pytest.mark.parametrize("preset", ["study-quick", "study-cifar10", "study-imagenet100", "study-arch", "demo"])
+@pytest.mark.parametrize("preset", ["study-quick", "study-cifar10", "study-imagenet100", "study-arch", "study-recipe", "demo"])
 def test_presets_parse(preset):
     path = Path(__file__).resolve().parents[1] / "configs" / f"{preset}.toml"
     if not path.is_file():
