@@ -525,20 +525,24 @@ class TrainClock:
         self.device, self.total, self.started = device, 0.0, None
 
     def _sync(self) -> None:
+        """Wait for queued CUDA work, so the clock edges fall where the work does."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def start(self) -> None:
+        """Run the clock."""
         self._sync()
         self.started = time.perf_counter()
 
     def stop(self) -> None:
+        """Pause the clock."""
         self._sync()
         self.total += time.perf_counter() - self.started
         self.started = None
 
     @property
     def seconds(self) -> float:
+        """Training seconds so far, the running interval included."""
         return self.total + (time.perf_counter() - self.started if self.started is not None else 0.0)
 
 
@@ -550,10 +554,12 @@ class RowCounter:
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output) -> None:
+        """Count one call and its batch rows."""
         self.calls += 1
         self.rows += int(inputs[0].shape[0])
 
     def close(self) -> None:
+        """Remove the hook."""
         self.handle.remove()
 
 
@@ -695,6 +701,9 @@ def import_lucidrains():
             "diffusers. Uninstall it (pip uninstall torchvision): this benchmark does not need it") from None
     else:
         return importlib.import_module("denoising_diffusion_pytorch")
+    import accelerate  # noqa: F401 - its other imports load first, so only the package itself meets the stand-ins
+    import einops  # noqa: F401
+    import ema_pytorch  # noqa: F401
     names = ("torchvision", "torchvision.transforms", "torchvision.utils")
     stubs = {name: types.ModuleType(name) for name in names}
     for name, module in stubs.items():
@@ -710,22 +719,20 @@ def import_lucidrains():
 
 
 def _missing_torchvision(module: str, attr: str):
+    """What the stand-ins answer to any use."""
     raise AttributeError(f"{module}.{attr}: torchvision is not installed (this benchmark stands in for it only "
                          "while importing denoising_diffusion_pytorch)")
 
 
-class _PowerEMA:
-    """Factory of an EMAModel whose decay is lddpm's power function (1 - 1/n)^(gamma + 1) at update n."""
+def power_ema_model(parameters, gamma: float):
+    """diffusers' EMAModel with lddpm's power-function decay (1 - 1/n)^(gamma + 1) at update n (1-based)."""
+    from diffusers.training_utils import EMAModel
 
-    @staticmethod
-    def make(parameters, gamma: float):
-        from diffusers.training_utils import EMAModel
+    class PowerEMAModel(EMAModel):
+        def get_decay(self, optimization_step: int) -> float:
+            return (1.0 - 1.0 / max(optimization_step, 1)) ** (gamma + 1.0)
 
-        class PowerEMAModel(EMAModel):
-            def get_decay(self, optimization_step: int) -> float:
-                return (1.0 - 1.0 / max(optimization_step, 1)) ** (gamma + 1.0)
-
-        return PowerEMAModel(parameters, decay=1.0)
+    return PowerEMAModel(parameters, decay=1.0)
 
 
 def run_diffusers(spec: dict, out_dir: Path, log) -> dict:
@@ -759,7 +766,7 @@ def run_diffusers(spec: dict, out_dir: Path, log) -> dict:
                                  num_training_steps=ls.get("num_training_steps"))
     e = s["ema"]
     if "gamma" in e:
-        ema = _PowerEMA.make(unet.parameters(), e["gamma"])
+        ema = power_ema_model(unet.parameters(), e["gamma"])
     else:
         ema = EMAModel(unet.parameters(), decay=e["decay"], use_ema_warmup=e["use_ema_warmup"],
                        inv_gamma=e.get("inv_gamma", 1.0), power=e.get("power", 2 / 3), min_decay=e.get("min_decay", 0.0))
@@ -913,8 +920,10 @@ def run_one(spec: dict, in_process: bool) -> dict:
     try:
         if in_process:
             return run_worker(json.loads(spec_path.read_text()))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[1] / "src"),
-                                                                      os.environ.get("PYTHONPATH", "")] if p))
+        import lddpm  # the worker imports the same lddpm as this process
+
+        src = str(Path(lddpm.__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [src, os.environ.get("PYTHONPATH", "")] if p))
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)], env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"the worker exited with status {proc.returncode} (its output is above)")
