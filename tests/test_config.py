@@ -87,8 +87,9 @@ def test_unknown_keys_name_the_key_and_allowed_ones(tmp_path):
 def test_bad_values_are_errors(tmp_path):
     with pytest.raises(LddpmError, match="run.steps.*integer"):
         apply_overrides(Config(), ["run.steps=1.5"])
-    with pytest.raises(LddpmError, match="run.bf16.*true or false"):
+    with pytest.raises(LddpmError, match="run.bf16.*true, false or \"auto\""):
         apply_overrides(Config(), ["run.bf16=yes"])
+    assert apply_overrides(Config(), ['run.bf16="auto"']).run.bf16 == "auto"
     with pytest.raises(LddpmError, match="batch_size.*positive"):
         validate(apply_overrides(Config(), ["optim.batch_size=0"]))
     with pytest.raises(LddpmError, match="ema_decay"):

@@ -106,6 +106,42 @@ def test_ema_follows_closed_form():
     assert EMA(model, 0.99, warmup=False).decay_at(0) == 0.99
 
 
+@pytest.mark.parametrize("gamma", [6.94, 16.97])
+def test_power_ema_weighs_the_run_by_the_closed_form_profile(gamma):
+    # Karras et al. 2024: after t updates, weights of update tau count (tau^(g+1) - (tau-1)^(g+1)) / t^(g+1).
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = EMA(model, decay=0.5, warmup=True, gamma=gamma)  # decay and warm-up are unused with gamma > 0
+    values = torch.randn(40, dtype=torch.float64)
+    for n, v in enumerate(values):
+        with torch.no_grad():
+            model.weight.fill_(float(v))
+        ema.update(model, n)
+        t = n + 1
+        tau = torch.arange(1, t + 1, dtype=torch.float64)
+        weights = (tau ** (gamma + 1) - (tau - 1) ** (gamma + 1)) / t ** (gamma + 1)
+        assert float(weights.sum()) == pytest.approx(1.0)
+        assert ema.model.weight.item() == pytest.approx(float((weights * values[:t]).sum()), rel=1e-5, abs=1e-6)
+    assert ema.decay_at(0) == 0.0  # the first update copies the weights
+
+
+def test_max_minutes_stops_the_run_and_a_resume_with_more_time_continues(data_dirs, tmp_path):
+    from lddpm.checkpoint import final_checkpoint
+
+    config = tiny_config(data_dirs, "run.steps=100000", "run.max_minutes=0.04", "run.bf16=\"auto\"")
+    first = train(config, tmp_path / "run", progress=False)
+    assert not first["stopped"] and 1 <= first["step"] < 100000 and first["wall_time"] >= 2.4
+    final = final_checkpoint(tmp_path / "run", 100000, 0.04)
+    meta = load_checkpoint(final).meta
+    assert final.name == Path(first["checkpoint"]).name and meta["finished"] and isinstance(meta["bf16"], bool)
+    assert final_checkpoint(tmp_path / "run", 100000, 10.0) is None  # not finished for a longer budget
+    config.run.max_minutes = 10.0
+    config.run.steps = first["step"] + 2  # the step cap still applies
+    more = train(config, tmp_path / "run", resume=True, progress=False)
+    assert more["step"] == first["step"] + 2
+    with pytest.raises(LddpmError, match="run.max_minutes = -1.0 must be a finite number >= 0"):
+        train(tiny_config(data_dirs, "run.max_minutes=-1"), tmp_path / "bad", progress=False)
+
+
 @pytest.mark.parametrize("network", ["unet", "dit"])
 def test_resume_equals_uninterrupted(data_dirs, tmp_path, network):
     # Dropout (U-Net), label dropout, flips and the adaptive timestep sampler all draw random numbers.

@@ -192,6 +192,24 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_RE.search(p.name).group(1)))
 
 
+def final_checkpoint(run_dir: str | Path, steps: int, max_minutes: float = 0.0) -> Path | None:
+    """The checkpoint a finished run ended with, or None while the run is unfinished.
+
+    A run finishes at run.steps, or, with run.max_minutes, at the step where its time ran out:
+    then the last checkpoint says `finished` and holds at least that much wall time.
+    """
+    folder = Path(run_dir) / "checkpoints"
+    final = folder / checkpoint_name(steps)
+    if final.is_file():
+        return final
+    existing = list_checkpoints(folder) if max_minutes and folder.is_dir() else []
+    if existing:
+        meta = load_checkpoint(existing[-1]).meta
+        if meta.get("finished") and float(meta.get("wall_time", 0.0)) >= 60.0 * max_minutes:
+            return existing[-1]
+    return None
+
+
 def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
     """A checkpoint file from a file path, a run folder or its `checkpoints/` folder."""
     path = Path(run_or_checkpoint)

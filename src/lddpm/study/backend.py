@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from lddpm.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint
+from lddpm.checkpoint import final_checkpoint, list_checkpoints, load_checkpoint
 from lddpm.config import load_config, save_config
 from lddpm.data import open_cache, prepare, test_split
 from lddpm.distributed import resolve_device
@@ -69,8 +69,8 @@ class StudyBackend:
     def train(self, run: RunSpec, run_dir: Path, study: Study, deps: dict) -> dict:
         """Reuse the run if its final checkpoint exists, else train it (resuming from its last checkpoint)."""
         config = self.run_config(run, run_dir, study, deps)
-        final = run_dir / "checkpoints" / checkpoint_name(config.run.steps)
-        if not final.is_file():
+        final = final_checkpoint(run_dir, config.run.steps, config.run.max_minutes)
+        if final is None:
             resume = bool(list_checkpoints(run_dir / "checkpoints")) if (run_dir / "checkpoints").is_dir() else False
             if study.settings.train_nproc > 1:
                 self._train_subprocess(run, config, run_dir, resume, study.settings.train_nproc)
@@ -80,8 +80,9 @@ class StudyBackend:
                 if result.get("stopped"):
                     raise KeyboardInterrupt(f"training of {run.name} stopped at step {result['step']}")
             save_config(config, run_dir)
-        if not final.is_file():
-            raise LddpmError(f"run {run.name}: training ended without its final checkpoint {final}")
+            final = final_checkpoint(run_dir, config.run.steps, config.run.max_minutes)
+        if final is None:
+            raise LddpmError(f"run {run.name}: training ended without its final checkpoint in {run_dir / 'checkpoints'}")
         return self._run_info(run, config, final)
 
     def _train_subprocess(self, run: RunSpec, config, run_dir: Path, resume: bool, nproc: int) -> None:

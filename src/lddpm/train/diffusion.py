@@ -60,7 +60,7 @@ class DiffusionTrainer(TrainingLoop):
                    "learned_sigma": c.diffusion.learned_variance}
         self.model = build_network(c.model.kind, c.model.name, **network_overrides(c, derived)).to(self.device)
         self.model.train()
-        self.ema = EMA(self.model, c.optim.ema_decay, c.optim.ema_warmup)
+        self.ema = EMA(self.model, c.optim.ema_decay, c.optim.ema_warmup, c.optim.ema_gamma)
         self.diffusion = build_diffusion(c.diffusion)
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.forward_model = self.wrap_ddp(self.model)

@@ -58,6 +58,7 @@ class TrainingLoop:
                 f"optim.batch_size = {o.batch_size} is not divisible by processes x grad_accum = {self.shards}"
             )
         self.shard_batch = o.batch_size // self.shards
+        self.bf16 = distributed.use_bf16(self.config.run.bf16, self.device)
         self.step = 0
         self.wall_offset = 0.0
 
@@ -93,8 +94,8 @@ class TrainingLoop:
 
     # ----------------------------------------------------------------- shared machinery
     def autocast(self):
-        """bf16 autocast on CPU or CUDA when run.bf16, else nothing."""
-        if self.config.run.bf16:
+        """bf16 autocast on CPU or CUDA when run.bf16 (resolved for the device), else nothing."""
+        if self.bf16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
@@ -108,13 +109,28 @@ class TrainingLoop:
             forward = torch.compile(forward)
         return forward
 
+    def wall_time(self) -> float:
+        """Training wall time of the run so far, summed over resumes."""
+        return self.wall_offset + (time.time() - self.t0)
+
+    def out_of_time(self) -> bool:
+        """True once run.max_minutes (when set) of wall time are spent; every rank must agree."""
+        limit = self.config.run.max_minutes
+        if not limit:
+            return False
+        flag = torch.tensor([float(self.wall_time() >= 60.0 * limit)], device=self.device, dtype=torch.float64)
+        distributed.all_reduce_sum(flag, self.info)  # rank 0's clock may differ slightly: any rank stops all
+        return bool(flag[0] > 0)
+
     def full_meta(self) -> dict[str, Any]:
         """Everything a checkpoint records besides tensors."""
         return {
             "kind": self.kind,
             "step": self.step,
             "images_seen": self.step * self.config.optim.batch_size,
-            "wall_time": self.wall_offset + (time.time() - self.t0),
+            "wall_time": self.wall_time(),
+            "bf16": self.bf16,
+            "finished": self.finished,
             "config": self.config.to_dict(),
             "network": {"kind": self.config.model.kind, "config": self.model.config.to_dict()},
             **self.meta(),
@@ -178,7 +194,7 @@ class TrainingLoop:
             handle.write(json.dumps(record) + "\n")
 
     def run(self) -> dict[str, Any]:
-        """Train to run.steps (or until a stop request); return a summary."""
+        """Train to run.steps or run.max_minutes (or until a stop request); return a summary."""
         try:
             return self._run()
         finally:
@@ -195,9 +211,10 @@ class TrainingLoop:
         bar = tqdm(total=total, initial=min(self.step, total), unit="step", desc=self.kind,
                    disable=not (self.progress and self.info.is_main), dynamic_ncols=True)
         stopped, last_loss = False, float("nan")
+        self.finished = False
         loss_sum, loss_count, step_time, images = 0.0, 0, 0.0, 0
         with StopSignal() as stop:
-            while self.step < total:
+            while self.step < total and not self.out_of_time():
                 t_start = time.perf_counter()
                 loss_value, grad_norm, stop_now = self._train_step(stop.requested)
                 step_time += time.perf_counter() - t_start
@@ -213,7 +230,7 @@ class TrainingLoop:
                             "lr": lr_at(self.step - 1, c.optim.lr, c.optim.warmup_steps),
                             "grad_norm": grad_norm,
                             "images_per_s": images / max(step_time, 1e-9),
-                            "wall_time": self.wall_offset + (time.time() - self.t0),
+                            "wall_time": self.wall_time(),
                         }
                         self._log(record)
                         bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
@@ -227,12 +244,13 @@ class TrainingLoop:
                     self.save()
         bar.close()
         if not stopped:
+            self.finished = True
             self.finish()
             if self.info.is_main:
                 self.write_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
         path = self.save()
         return {"run_dir": str(self.run_dir), "step": self.step, "stopped": stopped, "loss": last_loss,
-                "checkpoint": str(path) if path else None}
+                "checkpoint": str(path) if path else None, "wall_time": self.wall_time()}
 
     def _train_step(self, stop_requested: bool) -> tuple[float, float, bool]:
         """One optimizer step over grad_accum micro-batches; returns (loss, grad_norm, stop)."""

@@ -55,15 +55,20 @@ class EMA:
 
     With warm-up the decay of update n (0-based) is min(decay, (1 + n) / (10 + n)), as in
     TensorFlow's ExponentialMovingAverage with num_updates, so early averages are not
-    dominated by the random initialization.
+    dominated by the random initialization. With gamma > 0 it is the power-function EMA of
+    Karras et al. 2024 (EDM2), decay (1 - 1/t)^(gamma + 1) at update t = n + 1: after t updates the
+    average weighs the weights of update tau by (tau^(gamma+1) - (tau-1)^(gamma+1)) / t^(gamma+1),
+    a profile whose width is a fixed fraction of the run so far.
     """
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True, gamma: float = 0.0):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup = decay, warmup
+        self.decay, self.warmup, self.gamma = decay, warmup, gamma
 
     def decay_at(self, num_updates: int) -> float:
-        """Decay used for update number `num_updates`."""
+        """Decay used for update number `num_updates` (0-based)."""
+        if self.gamma > 0:
+            return (1.0 - 1.0 / (num_updates + 1)) ** (self.gamma + 1.0)
         if self.warmup:
             return min(self.decay, (1 + num_updates) / (10 + num_updates))
         return self.decay

@@ -41,7 +41,7 @@ class VAETrainer(TrainingLoop):
         derived = {"resolution": cache.resolution, "in_channels": cache.channels}
         self.model = build_network("vae", c.model.name, **network_overrides(c, derived)).to(self.device)
         self.model.train()
-        self.ema = EMA(self.model, c.optim.ema_decay, c.optim.ema_warmup)
+        self.ema = EMA(self.model, c.optim.ema_decay, c.optim.ema_warmup, c.optim.ema_gamma)
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.disc = None
         if c.vae.disc_start >= 0:
