@@ -12,7 +12,7 @@ TCMALLOC := $(firstword $(wildcard /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/
 RUN_ENV := $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC),)
 DEMO_OUT ?= demo-output
 
-.PHONY: demo test test-slow setup system-deps bench clean
+.PHONY: demo test test-slow setup system-deps bench peers clean
 
 demo: setup system-deps
 	$(RUN_ENV) $(VENV)/bin/lddpm demo --out $(DEMO_OUT)
@@ -49,6 +49,11 @@ bench: setup
 	$(RUN_ENV) $(PY) benchmarks/data.py
 	$(RUN_ENV) $(PY) benchmarks/train.py
 	$(RUN_ENV) $(PY) benchmarks/fid.py
+
+# The peers of benchmarks/peers.py (not needed by the tests); see that script's docstring.
+peers: setup
+	$(PIP) install -q -e ".[peers]"
+	$(PIP) install -q --no-deps denoising-diffusion-pytorch==2.3.4
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)
