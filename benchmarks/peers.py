@@ -87,7 +87,7 @@ VARIANTS = ("default", "tuned")
 PEER_PACKAGES = {"lucidrains": ("denoising_diffusion_pytorch", "ema_pytorch"), "diffusers": ("diffusers",)}
 MAX_NFE = 50  # the cap on network evaluations per image for every system's sampler
 DATASET, RESOLUTION = "fashion-mnist", 32
-RECIPE_PRESET, FALLBACK_PRESET = "fashion-30min", "fashion-quick"
+RECIPE_PRESET = "fashion-30min"
 QUICK_WIDTH = 8  # --quick: base width of every network (lddpm model_channels, lucidrains dim, diffusers first block)
 
 
@@ -135,8 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run: marks of seconds, small N, 8-wide networks")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (every system)")
     p.add_argument("--sample-batch", type=int, default=100, help="sampling batch size of every system")
-    p.add_argument("--lddpm-preset", default=None, help=f"lddpm's recipe preset (default {RECIPE_PRESET}; "
-                   f"{FALLBACK_PRESET} where that preset does not exist yet)")
+    p.add_argument("--lddpm-preset", default=RECIPE_PRESET, help=f"lddpm's recipe: a preset or TOML file (default {RECIPE_PRESET})")
     p.add_argument("--lddpm-sampler", default="dpm++2m", help="lddpm's sampler (default dpm++2m)")
     p.add_argument("--lddpm-steps", type=int, default=None, help="lddpm's sampler steps (default 25; --quick 10)")
     p.add_argument("--lucidrains-steps", type=int, default=None, help="lucidrains' DDIM sampling_timesteps (default 50; --quick 10)")
@@ -193,7 +192,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("; ".join(missing) + " (install the peers with `make peers`; see this script's docstring)")
     from lddpm.config import PRESETS
 
-    args.lddpm_preset = args.lddpm_preset or (RECIPE_PRESET if RECIPE_PRESET in PRESETS else FALLBACK_PRESET)
     if args.lddpm_preset not in PRESETS and not Path(args.lddpm_preset).is_file():
         p.error(f"--lddpm-preset {args.lddpm_preset!r}: not a preset ({', '.join(PRESETS)}) or a TOML file")
     return args
@@ -228,7 +226,7 @@ def lddpm_overrides(spec: dict) -> list[str]:
 def recipe_summary(spec: dict) -> dict:
     """lddpm's recipe as the peers' tuned variants read it: optimizer, EMA, diffusion and network facts."""
     from lddpm.config import load_config
-    from lddpm.distributed import resolve_device
+    from lddpm.distributed import resolve_device, use_bf16
     from lddpm.nn import build_network
     from lddpm.train import network_overrides
 
@@ -236,13 +234,7 @@ def recipe_summary(spec: dict) -> dict:
     derived = {"resolution": RESOLUTION, "in_channels": 1, "num_classes": 0, "learned_sigma": c.diffusion.learned_variance}
     with torch.device("meta"):
         net = build_network(c.model.kind, c.model.name, **network_overrides(c, derived))
-    bf16 = c.run.bf16
-    try:
-        from lddpm.distributed import use_bf16
-    except ImportError:  # lddpm before run.bf16 = "auto"
-        use_bf16 = None
-    if use_bf16 is not None:
-        bf16 = use_bf16(bf16, resolve_device(spec["device"]))
+    bf16 = use_bf16(c.run.bf16, resolve_device(spec["device"]))
     o, d = c.optim, c.diffusion
     return {
         "preset": spec["lddpm_preset"],
@@ -251,12 +243,11 @@ def recipe_summary(spec: dict) -> dict:
         "network": {"kind": c.model.kind, "name": c.model.name, **net.config.to_dict()},
         "lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay, "warmup_steps": o.warmup_steps,
         "lr_schedule": "linear warm-up, then constant", "grad_clip": o.grad_clip, "grad_accum": o.grad_accum,
-        "ema_decay": o.ema_decay, "ema_warmup": o.ema_warmup, "ema_gamma": float(getattr(o, "ema_gamma", 0.0)),
+        "ema_decay": o.ema_decay, "ema_warmup": o.ema_warmup, "ema_gamma": o.ema_gamma,
         "objective": d.objective, "schedule": d.schedule, "num_timesteps": d.num_timesteps,
         "loss_weighting": d.loss_weighting, "min_snr_gamma": d.min_snr_gamma, "learned_variance": d.learned_variance,
         "timestep_sampling": d.timestep_sampling, "rescale_zero_terminal_snr": d.rescale_zero_terminal_snr,
         "hflip": c.data.hflip, "bf16": bool(bf16), "bf16_setting": c.run.bf16,
-        "max_minutes_supported": hasattr(c.run, "max_minutes"),
     }
 
 
@@ -843,12 +834,9 @@ def run_lddpm(spec: dict, out_dir: Path, log) -> dict:
     base = lddpm_overrides(spec)
     records = []
     for k, minutes in enumerate(spec["marks"]):
+        config = lddpm.load_config(spec["lddpm_preset"], base + [f"run.max_minutes={minutes}"])
         start = time.perf_counter()
-        if spec["recipe"]["max_minutes_supported"]:
-            config = lddpm.load_config(spec["lddpm_preset"], base + [f"run.max_minutes={minutes}"])
-            lddpm.train_diffusion(config, run_dir, resume=k > 0, progress=False)
-        else:
-            train_lddpm_in_chunks(spec["lddpm_preset"], base, run_dir, minutes, resume=k > 0)
+        lddpm.train_diffusion(config, run_dir, resume=k > 0, progress=False)  # stops itself at the mark
         outside = time.perf_counter() - start
         meta = load_checkpoint(run_dir).meta
         pipe = lddpm.load_pipeline(run_dir, device=device)
@@ -867,27 +855,11 @@ def run_lddpm(spec: dict, out_dir: Path, log) -> dict:
         log(f"mark {minutes:g} min: {meta['step']} steps in {meta['wall_time']:.1f} s of training "
             f"(call {outside:.1f} s), {cost['seconds_per_image']:.3f} s/image sampling")
     params = sum(p.numel() for p in pipe.model.parameters())
-    clock = ("run.max_minutes (the checkpoints' cumulative wall_time)" if spec["recipe"]["max_minutes_supported"]
-             else "chunks of steps resumed until the checkpoints' cumulative wall_time passes the mark (no run.max_minutes)")
-    return {"settings": {"preset": spec["lddpm_preset"], "overrides": base, "config": meta["config"], "clock": clock},
-            "sources": {"settings": f"lddpm preset {spec['lddpm_preset']!r} with the overrides listed"},
+    return {"settings": {"preset": spec["lddpm_preset"], "overrides": base, "config": meta["config"]},
+            "sources": {"settings": f"lddpm preset {spec['lddpm_preset']!r} with the overrides listed; "
+                                    "run.max_minutes = each mark in turn (the checkpoints' cumulative wall_time)"},
             "mapping": {}, "not_mapped": {}, "params": params, "setup_seconds": None,
             "sampler": f"{spec['lddpm_sampler']}, {spec['lddpm_steps']} steps", "marks": records}
-
-
-def train_lddpm_in_chunks(preset: str, overrides: list[str], run_dir: Path, minutes: float, *, resume: bool) -> None:
-    """For an lddpm without run.max_minutes: train in chunks of steps (each a resume) until the wall time passes the mark."""
-    import lddpm
-    from lddpm.checkpoint import load_checkpoint
-
-    config = lddpm.load_config(preset, overrides)
-    step = int(load_checkpoint(run_dir).meta["step"]) if resume else 0
-    while True:
-        step += 10
-        lddpm.train_diffusion(config, run_dir, resume=resume, progress=False, stop_at=step)
-        resume = True
-        if load_checkpoint(run_dir).meta["wall_time"] >= 60.0 * minutes:
-            return
 
 
 RUNNERS = {"lddpm": run_lddpm, "lucidrains": run_lucidrains, "diffusers": run_diffusers}
