@@ -78,6 +78,8 @@ import numpy as np
 import torch
 
 from lddpm.errors import LddpmError
+from lddpm.pipeline import to_uint8
+from lddpm.train.utils import lr_at, power_ema_decay
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
@@ -580,11 +582,6 @@ def open_train_loader(spec: dict):
     return ImageLoader(cache, spec["batch"], seed=spec["seed"], rank=0, world_size=1, hflip=spec["hflip"]), len(cache)
 
 
-def to_uint8_01(x: torch.Tensor) -> np.ndarray:
-    """Images (B, C, H, W) in [0, 1] -> uint8 (B, H, W, C)."""
-    return (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast when asked, else nothing."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -633,7 +630,7 @@ def run_lucidrains(spec: dict, out_dir: Path, log) -> dict:
     opt_cls = torch.optim.Adam if o["name"] == "Adam" else torch.optim.AdamW
     opt = opt_cls(diffusion.parameters(), lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
     warmup = s["lr_warmup_steps"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: min(1.0, (n + 1) / warmup)) if warmup > 0 else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: lr_at(n, 1.0, warmup)) if warmup > 0 else None
     e = s["ema"]
     if e["class"] == "ema_pytorch.KarrasEMA":
         ema = ema_pytorch.KarrasEMA(diffusion, gamma=e["gamma"], update_every=e["update_every"])
@@ -665,7 +662,7 @@ def run_lucidrains(spec: dict, out_dir: Path, log) -> dict:
         torch.manual_seed(spec["seed"])  # its samplers draw from the global generator
 
         def generate(n, _):
-            return to_uint8_01(ema_diffusion.sample(batch_size=n))
+            return to_uint8(ema_diffusion.sample(batch_size=n) * 2 - 1)  # its samples are in [0, 1]
 
         return timed_sampling(generate, spec["num"], spec["sample_batch"], ema_diffusion.model, device)
 
@@ -721,7 +718,7 @@ def power_ema_model(parameters, gamma: float):
 
     class PowerEMAModel(EMAModel):
         def get_decay(self, optimization_step: int) -> float:
-            return (1.0 - 1.0 / max(optimization_step, 1)) ** (gamma + 1.0)
+            return power_ema_decay(max(optimization_step, 1) - 1, gamma)
 
     return PowerEMAModel(parameters, decay=1.0)
 

@@ -50,6 +50,11 @@ def lr_at(step: int, lr: float, warmup_steps: int) -> float:
     return lr * min(1.0, (step + 1) / warmup_steps)
 
 
+def power_ema_decay(num_updates: int, gamma: float) -> float:
+    """Decay of update `num_updates` (0-based) of the power-function EMA (Karras et al. 2024): (1 - 1/t)^(gamma+1), t = n+1."""
+    return (1.0 - 1.0 / (num_updates + 1)) ** (gamma + 1.0)
+
+
 class EMA:
     """Exponential moving average of a model's weights (buffers are copied).
 
@@ -68,7 +73,7 @@ class EMA:
     def decay_at(self, num_updates: int) -> float:
         """Decay used for update number `num_updates` (0-based)."""
         if self.gamma > 0:
-            return (1.0 - 1.0 / (num_updates + 1)) ** (self.gamma + 1.0)
+            return power_ema_decay(num_updates, self.gamma)
         if self.warmup:
             return min(self.decay, (1 + num_updates) / (10 + num_updates))
         return self.decay
