@@ -133,3 +133,32 @@ def test_stochastic_samples_do_not_depend_on_the_batch_size(sampler, eta):
     assert diff.max() <= 1 and diff.mean() < 0.01  # equal up to float rounding of batched convolutions
     other, _ = pipe.generate(5, batch_size=5, **dict(kw, seed=4))
     assert np.abs(whole.astype(int) - other.astype(int)).mean() > 5  # the noise does matter
+
+
+def test_bf16_sampling_runs_the_network_in_bf16_and_the_sampler_in_float32(runs, capsys):
+    """bf16=True: the network under bf16 autocast (its convolutions see bf16), its output and the
+    samples in float32; images stay close to fp32 sampling; "auto" follows the CPU's native bf16."""
+    from lddpm.cli import main
+    from lddpm.distributed import native_bf16
+    from lddpm.pipeline import bf16_network
+
+    fp32, bf16 = load_pipeline(runs / "cond"), load_pipeline(runs / "cond", bf16=True)
+    assert (fp32.bf16, bf16.bf16) == (False, True)
+    assert load_pipeline(runs / "cond", bf16="auto").bf16 == native_bf16(torch.device("cpu"))
+    seen = []
+    hook = bf16.model.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    network = bf16_network(bf16.model, "cpu")
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 2])
+    out = network(x, t, y=y)
+    assert seen == [torch.bfloat16] and out.dtype == torch.float32
+    with torch.no_grad():
+        reference = fp32.model(x, t, y=y)
+    assert torch.allclose(out, reference, atol=0.05 * reference.abs().max().item())
+    assert not torch.equal(out, reference)                       # it really ran in reduced precision
+    hook.remove()
+    a, _ = fp32.generate(4, sampler="ddim", num_steps=3, seed=1, progress=False)
+    b, _ = bf16.generate(4, sampler="ddim", num_steps=3, seed=1, progress=False)
+    assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() < 4
+    with pytest.raises(SystemExit):
+        main(["sample", str(runs / "cond"), "--num", "1", "--bf16", "maybe", "--device", "cpu", "--quiet"])
+    assert "--bf16 must be true, false or auto" in capsys.readouterr().err

@@ -131,8 +131,15 @@ def test_study_file_validation(tmp_path):
         study_from_dict({"runs": {"a": {"config": "x"}}, "cells": [{"name": "c", "run": "a", "steps": [1, 2]}]})
     with pytest.raises(LddpmError, match="kind = \"vae\""):
         study_from_dict({"runs": {"a": {"config": "x", "vae": "a"}}, "cells": [{"name": "c", "run": "a"}]})
+    with pytest.raises(LddpmError, match="at_step = 5 is past the end"):
+        study_from_dict({"runs": {"a": {"config": "x", "steps": 4}}, "cells": [{"name": "c", "run": "a", "at_step": 5}]})
+    with pytest.raises(LddpmError, match="bf16"):
+        study_from_dict({"study": {"bf16": "yes"}, "runs": {"a": {"config": "x"}}, "cells": [{"name": "c", "run": "a"}]})
     study = study_from_dict(TOY)
     assert [c.group for c in study.cells] == ["samplers", "samplers", "samplers", "guidance"]
+    at = study_from_dict({"runs": {"a": {"config": "x", "steps": 4}},
+                          "cells": [{"name": "a-{at_step}", "run": "a", "at_step": [2, 4], "group": "schedules"}]})
+    assert [(c.name, c.at_step) for c in at.cells] == [("a-2", 2), ("a-4", 4)]
 
 
 def test_grid_has_one_row_per_class():
@@ -233,6 +240,7 @@ def test_real_backend_end_to_end(tmp_path):
             {"name": "cfg-s{guidance_scale:g}", "run": "cfg", "sampler": "ddim", "steps": 2, "guidance_scale": [1.0, 3.0]},
             {"name": "bad-sampler", "run": "cfg", "sampler": "euler", "steps": 2},
             {"name": "vae-recon", "run": "vae", "kind": "vae"},
+            {"name": "cfg-at{at_step}", "run": "cfg", "sampler": "ddim", "steps": 2, "at_step": [2, 1], "group": "schedules"},
         ],
     }
     extractor = FeatureExtractor(_TinyFeatures(), name="stand-in", sha1="0" * 40, input_size=None, batch_size=8)
@@ -246,16 +254,19 @@ def test_real_backend_end_to_end(tmp_path):
     assert row["fid_n"] == 8 and row["fid"] >= 0 and 0 <= row["class_accuracy"] <= 1
     assert row["model_evals"] == 4 and row["train_images"] == 24 and row["schedule"] == "cosine"
     assert rows[0]["model_evals"] == 2
+    at2, at1 = rows[-2], rows[-1]  # an earlier checkpoint of the run: its own training length in the row
+    assert at2["status"] == "ok" and at2["train_images"] == 16 and at2["fid"] != row["fid"]
+    assert at1["status"].startswith("failed: ") and "no checkpoint at step 1" in at1["status"]
     out = tmp_path / "out"
     assert (out / "runs" / "cfg" / "checkpoints" / "step_0000003.safetensors").is_file()
     assert (out / "grids" / "cfg-s3.png").is_file() and (out / "grids" / "vae-recon.png").is_file()
-    assert (out / "plots" / "loss_curves.png").is_file()
+    assert (out / "plots" / "loss_curves.png").is_file() and (out / "plots" / "schedules.png").is_file()
 
     # Resume: no training and no sampling again; only the failed cell is retried (and fails again).
     mtime = (out / "cells" / "cfg-s3.json").stat().st_mtime_ns
     calls = []
     rows2 = run_study(study, out, train_fn=lambda *a: calls.append("train") or backend.train(*a),
                       cell_fn=lambda c, *a: calls.append(c.name) or backend.cell(c, *a), progress=False)
-    assert calls == ["train", "bad-sampler"]  # the run is reused from its final checkpoint, not retrained
+    assert calls == ["train", "bad-sampler", "cfg-at1"]  # the run is reused from its final checkpoint, not retrained
     assert (out / "cells" / "cfg-s3.json").stat().st_mtime_ns == mtime
     assert [r["fid"] for r in rows2[:2]] == [r["fid"] for r in rows[:2]]

@@ -57,6 +57,14 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def bf16_flag(text: str) -> bool | str:
+    """A `--bf16` command-line value: "true", "false" or "auto" -> True, False or "auto"."""
+    value = {"true": True, "false": False, "auto": "auto"}.get(str(text).strip().lower())
+    if value is None:
+        raise LddpmError(f"--bf16 must be true, false or auto, got {text!r}")
+    return value
+
+
 def use_bf16(setting: bool | str, device: torch.device) -> bool:
     """Resolve run.bf16 (true, false or "auto") for a device."""
     return native_bf16(device) if setting == "auto" else bool(setting)

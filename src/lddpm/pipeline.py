@@ -19,9 +19,23 @@ from lddpm import seeding
 from lddpm.checkpoint import load_checkpoint
 from lddpm.config import Config
 from lddpm.diffusion import build_diffusion
+from lddpm.distributed import use_bf16
 from lddpm.errors import LddpmError
 from lddpm.nn import network_from_config
 from lddpm.sampling import is_stochastic, sample
+
+
+def bf16_network(model: nn.Module, device_type: str):
+    """`model` called under bf16 autocast, its output returned as float32.
+
+    Only the network runs in bf16 (its convolutions and matmuls); the sampler's update arithmetic,
+    guidance mixing and the VAE decoder stay in float32.
+    """
+    def forward(x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return model(x, t, **kwargs).float()
+
+    return forward
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -35,12 +49,13 @@ class Pipeline:
 
     def __init__(self, model: nn.Module, diffusion, *, vae: nn.Module | None = None, config: Config | None = None,
                  dataset: dict[str, Any] | None = None, device: str | torch.device = "cpu",
-                 checkpoint: str | None = None, step: int | None = None):
+                 checkpoint: str | None = None, step: int | None = None, bf16: bool | str = False):
         self.model, self.diffusion, self.vae = model, diffusion, vae
         self.config = config
         self.dataset_info = dict(dataset or {})
         self.device = torch.device(device)
         self.checkpoint, self.step = checkpoint, step
+        self.bf16: bool = use_bf16(bf16, self.device)  # network forward under bf16 autocast ("auto": native bf16 only)
         self.num_classes: int = int(getattr(model, "num_classes", 0) or 0)
         self.null_label: int | None = getattr(model, "null_label", None) if self.num_classes else None
         names = self.dataset_info.get("class_names") or []
@@ -94,13 +109,14 @@ class Pipeline:
         x_T = torch.randn((num, *self.latent_shape), generator=torch.Generator().manual_seed(int(seed)))
         outputs = []
         self.model.eval()
+        network = bf16_network(self.model, self.device.type) if self.bf16 else self.model
         with tqdm(total=num, unit="img", desc=f"sample {sampler}", disable=not progress) as bar:
             for start in range(0, num, batch_size):
                 xb = x_T[start:start + batch_size].to(self.device)
                 yb = torch.from_numpy(labels[start:start + batch_size]).to(self.device) if labels is not None else None
                 generator = ([seeding.generator(seeding.image_seed(int(seed), i), self.device)
                               for i in range(start, start + len(xb))] if stochastic else None)
-                x = sample(self.model, self.diffusion, tuple(xb.shape), sampler=sampler, num_steps=num_steps, eta=eta,
+                x = sample(network, self.diffusion, tuple(xb.shape), sampler=sampler, num_steps=num_steps, eta=eta,
                            clip_x0=self.vae is None, y=yb, guidance_scale=guidance_scale, null_label=self.null_label,
                            generator=generator, x_T=xb, device=self.device, progress=False)
                 if self.vae is not None:
@@ -130,8 +146,13 @@ def load_vae(run_or_checkpoint: str | Path, device: str | torch.device = "cpu", 
     return vae.to(device).eval().requires_grad_(False)
 
 
-def load_pipeline(run_or_checkpoint: str | Path, device: str | torch.device = "cpu", *, use_ema: bool = True) -> Pipeline:
-    """Rebuild a diffusion run's sampler from its checkpoint alone (EMA weights by default)."""
+def load_pipeline(run_or_checkpoint: str | Path, device: str | torch.device = "cpu", *, use_ema: bool = True,
+                  bf16: bool | str = False) -> Pipeline:
+    """Rebuild a diffusion run's sampler from its checkpoint alone (EMA weights by default).
+
+    `bf16` (true, false or "auto": where the device has native bf16) runs the network under bf16
+    autocast when sampling; on a CPU with AMX this about doubles the sampling speed.
+    """
     ckpt = load_checkpoint(run_or_checkpoint)
     meta = ckpt.meta
     if meta.get("kind") != "diffusion":
@@ -147,4 +168,4 @@ def load_pipeline(run_or_checkpoint: str | Path, device: str | torch.device = "c
     vae = load_vae(ckpt.path, device) if "vae" in ckpt.groups else None
     config = Config.from_dict(meta["config"], source=str(ckpt.path))
     return Pipeline(model, build_diffusion(config.diffusion), vae=vae, config=config, dataset=meta.get("dataset"),
-                    device=device, checkpoint=str(ckpt.path), step=int(meta["step"]))
+                    device=device, checkpoint=str(ckpt.path), step=int(meta["step"]), bf16=bf16)

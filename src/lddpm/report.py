@@ -228,16 +228,24 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
             ax.legend(fontsize=8)
         save(fig, "guidance.png", "FID and class accuracy against guidance scale")
 
-    # FID per noise schedule.
+    # FID per noise schedule against training images: one line per schedule run (a cell per scored checkpoint,
+    # `at_step`), so an order that is an early-training accident shows as crossing lines.
     sched = [r for r in ok if r.get("group") == "schedules" and r.get("fid") is not None]
     if sched:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        labels = [f"{r.get('schedule') or r['run']}" for r in sched]
-        ax.bar(range(len(sched)), [r["fid"] for r in sched], color="tab:blue")
-        ax.set_xticks(range(len(sched)), labels, rotation=20, ha="right")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        per_run: dict[str, list[dict]] = {}
+        for r in sched:
+            per_run.setdefault(r["run"], []).append(r)
+        for run, members in sorted(per_run.items()):
+            members.sort(key=lambda r: r.get("train_images") or 0)
+            ax.plot([(r.get("train_images") or 0) / 1000 for r in members], [r["fid"] for r in members], "o-",
+                    label=members[0].get("schedule") or run)
+        ax.set_xlabel("training images seen (thousands)")
         ax.set_ylabel(_fid_axis(ok))
-        ax.set_title("FID per noise schedule (same training budget)")
-        save(fig, "schedules.png", "FID per noise schedule")
+        ax.set_title("FID per noise schedule against training length")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "schedules.png", "FID per noise schedule against training length")
 
     # FID and KID against training length: one model trained to several lengths, a line per model and guidance
     # scale. The x axis is images seen, not wall time: wall times of runs trained at different moments on a

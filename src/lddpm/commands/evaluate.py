@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lddpm.commands.train import add_bf16_argument
+
 DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder")
 
 
@@ -55,6 +57,7 @@ def register(subparsers) -> None:
     e.add_argument("--resolution", type=int, default=None,
                    help="--vae: resolution of the test images (default: the VAE's, else the dataset's default)")
     e.add_argument("--out", default=None, metavar="JSON", help="results file (default: <run>/eval/<settings>.json)")
+    add_bf16_argument(e)
     _network_args(e)
     e.set_defaults(func=run_eval)
 
@@ -103,12 +106,13 @@ def run_eval(args: argparse.Namespace) -> int:
     import warnings
 
     from lddpm import evaluate as ev
-    from lddpm.distributed import resolve_device
+    from lddpm.distributed import bf16_flag, resolve_device
     from lddpm.errors import LddpmError
 
     from lddpm import checks
 
     args.device = str(resolve_device(args.device))
+    bf16 = bf16_flag(args.bf16)
     modes = [m for m in (args.run, args.images, args.vae) if m]
     if len(modes) != 1:
         raise LddpmError("give exactly one of RUN_OR_CHECKPOINT, --images DIR_OR_NPZ or --vae RUN")
@@ -146,7 +150,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 ref_num=args.ref_num, batch_size=args.batch_size, seed=args.seed, device=args.device,
                 partial_dir=out.with_suffix(".samples"), extractor=extractor, classifier=args.classifier,
                 is_network=args.is_network, is_network_sha1=args.is_network_sha1, cache_dir=args.cache_dir,
-                data_root=args.root, progress=progress,
+                data_root=args.root, bf16=bf16, progress=progress,
             )
     for note in result.get("notes", []):
         print(f"note: {note}")

@@ -56,8 +56,16 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_bf16_argument(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_sample)
+
+
+def add_bf16_argument(p: argparse.ArgumentParser) -> None:
+    """`--bf16 false|true|auto`: the network under bf16 autocast while sampling."""
+    p.add_argument("--bf16", default="false", metavar="false|true|auto",
+                   help="run the network under bf16 autocast while sampling (auto: where the device has native bf16, "
+                        "e.g. CPUs with AMX, where it is ~2x faster); default false")
 
 
 def _spawn_torchrun(args: argparse.Namespace) -> int:
@@ -111,7 +119,7 @@ def _train(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from lddpm.distributed import resolve_device
+    from lddpm.distributed import bf16_flag, resolve_device
     from lddpm.grid import save_grid
     from lddpm.pipeline import load_pipeline
 
@@ -125,7 +133,7 @@ def _sample(args: argparse.Namespace) -> int:
         if value is not None:
             checks.int_in_range(flag, value, 1)
     device = resolve_device(args.device)
-    pipeline = load_pipeline(args.run, device=device, use_ema=not args.no_ema)
+    pipeline = load_pipeline(args.run, device=device, use_ema=not args.no_ema, bf16=bf16_flag(args.bf16))
     labels = None
     if args.class_name is not None:
         labels = pipeline.class_index(args.class_name)

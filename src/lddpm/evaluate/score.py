@@ -191,16 +191,18 @@ def evaluate_checkpoint(
     cache_dir: str | Path | None = None,
     data_root: str | Path | None = None,
     pipeline=None,
+    bf16: bool | str = False,
     progress: bool = True,
 ) -> dict:
     """Sample `num` images from a run or checkpoint (resumable), score them and measure the sampling cost.
 
     `pipeline` may be given directly (anything with `.generate`, `.num_classes`, `.resolution`,
-    `.dataset`); otherwise `lddpm.pipeline.load_pipeline(path, device)` is used.
+    `.dataset`); otherwise `lddpm.pipeline.load_pipeline(path, device, bf16=bf16)` is used (`bf16`:
+    the network under bf16 autocast, true / false / "auto").
     """
     device = str(resolve_device(device))
     if pipeline is None:
-        pipeline = load_pipeline(path, device=device)
+        pipeline = load_pipeline(path, device=device, bf16=bf16)
     if num_steps is None and hasattr(pipeline, "diffusion"):  # the sampler's default (all T for ddpm), as `lddpm sample`
         num_steps = default_num_steps(sampler, pipeline.diffusion.num_timesteps)
     num_classes = int(getattr(pipeline, "num_classes", 0) or 0)
@@ -232,6 +234,7 @@ def evaluate_checkpoint(
         "labels": "balanced" if want_labels is not None else "none",
         "seed": seed,
         "batch_size": batch_size,
+        "bf16": bool(getattr(pipeline, "bf16", False)),
     }
     denoiser = find_denoiser(pipeline)
     counter = ForwardCounter(denoiser)

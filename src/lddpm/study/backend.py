@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from lddpm.checkpoint import final_checkpoint, list_checkpoints, load_checkpoint
+from lddpm.checkpoint import checkpoint_name, final_checkpoint, list_checkpoints, load_checkpoint
 from lddpm.config import load_config, save_config
 from lddpm.data import open_cache, prepare, test_split
 from lddpm.distributed import resolve_device
@@ -168,12 +168,17 @@ class StudyBackend:
         s = study.settings
         device = _config_device(s.device, resolve=True)
         partial = out_dir / "cells" / f"{cell.name}.samples"
+        source, trained = info["run_dir"], {}
+        if cell.at_step is not None:
+            source = checkpoint_at_step(Path(info["run_dir"]), cell.at_step, cell.run)
+            meta = load_checkpoint(source).meta
+            trained = {"train_images": int(meta.get("images_seen", 0)), "train_seconds": float(meta.get("wall_time", 0.0))}
         result = evaluate_checkpoint(
-            info["run_dir"], num=study.fid_n(cell), sampler=cell.sampler, num_steps=cell.steps, eta=cell.eta,
+            source, num=study.fid_n(cell), sampler=cell.sampler, num_steps=cell.steps, eta=cell.eta,
             guidance_scale=cell.guidance_scale, labels=cell.labels, reference=self._reference_stats(study),
             batch_size=s.sample_batch_size, seed=s.seed, device=device, partial_dir=partial,
             extractor=self._extractor(study), classifier=str(self._classifier_folder(study)),
-            cache_dir=s.cache_dir, data_root=s.data_root, progress=self.progress,
+            cache_dir=s.cache_dir, data_root=s.data_root, bf16=s.bf16, progress=self.progress,
         )
         images, labels = _read_partial(partial)
         cost = result.get("cost") or {}
@@ -185,7 +190,7 @@ class StudyBackend:
             "inception_score": result.get("inception_score") or result.get("classifier_score"),
             "class_accuracy": result.get("class_accuracy"), "precision": result.get("precision"),
             "recall": result.get("recall"), "seconds_per_image": cost.get("seconds_per_image"),
-            "model_evals": int(round(evals)), "images": images, "labels": labels,
+            "model_evals": int(round(evals)), "images": images, "labels": labels, **trained,
             "extra": {"reference": result.get("reference"), "cost": cost, "notes": result.get("notes")},
         }
 
@@ -212,6 +217,16 @@ class StudyBackend:
             "recall": result.get("recall"), "seconds_per_image": seconds / max(1, result["num_images"]),
             "model_evals": 1, "psnr": result["psnr"], "mse": result["mse"], "images": pairs, "labels": None,
         }
+
+
+def checkpoint_at_step(run_dir: Path, step: int, run_name: str) -> Path:
+    """The run's checkpoint written at `step`; a clear error naming the kept steps when it is gone."""
+    folder = run_dir / "checkpoints"
+    if (folder / checkpoint_name(step)).is_file():
+        return folder / checkpoint_name(step)
+    steps = [int(p.stem.split("_")[-1]) for p in list_checkpoints(folder)] if folder.is_dir() else []
+    raise LddpmError(f"run {run_name}: no checkpoint at step {step} in {folder} (kept: {steps}); give the run "
+                     f"run.checkpoint_every dividing {step} and a run.keep_checkpoints that keeps it, then train it again")
 
 
 def _config_device(device: str, resolve: bool = False) -> str:

@@ -8,7 +8,7 @@ A study file (TOML) has three parts:
     [runs.<name>]      training runs: a trainer config (file or preset) + `set` overrides + steps
     [[cells]]          evaluation cells: run, sampler, steps, eta, guidance scale, labels
 
-A cell's `run`, `sampler`, `steps`, `guidance_scale` and `eta` may be lists; the cell is then expanded into one
+A cell's `run`, `sampler`, `steps`, `guidance_scale`, `eta` and `at_step` may be lists; the cell is then expanded into one
 cell per combination and its `name` is a template (`"ddim-{steps}"`, `"cfg-s{guidance_scale:g}"`).
 
 `run_study` is resumable: each finished cell is stored atomically in `cells/<name>.json` and
@@ -66,6 +66,7 @@ class StudySettings:
     data_root: str | None = None
     cache_dir: str | None = None
     feature_backend: str = "auto"  # Inception features through "torch", "onnx" (ONNX Runtime) or "auto"
+    bf16: bool | str = False  # sampling: the network under bf16 autocast (true, false, "auto": native bf16 only)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class CellSpec:
     labels: str = "balanced"  # "balanced": equal images per class (conditional runs); "none"
     group: str = ""  # which plot the cell belongs to; inferred when empty
     fid_n: int | None = None  # must equal the study's N when given (FIDs are comparable only at equal N)
+    at_step: int | None = None  # score the run's checkpoint at this training step (default: its final one)
 
 
 @dataclass
@@ -123,10 +125,11 @@ def _from_dict(cls, data: dict, where: str, **extra):
 
 
 def _expand_cell(raw: dict, index: int) -> list[CellSpec]:
-    """Expand list-valued run/sampler/steps/guidance_scale/eta into one cell per combination."""
+    """Expand list-valued run/sampler/steps/guidance_scale/eta/at_step into one cell per combination."""
     if "name" not in raw or "run" not in raw:
         raise LddpmError(f"cells[{index}]: every cell needs `name` and `run` (got keys {sorted(raw)})")
-    axes = {k: raw[k] for k in ("run", "sampler", "steps", "guidance_scale", "eta") if isinstance(raw.get(k), list)}
+    axes = {k: raw[k] for k in ("run", "sampler", "steps", "guidance_scale", "eta", "at_step")
+            if isinstance(raw.get(k), list)}
     if not axes:
         return [_from_dict(CellSpec, raw, f"cells[{index}]")]
     cells = []
@@ -156,6 +159,8 @@ def study_from_dict(data: dict, base_dir: str | Path = ".") -> Study:
         raise LddpmError(f"study file: unknown top-level table(s) {unknown}; allowed: study, runs, cells")
     settings = _from_dict(StudySettings, dict(data.get("study", {})), "[study]")
     checks.check_choice("[study] feature_backend", settings.feature_backend, FEATURE_BACKENDS)
+    if settings.bf16 not in (True, False, "auto"):
+        raise LddpmError(f"[study] bf16 = {settings.bf16!r}: use true, false or \"auto\"")
     runs = {}
     for name, raw in data.get("runs", {}).items():
         if "config" not in raw:
@@ -186,6 +191,12 @@ def study_from_dict(data: dict, base_dir: str | Path = ".") -> Study:
         checks.finite_number(f"cell {cell.name!r}: guidance_scale", cell.guidance_scale)
         checks.finite_number(f"cell {cell.name!r}: eta", cell.eta)
         checks.int_in_range(f"cell {cell.name!r}: steps", cell.steps, 1)
+        if cell.at_step is not None:
+            checks.int_in_range(f"cell {cell.name!r}: at_step", cell.at_step, 1)
+            run_steps = runs[cell.run].steps
+            if run_steps is not None and cell.at_step > run_steps:
+                raise LddpmError(f"cell {cell.name!r}: at_step = {cell.at_step} is past the end of run "
+                                 f"{cell.run!r} ({run_steps} steps)")
         if cell.kind == "vae" and runs[cell.run].kind != "vae":
             raise LddpmError(f"cell {cell.name!r}: kind \"vae\" needs a run with kind = \"vae\"")
         if cell.group == "":
