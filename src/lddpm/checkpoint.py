@@ -185,11 +185,16 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}.safetensors"
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step in a checkpoint file's name (`step_0001500.safetensors` -> 1500), or None for other names."""
+    match = _STEP_RE.search(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def list_checkpoints(folder: str | Path) -> list[Path]:
     """Checkpoint files in a `checkpoints/` folder, oldest first."""
-    folder = Path(folder)
-    found = [p for p in folder.glob("step_*.safetensors") if _STEP_RE.search(p.name)]
-    return sorted(found, key=lambda p: int(_STEP_RE.search(p.name).group(1)))
+    found = [p for p in Path(folder).glob("step_*.safetensors") if checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
 
 
 def final_checkpoint(run_dir: str | Path, steps: int, max_minutes: float = 0.0) -> Path | None:

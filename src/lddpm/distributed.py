@@ -65,8 +65,16 @@ def bf16_flag(text: str) -> bool | str:
     return value
 
 
+def check_bf16(what: str, setting) -> bool | str:
+    """A bf16 setting (run.bf16, [study] bf16, bf16=): true, false or "auto"; anything else is one clear error."""
+    if setting is True or setting is False or setting == "auto":
+        return setting
+    raise LddpmError(f"{what} = {setting!r}: use true, false or \"auto\"")
+
+
 def use_bf16(setting: bool | str, device: torch.device) -> bool:
     """Resolve run.bf16 (true, false or "auto") for a device."""
+    check_bf16("bf16", setting)
     return native_bf16(device) if setting == "auto" else bool(setting)
 
 

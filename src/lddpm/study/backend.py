@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from lddpm.checkpoint import checkpoint_name, final_checkpoint, list_checkpoints, load_checkpoint
+from lddpm.checkpoint import checkpoint_name, checkpoint_step, final_checkpoint, list_checkpoints, load_checkpoint
 from lddpm.config import load_config, save_config
 from lddpm.data import open_cache, prepare, test_split
 from lddpm.distributed import resolve_device
@@ -224,7 +224,7 @@ def checkpoint_at_step(run_dir: Path, step: int, run_name: str) -> Path:
     folder = run_dir / "checkpoints"
     if (folder / checkpoint_name(step)).is_file():
         return folder / checkpoint_name(step)
-    steps = [int(p.stem.split("_")[-1]) for p in list_checkpoints(folder)] if folder.is_dir() else []
+    steps = [checkpoint_step(p) for p in list_checkpoints(folder)] if folder.is_dir() else []
     raise LddpmError(f"run {run_name}: no checkpoint at step {step} in {folder} (kept: {steps}); give the run "
                      f"run.checkpoint_every dividing {step} and a run.keep_checkpoints that keeps it, then train it again")
 

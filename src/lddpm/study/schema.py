@@ -27,6 +27,7 @@ from typing import Any
 
 from lddpm import checks
 from lddpm.config import read_toml
+from lddpm.distributed import check_bf16
 from lddpm.errors import LddpmError
 from lddpm.metrics.onnx_backend import FEATURE_BACKENDS
 
@@ -159,8 +160,7 @@ def study_from_dict(data: dict, base_dir: str | Path = ".") -> Study:
         raise LddpmError(f"study file: unknown top-level table(s) {unknown}; allowed: study, runs, cells")
     settings = _from_dict(StudySettings, dict(data.get("study", {})), "[study]")
     checks.check_choice("[study] feature_backend", settings.feature_backend, FEATURE_BACKENDS)
-    if settings.bf16 not in (True, False, "auto"):
-        raise LddpmError(f"[study] bf16 = {settings.bf16!r}: use true, false or \"auto\"")
+    check_bf16("[study] bf16", settings.bf16)
     runs = {}
     for name, raw in data.get("runs", {}).items():
         if "config" not in raw:
