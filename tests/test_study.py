@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +155,7 @@ def test_grid_has_one_row_per_class():
     assert (row1 == 255).all() and (grid[2 : 2 + 4 * scale, 2 : 2 + 4 * scale] == 0).all()
 
 
-@pytest.mark.parametrize("preset", ["study-quick", "study-cifar10", "study-imagenet100", "study-arch", "study-recipe", "demo"])
+@pytest.mark.parametrize("preset", ["study-quick", "study-cifar10", "study-imagenet100", "study-arch", "study-recipe", "study-weights", "demo"])
 def test_presets_parse(preset):
     path = Path(__file__).resolve().parents[1] / "configs" / f"{preset}.toml"
     if not path.is_file():
@@ -169,6 +170,26 @@ def test_presets_parse(preset):
         config = backend.run_config(run, Path("runs") / run.name, study, deps)
         assert config.run.steps == run.steps and config.data.dataset == study.settings.dataset
         assert (config.model.kind == "vae") == (run.kind == "vae")
+
+
+def test_weights_study_reuses_the_quick_studys_pixel_run_and_changes_only_the_loss_weights():
+    from lddpm.study import StudyBackend
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    quick, weights = load_study(root / "study-quick.toml"), load_study(root / "study-weights.toml")
+    assert asdict(quick.settings) == {**asdict(weights.settings), "name": quick.settings.name}
+    backend = StudyBackend(progress=False)
+    configs = {name: backend.run_config(study.runs[run], Path("runs") / run, study, {})
+               for name, study, run in [("quick", quick, "pixel"), ("minsnr", weights, "pixel"), ("uniform", weights, "uniform")]}
+    assert asdict(configs["quick"]) == asdict(configs["minsnr"])
+    assert configs["minsnr"].diffusion.loss_weighting == "min_snr" and configs["uniform"].diffusion.loss_weighting == "uniform"
+    changed = {k for k, v in asdict(configs["uniform"]).items() if v != asdict(configs["minsnr"])[k]}
+    assert changed == {"diffusion", "run"}  # run.out differs by name; diffusion by the weights alone
+    assert {**asdict(configs["uniform"].diffusion), "loss_weighting": "min_snr"} == asdict(configs["minsnr"].diffusion)
+    quick_cells = {c.name: asdict(c) for c in quick.cells}
+    for cell in weights.cells:  # the min-SNR cells are the quick study's, so a quick study's folder is reused
+        if cell.run == "pixel":
+            assert asdict(cell) == quick_cells[cell.name]
 
 
 @pytest.mark.parametrize("preset,dit_name", [("study-arch", "dit-tiny/2"), ("study-imagenet100", "dit-b/2")])
