@@ -155,7 +155,7 @@ def test_grid_has_one_row_per_class():
     assert (row1 == 255).all() and (grid[2 : 2 + 4 * scale, 2 : 2 + 4 * scale] == 0).all()
 
 
-@pytest.mark.parametrize("preset", ["study-quick", "study-cifar10", "study-imagenet100", "study-arch", "study-recipe", "study-weights", "demo"])
+@pytest.mark.parametrize("preset", ["study-quick", "study-cifar10", "study-imagenet100", "study-arch", "study-recipe", "study-weights", "study-vae", "demo"])
 def test_presets_parse(preset):
     path = Path(__file__).resolve().parents[1] / "configs" / f"{preset}.toml"
     if not path.is_file():
@@ -255,12 +255,13 @@ def test_real_backend_end_to_end(tmp_path):
                   "sample_batch_size": 8, "grid_per_class": 4, "fid_batch_size": 8},
         "runs": {
             "cfg": {"config": "fashion-quick", "steps": 3, "set": fast + ["run.class_conditional=true"]},
-            "vae": {"config": "vae-fashion-quick", "kind": "vae", "steps": 2, "set": fast + ["vae.scaling_batches=1"]},
+            "vae": {"config": "vae-fashion-quick", "kind": "vae", "steps": 4, "set": fast + ["vae.scaling_batches=1"]},
         },
         "cells": [
             {"name": "cfg-s{guidance_scale:g}", "run": "cfg", "sampler": "ddim", "steps": 2, "guidance_scale": [1.0, 3.0]},
             {"name": "bad-sampler", "run": "cfg", "sampler": "euler", "steps": 2},
             {"name": "vae-recon", "run": "vae", "kind": "vae"},
+            {"name": "vae-at2", "run": "vae", "kind": "vae", "at_step": 2, "group": "training"},
             {"name": "cfg-at{at_step}", "run": "cfg", "sampler": "ddim", "steps": 2, "at_step": [2, 1], "group": "schedules"},
         ],
     }
@@ -275,6 +276,9 @@ def test_real_backend_end_to_end(tmp_path):
     assert row["fid_n"] == 8 and row["fid"] >= 0 and 0 <= row["class_accuracy"] <= 1
     assert row["model_evals"] == 4 and row["train_images"] == 24 and row["schedule"] == "cosine"
     assert rows[0]["model_evals"] == 2
+    recon, recon2 = rows[3], rows[4]  # the VAE's final weights, and its checkpoint at step 2
+    assert recon["status"] == recon2["status"] == "ok" and (recon["train_images"], recon2["train_images"]) == (32, 16)
+    assert recon2["fid"] != recon["fid"] and recon2["psnr"] != recon["psnr"]
     at2, at1 = rows[-2], rows[-1]  # an earlier checkpoint of the run: its own training length in the row
     assert at2["status"] == "ok" and at2["train_images"] == 16 and at2["fid"] != row["fid"]
     assert at1["status"].startswith("failed: ") and "no checkpoint at step 1" in at1["status"]
@@ -282,6 +286,7 @@ def test_real_backend_end_to_end(tmp_path):
     assert (out / "runs" / "cfg" / "checkpoints" / "step_0000003.safetensors").is_file()
     assert (out / "grids" / "cfg-s3.png").is_file() and (out / "grids" / "vae-recon.png").is_file()
     assert (out / "plots" / "loss_curves.png").is_file() and (out / "plots" / "schedules.png").is_file()
+    assert (out / "plots" / "fid_vs_training.png").is_file()  # the "training" group: vae-at2 and vae-recon
 
     # Resume: no training and no sampling again; only the failed cell is retried (and fails again).
     mtime = (out / "cells" / "cfg-s3.json").stat().st_mtime_ns

@@ -250,13 +250,19 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
     # FID and KID against training length: one model trained to several lengths, a line per model and guidance
     # scale. The x axis is images seen, not wall time: wall times of runs trained at different moments on a
     # shared machine are not comparable, and an architecture study equalises time by scaling the steps.
-    trained = [r for r in ok if r.get("group") == "architecture" and r.get("fid") is not None and r.get("train_images")]
+    # Group "architecture" (configs/study-arch.toml) or "training" (any other such sweep, e.g. a VAE's rFID).
+    trained = [r for r in ok if r.get("group") in ("architecture", "training") and r.get("fid") is not None
+               and r.get("train_images")]
     if trained:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        runs_of: dict[str, set] = {}
+        for r in trained:
+            runs_of.setdefault(r.get("model") or r["run"], set()).add(r["run"])
         lines: dict[str, list[dict]] = {}
         for r in trained:
-            s = r.get("guidance_scale")
-            lines.setdefault(f"{r.get('model') or r['run']}" + ("" if s is None else f", s={s:g}"), []).append(r)
+            s, model = r.get("guidance_scale"), r.get("model") or r["run"]
+            label = model if len(runs_of[model]) == 1 else f"{model} ({r['run']})"  # runs of one network apart
+            lines.setdefault(label + ("" if s is None else f", s={s:g}"), []).append(r)
         for label, members in sorted(lines.items()):
             members.sort(key=lambda r: r["train_images"])
             seen = [r["train_images"] / 1000 for r in members]

@@ -168,11 +168,7 @@ class StudyBackend:
         s = study.settings
         device = _config_device(s.device, resolve=True)
         partial = out_dir / "cells" / f"{cell.name}.samples"
-        source, trained = info["run_dir"], {}
-        if cell.at_step is not None:
-            source = checkpoint_at_step(Path(info["run_dir"]), cell.at_step, cell.run)
-            meta = load_checkpoint(source).meta
-            trained = {"train_images": int(meta.get("images_seen", 0)), "train_seconds": float(meta.get("wall_time", 0.0))}
+        source, trained = cell_source(cell, info)
         result = evaluate_checkpoint(
             source, num=study.fid_n(cell), sampler=cell.sampler, num_steps=cell.steps, eta=cell.eta,
             guidance_scale=cell.guidance_scale, labels=cell.labels, reference=self._reference_stats(study),
@@ -198,7 +194,8 @@ class StudyBackend:
         """Reconstructions of the reference split: rFID, PSNR; grid of originals next to reconstructions."""
         s = study.settings
         device = _config_device(s.device, resolve=True)
-        vae = load_vae(info["run_dir"], device)
+        source, trained = cell_source(cell, info)
+        vae = load_vae(source, device)
         cache = open_cache(prepare(s.dataset, resolution=s.resolution, split=s.reference_split, root=s.data_root,
                                    cache_dir=s.cache_dir, progress=self.progress))
         if len(cache) < study.fid_n(cell):
@@ -215,8 +212,18 @@ class StudyBackend:
             "fid": result["fid"], "fid_n": result["num_images"], "kid": result.get("kid"), "kid_std": result.get("kid_std"),
             "precision": result.get("precision"),
             "recall": result.get("recall"), "seconds_per_image": seconds / max(1, result["num_images"]),
-            "model_evals": 1, "psnr": result["psnr"], "mse": result["mse"], "images": pairs, "labels": None,
+            "model_evals": 1, "psnr": result["psnr"], "mse": result["mse"], "images": pairs, "labels": None, **trained,
         }
+
+
+def cell_source(cell: CellSpec, info: dict) -> tuple[Path, dict]:
+    """What a cell scores: its run's folder (final weights), or with `at_step` that step's checkpoint
+    together with the training length it had then (train_images, train_seconds for the table)."""
+    if cell.at_step is None:
+        return Path(info["run_dir"]), {}
+    source = checkpoint_at_step(Path(info["run_dir"]), cell.at_step, cell.run)
+    meta = load_checkpoint(source).meta
+    return source, {"train_images": int(meta.get("images_seen", 0)), "train_seconds": float(meta.get("wall_time", 0.0))}
 
 
 def checkpoint_at_step(run_dir: Path, step: int, run_name: str) -> Path:

@@ -82,7 +82,10 @@ def run_study(
         if done or (only and cell.name not in only):
             rows.append(old if old is not None else base_row(cell, study, status="not run"))
             continue
-        log(progress, f"[study] cell {cell.name}: {cell.kind} {cell.sampler} steps={cell.steps} s={cell.guidance_scale:g}")
+        what = (f"{cell.sampler} steps={cell.steps} s={cell.guidance_scale:g}" if cell.kind == "sample"
+                else "reconstructions")
+        at = "" if cell.at_step is None else f" at training step {cell.at_step}"
+        log(progress, f"[study] cell {cell.name}: {cell.kind} {what}{at}")
         row = base_row(cell, study, status="ok")
         start = time.perf_counter()
         try:

@@ -35,7 +35,7 @@ CELL_KINDS = ("sample", "vae")
 RUN_KINDS = ("diffusion", "vae")
 LABEL_MODES = ("balanced", "none")
 REAL_FLOOR_FILE = "real_floor.json"
-PLOT_GROUPS = ("samplers", "guidance", "schedules", "vae", "architecture", "other")
+PLOT_GROUPS = ("samplers", "guidance", "schedules", "vae", "architecture", "training", "other")
 
 # One row of the results table: these keys, in this order, in results.json/csv.
 ROW_FIELDS = (
