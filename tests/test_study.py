@@ -286,7 +286,7 @@ def test_real_backend_end_to_end(tmp_path):
     assert (out / "runs" / "cfg" / "checkpoints" / "step_0000003.safetensors").is_file()
     assert (out / "grids" / "cfg-s3.png").is_file() and (out / "grids" / "vae-recon.png").is_file()
     assert (out / "plots" / "loss_curves.png").is_file() and (out / "plots" / "schedules.png").is_file()
-    assert (out / "plots" / "fid_vs_training.png").is_file()  # the "training" group: vae-at2 and vae-recon
+    assert (out / "plots" / "fid_vs_training.png").is_file()  # drawn for the "training" group (vae-at2)
 
     # Resume: no training and no sampling again; only the failed cell is retried (and fails again).
     mtime = (out / "cells" / "cfg-s3.json").stat().st_mtime_ns
