@@ -98,6 +98,23 @@ def test_fid_matches_independent_eigen_computation():
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-7)
 
 
+@pytest.mark.parametrize("n_generated", [400, 40])  # full-rank and rank-deficient (N < D) generated covariance
+def test_reference_fid_with_cached_root_matches_sqrtm(n_generated):
+    real, fake = _gaussian(500, 64, 7), _gaussian(n_generated, 64, 8, shift=0.3, scale=1.2)
+    ref = ReferenceStats(mu=real.mean(0), sigma=np.cov(real, rowvar=False))
+    mu, sigma = fake.mean(0), np.cov(fake, rowvar=False)
+    expected = frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    assert ref.frechet_distance(mu, sigma) == pytest.approx(expected, rel=1e-7)
+    assert ref.frechet_distance(mu, sigma) == pytest.approx(expected, rel=1e-7)  # again, from the cached root
+    assert ref.frechet_distance(ref.mu, ref.sigma) == pytest.approx(0.0, abs=1e-6)
+    rng = np.random.default_rng(2)
+    mu1, mu2, s1, s2 = rng.normal(size=8), rng.normal(size=8), rng.uniform(0.1, 3, size=8), rng.uniform(0.1, 3, size=8)
+    closed_form = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert ReferenceStats(mu=mu2, sigma=np.diag(s2)).frechet_distance(mu1, np.diag(s1)) == pytest.approx(closed_form, rel=1e-9)
+    with pytest.raises(LddpmError, match="do not match"):
+        ref.frechet_distance(np.zeros(3), np.eye(3))
+
+
 def test_fid_rejects_mismatched_statistics():
     with pytest.raises(LddpmError, match="do not match"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))

@@ -197,3 +197,26 @@ def test_config_roundtrip_rebuilds_the_same_network():
     assert rebuilt.config.attention_resolutions == (4, 2)  # levels kept when the resolution changed
     rebuilt.load_state_dict(model.state_dict())  # same parameter names and shapes
     assert network_config("unet", "small") == build_network("unet", "small").config
+
+
+@pytest.mark.parametrize("channels, size", [(64, 8), (32, 16), (128, 8), (32, 32)])
+def test_group_norm_channels_last_bf16_matches_the_contiguous_kernel(channels, size):
+    from lddpm.nn.layers import GroupNorm
+
+    torch.manual_seed(0)
+    norm = GroupNorm(8, channels)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = (torch.randn(3, channels, size, size) * 2 + 0.5).to(torch.bfloat16)
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_plain = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_cl, y_plain = norm(x_cl), nn.GroupNorm.forward(norm, x_plain)
+    assert y_cl.dtype == y_plain.dtype == torch.bfloat16
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_cl.float(), y_plain.float(), rtol=0, atol=0.04)  # one bf16 step at |y| <= 8
+    (y_cl.float().square().sum()).backward()
+    (y_plain.float().square().sum()).backward()
+    torch.testing.assert_close(x_cl.grad.float(), x_plain.grad.float(), rtol=0.02, atol=0.05)
+    x32 = x.float().contiguous(memory_format=torch.channels_last)  # float32 goes through nn.GroupNorm unchanged
+    torch.testing.assert_close(norm(x32), nn.GroupNorm.forward(norm, x32), rtol=0, atol=0)

@@ -18,7 +18,7 @@ from lddpm.evaluate.reference import (load_extractor, maybe_tqdm, now_iso, parse
                                       reference_size, reference_stats)
 from lddpm.io import write_json
 from lddpm.metrics import (FeatureExtractor, FeatureStats, ReferenceStats, check_images, class_accuracy,
-                           class_probabilities, frechet_distance, inception_score, load_classifier, load_is_network,
+                           class_probabilities, inception_score, load_classifier, load_is_network,
                            network_probabilities, precision_recall)
 from lddpm.metrics.classifier import default_classifier_dir
 from lddpm.metrics.kid import kernel_inception_distance
@@ -71,7 +71,7 @@ def evaluate_generated(
         "num_images": n,
         "resolution": h,
         "channels": c,
-        "fid": frechet_distance(stats.mean, stats.cov, reference_stats.mu, reference_stats.sigma),
+        "fid": reference_stats.frechet_distance(stats.mean, stats.cov),
         "full_rank_covariance": stats.full_rank,
         "feature_dim": stats.dim,
         "feature_network": extractor.info,

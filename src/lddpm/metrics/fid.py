@@ -111,6 +111,36 @@ def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
     return frechet_distance(s1.mean, s1.cov, s2.mean, s2.cov)
 
 
+def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric positive semi-definite matrix (eigenvalues clipped at 0)."""
+    w, v = np.linalg.eigh(np.asarray(sigma, np.float64))
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance_sqrt(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                          sigma2_sqrt: np.ndarray) -> float:
+    """`frechet_distance` given the square root R of sigma2 (`psd_sqrt`), in two symmetric eigen-steps.
+
+    sigma1 @ sigma2 = (sigma1 R) R has the eigenvalues of R sigma1 R, which is symmetric positive
+    semi-definite, so tr(sqrtm(sigma1 @ sigma2)) is the sum of the square roots of its eigenvalues.
+    With R computed once for a reference, each FID costs two matrix products and one `eigvalsh`
+    instead of a general `sqrtm` (6x faster at D = 2048 on 2 cores); it agrees with `frechet_distance`
+    to round-off (tests/test_metrics.py).
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if (mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size)
+            or sigma2_sqrt.shape != sigma2.shape):
+        raise LddpmError(
+            f"statistics do not match: means {mu1.shape} and {mu2.shape}, covariances {sigma1.shape} and {sigma2.shape}"
+        )
+    inner = sigma2_sqrt @ sigma1 @ sigma2_sqrt
+    eigenvalues = np.linalg.eigvalsh((inner + inner.T) / 2.0)
+    trace_covmean = float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_covmean)
+
+
 @dataclass
 class ReferenceStats:
     """Statistics of real images: mean, covariance, a feature subset for precision/recall, and a manifest."""
@@ -119,6 +149,13 @@ class ReferenceStats:
     sigma: np.ndarray
     manifest: dict = field(default_factory=dict)
     features: np.ndarray | None = None
+    _sigma_sqrt: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    def frechet_distance(self, mu: np.ndarray, sigma: np.ndarray) -> float:
+        """FID of N(mu, sigma) against this reference; the reference's square root is computed once."""
+        if self._sigma_sqrt is None:
+            self._sigma_sqrt = psd_sqrt(self.sigma)
+        return frechet_distance_sqrt(mu, sigma, self.mu, self.sigma, self._sigma_sqrt)
 
 
 def save_reference(path: str | Path, ref: ReferenceStats) -> Path:

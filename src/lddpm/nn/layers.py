@@ -56,6 +56,25 @@ def run_block(block: nn.Module, h: torch.Tensor, cond: torch.Tensor, *, checkpoi
     return block(h, cond)
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that routes the input layouts PyTorch's CPU kernel handles slowly through a faster one.
+
+    PyTorch's CPU kernel for channels-last bfloat16 input is several times slower than its contiguous
+    kernel on small feature maps with few channels per group (measured with torch 2.13 on 2 cores:
+    4-9x at 8x8 and 16x16 with 4-12 channels per group, the tiny U-Net's inner levels; on par at 32x32
+    or with 16 or more channels per group). Such inputs are normalised in contiguous layout and handed
+    back channels-last: the same arithmetic in the other kernel. Everything else is nn.GroupNorm as is.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype == torch.bfloat16 and x.dim() == 4 and x.device.type == "cpu"
+                and x.shape[-1] * x.shape[-2] <= 256 and self.num_channels // self.num_groups < 16
+                and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
+            y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+            return y.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero every parameter of `module` (ADM's init for the last layer of each residual branch)."""
     for p in module.parameters():
@@ -77,12 +96,12 @@ class ResBlock(nn.Module):
                  norm_groups: int = 32, scale_shift: bool = False, zero_init: bool = True, eps: float = 1e-5):
         super().__init__()
         self.scale_shift = scale_shift
-        self.norm1 = nn.GroupNorm(norm_groups, in_channels, eps=eps)
+        self.norm1 = GroupNorm(norm_groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = None
         if emb_dim is not None:
             self.emb_proj = nn.Linear(emb_dim, out_channels * (2 if scale_shift else 1))
-        self.norm2 = nn.GroupNorm(norm_groups, out_channels, eps=eps)
+        self.norm2 = GroupNorm(norm_groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if zero_init:
@@ -115,7 +134,7 @@ class AttentionBlock(nn.Module):
                  eps: float = 1e-5):
         super().__init__()
         self.num_heads = num_heads
-        self.norm = nn.GroupNorm(norm_groups, channels, eps=eps)
+        self.norm = GroupNorm(norm_groups, channels, eps=eps)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
         if zero_init:

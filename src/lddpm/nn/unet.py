@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lddpm.errors import LddpmError
-from lddpm.nn.layers import (AttentionBlock, Downsample, EmbedSequential, NetworkConfig, ResBlock, Upsample,
+from lddpm.nn.layers import (AttentionBlock, Downsample, EmbedSequential, GroupNorm, NetworkConfig, ResBlock, Upsample,
                              class_labels, run_block, timestep_embedding, zero_module)
 
 
@@ -154,7 +154,7 @@ class UNet(nn.Module):
                     res *= 2
                 self.up.append(EmbedSequential(layers))
 
-        self.norm_out = nn.GroupNorm(c.norm_groups, cur, eps=c.norm_eps)
+        self.norm_out = GroupNorm(c.norm_groups, cur, eps=c.norm_eps)
         self.conv_out = zero_module(nn.Conv2d(cur, self.out_channels, 3, padding=1))
         if c.channels_last:
             self.to(memory_format=torch.channels_last)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lddpm.errors import LddpmError
-from lddpm.nn.layers import AttentionBlock, Downsample, NetworkConfig, ResBlock, Upsample
+from lddpm.nn.layers import AttentionBlock, Downsample, GroupNorm, NetworkConfig, ResBlock, Upsample
 
 RECON_LOSSES = ("l1", "l2")  # reconstruction loss of `vae_loss`
 
@@ -117,7 +117,7 @@ class Encoder(nn.Module):
             layers.append(AttentionBlock(cur, **attention))
         layers.append(ResBlock(cur, cur, None, **block))
         self.blocks = nn.ModuleList(layers)
-        self.norm_out = nn.GroupNorm(c.norm_groups, cur, eps=c.norm_eps)
+        self.norm_out = GroupNorm(c.norm_groups, cur, eps=c.norm_eps)
         self.conv_out = nn.Conv2d(cur, 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +153,7 @@ class Decoder(nn.Module):
                 layers.append(Upsample(cur))
                 res *= 2
         self.blocks = nn.ModuleList(layers)
-        self.norm_out = nn.GroupNorm(c.norm_groups, cur, eps=c.norm_eps)
+        self.norm_out = GroupNorm(c.norm_groups, cur, eps=c.norm_eps)
         self.conv_out = nn.Conv2d(cur, c.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
