@@ -366,6 +366,20 @@ def test_vae_resume_with_discriminator_equals_uninterrupted(data_dirs, tmp_path)
     assert load_checkpoint(tmp_path / "part").meta["scaling_factor"] == load_checkpoint(tmp_path / "full").meta["scaling_factor"]
 
 
+def test_finished_vae_resumed_for_more_steps_equals_the_longer_run(data_dirs, tmp_path):
+    # The final checkpoint holds the measured scaling factor; it is not a shape change.
+    short = tiny_config(data_dirs, "run.steps=2", "run.num_sample_images=2", preset="vae-fashion-quick")
+    longer = apply_overrides(short, ["run.steps=4"])
+    train_vae(longer, tmp_path / "full", progress=False)
+    train_vae(short, tmp_path / "part", progress=False)
+    assert load_checkpoint(tmp_path / "part").meta["network"]["config"]["scaling_factor"] != 1.0
+    result = train_vae(longer, tmp_path / "part", resume=True, progress=False)
+    assert result["step"] == 4
+    a, b = weights(tmp_path / "full", "model"), weights(tmp_path / "part", "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_checkpoint(tmp_path / "part").meta["scaling_factor"] == load_checkpoint(tmp_path / "full").meta["scaling_factor"]
+
+
 def test_resume_refuses_changed_data_or_optim_settings_and_names_them(data_dirs, tmp_path):
     config = tiny_config(data_dirs, "run.steps=4")
     train(config, tmp_path / "run", progress=False, stop_at=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -194,7 +195,13 @@ class EmbedSequential(nn.ModuleList):
 
 
 class NetworkConfig:
-    """Mixin for network config dataclasses: JSON-friendly `to_dict()` and strict `from_dict()`."""
+    """Mixin for network config dataclasses: JSON-friendly `to_dict()` and strict `from_dict()`.
+
+    `fitted_fields` names fields a training run measures at its end (not part of the network's shape):
+    resuming a finished run for more steps ignores them.
+    """
+
+    fitted_fields: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict:
         """All fields as plain Python values (tuples become lists) for JSON."""

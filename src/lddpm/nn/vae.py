@@ -20,6 +20,8 @@ RECON_LOSSES = ("l1", "l2")  # reconstruction loss of `vae_loss`
 class VAEConfig(NetworkConfig):
     """Shape of an AutoencoderKL; the downsampling factor is 2^(len(channel_mult) - 1)."""
 
+    fitted_fields = ("scaling_factor",)  # estimated from the latents when training ends
+
     resolution: int = 32
     in_channels: int = 3
     base_channels: int = 64

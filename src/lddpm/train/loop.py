@@ -162,8 +162,12 @@ class TrainingLoop:
             ckpt = load_checkpoint(self.run_dir)
             if ckpt.meta.get("kind") != self.kind:
                 raise LddpmError(f"{ckpt.path} is a {ckpt.meta.get('kind')!r} checkpoint; this is a {self.kind} run")
-            saved = type(self.model.config).from_dict(ckpt.meta["network"]["config"]).to_dict()  # newer fields: defaults
+            config_type = type(self.model.config)
+            saved = config_type.from_dict(ckpt.meta["network"]["config"]).to_dict()  # newer fields: defaults
             now = self.model.config.to_dict()
+            for key in config_type.fitted_fields:  # e.g. a finished VAE's scaling factor: re-measured at the end
+                saved.pop(key, None)
+                now.pop(key, None)
             if saved != now or ckpt.meta["network"]["kind"] != self.config.model.kind:
                 diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
                          for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
