@@ -155,7 +155,7 @@ def test_grid_has_one_row_per_class():
     assert (row1 == 255).all() and (grid[2 : 2 + 4 * scale, 2 : 2 + 4 * scale] == 0).all()
 
 
-@pytest.mark.parametrize("preset", ["study-quick", "study-cifar10", "study-imagenet100", "study-arch", "study-recipe", "study-weights", "study-vae", "demo"])
+@pytest.mark.parametrize("preset", ["study-quick", "study-cifar10", "study-imagenet100", "study-arch", "study-recipe", "study-weights", "study-vae", "study-vae-long", "demo"])
 def test_presets_parse(preset):
     path = Path(__file__).resolve().parents[1] / "configs" / f"{preset}.toml"
     if not path.is_file():
@@ -190,6 +190,21 @@ def test_weights_study_reuses_the_quick_studys_pixel_run_and_changes_only_the_lo
     for cell in weights.cells:  # the min-SNR cells are the quick study's, so a quick study's folder is reused
         if cell.run == "pixel":
             assert asdict(cell) == quick_cells[cell.name]
+
+
+def test_long_vae_study_continues_the_vae_studys_runs():
+    from lddpm.study import StudyBackend
+    from lddpm.train.utils import resume_differences
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    short, long = load_study(root / "study-vae.toml"), load_study(root / "study-vae-long.toml")
+    assert asdict(short.settings) == {**asdict(long.settings), "name": short.settings.name}
+    backend = StudyBackend(progress=False)
+    for name in long.runs:  # the same runs, longer: a copy of a study-vae folder is resumed, not retrained
+        a, b = (backend.run_config(study.runs[name], Path("runs") / name, study, {}) for study in (short, long))
+        assert resume_differences(a.to_dict(), b.to_dict()) == [] and b.run.steps > a.run.steps
+        assert asdict(a.model) == asdict(b.model) and asdict(a.optim) == asdict(b.optim)
+    assert {c.at_step for c in long.cells} == {4500, 6000}
 
 
 @pytest.mark.parametrize("preset,dit_name", [("study-arch", "dit-tiny/2"), ("study-imagenet100", "dit-b/2")])
