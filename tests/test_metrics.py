@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lddpm.errors import LddpmError
+from lddpm.metrics import fid as fid_module
 from lddpm.metrics import (
     FeatureExtractor,
     FeatureStats,
@@ -118,6 +119,8 @@ def test_reference_fid_with_cached_root_matches_sqrtm(n_generated):
 def test_fid_rejects_mismatched_statistics():
     with pytest.raises(LddpmError, match="do not match"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(LddpmError, match="do not match"):
+        fid_module.frechet_distance_sqrt(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3), np.eye(4))
 
 
 # ---------------------------------------------------------------- reference cache

@@ -134,6 +134,9 @@ def frechet_distance_sqrt(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, 
     to round-off (tests/test_metrics.py).
     """
     mu1, sigma1, mu2, sigma2 = _checked_statistics(mu1, sigma1, mu2, sigma2)
+    sigma2_sqrt = np.asarray(sigma2_sqrt, np.float64)
+    if sigma2_sqrt.shape != sigma2.shape:
+        raise LddpmError(f"the square root of sigma2 is {sigma2_sqrt.shape}, sigma2 is {sigma2.shape}: they do not match")
     inner = sigma2_sqrt @ sigma1 @ sigma2_sqrt
     eigenvalues = np.linalg.eigvalsh((inner + inner.T) / 2.0)
     trace_covmean = float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
