@@ -1,6 +1,6 @@
 """Allow `python -m lddpm ...` (and `torchrun -m lddpm train ...`)."""
 
-from lddpm.cli import main
+from lddpm.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -10,6 +10,7 @@ import argparse
 import errno
 import importlib
 import sys
+import traceback
 
 from lddpm import __version__
 from lddpm.errors import LddpmError
@@ -112,6 +113,22 @@ def main(argv: list[str] | None = None) -> int:
     return int(result or 0)
 
 
+def entry() -> None:
+    """The `lddpm` console script and `python -m lddpm`: main(), then the exit that torchrun workers need."""
+    from lddpm import distributed
+
+    try:
+        status = main()
+    except SystemExit as exc:
+        status = exc.code
+    except BaseException:  # a bug: keep its traceback, and still leave a torchrun worker safely
+        if not distributed._joined_group:
+            raise
+        traceback.print_exc()
+        status = 1
+    distributed.exit_process(status)
+
+
 def _fail(command: str, message: str):
     """Print `lddpm COMMAND: error: MESSAGE` as one line and exit with status 2."""
     message = " ".join(str(message).split()) or "failed"
@@ -120,4 +137,4 @@ def _fail(command: str, message: str):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

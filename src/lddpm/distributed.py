@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from lddpm.errors import LddpmError
+
+_joined_group = False  # True once this process has called init_process_group (a torchrun worker)
 
 
 @dataclass
@@ -89,6 +93,8 @@ def setup(device: str = "auto") -> DistInfo:
         if torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        global _joined_group
+        _joined_group = True
     return DistInfo(rank, world_size, local_rank, torch_device)
 
 
@@ -96,6 +102,39 @@ def teardown(info: DistInfo) -> None:
     """Leave the process group (if one was joined)."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(status: int | str | None) -> None:
+    """End the process with `status`; a torchrun worker ends without interpreter finalization.
+
+    Why: gloo runs each collective on its own worker threads, and a gradient all-reduce that DDP
+    launches inside backward captures the thread-local state of that backward, which holds a
+    Python object (the `contextvars` snapshot that `torch.autograd` stashes for the backward).
+    The worker thread drops the finished work, and with it that object, some time after the
+    main thread has its result. If the main thread reaches interpreter finalization first, the
+    worker thread cannot take the GIL, Python ends it with pthread_exit, the forced unwind meets
+    a noexcept C++ frame, and the process dies with SIGABRT ("terminate called without an active
+    exception") although its work is done and saved. Destroying the process group does not join
+    those threads while DDP's reducer holds it. So a worker that joined a group runs the atexit
+    handlers, flushes its streams and leaves with os._exit, skipping the finalization that
+    races the threads. Any other process exits normally (sys.exit).
+    """
+    if status is None:
+        code = 0
+    elif isinstance(status, int):
+        code = status
+    else:  # sys.exit("message"): Python prints the message and exits with 1
+        print(status, file=sys.stderr)
+        code = 1
+    if not _joined_group:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
