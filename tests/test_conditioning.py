@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from lddpm.nn import build_network
+from lddpm.nn.conditioning import Conditioning
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "network_reference.json"
 
@@ -75,6 +76,50 @@ def test_outputs_and_keys_equal_the_networks_before_the_shared_conditioning(name
     torch.testing.assert_close(torch.tensor(got["output"]), torch.tensor(want["output"]), rtol=1e-5, atol=1e-5)
     assert got["output_mean"] == pytest.approx(want["output_mean"], rel=1e-5, abs=1e-6)
     assert got["output_abs_mean"] == pytest.approx(want["output_abs_mean"], rel=1e-5)
+
+
+def test_one_conditioning_class_in_both_networks_and_its_parts_are_the_networks_parts():
+    unet = build_network("unet", "tiny", resolution=16, num_classes=3)
+    dit = build_network("dit", "dit-tiny/2", num_classes=0)
+    assert type(unet.conditioning) is type(dit.conditioning) is Conditioning
+    for net in (unet, dit):
+        for name, part in net.conditioning.parts().items():
+            assert getattr(net, name) is part  # registered under the historic names, the same objects
+        assert not any(n.startswith("conditioning.") for n in net.state_dict())  # each tensor once
+    assert dit.label_embed is None and unet.context_embed is None and dit.context_embed is None
+    # the U-Net embeds model_channels frequencies into 4 x model_channels, the DiT 256 into hidden_size
+    assert unet.time_embed[0].weight.shape == (4 * 32, 32) and dit.time_embed[0].weight.shape == (96, 256)
+
+
+def test_moving_and_copying_a_network_keeps_its_conditioning_in_step():
+    """The conditioning module is not a registered child: dtype moves, copies and state loads must still reach
+    the tensors it computes with."""
+    import copy
+
+    net = build_network("dit", "dit-tiny/2").double()
+    assert net.conditioning.time_embed[0].weight.dtype == torch.float64
+    twin = copy.deepcopy(net)
+    assert twin.conditioning.time_embed is twin.time_embed and twin.time_embed is not net.time_embed
+    with torch.no_grad():
+        twin.time_embed[2].bias.add_(1.0)
+    net.load_state_dict(twin.state_dict())
+    assert torch.equal(net.conditioning.time_embed[2].bias, twin.time_embed[2].bias)
+    x, t = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([5, 600])
+    assert torch.equal(net(x, t, torch.tensor([1, 10])), twin(x, t, torch.tensor([1, 10])))
+
+
+def test_the_timestep_and_label_embedding_is_the_mlp_of_the_sinusoid_plus_the_table_row():
+    cond = Conditioning(frequencies=8, dim=12, num_classes=3, network="U-Net")
+    t, y = torch.tensor([0.0, 10.0, 999.0]), torch.tensor([0, 2, 3])
+    emb, context = cond(t, y, batch=3, device=torch.device("cpu"))
+    half = torch.arange(4) / 4
+    args = t[:, None] * torch.exp(-math.log(10000.0) * half)[None]
+    sinusoid = torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # [cos, sin] (ADM)
+    want = cond.time_embed[2](torch.nn.functional.silu(cond.time_embed[0](sinusoid))) + cond.label_embed.weight[y]
+    torch.testing.assert_close(emb, torch.nn.functional.silu(want))
+    assert context is None
+    null, _ = cond(t, None, batch=3, device=torch.device("cpu"))  # y=None means the null label (row 3)
+    torch.testing.assert_close(null, cond(t, torch.tensor([3, 3, 3]), batch=3, device=torch.device("cpu"))[0])
 
 
 if __name__ == "__main__" and "--write" in sys.argv:
