@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from lddpm.convert.diffusers import CLASS_FOR_KIND, dit_config_to_diffusers, to_diffusers_state, unet_config_to_diffusers
+from lddpm.convert.diffusers import (CLASS_FOR_KIND, dit_config_to_diffusers, to_diffusers_state,
+                                    unet_config_to_diffusers)
 from lddpm.errors import LddpmError
 from lddpm.nn import build_network
 from lddpm.nn.layers import SpatialTransformer
@@ -83,9 +84,16 @@ def test_text_dit_adds_exactly_the_cross_attention_and_caption_mlp_to_the_plain_
     plain, text = dit(context_dim=0), dit()
     extra = set(text.state_dict()) - set(plain.state_dict())
     assert set(plain.state_dict()) < set(text.state_dict())
-    assert extra == {f"blocks.{i}.cross_attn.{p}.{w}" for i in range(2) for p in ("to_q", "to_k", "to_v", "to_out")
-                     for w in ("weight", "bias")} | {f"context_embed.{j}.{w}" for j in (0, 2) for w in ("weight", "bias")}
+    cross = {f"blocks.{i}.cross_attn.{p}.{w}" for i in range(2) for p in ("to_q", "to_k", "to_v", "to_out")
+             for w in ("weight", "bias")}
+    assert extra == cross | {f"context_embed.{j}.{w}" for j in (0, 2) for w in ("weight", "bias")}
     assert text.context_embed[0].weight.shape == (32, CTX) and text.context_embed[2].weight.shape == (32, 32)
+
+
+def test_text_tiny_parameter_count():
+    with torch.device("meta"):
+        model = build_network("unet", "tiny", in_channels=1, context_dim=384)
+    assert sum(p.numel() for p in model.parameters()) == 1_575_393  # the UNet.__doc__ figure (diffusers' count)
 
 
 @pytest.mark.parametrize("kind,field,value", [("unet", "context_dim", -1), ("unet", "transformer_depth", 0),

@@ -111,7 +111,8 @@ class UNet(nn.Module):
 
     Parameter counts of the named configs (lddpm.nn.registry): ddpm-cifar10 35,746,307 (Ho et al.'s
     exact count), adm-imagenet128 386,045,190 (1000 classes, learned sigma), tiny 1,113,955,
-    small 4,636,611 (the last two at 32x32x3, unconditional).
+    small 4,636,611 (the last two at 32x32x3, unconditional); tiny at 32x32x1 with context_dim=384
+    (MiniLM token states) 1,575,393, the count of diffusers' UNet2DConditionModel of that shape.
     """
 
     def __init__(self, config: UNetConfig):
