@@ -184,6 +184,10 @@ def _attention_head_dim(config: UNetConfig) -> int | None:
 
 def unet_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
     """UNetConfig -> a complete UNet2DModel config (every field written, no reliance on defaults)."""
+    if config.context_dim:
+        raise LddpmError(f"context_dim={config.context_dim}: a U-Net that reads prompts is a UNet2DConditionModel "
+                         "in diffusers, not a UNet2DModel, and lddpm does not export that class yet; nothing was "
+                         "written")
     if config.channel_mult[0] != 1:
         raise LddpmError(f"channel_mult {tuple(config.channel_mult)} starts with {config.channel_mult[0]}: "
                          "UNet2DModel's first level has the width of its input convolution (channel_mult[0] = 1)")
@@ -217,27 +221,46 @@ def unet_module_pairs(config: UNetConfig) -> list[tuple[str, str]]:
              ("label_embed", "class_embedding"), ("conv_in", "conv_in"), ("norm_out", "conv_norm_out"),
              ("conv_out", "conv_out")]
     levels, last = c.level_resolutions(), len(c.channel_mult) - 1
+
+    def attention(ours: str, theirs: str) -> list[tuple[str, str]]:
+        if c.context_dim:
+            return transformer_module_pairs(ours, theirs, c.transformer_depth)
+        return [(ours, theirs)]
+
     k = 0
     for i, res in enumerate(levels):
         for b in range(c.num_res_blocks):
             pairs.append((f"down.{k}.0", f"down_blocks.{i}.resnets.{b}"))
             if res in c.attention_resolutions:
-                pairs.append((f"down.{k}.1", f"down_blocks.{i}.attentions.{b}"))
+                pairs += attention(f"down.{k}.1", f"down_blocks.{i}.attentions.{b}")
             k += 1
         if i != last:
             pairs.append((f"down.{k}.0", f"down_blocks.{i}.downsamplers.0"))
             k += 1
-    pairs += _mid_pairs("mid", "mid_block", c.mid_attention)
+    pairs += [pair for ours, theirs in _mid_pairs("mid", "mid_block", c.mid_attention)
+              for pair in (attention(ours, theirs) if ".attentions." in theirs else [(ours, theirs)])]
     k = 0
     for i, level in enumerate(reversed(range(len(levels)))):
         attn = levels[level] in c.attention_resolutions
         for b in range(c.num_res_blocks + 1):
             pairs.append((f"up.{k}.0", f"up_blocks.{i}.resnets.{b}"))
             if attn:
-                pairs.append((f"up.{k}.1", f"up_blocks.{i}.attentions.{b}"))
+                pairs += attention(f"up.{k}.1", f"up_blocks.{i}.attentions.{b}")
             if level and b == c.num_res_blocks:
                 pairs.append((f"up.{k}.{2 if attn else 1}", f"up_blocks.{i}.upsamplers.0"))
             k += 1
+    return pairs
+
+
+def transformer_module_pairs(ours: str, theirs: str, depth: int) -> list[tuple[str, str]]:
+    """lddpm's SpatialTransformer `ours` -> diffusers' Transformer2DModel `theirs` (UNet2DConditionModel's
+    `attentions.N`, use_linear_projection=True): the same names except the feed-forward's (ff.net.0.proj,
+    ff.net.2) and `to_out.0` (see _RENAME)."""
+    pairs = [(f"{ours}.{name}", f"{theirs}.{name}") for name in ("norm", "proj_in", "proj_out")]
+    for j in range(depth):
+        o, t = f"{ours}.transformer_blocks.{j}", f"{theirs}.transformer_blocks.{j}"
+        pairs += [(f"{o}.{name}", f"{t}.{name}") for name in ("norm1", "attn1", "norm2", "attn2", "norm3")]
+        pairs += [(f"{o}.ff.proj_in", f"{t}.ff.net.0.proj"), (f"{o}.ff.proj_out", f"{t}.ff.net.2")]
     return pairs
 
 
@@ -433,6 +456,9 @@ def dit_config_to_diffusers(config: DiTConfig) -> dict[str, Any]:
                          f"model.overrides.freq_shift = {DIT_FREQ_SHIFT} to export)")
     if config.mlp_ratio != 4.0:
         raise LddpmError(f"mlp_ratio={config.mlp_ratio}: DiTTransformer2DModel's MLP is always 4 x hidden_size wide")
+    if config.context_dim:
+        raise LddpmError(f"context_dim={config.context_dim}: DiTTransformer2DModel has no cross-attention to read "
+                         "prompts, and lddpm does not export text DiTs yet; nothing was written")
     if config.num_classes < 1:
         raise LddpmError("num_classes=0: DiTTransformer2DModel is always class-conditional (num_embeds_ada_norm "
                          ">= 1); an unconditional lddpm DiT has no diffusers counterpart")
@@ -450,7 +476,10 @@ _DIT_EMBEDDING = "transformer_blocks.{}.norm1.emb"  # diffusers' per-block copy 
 
 
 def dit_module_pairs(config: DiTConfig) -> list[tuple[str, str]]:
-    """(lddpm module, DiTTransformer2DModel module); the shared embedding maps onto block 0's copy."""
+    """(lddpm module, DiTTransformer2DModel module); the shared embedding maps onto block 0's copy.
+
+    A text DiT's cross-attention and caption MLP map onto the names of diffusers' Transformer2DModel with
+    norm_type "ada_norm_zero" and cross_attention_dim/caption_channels (attn2, caption_projection)."""
     emb = _DIT_EMBEDDING.format(0)
     pairs = [("patch_embed", "pos_embed.proj"), ("time_embed.0", f"{emb}.timestep_embedder.linear_1"),
              ("time_embed.2", f"{emb}.timestep_embedder.linear_2"),
@@ -460,6 +489,11 @@ def dit_module_pairs(config: DiTConfig) -> list[tuple[str, str]]:
         ours, theirs = f"blocks.{i}", f"transformer_blocks.{i}"
         pairs += [(f"{ours}.attn", f"{theirs}.attn1"), (f"{ours}.adaLN", f"{theirs}.norm1.linear"),
                   (f"{ours}.mlp.0", f"{theirs}.ff.net.0.proj"), (f"{ours}.mlp.2", f"{theirs}.ff.net.2")]
+        if config.context_dim:
+            pairs.append((f"{ours}.cross_attn", f"{theirs}.attn2"))
+    if config.context_dim:
+        pairs += [("context_embed.0", "caption_projection.linear_1"),
+                  ("context_embed.2", "caption_projection.linear_2")]
     return pairs
 
 
@@ -519,7 +553,8 @@ def model_class(name: Any, where: str, config: dict[str, Any] | None = None) -> 
 # ----------------------------------------------------------------------------- weights
 
 # lddpm submodule name -> diffusers name inside a ResBlock / attention pair.
-_RENAME = {"emb_proj": "time_emb_proj", "skip": "conv_shortcut", "norm": "group_norm", "proj": "to_out.0"}
+_RENAME = {"emb_proj": "time_emb_proj", "skip": "conv_shortcut", "norm": "group_norm", "proj": "to_out.0",
+           "to_out": "to_out.0"}
 # Attention weights of checkpoints saved before diffusers 0.14 (google/ddpm-*, early SD VAEs).
 _LEGACY_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 

@@ -2,7 +2,8 @@
 
 Patchify -> add a fixed 2-D sin-cos position embedding -> N transformer blocks conditioned by
 adaLN-Zero on c = embed(t) + embed(y) -> final adaLN layer -> linear -> unpatchify (Section 3.2,
-Figure 3 of the paper).
+Figure 3 of the paper). With text prompts (context_dim > 0) every block also cross-attends to the
+projected token states, between self-attention and MLP, as in PixArt-alpha (Chen et al. 2023).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lddpm.errors import LddpmError
-from lddpm.nn.layers import NetworkConfig, class_labels, run_block, timestep_embedding
+from lddpm.nn.conditioning import Conditioning, attach
+from lddpm.nn.layers import CrossAttention, NetworkConfig, run_block
 
 TIMESTEP_FREQUENCIES = 256  # size of the sinusoidal timestep embedding fed to the MLP (the paper's code)
 
@@ -37,6 +39,7 @@ class DiTConfig(NetworkConfig):
     # DiTTransformer2DModel (hard-coded there), so an imported diffusers DiT computes what diffusers computes.
     freq_shift: float = 0.0
     mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before each MLP (1e-6 in the paper's code, diffusers' norm_eps)
+    context_dim: int = 0  # > 0: text prompts of this width, read by a cross-attention in every block
 
     def num_patches(self) -> int:
         """Number of tokens: (resolution / patch_size)^2."""
@@ -60,6 +63,8 @@ class DiTConfig(NetworkConfig):
             raise LddpmError(f"mlp_ratio={self.mlp_ratio} must be positive")
         if self.num_classes < 0:
             raise LddpmError(f"num_classes={self.num_classes} must be >= 0 (0 = unconditional)")
+        if self.context_dim < 0:
+            raise LddpmError(f"context_dim={self.context_dim} must be >= 0 (0 = no text prompts)")
         if not 0 <= self.freq_shift < TIMESTEP_FREQUENCIES // 2 or not self.mlp_norm_eps > 0:
             raise LddpmError(f"freq_shift={self.freq_shift} must be in [0, {TIMESTEP_FREQUENCIES // 2}) and "
                              f"mlp_norm_eps={self.mlp_norm_eps} positive")
@@ -107,22 +112,29 @@ class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero (Section 3.2): shift/scale before, gate after each branch.
 
     The conditioning Linear starts at zero, so every gate is 0 and the block starts as the identity.
+    With `cross_attention`, x += cross_attn(LN(x), context) between self-attention and MLP: unmodulated
+    as in PixArt-alpha, after a LayerNorm without affine (eps mlp_norm_eps; the norm2 of diffusers'
+    BasicTransformerBlock with adaLN-Zero), q/k/v with biases; its output projection starts at zero.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, mlp_norm_eps: float = 1e-6):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, mlp_norm_eps: float = 1e-6,
+                 cross_attention: bool = False):
         super().__init__()
         self.mlp_norm_eps = mlp_norm_eps
         self.attn = Attention(dim, num_heads)
+        self.cross_attn = CrossAttention(dim, num_heads, dim, qkv_bias=True) if cross_attention else None
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN = nn.Linear(dim, 6 * dim)  # applied to SiLU(c)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D), c (B, D) already through SiLU -> (B, T, D)."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D), c (B, D) already through SiLU, context (B, L, D) projected token states -> (B, T, D)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN(c).chunk(6, dim=1)
         d = x.shape[-1]
         h = self.attn(modulate(F.layer_norm(x, (d,), eps=1e-6), shift_msa, scale_msa))
         x = torch.addcmul(x, gate_msa[:, None], h)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(F.layer_norm(x, (d,), eps=self.mlp_norm_eps), context)
         h = self.mlp(modulate(F.layer_norm(x, (d,), eps=self.mlp_norm_eps), shift_mlp, scale_mlp))
         return torch.addcmul(x, gate_mlp[:, None], h)
 
@@ -142,12 +154,14 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Diffusion Transformer eps/x0/v predictor: `model(x, t, y=None)`, the same call as the U-Net.
+    """Diffusion Transformer eps/x0/v predictor: `model(x, t, y=None, context=None)`, the same call as the U-Net.
 
     Class labels use `num_classes + 1` embedding rows, the last being the null label for
     classifier-free guidance; the trainer drops labels by passing it. With `learned_sigma` the
     output has 2C channels (prediction, then the variance interpolation v), for the hybrid loss.
     The position embedding is a fixed buffer (not a parameter, not saved: it follows from the config).
+    With `context_dim` > 0 the text encoder's token states (B, L, context_dim) are projected to the hidden
+    size by the shared `Conditioning` module's caption MLP and read by a cross-attention in every block.
 
     Parameter counts (learned sigma, 1000 classes, 32x32x4 input): DiT-XL/2 674,834,720 trainable
     + 294,912 position-embedding values = 675,129,632 as in the paper's code; DiT-S/2 32,963,360.
@@ -163,20 +177,25 @@ class DiT(nn.Module):
         self.out_channels = c.in_channels * (2 if c.learned_sigma else 1)
         self.num_classes = c.num_classes
         self.null_label = c.num_classes if c.num_classes > 0 else None
+        self.context_dim = c.context_dim
         self.resolution = c.resolution
         self.grid_size = c.resolution // p
 
         self.patch_embed = nn.Conv2d(c.in_channels, dim, kernel_size=p, stride=p)
         self.register_buffer("pos_embed", sincos_position_embedding(dim, self.grid_size)[None], persistent=False)
-        self.time_embed = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCIES, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.label_embed = nn.Embedding(c.num_classes + 1, dim) if c.num_classes > 0 else None
-        self.blocks = nn.ModuleList(DiTBlock(dim, c.num_heads, c.mlp_ratio, c.mlp_norm_eps) for _ in range(c.depth))
+        # registers time_embed (Linear(256, dim) -> SiLU -> Linear), label_embed and, for text, context_embed
+        attach(self, Conditioning(frequencies=TIMESTEP_FREQUENCIES, dim=dim, num_classes=c.num_classes,
+                                  context_dim=c.context_dim, context_proj_dim=dim, freq_shift=c.freq_shift,
+                                  network="DiT"))
+        self.blocks = nn.ModuleList(DiTBlock(dim, c.num_heads, c.mlp_ratio, c.mlp_norm_eps, c.context_dim > 0)
+                                    for _ in range(c.depth))
         self.final_layer = FinalLayer(dim, p * p * self.out_channels)
         self.initialize_weights()
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """The paper's init: Xavier-uniform linears and patch conv, N(0, 0.02) embeddings, adaLN-Zero."""
+        """The paper's init: Xavier-uniform linears and patch conv, N(0, 0.02) embeddings, adaLN-Zero; for text,
+        PixArt-alpha's: N(0, 0.02) caption MLP, zero cross-attention output."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -188,7 +207,12 @@ class DiT(nn.Module):
         nn.init.normal_(self.time_embed[2].weight, std=0.02)
         if self.label_embed is not None:
             nn.init.normal_(self.label_embed.weight, std=0.02)
-        for module in [*(b.adaLN for b in self.blocks), self.final_layer.adaLN, self.final_layer.linear]:
+        if self.context_embed is not None:
+            nn.init.normal_(self.context_embed[0].weight, std=0.02)
+            nn.init.normal_(self.context_embed[2].weight, std=0.02)
+        zeroed = [*(b.adaLN for b in self.blocks), self.final_layer.adaLN, self.final_layer.linear]
+        zeroed += [b.cross_attn.to_out for b in self.blocks if b.cross_attn is not None]
+        for module in zeroed:
             nn.init.zeros_(module.weight)  # adaLN-Zero: gates 0, every block the identity; output 0
             nn.init.zeros_(module.bias)
 
@@ -198,23 +222,18 @@ class DiT(nn.Module):
         x = x.view(b, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, ch, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W), t (B,) timesteps, y (B,) labels or None -> (B, out_channels, H, W)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) timesteps, y (B,) labels or None, context (B, L, context_dim) token states
+        (text DiTs only) -> (B, out_channels, H, W)."""
         b = x.shape[0]
         if tuple(x.shape[1:]) != (self.in_channels, self.resolution, self.resolution):
             raise LddpmError(f"this DiT takes {self.in_channels}x{self.resolution}x{self.resolution} inputs, got "
                              f"{'x'.join(map(str, x.shape[1:]))}; build it with matching in_channels/resolution")
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
-        weight = self.time_embed[0].weight
-        c = self.time_embed(timestep_embedding(t, TIMESTEP_FREQUENCIES, freq_shift=self.config.freq_shift)
-                            .to(weight.dtype))
-        if self.label_embed is not None:
-            c = c + self.label_embed(class_labels(y, b, self.num_classes, x.device))
-        elif y is not None and bool((torch.as_tensor(y) != 0).any()):
-            raise LddpmError("this DiT is unconditional (num_classes=0): pass y=None "
-                             "(or build it with num_classes > 0)")
-        c = F.silu(c)  # every adaLN Linear starts with SiLU (the paper's code): do it once here
-        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.to(weight.dtype)  # (B, T, D)
+        # c is SiLU(embed(t) + embed(y)): every adaLN Linear starts with SiLU (the paper's code)
+        c, context = self.conditioning(t, y, context, batch=b, device=x.device)
+        dtype = self.time_embed[0].weight.dtype
+        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.to(dtype)  # (B, T, D)
         for block in self.blocks:
-            h = run_block(block, h, c, checkpointed=self.config.gradient_checkpointing and self.training)
+            h = run_block(block, h, c, context, checkpointed=self.config.gradient_checkpointing and self.training)
         return self.unpatchify(self.final_layer(h, c))

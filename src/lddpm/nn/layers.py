@@ -1,5 +1,5 @@
-"""Building blocks shared by the U-Net, the DiT and the autoencoder: timestep embedding, class labels, ResBlock,
-attention, up/down."""
+"""Building blocks shared by the U-Net, the DiT and the autoencoder: ResBlock, attention, the spatial transformer
+(self- and cross-attention to a text context), up/down. Timestep and label embeddings: lddpm.nn.conditioning."""
 
 from __future__ import annotations
 
@@ -15,46 +15,11 @@ from torch.utils.checkpoint import checkpoint
 from lddpm.errors import LddpmError
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, *, flip_sin_to_cos: bool = True,
-                       freq_shift: float = 0.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, shape (B, dim).
-
-    Section 3.5 of Vaswani et al. 2017 as used by Ho et al. 2020; [cos, sin] order as in ADM
-    (Dhariwal & Nichol 2021). Frequencies are max_period^(-i / (half - freq_shift)) for i < half.
-    Ho et al.'s original code (and its diffusers port) uses [sin, cos] (`flip_sin_to_cos=False`)
-    and `freq_shift=1`.
-    """
-    half = dim // 2
-    denominator = half - freq_shift if freq_shift else half
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / denominator)
-    args = t.float()[:, None] * freqs[None]
-    pair = [torch.cos(args), torch.sin(args)]
-    emb = torch.cat(pair if flip_sin_to_cos else pair[::-1], dim=-1)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
-
-
-def class_labels(y, batch: int, num_classes: int, device: torch.device) -> torch.Tensor:
-    """Labels to embed: y=None means all null (label num_classes); anything outside [0, num_classes] is an error."""
-    if y is None:
-        return torch.full((batch,), num_classes, dtype=torch.long, device=device)
-    y = torch.as_tensor(y, device=device).long().reshape(-1).expand(batch)
-    if torch.compiler.is_compiling() or y.device.type == "meta":
-        return y
-    lo, hi = torch.aminmax(y)
-    if lo < 0 or hi > num_classes:
-        bad = int(lo) if lo < 0 else int(hi)
-        raise LddpmError(f"class label {bad} is outside [0, {num_classes}] "
-                         f"(0..{num_classes - 1} are classes, {num_classes} is the null label)")
-    return y
-
-
-def run_block(block: nn.Module, h: torch.Tensor, cond: torch.Tensor, *, checkpointed: bool) -> torch.Tensor:
-    """block(h, cond); with `checkpointed` (and gradients on) its activations are recomputed in backward."""
+def run_block(block: nn.Module, h: torch.Tensor, *cond, checkpointed: bool) -> torch.Tensor:
+    """block(h, *cond); with `checkpointed` (and gradients on) its activations are recomputed in backward."""
     if checkpointed and torch.is_grad_enabled():
-        return checkpoint(block, h, cond, use_reentrant=False)
-    return block(h, cond)
+        return checkpoint(block, h, *cond, use_reentrant=False)
+    return block(h, *cond)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -151,6 +116,100 @@ class AttentionBlock(nn.Module):
         return x + h.transpose(1, 2).reshape(b, c, hgt, wid)
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention of tokens x to a context's tokens (to itself when context is None), with SDPA.
+
+    Separate `to_q`, `to_k`, `to_v` projections (bias only with `qkv_bias`) and an output projection `to_out`
+    with bias: the layout of diffusers' Attention. No mask and no position information on the keys, so
+    permuting the context's tokens leaves the output unchanged.
+    """
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, *, qkv_bias: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        kv_dim = dim if context_dim is None else context_dim
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_k = nn.Linear(kv_dim, dim, bias=qkv_bias)
+        self.to_v = nn.Linear(kv_dim, dim, bias=qkv_bias)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, dim), context (B, L, context_dim) or None -> (B, N, dim)."""
+        source = x if context is None else context
+        q, k, v = (proj(h).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+                   for proj, h in ((self.to_q, x), (self.to_k, source), (self.to_v, source)))
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d_head), scale 1/sqrt(d_head)
+        return self.to_out(h.transpose(1, 2).flatten(2))
+
+
+class GEGLUFeedForward(nn.Module):
+    """Linear(dim, 2 x inner) -> hidden * GELU(gate) -> Linear(inner, dim), inner = mult x dim.
+
+    GEGLU (Shazeer 2020) as in Stable Diffusion: the first half of the projection is the value, the second
+    the gate, exact (erf) GELU.
+    """
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, 2 * mult * dim)
+        self.proj_out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> (..., dim)."""
+        hidden, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(hidden * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer block with cross-attention (Stable Diffusion's BasicTransformerBlock):
+    x += attn1(LN(x)); x += attn2(LN(x), context); x += FF(LN(x)), LayerNorm eps 1e-5 with affine."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn1 = CrossAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn2 = CrossAttention(dim, num_heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.ff = GEGLUFeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x (B, N, dim), context (B, L, context_dim) -> (B, N, dim)."""
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Stable Diffusion's spatial transformer over the H*W positions of a feature map, linear projections.
+
+    GroupNorm (eps 1e-6, affine) -> proj_in Linear -> `depth` TransformerBlocks reading `context` ->
+    proj_out Linear (zero-initialised, so the block starts as the identity) -> + input. The layout of
+    diffusers' Transformer2DModel inside UNet2DConditionModel with use_linear_projection=True (SD 2).
+    """
+
+    def __init__(self, channels: int, num_heads: int, context_dim: int, *, depth: int = 1, norm_groups: int = 32,
+                 zero_init: bool = True):
+        super().__init__()
+        self.norm = GroupNorm(norm_groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, num_heads, context_dim)
+                                                for _ in range(depth))
+        self.proj_out = nn.Linear(channels, channels)
+        if zero_init:
+            zero_module(self.proj_out)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), context (B, L, context_dim) -> x + transformer(x); `emb` is ignored."""
+        b, c, hgt, wid = x.shape
+        h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(b, hgt * wid, c))  # (B, L, C)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = self.proj_out(h).reshape(b, hgt, wid, c).permute(0, 3, 1, 2)
+        return x + h
+
+
 class Downsample(nn.Module):
     """Halve H and W with a stride-2 3x3 convolution.
 
@@ -185,12 +244,13 @@ class Upsample(nn.Module):
 
 
 class EmbedSequential(nn.ModuleList):
-    """A list of blocks applied in order, each called as block(x, emb)."""
+    """A list of blocks applied in order, each called as block(x, emb) (a SpatialTransformer also gets context)."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        """Run every block on x with the same embedding."""
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """Run every block on x with the same embedding (and text context)."""
         for block in self:
-            x = block(x, emb)
+            x = block(x, emb, context) if isinstance(block, SpatialTransformer) else block(x, emb)
         return x
 
 

@@ -1,4 +1,5 @@
-"""The DDPM / ADM U-Net noise predictor (Ho et al. 2020; Dhariwal & Nichol 2021) with class labels for CFG."""
+"""The DDPM / ADM U-Net noise predictor (Ho et al. 2020; Dhariwal & Nichol 2021) with class labels for CFG and,
+optionally, text prompts through Stable Diffusion's cross-attention transformers (Rombach et al. 2022)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lddpm.errors import LddpmError
-from lddpm.nn.layers import (AttentionBlock, Downsample, EmbedSequential, GroupNorm, NetworkConfig, ResBlock, Upsample,
-                             class_labels, run_block, timestep_embedding, zero_module)
+from lddpm.nn.conditioning import Conditioning, attach
+from lddpm.nn.layers import (AttentionBlock, Downsample, EmbedSequential, GroupNorm, NetworkConfig, ResBlock,
+                             SpatialTransformer, Upsample, run_block, zero_module)
 
 
 @dataclass
@@ -39,6 +41,10 @@ class UNetConfig(NetworkConfig):
     freq_shift: float = 0.0  # frequencies max_period^(-i / (half - freq_shift))
     downsample_padding: int = 1  # 1: pad every side; 0: pad right/bottom only (TensorFlow "SAME")
     norm_eps: float = 1e-5  # GroupNorm epsilon
+    # Text prompts: > 0 = the text encoder's width; every attention block (attention_resolutions and the middle)
+    # is then a spatial transformer with `transformer_depth` blocks of self-attention, cross-attention, GEGLU FF.
+    context_dim: int = 0
+    transformer_depth: int = 1
 
     def level_resolutions(self) -> list[int]:
         """Feature-map size at each level of the encoder."""
@@ -59,6 +65,12 @@ class UNetConfig(NetworkConfig):
             raise LddpmError(f"num_classes={self.num_classes} must be >= 0 (0 = unconditional)")
         if not 0.0 <= self.dropout < 1.0:
             raise LddpmError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.context_dim < 0 or self.transformer_depth < 1:
+            raise LddpmError(f"context_dim={self.context_dim} must be >= 0 (0 = no text prompts) and "
+                             f"transformer_depth={self.transformer_depth} >= 1")
+        if self.context_dim and not (self.attention_resolutions or self.mid_attention):
+            raise LddpmError(f"context_dim={self.context_dim} but this U-Net has no attention block to read the "
+                             "prompt: set attention_resolutions or mid_attention = true")
         factor = 2 ** (len(self.channel_mult) - 1)
         if self.resolution % factor:
             raise LddpmError(f"resolution {self.resolution} is not divisible by the total downsampling {factor} "
@@ -86,17 +98,21 @@ class UNetConfig(NetworkConfig):
 
 
 class UNet(nn.Module):
-    """U-Net eps/x0/v predictor: `model(x, t, y=None)`.
+    """U-Net eps/x0/v predictor: `model(x, t, y=None, context=None)`.
 
     Encoder of ResBlocks (+ attention at `attention_resolutions`) and stride-2 downsampling, a
     middle ResBlock-attention-ResBlock, and a decoder with one more ResBlock per level fed by
     skip connections, as in Ho et al. 2020 (Appendix B) and Dhariwal & Nichol 2021. Class labels
     are embedded with `num_classes + 1` rows, the last being the null label used for classifier-free
-    guidance (Ho & Salimans 2022); the label embedding is added to the timestep embedding.
+    guidance (Ho & Salimans 2022); the label embedding is added to the timestep embedding. With
+    `context_dim` > 0 each attention block is a spatial transformer whose cross-attention reads the
+    text encoder's token states `context` (B, L, context_dim), as in Stable Diffusion 2 (linear
+    projections); timestep, label and context go through the shared `Conditioning` module.
 
     Parameter counts of the named configs (lddpm.nn.registry): ddpm-cifar10 35,746,307 (Ho et al.'s
     exact count), adm-imagenet128 386,045,190 (1000 classes, learned sigma), tiny 1,113,955,
-    small 4,636,611 (the last two at 32x32x3, unconditional).
+    small 4,636,611 (the last two at 32x32x3, unconditional); tiny at 32x32x1 with context_dim=384
+    (MiniLM token states) 1,575,393, the count of diffusers' UNet2DConditionModel of that shape.
     """
 
     def __init__(self, config: UNetConfig):
@@ -110,13 +126,18 @@ class UNet(nn.Module):
         self.out_channels = c.in_channels * (2 if c.learned_sigma else 1)
         self.num_classes = c.num_classes
         self.null_label = c.num_classes if c.num_classes > 0 else None
+        self.context_dim = c.context_dim
         self.resolution = c.resolution
 
-        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes > 0 else None
+        # registers time_embed (Linear(ch, 4ch) -> SiLU -> Linear) and label_embed, as before the shared module
+        attach(self, Conditioning(frequencies=ch, dim=emb_dim, num_classes=c.num_classes, context_dim=c.context_dim,
+                                  flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift, network="U-Net"))
         block = dict(dropout=c.dropout, norm_groups=c.norm_groups, scale_shift=c.use_scale_shift_norm, eps=c.norm_eps)
 
-        def attention(channels: int) -> AttentionBlock:
+        def attention(channels: int) -> nn.Module:
+            if c.context_dim:
+                return SpatialTransformer(channels, c.heads_for(channels), c.context_dim, depth=c.transformer_depth,
+                                          norm_groups=c.norm_groups)
             return AttentionBlock(channels, c.heads_for(channels), norm_groups=c.norm_groups, eps=c.norm_eps)
 
         self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
@@ -159,31 +180,24 @@ class UNet(nn.Module):
         if c.channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """Apply one block (with activation checkpointing when configured)."""
-        return run_block(block, h, emb, checkpointed=self.config.gradient_checkpointing and self.training)
+        return run_block(block, h, emb, context, checkpointed=self.config.gradient_checkpointing and self.training)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W), t (B,) timesteps, y (B,) labels or None -> (B, out_channels, H, W)."""
-        b = x.shape[0]
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
-        c = self.config
-        t_emb = timestep_embedding(t, c.model_channels, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
-        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(class_labels(y, b, self.num_classes, x.device))
-        elif y is not None and bool((torch.as_tensor(y) != 0).any()):
-            raise LddpmError("this U-Net is unconditional (num_classes=0): pass y=None "
-                             "(or build it with num_classes > 0)")
-        emb = F.silu(emb)  # every ResBlock starts its embedding projection with SiLU: do it once here
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) timesteps, y (B,) labels or None, context (B, L, context_dim) token states
+        (text U-Nets only) -> (B, out_channels, H, W)."""
+        # emb is SiLU(embed(t) + embed(y)): every ResBlock starts its embedding projection with SiLU
+        emb, context = self.conditioning(t, y, context, batch=x.shape[0], device=x.device)
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
-            h = self._run(block, h, emb)
+            h = self._run(block, h, emb, context)
             skips.append(h)
-        h = self._run(self.mid, h, emb)
+        h = self._run(self.mid, h, emb, context)
         for block in self.up:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.conv_out(F.silu(self.norm_out(h)))
