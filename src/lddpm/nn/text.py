@@ -158,6 +158,8 @@ class TextEncoder:
 
     def token_counts(self, prompts: list[str]) -> list[int]:
         """Number of tokens of each prompt, special tokens included, without truncation."""
+        if not prompts:
+            return []
         return [len(ids) for ids in self.tokenizer(prompts, padding=False, truncation=False)["input_ids"]]
 
     def encode(self, prompts: Sequence[str], batch_size: int = ENCODE_BATCH) -> torch.Tensor:
@@ -194,15 +196,13 @@ def _load_pretrained(folder: Path, *, kind: str, name: str | None, max_length: i
                                      ("tokenizer files (" + ", ".join(TOKENIZER_FILES) + ")", tokenizer_files)) if not ok]
     if missing:
         raise LddpmError(f"text encoder folder {folder} has no {' and no '.join(missing)}; expected {FOLDER_EXPECTED}")
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()
+    logging = transformers.utils.logging  # quiet while loading: no progress bars, no report of unused keys
+    bars, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
         model_type = config.model_type
-        limit = getattr(config, "max_position_embeddings", None)
-        if limit and max_length > limit:
-            raise LddpmError(f"text max_length {max_length} is more than the {limit} positions of the encoder in "
-                             f"{folder}; lower text.max_length")
         if model_type in ("clip", "clip_text_model"):
             cls = transformers.CLIPTextModel
         elif model_type == "t5":
@@ -212,7 +212,12 @@ def _load_pretrained(folder: Path, *, kind: str, name: str | None, max_length: i
                              f"T5; expected {FOLDER_EXPECTED}")
         else:
             cls = transformers.AutoModel  # BERT-like encoders
-        model = cls.from_pretrained(model_dir, local_files_only=True, use_safetensors=True)
+        model, info = cls.from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
+                                          output_loading_info=True)
+        if info.get("missing_keys"):  # they would be randomly initialised: a silently wrong encoder
+            missing = sorted(info["missing_keys"])
+            raise LddpmError(f"the weights in {model_dir} do not fit its {model_type} config: {len(missing)} tensors "
+                             f"missing ({', '.join(missing[:3])}, ...); expected {FOLDER_EXPECTED}")
         tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     except LddpmError:
         raise
@@ -220,8 +225,13 @@ def _load_pretrained(folder: Path, *, kind: str, name: str | None, max_length: i
         raise LddpmError(f"cannot load a text encoder from {folder}: {type(exc).__name__}: {exc}; "
                          f"expected {FOLDER_EXPECTED}") from None
     finally:
+        logging.set_verbosity(verbosity)
         if bars:
-            transformers.utils.logging.enable_progress_bar()
+            logging.enable_progress_bar()
+    limit = getattr(model.config, "max_position_embeddings", None)  # None for T5 (relative positions)
+    if limit and max_length > limit:
+        raise LddpmError(f"text max_length {max_length} is more than the {limit} positions of the encoder in "
+                         f"{folder}; lower text.max_length")
     return TextEncoder(model, tokenizer, kind=kind, name=name or f"{model_type}:{folder.resolve().name}",
                        weights=weights, tokenizer_files=tokenizer_files, max_length=max_length, device=device)
 
