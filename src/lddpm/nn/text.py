@@ -111,6 +111,7 @@ def minilm_folder() -> Path:
 def _import_transformers():
     """transformers, offline; missing -> LddpmError with the install command."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: every load also passes local_files_only
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer thread pool (and no warning at fork)
     try:
         import transformers
     except ImportError:
@@ -215,9 +216,9 @@ def _load_pretrained(folder: Path, *, kind: str, name: str | None, max_length: i
         model, info = cls.from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
                                           output_loading_info=True)
         if info.get("missing_keys"):  # they would be randomly initialised: a silently wrong encoder
-            missing = sorted(info["missing_keys"])
-            raise LddpmError(f"the weights in {model_dir} do not fit its {model_type} config: {len(missing)} tensors "
-                             f"missing ({', '.join(missing[:3])}, ...); expected {FOLDER_EXPECTED}")
+            lost = sorted(info["missing_keys"])
+            raise LddpmError(f"the weights in {model_dir} do not fit its {model_type} config: {len(lost)} tensors "
+                             f"missing ({', '.join(lost[:3])}, ...); expected {FOLDER_EXPECTED}")
         tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     except LddpmError:
         raise
