@@ -368,6 +368,11 @@ def _read_shard(shard: Path, caption_column: str, problems: _Problems) -> tuple[
                     data = tar.extractfile(m).read()
                     sample[ext] = _unique(caption_lines(decode_text(data, where)) if ext == "txt"
                                           else _json_caption(data, where, caption_column))
+            # tarfile ends quietly at a truncated or damaged header: require the end-of-archive zero block
+            with open(shard, "rb") as f:
+                f.seek(tar.offset)
+                if f.read(512) != bytes(512):
+                    raise tarfile.ReadError(f"no end-of-archive marker at byte {tar.offset}")
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise LddpmError(f"cannot read tar shard {shard} ({exc}); {fix}") from None
     images, captions = [], []
