@@ -45,6 +45,7 @@ NATIVE_SIZE = {"fashion-mnist": 28, "mnist": 28, "cifar10": 32, "cifar100": 32}
 FITS = ("pad", "resize")
 CACHE_FORMAT = "lddpm-image-cache"
 CACHE_FORMAT_VERSION = 1
+IMAGE_ARRAYS = ("images.npy", "labels.npy")
 
 
 def default_cache_dir() -> Path:
@@ -144,9 +145,6 @@ def rebuild_hint(manifest: dict) -> str:
 def cache_files(manifest: dict) -> tuple[str, ...]:
     """The checksummed files of an image cache: images, labels, and the caption table if it has one."""
     return IMAGE_ARRAYS + (captions_mod.CAPTION_FILES if "captions" in manifest else ())
-
-
-IMAGE_ARRAYS = ("images.npy", "labels.npy")
 
 
 class ImageCache:
