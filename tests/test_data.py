@@ -120,7 +120,7 @@ def save_image(path: Path, arr: np.ndarray, fmt=None):
 
 
 def test_dataset_names_and_info():
-    assert DATASETS == ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder")
+    assert DATASETS == ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder", "captioned")
     ch, res, k, names = dataset_info("fashion-mnist")
     assert (ch, res, k) == (1, 32, 10) and names[0] == "T-shirt/top" and names[9] == "Ankle boot"
     assert dataset_info("cifar10")[:3] == (3, 32, 10)

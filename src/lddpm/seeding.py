@@ -43,3 +43,19 @@ def subset_indices(total: int, num: int, seed: int) -> np.ndarray:
 def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator on `device` seeded with `seed`."""
     return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def item_hashes(seed: int, step: int, stream: int, items: np.ndarray) -> np.ndarray:
+    """One uint64 per item, a pure function of (seed, step, stream, item): per-item draws that do
+    not depend on which other items share the batch (e.g. the caption picked for each image).
+
+    The key comes from SeedSequence([seed, step, stream]); each item is mixed in with the SplitMix64
+    finaliser (Steele et al. 2014), so equal keys and items give equal values in any process.
+    """
+    key = np.random.SeedSequence([int(seed), int(step), int(stream)]).generate_state(1, np.uint64)[0]
+    x = np.asarray(items, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = x * np.uint64(0x9E3779B97F4A7C15) + key
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))

@@ -2,7 +2,8 @@
 
 `prepare(name, resolution=..., split=...)` reads a dataset in its standard format, preprocesses it
 once and writes a cache folder; `open_cache` / `ImageLoader` read it back for training;
-`encode_latents` / `LatentLoader` do the same for a VAE's latents.
+`encode_latents` / `LatentLoader` do the same for a VAE's latents. A "captioned" dataset's cache
+also holds a `CaptionTable` (`open_cache(path).captions`); `read_captioned` reads its formats.
 """
 
 from lddpm.data.cache import (
@@ -16,12 +17,14 @@ from lddpm.data.cache import (
     read_manifest,
     test_split,
 )
+from lddpm.data.captions import CaptionTable, read_captioned
 from lddpm.data.download import download_file
 from lddpm.data.latents import LatentCache, LatentLoader, encode_latents, open_latent_cache
 from lddpm.data.loader import EpochSampler, ImageLoader
 from lddpm.data.readers import imagenet100_classes
 
 __all__ = [
+    "CaptionTable",
     "DATASETS",
     "EpochSampler",
     "ImageCache",
@@ -37,6 +40,7 @@ __all__ = [
     "open_cache",
     "open_latent_cache",
     "prepare",
+    "read_captioned",
     "read_manifest",
     "test_split",
 ]

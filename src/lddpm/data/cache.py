@@ -4,6 +4,11 @@ Layout of one cache folder `<cache_dir>/<dataset>-<split>-<resolution>[-<fit>]`:
   images.npy     uint8 (N, R, R, C), NHWC, memory-mappable
   labels.npy     int64 (N,)
   manifest.json  request, sources, preprocessing, counts, class names, array checksums, version
+A captioned dataset's cache also holds its caption table (lddpm.data.captions.CaptionTable):
+  captions.json        JSON list of the distinct captions, index 0 = "" (the null prompt)
+  caption_offsets.npy  int64 (N + 1,): image i's captions are caption_indices[offsets[i]:offsets[i + 1]]
+  caption_indices.npy  int64 (M,): indices into captions.json
+with records in the manifest's `arrays` and in its `checksum`, like images.npy and labels.npy.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lddpm import __version__
+from lddpm.data import captions as captions_mod
 from lddpm.data import preprocess, readers
 from lddpm.data.download import download_file
 from lddpm.errors import LddpmError
@@ -29,15 +35,17 @@ from lddpm.checks import strict
 from lddpm.data import integrity
 from lddpm.io import make_temp_dir, os_error, remove_stale_temp_files, swap_in_dir
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder")
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder", "captioned")
 SPLITS = {
     "fashion-mnist": ("train", "test"), "mnist": ("train", "test"), "cifar10": ("train", "test"),
-    "cifar100": ("train", "test"), "imagenet100": ("train", "val"), "imagefolder": None,
+    "cifar100": ("train", "test"), "imagenet100": ("train", "val"), "imagefolder": None, "captioned": None,
 }
+ROOT_DATASETS = ("imagefolder", "captioned")  # named by their --root; it is required
 NATIVE_SIZE = {"fashion-mnist": 28, "mnist": 28, "cifar10": 32, "cifar100": 32}
 FITS = ("pad", "resize")
 CACHE_FORMAT = "lddpm-image-cache"
 CACHE_FORMAT_VERSION = 1
+IMAGE_ARRAYS = ("images.npy", "labels.npy")
 
 
 def default_cache_dir() -> Path:
@@ -56,6 +64,7 @@ def dataset_info(name: str, root: str | os.PathLike | None = None) -> tuple[int,
     """(channels, default_resolution, num_classes, class_names) of a dataset, without reading images.
 
     For "imagefolder" the classes come from the subfolders of `root` (None when no root is given).
+    A "captioned" dataset has no classes; its channels (3 here) become 1 if every image is grey.
     """
     check_dataset(name)
     if name in ("fashion-mnist", "mnist"):
@@ -67,6 +76,8 @@ def dataset_info(name: str, root: str | os.PathLike | None = None) -> tuple[int,
         return 3, 32, 100, list(readers.CIFAR100_CLASSES)
     if name == "imagenet100":
         return 3, 128, 100, readers.imagenet100_classes()
+    if name == "captioned":
+        return 3, 64, 0, []
     if root is None:
         return 3, 64, None, None
     base = Path(root) / "train" if (Path(root) / "train").is_dir() else Path(root)
@@ -87,7 +98,7 @@ def test_split(dataset: str) -> str:
 def cache_name(name: str, split: str, resolution: int, fit: str, root: str | os.PathLike | None = None) -> str:
     """The cache folder name for a request: `<dataset>[-<root name>]-<split>-<resolution>[-<fit>]`."""
     parts = [name]
-    if name == "imagefolder" and root is not None:
+    if name in ROOT_DATASETS and root is not None:
         parts.append(re.sub(r"[^A-Za-z0-9_.]+", "_", Path(root).resolve().name) or "root")
     parts += [split, str(resolution)]
     if fit != default_fit(name, resolution):
@@ -125,21 +136,27 @@ def rebuild_hint(manifest: dict) -> str:
     """How to rebuild a damaged cache: the `lddpm prepare ... --overwrite` command for its request."""
     request = manifest.get("request") if isinstance(manifest.get("request"), dict) else {}
     parts = ["lddpm prepare", str(request.get("dataset", manifest.get("dataset", "DATASET")))]
-    for key in ("split", "resolution", "fit", "root"):
+    for key in ("split", "resolution", "fit", "root", "caption_column"):
         if request.get(key) is not None:
-            parts.append(f"--{key} {request[key]}")
+            parts.append(f"--{key.replace('_', '-')} {request[key]}")
     return f"rebuild it with `{' '.join(parts)} --overwrite` (add your --cache-dir), or delete the folder"
 
 
+def cache_files(manifest: dict) -> tuple[str, ...]:
+    """The checksummed files of an image cache: images, labels, and the caption table if it has one."""
+    return IMAGE_ARRAYS + (captions_mod.CAPTION_FILES if "captions" in manifest else ())
+
+
 class ImageCache:
-    """A prepared dataset: `.images` uint8 (N,H,W,C) memmap, `.labels` int64 (N,), plus its manifest."""
+    """A prepared dataset: `.images` uint8 (N,H,W,C) memmap, `.labels` int64 (N,), plus its manifest;
+    `.captions`: the CaptionTable of a captioned dataset, else None."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         if self.manifest.get("format") != CACHE_FORMAT:
             raise LddpmError(f"{self.path} is not an lddpm image cache (format {self.manifest.get('format')!r})")
-        integrity.verify_arrays(self.path, self.manifest, ("images.npy", "labels.npy"), fix=rebuild_hint(self.manifest))
+        integrity.verify_arrays(self.path, self.manifest, cache_files(self.manifest), fix=rebuild_hint(self.manifest))
         try:
             self.images = np.load(self.path / "images.npy", mmap_mode="r")
             self.labels = np.load(self.path / "labels.npy")
@@ -155,6 +172,12 @@ class ImageCache:
         self.dataset: str = self.manifest["dataset"]
         self.split: str = self.manifest["split"]
         self.checksum: str = self.manifest["checksum"]
+        self.captions: captions_mod.CaptionTable | None = None
+        if "captions" in self.manifest:
+            self.captions = captions_mod.CaptionTable.load(self.path, fix=rebuild_hint(self.manifest))
+            if len(self.captions) != n:
+                raise LddpmError(f"cache {self.path}: the caption table has {len(self.captions)} images, the images "
+                                 f"{n}; {rebuild_hint(self.manifest)}")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -164,7 +187,7 @@ class ImageCache:
 
     def verify(self) -> None:
         """Hash every byte of the arrays and raise LddpmError if they differ from the manifest."""
-        integrity.verify_arrays(self.path, self.manifest, ("images.npy", "labels.npy"),
+        integrity.verify_arrays(self.path, self.manifest, cache_files(self.manifest),
                                 fix=rebuild_hint(self.manifest), full=True)
 
 
@@ -190,7 +213,10 @@ def _check_request(folder: Path, manifest: dict, request: dict) -> None:
         )
 
 
-def _read_raw(name: str, split: str, root: str | None, cache_dir: Path) -> readers.RawDataset:
+def _read_raw(name: str, split: str, root: str | None, cache_dir: Path, caption_column: str = "text",
+              skip_bad: bool = False) -> readers.RawDataset:
+    if name == "captioned":
+        return captions_mod.read_captioned(root, split=split, caption_column=caption_column, skip_bad=skip_bad).to_raw()
     if name in ("fashion-mnist", "mnist"):
         return readers.read_mnist_like(name, split, root)
     if name in ("cifar10", "cifar100"):
@@ -214,7 +240,8 @@ def _write_folder_images(
     """Decode all files into `out` with a process pool; returns the skipped files (raises unless skip_bad)."""
     files = raw.files
     chunk = max(16, min(256, math.ceil(len(files) / (4 * max(1, workers)))))
-    jobs = [(files[i:i + chunk], resolution, raw.mode) for i in range(0, len(files), chunk)]
+    mode = "RGB" if raw.mode == "auto" else raw.mode
+    jobs = [(files[i:i + chunk], resolution, mode) for i in range(0, len(files), chunk)]
     pool = multiprocessing.Pool(workers) if workers > 1 and len(jobs) > 1 else None
     skipped = []
     try:
@@ -226,13 +253,22 @@ def _write_folder_images(
                 for i, err in bad:
                     if not skip_bad:
                         raise LddpmError(f"cannot read image {files[start + i]} ({err}); fix or remove it, or pass --skip-bad")
-                    skipped.append(files[start + i])
+                    skipped.append(str(files[start + i]))
                 bar.update(len(arr))
     finally:
         if pool:
             pool.terminate()
             pool.join()
     return skipped
+
+
+def _all_grey(images: np.ndarray, rows: np.ndarray) -> bool:
+    """True if R == G == B at every pixel of images[rows] (uint8 NHWC, 3 channels)."""
+    for i in range(0, len(rows), 4096):
+        a = images[rows[i:i + 4096]]
+        if not ((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()):
+            return False
+    return True
 
 
 def _build(folder_tmp: Path, raw: readers.RawDataset, *, name: str, split: str, resolution: int, fit: str,
@@ -252,31 +288,58 @@ def _build(folder_tmp: Path, raw: readers.RawDataset, *, name: str, split: str, 
         _write_array_images(raw, out, resolution, fit, progress)
     else:
         skipped = _write_folder_images(raw, out, resolution, workers, skip_bad, progress)
+    kept = np.arange(n)
+    captions = raw.captions
     if skipped:
         skip = set(skipped)
-        keep = np.array([f not in skip for f in raw.files])
+        keep = np.array([str(f) not in skip for f in raw.files])
         if not keep.any():
             raise LddpmError(f"every image under {raw.root} was unreadable; nothing to prepare")
         kept = np.flatnonzero(keep)
+        labels = labels[keep]
+        if captions is not None:
+            captions = [captions[i] for i in kept]
+        if progress:
+            print(f"skipped {len(skipped)} unreadable image(s) of {n}", flush=True)
+    mode = raw.mode
+    if mode == "auto":  # decoded as RGB: store one channel when every kept image is grey
+        mode = "L" if _all_grey(out, kept) else "RGB"
+        channels = 1 if mode == "L" else 3
+    if skipped or channels != out.shape[3]:  # rewrite: drop skipped rows, keep `channels` channels
         compact_path = folder_tmp / "images.compact.npy"
-        compact = np.lib.format.open_memmap(compact_path, mode="w+", dtype=np.uint8, shape=(len(kept),) + out.shape[1:])
+        compact = np.lib.format.open_memmap(compact_path, mode="w+", dtype=np.uint8,
+                                            shape=(len(kept),) + out.shape[1:3] + (channels,))
         for i in range(0, len(kept), 4096):
-            compact[i:i + 4096] = out[kept[i:i + 4096]]
+            compact[i:i + 4096] = out[kept[i:i + 4096], :, :, :channels]
         compact.flush()
         del compact, out
         os.replace(compact_path, images_path)
-        labels = labels[keep]
-        if progress:
-            print(f"skipped {len(skipped)} unreadable image(s) of {n}", flush=True)
     else:
         out.flush()
         del out
     np.save(folder_tmp / "labels.npy", labels.astype(np.int64))
-    arrays, checksum = array_checksums(folder_tmp, ("images.npy", "labels.npy"))
+    arrays, checksum = array_checksums(folder_tmp, IMAGE_ARRAYS)
+    caption_section = None
+    if captions is not None:
+        table = captions_mod.CaptionTable.from_lists(captions)
+        arrays.update(table.save(folder_tmp))
+        checksum = integrity.combined_checksum(arrays, IMAGE_ARRAYS + captions_mod.CAPTION_FILES)
+        per_image = np.diff(table.offsets)
+        caption_section = {
+            **(raw.caption_info or {}),
+            "files": list(captions_mod.CAPTION_FILES),
+            "num_texts": len(table.texts),  # including "" at index 0
+            "num_assignments": int(len(table.indices)),
+            "per_image": {"min": int(per_image.min()), "max": int(per_image.max()), "mean": round(float(per_image.mean()), 4)},
+            "null_index": 0,
+        }
     counts = np.bincount(labels, minlength=len(raw.class_names))
     native = NATIVE_SIZE.get(name)
-    steps = {"decode": "Pillow" if raw.files else f"{name} reader (uint8 arrays)", "mode": raw.mode,
+    steps = {"decode": "Pillow" if raw.files else f"{name} reader (uint8 arrays)", "mode": mode,
              "fit": fit, "dtype": "uint8", "layout": "NHWC"}
+    if raw.mode == "auto":
+        steps["channels"] = "decoded as RGB; stored as one channel because every image is grey" if mode == "L" \
+            else "RGB (some image has colour)"
     if fit == "pad":
         steps["pad"] = f"zero padding from {native}x{native} to {resolution}x{resolution} ({(resolution - (native or resolution)) // 2} pixels each side)"
     elif native != resolution:
@@ -295,6 +358,7 @@ def _build(folder_tmp: Path, raw: readers.RawDataset, *, name: str, split: str, 
         "preprocessing": steps,
         "source": {"root": raw.root, "fingerprint": raw.fingerprint, "files": raw.sources},
         "skipped": {"count": len(skipped), "files": skipped[:100]},
+        **({"captions": caption_section} if caption_section is not None else {}),
         "arrays": arrays,
         "checksum": checksum,
         "request": request,
@@ -317,12 +381,18 @@ def prepare(
     fit: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    caption_column: str = "text",
 ) -> Path:
     """Preprocess a dataset split once into a uint8 cache folder and return its path (idempotent).
 
     A cache whose manifest matches the request is reused; one that does not match is refused
     (LddpmError) unless `overwrite`. A new cache is written into a temporary sibling folder and
     renamed into place, so a failing prepare never damages an existing cache.
+
+    "captioned" reads `root` in any format of lddpm.data.captions (metadata.jsonl/csv with the
+    `caption_column`, .txt/.caption sidecars, WebDataset .tar shards, a COCO captions .json) and
+    stores a caption table beside the images (`open_cache(path).captions`); `skip_bad` there also
+    leaves out images without a caption and captions without an image.
     """
     check_dataset(name)
     _, default_res, _, _ = dataset_info(name)
@@ -337,10 +407,15 @@ def prepare(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if root is None and name == "imagefolder":
         raise LddpmError("imagefolder needs --root DIR (a folder of class subfolders, or of split folders)")
+    if root is None and name == "captioned":
+        raise LddpmError("captioned needs --root PATH: a folder with metadata.jsonl/csv, images with .txt/.caption "
+                         "files or .tar shards, or a COCO captions .json or one .tar shard")
     folder = cache_dir / cache_name(name, split, resolution, fit, root)
     remove_stale_temp_files(cache_dir)  # temp folders of a killed prepare (never a running one's)
     request = {"dataset": name, "split": split, "resolution": resolution, "fit": fit,
                "root": str(Path(root).resolve()) if root is not None else None}
+    if name == "captioned":
+        request["caption_column"] = caption_column
 
     if (folder / "manifest.json").is_file() and not overwrite:
         _check_request(folder, read_manifest(folder), request)
@@ -355,7 +430,8 @@ def prepare(
         spec = readers.CIFAR_ARCHIVES[name]
         target = Path(root) if root is not None else cache_dir / "downloads"
         download_file(spec["url"], target / spec["filename"], spec["md5"], progress=progress)
-    raw = _read_raw(name, split, str(Path(root).resolve()) if root is not None else None, cache_dir)
+    raw = _read_raw(name, split, str(Path(root).resolve()) if root is not None else None, cache_dir,
+                    caption_column=caption_column, skip_bad=skip_bad)
     workers = int(workers or min(8, os.cpu_count() or 1))
 
     tmp = make_temp_dir(folder)

@@ -7,6 +7,9 @@ when the downscale is large), the same kind of pipeline as ADM/guided-diffusion'
 
 from __future__ import annotations
 
+import io
+from typing import NamedTuple, Union
+
 import numpy as np
 from PIL import Image
 
@@ -61,9 +64,33 @@ def preprocess_array(images: np.ndarray, resolution: int, mode: str, fit: str) -
     return out
 
 
-def load_image(path: str, resolution: int, mode: str) -> np.ndarray:
-    """Decode one image file and preprocess it; raises OSError/ValueError if it is unreadable."""
-    with Image.open(path) as img:
+class TarMember(NamedTuple):
+    """An image stored inside an uncompressed tar file (a WebDataset shard): its bytes' place."""
+
+    tar: str
+    name: str
+    offset: int  # byte offset of the member's data in the tar file
+    size: int
+
+    def __str__(self) -> str:
+        return f"{self.tar}:{self.name}"
+
+    def read(self) -> bytes:
+        """The member's bytes (OSError if the tar is shorter than the member says)."""
+        with open(self.tar, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"{self.tar} ends inside member {self.name} (truncated tar)")
+        return data
+
+
+ImageSource = Union[str, TarMember]  # a file path, or an image inside a tar shard
+
+
+def load_image(source: ImageSource, resolution: int, mode: str) -> np.ndarray:
+    """Decode one image (file or tar member) and preprocess it; raises OSError/ValueError if it is unreadable."""
+    with Image.open(io.BytesIO(source.read()) if isinstance(source, TarMember) else source) as img:
         img.load()
         if img.mode not in ("RGB", "L"):
             img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
@@ -74,7 +101,7 @@ def load_image(path: str, resolution: int, mode: str) -> np.ndarray:
         return to_array(resize_center_crop(img, resolution), mode)
 
 
-def load_chunk(args: tuple[list[str], int, str]) -> tuple[np.ndarray, list[tuple[int, str]]]:
+def load_chunk(args: tuple[list[ImageSource], int, str]) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Worker: decode a chunk of files; returns (uint8 (n,R,R,C) with zeros where bad, [(i, error)])."""
     files, resolution, mode = args
     c = 1 if mode == "L" else 3

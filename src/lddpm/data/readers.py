@@ -73,16 +73,19 @@ CIFAR_ARCHIVES = {
 
 @dataclass
 class RawDataset:
-    """What a reader found: either `images` (uint8 array) or `files` (to decode), plus labels."""
+    """What a reader found: either `images` (uint8 array) or `files` (to decode), plus labels
+    (and, for captioned datasets, captions: see lddpm.data.captions)."""
 
     labels: np.ndarray
     class_names: list[str]
-    mode: str  # "L" (grey) or "RGB"
+    mode: str  # "L" (grey), "RGB", or "auto" (decoded as RGB, stored grey if every pixel is)
     sources: list[dict]  # manifest entries describing the source files
     fingerprint: str  # "sha256" or "size+mtime"
     images: np.ndarray | None = None  # (N,H,W) grey or (N,H,W,3) RGB, uint8
-    files: list[str] = field(default_factory=list)
+    files: list = field(default_factory=list)  # paths (str), or preprocess.TarMember for images in tar shards
     root: str = ""
+    captions: list[list[str]] | None = None  # one non-empty list per file
+    caption_info: dict | None = None  # the reader's format and what it left out (manifest `captions`)
 
 
 # ---------------------------------------------------------------------------------------------
