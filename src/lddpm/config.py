@@ -61,6 +61,7 @@ class DataConfig:
     split: str = "train"
     hflip: bool = False
     latent: str | None = None  # a VAE run folder or checkpoint: train on its latents
+    caption_column: str = "text"  # the caption column of a `captioned` dataset's metadata.jsonl / .csv
     cache_dir: str | None = None
 
 
@@ -119,6 +120,15 @@ class VAEConfig:
     scaling_batches: int = 4  # batches used to estimate the latent scaling factor
 
 
+@dataclass
+class TextConfig:
+    """Prompts as the condition (`lddpm.nn.text`): the frozen encoder, its token length, caption dropout."""
+
+    encoder: str = ""  # "" = no text; "minilm" (frozen all-MiniLM-L6-v2), "scratch", or a local HF encoder folder
+    max_length: int = 32  # tokens per prompt, [CLS] and [SEP] included; longer prompts are refused
+    caption_dropout: float = 0.1  # probability of the null prompt "" (classifier-free guidance, as Stable Diffusion)
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "diffusion": DiffusionConfig,
@@ -126,6 +136,7 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "run": RunConfig,
     "vae": VAEConfig,
+    "text": TextConfig,
 }
 
 
@@ -139,6 +150,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON/TOML-ready)."""
@@ -375,10 +387,17 @@ def validate(config: Config) -> Config:
     checks.resolution("data.resolution", data.resolution)
     checks.int_in_range("diffusion.num_timesteps", d.num_timesteps, 1, checks.MAX_NUM_TIMESTEPS,
                         " (larger schedules only cost memory; 1000 is the usual T)")
-    if r.guidance_scale != 1.0 and not r.class_conditional:
+    t = config.text
+    if not 0 <= t.caption_dropout < 1:
+        raise LddpmError(f"text.caption_dropout = {t.caption_dropout}: expected a number in [0, 1)")
+    checks.int_in_range("text.max_length", t.max_length, 2, 512, " (tokens per prompt, [CLS] and [SEP] included)")
+    if t.encoder and r.class_conditional:
+        raise LddpmError("run.class_conditional = true and text.encoder are both set: a run is conditioned on "
+                         "class labels or on prompts; drop one")
+    if r.guidance_scale != 1.0 and not (r.class_conditional or t.encoder):
         raise LddpmError(
-            f"run.guidance_scale = {r.guidance_scale} needs a class-conditional model "
-            "(set run.class_conditional = true or guidance_scale = 1.0)"
+            f"run.guidance_scale = {r.guidance_scale} needs a conditional model "
+            "(set run.class_conditional = true, or text.encoder for prompts, or guidance_scale = 1.0)"
         )
     return config
 

@@ -44,13 +44,33 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+class PromptStates:
+    """A text encoder's states looked up from a table (prompts encoded once, e.g. a run's captions)."""
+
+    def __init__(self, texts: Sequence[str], states: torch.Tensor):
+        self.index = {text: i for i, text in enumerate(texts)}
+        self.states = states
+        self.dim, self.max_length = int(states.shape[-1]), int(states.shape[1])
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """float32 (B, L, D) states of prompts that are in the table."""
+        missing = [p for p in prompts if p not in self.index]
+        if missing:
+            raise LddpmError(f"prompt {missing[0]!r} is not among the encoded captions")
+        return self.states[torch.tensor([self.index[p] for p in prompts], dtype=torch.long)].float()
+
+
 class Pipeline:
-    """A denoiser, its diffusion, and (for latent runs) the VAE that decodes its samples."""
+    """A denoiser, its diffusion, (for latent runs) the VAE that decodes its samples, and (for text runs)
+    the text encoder that turns prompts into the token states the network attends to."""
 
     def __init__(self, model: nn.Module, diffusion, *, vae: nn.Module | None = None, config: Config | None = None,
                  dataset: dict[str, Any] | None = None, device: str | torch.device = "cpu",
-                 checkpoint: str | None = None, step: int | None = None, bf16: bool | str = False):
+                 checkpoint: str | None = None, step: int | None = None, bf16: bool | str = False,
+                 text_encoder: Any = None):
         self.model, self.diffusion, self.vae = model, diffusion, vae
+        self.context_dim: int = int(getattr(model, "context_dim", 0) or 0)
+        self.text_encoder = text_encoder  # .encode(list[str]) -> (B, L, D); needed when context_dim > 0
         self.config = config
         self.dataset_info = dict(dataset or {})
         self.device = torch.device(device)
@@ -73,6 +93,8 @@ class Pipeline:
                 f"classes={self.num_classes}, step={self.step})")
 
     def _labels(self, num: int, labels) -> np.ndarray | None:
+        if self.context_dim and labels is not None:
+            raise LddpmError("this model takes prompts, not class labels (use --prompt / prompts=[...])")
         if labels is None:
             return np.arange(num, dtype=np.int64) % self.num_classes if self.num_classes else None
         if not self.num_classes:
@@ -91,14 +113,49 @@ class Pipeline:
             raise LddpmError(f"unknown class {name!r}; classes: {', '.join(self.class_names) or '(none)'}")
         return lowered.index(name.lower())
 
+    def prompt_states(self, num: int, prompts, negative_prompt: str | None) -> tuple[torch.Tensor | None,
+                                                                                     torch.Tensor | None]:
+        """(context (num, L, D), null context (1, L, D)) for a text model; (None, None) for others.
+
+        The null branch of guidance is the encoding of "" (Stable Diffusion's convention, the
+        prompt the model saw under caption dropout) or of `negative_prompt`, which replaces it.
+        """
+        if not self.context_dim:
+            if prompts is not None or negative_prompt is not None:
+                raise LddpmError("this model was not trained on prompts: it takes no prompt "
+                                 + ("(it takes class labels: use --class / labels)" if self.num_classes else
+                                    "(it is unconditional)"))
+            return None, None
+        if prompts is None:
+            raise LddpmError("this model generates from prompts: give one (--prompt TEXT / --prompts FILE, "
+                             "prompts=[...])")
+        prompts = [prompts] * num if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != num:
+            raise LddpmError(f"got {len(prompts)} prompts for {num} images")
+        for p in prompts + ([negative_prompt] if negative_prompt is not None else []):
+            if not isinstance(p, str):
+                raise LddpmError(f"a prompt must be text, got {p!r}")
+        if any(not p.strip() for p in prompts):
+            raise LddpmError("an empty prompt asks for nothing (\"\" is the null prompt of guidance); write what "
+                             "to draw, or use guidance_scale=0 for unconditional samples")
+        if self.text_encoder is None:
+            raise LddpmError("this pipeline has no text encoder; load it with lddpm.load_pipeline(run)")
+        unique = list(dict.fromkeys(prompts))
+        states = self.text_encoder.encode(unique).float()
+        rows = torch.tensor([unique.index(p) for p in prompts], dtype=torch.long)
+        null = self.text_encoder.encode([negative_prompt or ""]).float()
+        return states[rows].to(self.device), null.to(self.device)
+
     @torch.no_grad()
     def generate(self, num: int, *, sampler: str = "ddim", num_steps: int | None = None, eta: float = 0.0,
                  guidance_scale: float = 1.0, labels: int | Sequence[int] | np.ndarray | None = None, seed: int = 0,
-                 batch_size: int = 64, progress: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                 batch_size: int = 64, progress: bool = True, prompts: str | Sequence[str] | None = None,
+                 negative_prompt: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Sample `num` images -> (uint8 (N, H, W, C), int64 labels or None).
 
         Conditional models get `labels` (default: classes in turn, 0, 1, ..., so counts are
-        balanced). The starting noise of image i depends only on (seed, i), and so does the noise a
+        balanced); text models get `prompts` (one per image, or one for all) and optionally a
+        `negative_prompt` that replaces the null prompt in guidance. The starting noise of image i depends only on (seed, i), and so does the noise a
         stochastic sampler draws at each step (one generator per image): samples do not depend on
         batch_size. Latent samples are divided by the VAE's scaling factor and decoded.
         """
@@ -106,6 +163,7 @@ class Pipeline:
         if num < 0 or batch_size < 1:
             raise LddpmError(f"num ({num}) must be >= 0 and batch_size ({batch_size}) >= 1")
         labels = self._labels(num, labels)
+        context, null_context = self.prompt_states(num, prompts, negative_prompt)
         x_T = torch.randn((num, *self.latent_shape), generator=torch.Generator().manual_seed(int(seed)))
         outputs = []
         self.model.eval()
@@ -114,11 +172,12 @@ class Pipeline:
             for start in range(0, num, batch_size):
                 xb = x_T[start:start + batch_size].to(self.device)
                 yb = torch.from_numpy(labels[start:start + batch_size]).to(self.device) if labels is not None else None
+                cb = context[start:start + batch_size] if context is not None else None
                 generator = ([seeding.generator(seeding.image_seed(int(seed), i), self.device)
                               for i in range(start, start + len(xb))] if stochastic else None)
                 x = sample(network, self.diffusion, tuple(xb.shape), sampler=sampler, num_steps=num_steps, eta=eta,
                            clip_x0=self.vae is None, y=yb, guidance_scale=guidance_scale, null_label=self.null_label,
-                           generator=generator, x_T=xb, device=self.device, progress=False)
+                           context=cb, null_context=null_context, generator=generator, x_T=xb, device=self.device, progress=False)
                 if self.vae is not None:
                     x = self.vae.decode(x.float() / self.vae.scaling_factor)
                 outputs.append(to_uint8(x))
@@ -173,5 +232,22 @@ def load_pipeline(run_or_checkpoint: str | Path, device: str | torch.device = "c
     model = model.to(device).eval().requires_grad_(False)
     vae = load_vae(ckpt.path, device) if "vae" in ckpt.groups else None
     config = Config.from_dict(meta["config"], source=str(ckpt.path))
+    text_encoder = load_run_text_encoder(meta, device, str(ckpt.path)) if meta.get("text") else None
     return Pipeline(model, build_diffusion(config.diffusion), vae=vae, config=config, dataset=meta.get("dataset"),
-                    device=device, checkpoint=str(ckpt.path), step=int(meta["step"]), bf16=bf16)
+                    device=device, checkpoint=str(ckpt.path), step=int(meta["step"]), bf16=bf16,
+                    text_encoder=text_encoder)
+
+
+def load_run_text_encoder(meta: dict[str, Any], device, where: str):
+    """The frozen text encoder a text run was trained with, checked against the identity in its checkpoint."""
+    from lddpm.nn.text import load_text_encoder
+
+    text = meta["text"]
+    encoder = load_text_encoder(text["encoder"], int(text["max_length"]), device=device)
+    saved, now = text.get("identity") or {}, encoder.identity()
+    changed = [k for k in ("weights_sha256", "tokenizer_sha256", "max_length") if saved.get(k) != now.get(k)]
+    if changed:
+        raise LddpmError(f"{where} was trained with the text encoder {text['encoder']!r} whose "
+                         f"{', '.join(changed)} differ from the one installed here; install the encoder it was "
+                         "trained with (its identity is in the checkpoint's meta.text)")
+    return encoder

@@ -60,31 +60,54 @@ class ClassifierFreeGuidance:
     """Classifier-free guidance (Ho & Salimans 2022) as a model wrapper: out_u + s (out_c - out_u).
 
     s = guidance_scale (s = 1: conditional model, s = 0: unconditional; the paper's w is s - 1). The
-    conditional and null branches run in ONE batched forward. Guidance is applied to the raw output
-    in its own space: for fixed x_t and t, eps, x0 and v are affine maps of each other with the same
-    coefficients for both branches, and an affine map commutes with out_u + s (out_c - out_u), so
-    guiding v or x0 equals guiding eps. With a learned variance (2C output channels) only the first C
-    channels are guided; the variance channels come from the conditional branch.
+    conditional and null branches run in ONE batched forward. The condition is a class label `y`
+    (null branch: the null label) and/or a prompt's token states `context` (null branch:
+    `null_context`, the encoding of "" as in Stable Diffusion, or of a negative prompt, which then
+    replaces the null branch). Guidance is applied to the raw output in its own space: for fixed
+    x_t and t, eps, x0 and v are affine maps of each other with the same coefficients for both
+    branches, and an affine map commutes with out_u + s (out_c - out_u), so guiding v or x0 equals
+    guiding eps. With a learned variance (2C output channels) only the first C channels are guided;
+    the variance channels come from the conditional branch.
     """
 
-    def __init__(self, model: Model, guidance_scale: float, null_label: int | None) -> None:
-        if guidance_scale != 1.0 and null_label is None:
-            raise LddpmError(f"guidance_scale={guidance_scale} needs null_label: this model is unconditional (guidance "
-                             "needs a class-conditional model trained with label dropout); use guidance_scale=1")
+    def __init__(self, model: Model, guidance_scale: float, null_label: int | None = None, *,
+                 null_context: torch.Tensor | None = None) -> None:
+        if guidance_scale != 1.0 and null_label is None and null_context is None:
+            raise LddpmError(f"guidance_scale={guidance_scale} needs a null condition: this model is unconditional "
+                             "(guidance needs a class- or prompt-conditional model trained with condition dropout); "
+                             "use guidance_scale=1")
         self.model = model
         self.guidance_scale = float(guidance_scale)
         self.null_label = null_label
+        self.null_context = null_context
+
+    def null_condition(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The null branch's condition for a batch like x: null labels and/or the null prompt's states."""
+        null: dict[str, torch.Tensor] = {}
+        if self.null_label is not None:
+            null["y"] = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
+        if self.null_context is not None:
+            ctx = self.null_context.to(x.device)
+            null["context"] = ctx.expand(x.shape[0], *ctx.shape[1:]) if ctx.shape[0] == 1 else ctx
+        return null
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                 **kwargs: Any) -> torch.Tensor:
-        """Guided prediction for x_t at t with labels y (None: all null)."""
+                 context: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """Guided prediction for x_t at t with labels y and/or prompt states context (None: the null branch)."""
         s = self.guidance_scale
+        cond = {k: v.to(x.device) for k, v in (("y", y), ("context", context)) if v is not None}
         if s == 1.0:
-            return self.model(x, t, y=y, **kwargs)
-        null = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
-        if y is None or s == 0.0:
-            return self.model(x, t, y=null, **kwargs)
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y.to(x.device), null]), **kwargs)
+            return self.model(x, t, **cond, **kwargs)
+        null = self.null_condition(x)
+        if not cond or s == 0.0:
+            return self.model(x, t, **null, **kwargs)
+        missing = sorted(set(cond) - set(null))
+        if missing:
+            raise LddpmError(f"guidance over {', '.join(missing)} needs its null condition "
+                             f"({'the null label' if 'y' in missing else 'the null prompt states'})")
+        both = {k: torch.cat([cond[k], null[k]]) for k in cond}
+        both.update({k: torch.cat([v, v]) for k, v in null.items() if k not in cond})
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), **both, **kwargs)
         out_c, out_u = out.chunk(2)
         C = x.shape[1]
         if out.shape[1] == 2 * C:                    # learned variance: guide the mean channels only
@@ -103,15 +126,15 @@ class Denoiser:
     """
 
     def __init__(self, model: Model, diffusion: GaussianDiffusion, *, cond: dict[str, Any] | None = None,
-                 guidance_scale: float = 1.0, null_label: int | None = None, clip_x0: bool = True) -> None:
+                 guidance_scale: float = 1.0, null_label: int | None = None,
+                 null_context: torch.Tensor | None = None, clip_x0: bool = True) -> None:
         if not math.isfinite(float(guidance_scale)):
             raise LddpmError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         self.network = model
-        self.model = ClassifierFreeGuidance(model, guidance_scale, null_label) if guidance_scale != 1.0 else model
+        self.model = (ClassifierFreeGuidance(model, guidance_scale, null_label, null_context=null_context)
+                      if guidance_scale != 1.0 else model)
         self.diffusion = diffusion
-        self.cond = dict(cond or {})
-        if guidance_scale != 1.0 and "y" not in self.cond:
-            self.cond["y"] = None                    # guidance without labels: the null branch alone
+        self.cond = {k: v for k, v in (cond or {}).items() if v is not None}
         self.clip_x0 = clip_x0
 
     def timestep(self, x: torch.Tensor, t: int) -> torch.Tensor:
@@ -289,6 +312,7 @@ def _model_device(model: Model) -> torch.device:
 def sample(model: Model, diffusion: GaussianDiffusion, shape: tuple[int, ...], *, sampler: str = "ddim",
            num_steps: int | None = None, eta: float = 0.0, spacing: str | None = None, clip_x0: bool = True,
            y: torch.Tensor | None = None, guidance_scale: float = 1.0, null_label: int | None = None,
+           context: torch.Tensor | None = None, null_context: torch.Tensor | None = None,
            generator: Generator = None, x_T: torch.Tensor | None = None,
            device: torch.device | str | None = None, progress: Progress = None,
            variance: str = "small") -> torch.Tensor:
@@ -297,7 +321,8 @@ def sample(model: Model, diffusion: GaussianDiffusion, shape: tuple[int, ...], *
     num_steps defaults: ddpm all T, ddim 50, dpm++2m 20. spacing defaults to "trailing" (Lin et al.
     2024: starts at t = T - 1). clip_x0 clips predicted x0 to [-1, 1] (pass False for latents).
     x_T defaults to N(0, I) from `generator` (same seed -> same samples). eta is DDIM's; variance is
-    DDPM's ("small" or "large"; a learned-variance model uses its own).
+    DDPM's ("small" or "large"; a learned-variance model uses its own). A text model takes `context`
+    (B, L, D) prompt states and, for guidance, `null_context` (the states of "" or a negative prompt).
     """
     spec = sampler_spec(sampler)
     check_eta(sampler, eta)
@@ -310,7 +335,8 @@ def sample(model: Model, diffusion: GaussianDiffusion, shape: tuple[int, ...], *
         x_T = randn(tuple(shape), generator, device)
     elif tuple(x_T.shape) != tuple(shape):
         raise LddpmError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
-    denoiser = Denoiser(model, diffusion, cond={"y": y.to(device)} if y is not None else None,
-                        guidance_scale=guidance_scale, null_label=null_label, clip_x0=clip_x0)
+    cond = {"y": y.to(device) if y is not None else None, "context": context.to(device) if context is not None else None}
+    denoiser = Denoiser(model, diffusion, cond=cond, guidance_scale=guidance_scale, null_label=null_label,
+                        null_context=null_context, clip_x0=clip_x0)
     options = {"eta": eta} if spec.takes_eta else {"variance": variance} if spec.takes_variance else {}
     return spec.fn(denoiser, x_T.to(device), timesteps, generator=generator, progress=progress, **options)

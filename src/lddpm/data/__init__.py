@@ -7,6 +7,7 @@ also holds a `CaptionTable` (`open_cache(path).captions`); `read_captioned` read
 """
 
 from lddpm.data.cache import (
+    CAPTIONED_DATASETS,
     DATASETS,
     ImageCache,
     cache_name,
@@ -25,6 +26,7 @@ from lddpm.data.readers import imagenet100_classes
 
 __all__ = [
     "CaptionTable",
+    "CAPTIONED_DATASETS",
     "DATASETS",
     "EpochSampler",
     "ImageCache",

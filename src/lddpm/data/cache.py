@@ -40,6 +40,7 @@ SPLITS = {
     "fashion-mnist": ("train", "test"), "mnist": ("train", "test"), "cifar10": ("train", "test"),
     "cifar100": ("train", "test"), "imagenet100": ("train", "val"), "imagefolder": None, "captioned": None,
 }
+CAPTIONED_DATASETS = ("captioned",)  # datasets whose caches hold captions (a caption table)
 ROOT_DATASETS = ("imagefolder", "captioned")  # named by their --root; it is required
 NATIVE_SIZE = {"fashion-mnist": 28, "mnist": 28, "cifar10": 32, "cifar100": 32}
 FITS = ("pad", "resize")

@@ -196,6 +196,10 @@ class LatentLoader:
         self.sampler = EpochSampler(len(self.cache), batch_size, seed=seed, rank=rank, world_size=world_size)
         self.batch_size = batch_size
 
+    def indices(self, step: int) -> np.ndarray:
+        """Dataset indices of this rank's part of global batch `step` (as ImageLoader.indices)."""
+        return self.sampler.indices(step)
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(scaled latents float32, labels int64) of this rank's part of global batch `step`."""
         idx = self.sampler.indices(step)

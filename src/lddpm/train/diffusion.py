@@ -13,12 +13,12 @@ import torch
 from lddpm import distributed
 from lddpm.checkpoint import load_checkpoint
 from lddpm.config import Config
-from lddpm.data import ImageLoader, LatentLoader, default_cache_dir, encode_latents, open_latent_cache
+from lddpm.data import CAPTIONED_DATASETS, ImageLoader, LatentLoader, default_cache_dir, encode_latents, open_latent_cache
 from lddpm.diffusion import build_diffusion
 from lddpm.errors import LddpmError
 from lddpm.grid import save_grid
 from lddpm.nn import build_network
-from lddpm.pipeline import Pipeline, load_vae
+from lddpm.pipeline import Pipeline, PromptStates, load_vae
 from lddpm.train.loop import TrainingLoop
 from lddpm.train.utils import EMA, network_overrides, open_training_images
 
@@ -31,6 +31,10 @@ class DiffusionTrainer(TrainingLoop):
     def build(self) -> None:
         """Data (and latent cache), network, EMA, diffusion, optimizer."""
         c = self.config
+        if c.text.encoder and c.data.dataset not in CAPTIONED_DATASETS:
+            raise LddpmError(f"text.encoder = {c.text.encoder!r} needs captions, but data.dataset = {c.data.dataset!r} "
+                             f"has none; use a captioned dataset ({', '.join(CAPTIONED_DATASETS)}; 'captioned' reads "
+                             "an image folder with metadata.jsonl, .txt files, WebDataset shards or COCO captions)")
         cache = open_training_images(c, self.info, self.progress)
         self.dataset_info = {"name": c.data.dataset, "split": c.data.split, "num_classes": cache.num_classes,
                              "class_names": list(cache.class_names), "channels": cache.channels,
@@ -58,6 +62,9 @@ class DiffusionTrainer(TrainingLoop):
                              "(use lddpm train-vae for autoencoders)")
         derived = {"resolution": resolution, "in_channels": in_channels, "num_classes": num_classes,
                    "learned_sigma": c.diffusion.learned_variance}
+        self.captions, self.caption_states, self.text_meta = None, None, None
+        if c.text.encoder:
+            derived["context_dim"] = self._encode_captions(cache)
         self.model = build_network(c.model.kind, c.model.name, **network_overrides(c, derived)).to(self.device)
         self.model.train()
         self.ema = EMA(self.model, c.optim.ema_decay, c.optim.ema_warmup, c.optim.ema_gamma)
@@ -65,8 +72,30 @@ class DiffusionTrainer(TrainingLoop):
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.forward_model = self.wrap_ddp(self.model)
         self.null_label = self.model.null_label if num_classes else None
+        text = PromptStates(self.captions.texts, self.caption_states) if self.captions is not None else None
         self.grid_pipeline = Pipeline(self.ema.model, self.diffusion, vae=self.vae, config=c,
-                                      dataset=self.dataset_info, device=self.device)
+                                      dataset=self.dataset_info, device=self.device, text_encoder=text)
+
+    def _encode_captions(self, cache) -> int:
+        """Encode each distinct caption of the cache once with the frozen text encoder (rank 0 first,
+        cached on disk by the encoder's identity); return the context width."""
+        from lddpm.nn.text import encode_captions_cached, load_text_encoder
+
+        c = self.config
+        if c.text.encoder == "scratch":
+            raise LddpmError("text.encoder = 'scratch': the trainable encoder (lddpm.nn.text.ScratchTextEncoder) "
+                             "is not trained by lddpm train yet; use 'minilm' or a local Hugging Face encoder folder")
+        self.captions = cache.captions
+        encoder = load_text_encoder(c.text.encoder, c.text.max_length)
+        root = (Path(c.data.cache_dir) if c.data.cache_dir else default_cache_dir()) / "text"
+        if self.info.is_main:
+            self.caption_states = encode_captions_cached(encoder, self.captions.texts, root)
+        distributed.barrier(self.info)
+        if not self.info.is_main:
+            self.caption_states = encode_captions_cached(encoder, self.captions.texts, root)
+        self.text_meta = {"encoder": c.text.encoder, "identity": encoder.identity(), "max_length": c.text.max_length,
+                          "caption_dropout": c.text.caption_dropout, "num_captions": len(self.captions.texts)}
+        return encoder.dim
 
     def _load_vae(self, cache):
         """The VAE run named by data.latent; refuse one trained on other data or resolution."""
@@ -114,7 +143,15 @@ class DiffusionTrainer(TrainingLoop):
         """Diffusion loss of one micro-batch, with label dropout for classifier-free guidance."""
         x, y = self.loaders[shard].batch(self.step)
         x = x.to(self.device, non_blocking=True)
-        if self.null_label is not None:
+        context = None
+        if self.captions is not None:
+            # One caption per image, a pure function of (seed, step, image); caption dropout picks the
+            # null prompt "" (row 0), which trains the unconditional branch of guidance.
+            chosen = self.captions.choose(self.loaders[shard].indices(self.step), self.config.run.seed, self.step,
+                                          null_prob=self.config.text.caption_dropout)
+            context = self.caption_states[torch.from_numpy(chosen)].to(self.device, torch.float32)
+            y = None
+        elif self.null_label is not None:
             y = y.to(self.device)
             # Important: dropping labels to the null label trains the unconditional model for CFG.
             drop = torch.rand(y.shape, generator=generator, device=self.device) < self.config.run.label_dropout
@@ -122,7 +159,7 @@ class DiffusionTrainer(TrainingLoop):
         else:
             y = None
         with self.autocast():
-            out = self.diffusion.training_losses(self.forward_model, x, y=y, generator=generator)
+            out = self.diffusion.training_losses(self.forward_model, x, y=y, context=context, generator=generator)
         per_sample = {}
         if self.diffusion.timestep_sampling == "adaptive":
             per_sample = {"t": out["t"], "loss": out.get("loss_unweighted", out["loss"]).float()}
@@ -150,11 +187,24 @@ class DiffusionTrainer(TrainingLoop):
 
     def meta(self):
         """Dataset and VAE descriptions for the pipeline."""
-        return {"dataset": self.dataset_info, "vae": self.vae_meta}
+        meta = {"dataset": self.dataset_info, "vae": self.vae_meta}
+        if self.text_meta is not None:
+            meta["text"] = self.text_meta
+        return meta
 
     def write_grid(self, path: Path) -> None:
         """EMA samples from fixed noise; one row per class for conditional models."""
         c = self.config
+        if self.captions is not None:  # the first distinct captions, one row each
+            texts = self.captions.texts[1:]
+            rows = min(len(texts), max(1, int(math.sqrt(c.run.num_sample_images))))
+            per_row = max(1, c.run.num_sample_images // rows)
+            prompts = [p for p in texts[:rows] for _ in range(per_row)]
+            images, _ = self.grid_pipeline.generate(
+                len(prompts), sampler=c.run.sampler, num_steps=c.run.sample_steps, prompts=prompts, seed=c.run.seed,
+                guidance_scale=c.run.guidance_scale, batch_size=max(len(prompts), 1), progress=False)
+            save_grid(images, path, nrow=per_row)
+            return
         if self.null_label is not None:
             k = self.model.num_classes
             per_class = max(1, c.run.num_sample_images // k)

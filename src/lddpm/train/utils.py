@@ -24,7 +24,7 @@ from lddpm.sampling import SAMPLERS
 from lddpm.schedule import SCHEDULES
 
 # Config sections whose change alters what a resumed run computes (run.steps/out/logging may change).
-RESUME_SECTIONS = ("model", "diffusion", "data", "optim", "vae")
+RESUME_SECTIONS = ("model", "diffusion", "data", "optim", "vae", "text")
 RESUME_RUN_KEYS = ("seed", "bf16", "class_conditional", "label_dropout")
 
 
@@ -150,7 +150,8 @@ def network_overrides(config: Config, derived: dict[str, Any]) -> dict[str, Any]
 def open_training_images(config: Config, info: distributed.DistInfo, progress: bool):
     """Prepare (rank 0 first) and open the image cache named by the [data] section."""
     d = config.data
-    kwargs = dict(resolution=d.resolution, split=d.split, root=d.root, cache_dir=d.cache_dir)
+    kwargs = dict(resolution=d.resolution, split=d.split, root=d.root, cache_dir=d.cache_dir,
+                  caption_column=d.caption_column)
     if info.is_main:
         path = prepare(d.dataset, progress=progress, **kwargs)
     distributed.barrier(info)

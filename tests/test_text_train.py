@@ -1,0 +1,137 @@
+"""Text-to-image end to end: captions -> frozen MiniLM states (cached) -> cross-attention U-Net / DiT ->
+prompts, negative prompts and guidance at sampling; the bad inputs of issue 27."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lddpm.checkpoint import load_checkpoint
+from lddpm.config import apply_overrides, config_from_preset
+from lddpm.errors import LddpmError
+from lddpm.pipeline import load_pipeline
+from lddpm.sampling import ClassifierFreeGuidance
+from lddpm.train import train
+
+pytest.importorskip("transformers")
+from lddpm.nn.text import minilm_folder  # noqa: E402
+
+try:
+    minilm_folder()
+except LddpmError as exc:  # pragma: no cover - the wheel is installed by `make setup`
+    pytest.skip(f"MiniLM is not installed: {exc}", allow_module_level=True)
+
+CAPTIONS = {"bright": ["a bright square", "a white block"], "dark": ["a dark square"]}
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory) -> tuple[Path, Path]:
+    """An image folder of 16x16 squares with metadata.jsonl captions (bright or dark), and a cache dir."""
+    base = tmp_path_factory.mktemp("captioned")
+    folder = base / "images" / "train"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(24):
+        kind = "bright" if i % 2 else "dark"
+        img = np.zeros((16, 16), np.uint8)
+        r, c = rng.integers(2, 8, size=2)
+        img[r:r + 6, c:c + 6] = 230 if kind == "bright" else 90
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": CAPTIONS[kind]}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return base / "images", base / "cache"
+
+
+def text_config(captioned, *sets: str, network: str = "unet"):
+    root, cache = captioned
+    nets = {
+        "unet": ["model.overrides={model_channels=8, channel_mult=[1, 2], attention_resolutions=[8], num_heads=2}"],
+        "dit": ['model.kind="dit"', 'model.name="dit-tiny/4"', "model.overrides={hidden_size=16, depth=2, num_heads=2}"],
+    }
+    base = [f"data.root={json.dumps(str(root))}", f"data.cache_dir={json.dumps(str(cache))}", 'data.dataset="captioned"',
+            "data.resolution=16", "optim.batch_size=8", "run.steps=3", "run.log_every=1", "run.sample_every=0",
+            "run.checkpoint_every=100", 'run.device="cpu"', "run.num_sample_images=4", "run.sample_steps=2",
+            "run.class_conditional=false", 'text.encoder="minilm"', "text.max_length=8", "text.caption_dropout=0.25"]
+    return apply_overrides(config_from_preset("fashion-quick"), base + nets[network] + list(sets))
+
+
+@pytest.mark.parametrize("network", ["unet", "dit"])
+def test_a_text_run_trains_saves_and_generates_from_prompts(captioned, tmp_path, network):
+    run = tmp_path / "run"
+    train(text_config(captioned, network=network), run, progress=False)
+    meta = load_checkpoint(run).meta
+    assert meta["text"]["encoder"] == "minilm" and meta["text"]["identity"]["max_length"] == 8
+    assert meta["text"]["num_captions"] == 4  # "", and the three distinct captions
+    assert meta["network"]["config"]["context_dim"] == 384
+    assert (run / "samples" / "step_000003.png").exists()   # the grid, one row per caption
+    pipe = load_pipeline(run)
+    a, _ = pipe.generate(2, sampler="ddim", num_steps=3, prompts="a dark square", guidance_scale=3.0, progress=False)
+    b, _ = pipe.generate(2, sampler="ddim", num_steps=3, prompts=["a dark square"] * 2, guidance_scale=3.0,
+                         progress=False, batch_size=1)
+    assert a.shape == (2, 16, 16, 1) and np.array_equal(a, b)  # same seed, any batch size
+    neg, _ = pipe.generate(2, sampler="ddim", num_steps=3, prompts="a dark square", guidance_scale=3.0,
+                           negative_prompt="a bright square", progress=False)
+    assert neg.shape == a.shape
+
+
+def test_prompts_change_the_prediction_and_guidance_uses_one_batched_forward(captioned, tmp_path):
+    run = tmp_path / "run"
+    train(text_config(captioned, "run.steps=6", "optim.lr=3e-3"), run, progress=False)
+    pipe = load_pipeline(run)
+    calls = []
+    model = pipe.model
+
+    def counting(x, t, **cond):
+        calls.append({k: v.shape for k, v in cond.items()})
+        return model(x, t, **cond)
+
+    ctx, null = pipe.prompt_states(3, "a dark square", None)
+    guided = ClassifierFreeGuidance(counting, 4.0, null_context=null)
+    x, t = torch.randn(3, 1, 16, 16), torch.full((3,), 500)
+    out = guided(x, t, context=ctx)
+    assert calls == [{"context": torch.Size([6, 8, 384])}]  # both branches in one forward
+    cond_out, null_out = model(x, t, context=ctx), model(x, t, context=null.expand(3, -1, -1))
+    torch.testing.assert_close(out, null_out + 4.0 * (cond_out - null_out), atol=1e-5, rtol=1e-5)
+    other, _ = pipe.prompt_states(3, "a bright square", None)
+    assert not torch.allclose(model(x, t, context=other), cond_out)  # the prompt reaches the network
+
+
+def test_text_bad_inputs_each_one_clear_error(captioned, tmp_path):
+    run = tmp_path / "run"
+    train(text_config(captioned, "run.steps=1"), run, progress=False)
+    pipe = load_pipeline(run)
+    with pytest.raises(LddpmError, match="empty prompt"):
+        pipe.generate(1, prompts="  ", progress=False)
+    with pytest.raises(LddpmError, match="tokens"):
+        pipe.generate(1, prompts="a very long prompt that has far more than eight tokens in it", progress=False)
+    with pytest.raises(LddpmError, match="prompts, not class labels"):
+        pipe.generate(1, prompts="a dark square", labels=1, progress=False)
+    with pytest.raises(LddpmError, match="generates from prompts"):
+        pipe.generate(1, progress=False)
+    with pytest.raises(LddpmError, match="2 prompts for 1 images"):
+        pipe.generate(1, prompts=["a", "b"], progress=False)
+    with pytest.raises(LddpmError, match="class_conditional"):
+        train(text_config(captioned, "run.class_conditional=true"), tmp_path / "both", progress=False)
+    with pytest.raises(LddpmError, match="needs captions"):
+        root, cache = captioned
+        cfg = apply_overrides(text_config(captioned), ['data.dataset="fashion-mnist"', "data.root=\"/nonexistent\""])
+        train(cfg, tmp_path / "nocap", progress=False)
+
+
+def test_a_prompt_given_to_a_class_run_is_refused(tmp_path):
+    from lddpm.nn import build_network
+    from lddpm.diffusion import build_diffusion
+    from lddpm.config import DiffusionConfig
+    from lddpm.pipeline import Pipeline
+
+    model = build_network("unet", "tiny", in_channels=1, resolution=16, num_classes=3, channel_mult=[1, 2],
+                          attention_resolutions=[8])
+    pipe = Pipeline(model, build_diffusion(DiffusionConfig()), dataset={"class_names": ["a", "b", "c"]})
+    with pytest.raises(LddpmError, match="not trained on prompts"):
+        pipe.generate(1, prompts="a bag", progress=False)
