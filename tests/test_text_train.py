@@ -135,3 +135,26 @@ def test_a_prompt_given_to_a_class_run_is_refused(tmp_path):
     pipe = Pipeline(model, build_diffusion(DiffusionConfig()), dataset={"class_names": ["a", "b", "c"]})
     with pytest.raises(LddpmError, match="not trained on prompts"):
         pipe.generate(1, prompts="a bag", progress=False)
+
+
+def test_sample_command_with_prompts_writes_a_labelled_grid(captioned, tmp_path, capsys):
+    from lddpm.cli import main
+
+    run = tmp_path / "run"
+    train(text_config(captioned, "run.steps=1"), run, progress=False)
+    out = tmp_path / "one.png"
+    assert main(["sample", str(run), "--prompt", "a dark square", "--num", "2", "--steps", "2",
+                 "--guidance-scale", "3", "--negative-prompt", "a bright square", "--out", str(out), "--quiet"]) == 0
+    one = np.asarray(Image.open(out))
+    listing = tmp_path / "prompts.jsonl"
+    listing.write_text('{"prompt": "a dark square"}\n{"prompt": "a white block"}\n')
+    many = tmp_path / "many.png"
+    assert main(["sample", str(run), "--prompts", str(listing), "--num", "2", "--steps", "2", "--out", str(many),
+                 "--quiet"]) == 0
+    grid = np.asarray(Image.open(many))
+    assert grid.shape[0] > one.shape[0] and grid.shape[1] == one.shape[1]  # two labelled rows, same width
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(SystemExit):
+        main(["sample", str(run), "--prompts", str(bad), "--quiet"])
+    assert "not UTF-8" in capsys.readouterr().err

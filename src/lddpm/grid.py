@@ -73,17 +73,29 @@ def labelled_grid(images: np.ndarray, labels: np.ndarray | None, *, per_class: i
     return canvas
 
 
-def _add_row_names(canvas: np.ndarray, names: list[str], row_height: int, pad: int) -> np.ndarray:
-    """Prepend a white margin with each row's name."""
+def _add_row_names(canvas: np.ndarray, names: list[str], row_height: int, pad: int, wrap: int = 28) -> np.ndarray:
+    """Prepend a white margin with each row's name (long names, e.g. prompts, wrapped onto several lines)."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
-    width = 8 + 7 * max(len(s) for s in names)
+    lines = [textwrap.wrap(name, wrap) or [""] for name in names]
+    width = 8 + 7 * max(len(line) for block in lines for line in block)
     out = Image.new("RGB", (canvas.shape[1] + width, canvas.shape[0]), "white")
     out.paste(Image.fromarray(canvas), (width, 0))
     draw = ImageDraw.Draw(out)
-    for r, name in enumerate(names):
-        draw.text((4, pad + r * row_height + row_height // 2 - 6), name, fill=(0, 0, 0))
+    for r, block in enumerate(lines):
+        top = pad + r * row_height + row_height // 2 - 6 * len(block)
+        for k, line in enumerate(block):
+            draw.text((4, top + 12 * k), line, fill=(0, 0, 0))
     return np.asarray(out)
+
+
+def prompt_grid(images: np.ndarray, prompts: list[str], *, per_prompt: int = 8) -> np.ndarray:
+    """An RGB grid with one row per distinct prompt (in order of first use), labelled with the prompt."""
+    unique = list(dict.fromkeys(prompts))
+    rows = np.array([unique.index(p) for p in prompts])
+    return labelled_grid(images, rows, per_class=per_prompt, class_names=unique)
 
 
 def save_grid(images: np.ndarray, path: str | Path, nrow: int = 8) -> Path:

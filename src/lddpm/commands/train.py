@@ -48,7 +48,14 @@ def register(subparsers) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--class", dest="class_index", type=int, default=None, help="class index for every image")
     group.add_argument("--class-name", default=None, help="class name for every image")
-    p.add_argument("--num", type=int, default=16, help="number of images (default 16)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=None, help="text runs: what to draw (every image)")
+    prompt.add_argument("--prompts", default=None, metavar="FILE",
+                        help="text runs: a file of prompts (one per line, or JSONL with a `prompt` field); "
+                             "--num images each, one grid row per prompt")
+    p.add_argument("--negative-prompt", default=None,
+                   help="text runs: what to steer away from; replaces the null prompt \"\" of guidance")
+    p.add_argument("--num", type=int, default=16, help="number of images (per prompt with --prompts; default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="grid PNG (default samples.png unless --out-dir is given)")
     p.add_argument("--out-dir", default=None, help="also write one PNG per image here")
@@ -116,6 +123,34 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_prompt_file(path: str) -> list[str]:
+    """Prompts from a text file (one per non-empty line) or a JSONL file (a `prompt` or `text` field per line)."""
+    import json
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LddpmError(f"--prompts {path}: not UTF-8 text; save it as UTF-8") from None
+    except OSError as exc:
+        raise LddpmError(f"--prompts {path}: cannot read it ({exc.strerror or exc})") from None
+    prompts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.endswith(".jsonl"):
+            try:
+                record = json.loads(line)
+                prompts.append(record["prompt"] if "prompt" in record else record["text"])
+            except (ValueError, KeyError, TypeError):
+                raise LddpmError(f"--prompts {path}, line {number}: expected a JSON object with a `prompt` "
+                                 "(or `text`) field") from None
+        else:
+            prompts.append(line.strip())
+    if not prompts:
+        raise LddpmError(f"--prompts {path} holds no prompt")
+    return prompts
+
+
 def _sample(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -143,14 +178,25 @@ def _sample(args: argparse.Namespace) -> int:
         if not 0 <= args.class_index < pipeline.num_classes:
             raise LddpmError(f"--class {args.class_index} is out of range; choose 0..{pipeline.num_classes - 1}")
         labels = args.class_index
+    prompts = None
+    if args.prompts is not None:
+        prompts = [p for p in read_prompt_file(args.prompts) for _ in range(args.num)]
+    elif args.prompt is not None:
+        prompts = [args.prompt] * args.num
     start = time.time()
     images, out_labels = pipeline.generate(
-        args.num, sampler=args.sampler, num_steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
-        labels=labels, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+        len(prompts) if prompts else args.num, sampler=args.sampler, num_steps=args.steps, eta=args.eta,
+        guidance_scale=args.guidance_scale, labels=labels, seed=args.seed, batch_size=args.batch_size,
+        progress=not args.quiet, prompts=prompts, negative_prompt=args.negative_prompt)
     took = time.time() - start
     written = []
     out = args.out if args.out or args.out_dir else "samples.png"
-    if out:
+    if out and prompts is not None:  # one row per prompt, labelled with it
+        from lddpm.grid import prompt_grid
+        from lddpm.io import write_png
+
+        written.append(str(write_png(out, prompt_grid(images, prompts, per_prompt=args.num))))
+    elif out:
         nrow = args.nrow or int(np.ceil(np.sqrt(len(images))))
         written.append(str(save_grid(images, out, nrow=nrow)))
     if args.out_dir:
