@@ -47,8 +47,7 @@ def test_prepare_is_deterministic_and_follows_the_schema(tmp_path, name):
     files = sorted(p.name for p in a.iterdir())
     assert files == sorted(p.name for p in b.iterdir())
     for f in files:
-        if f != "scenes.json":  # holds the measured render time
-            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
     assert (a / "metadata.jsonl").read_bytes() != (c / "metadata.jsonl").read_bytes()
     lines = (a / "metadata.jsonl").read_text().splitlines()
     assert len(lines) == 300 and len(files) == 302
@@ -199,6 +198,14 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         S.render_scenes("fashion-text", "val", num=5)
     with pytest.raises(LddpmError, match="at least 1"):
         S.prepare_scenes("fashion-text", "test", tmp_path / "x", num=0)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(LddpmError, match="not a scene folder"):
+        S.prepare_scenes("fashion-text", "test", tmp_path / "mine", num=5)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    S.prepare_scenes("fashion-text", "test", tmp_path / "x", num=5)
+    S.prepare_scenes("fashion-text", "test", tmp_path / "x", num=3)  # a scene folder is replaced
+    assert len(list((tmp_path / "x").glob("*.png"))) == 3
     with pytest.raises(LddpmError, match="heldout"):
         S.prompt_set("fashion-text", num=5, heldout="maybe")
 
@@ -286,8 +293,8 @@ def test_full_checker_ceiling(tmp_path):
     from lddpm.metrics.faithfulness import ceiling, load_checker
 
     checker = load_checker(tmp_path / "checker", progress=False)
-    assert checker.meta["test_slot_accuracy"] > 0.85
+    assert checker.meta["test_slot_accuracy"] > 0.85  # 0.879 measured
     text = ceiling("fashion-text", S.prompt_set("fashion-text", num=1000), checker=checker)
-    assert text["class_accuracy"] > 0.85 and text["all_accuracy"] > 0.83
+    assert text["class_accuracy"] > 0.83 and text["all_accuracy"] > 0.82  # 0.862, 0.856
     pairs = ceiling("fashion-pairs", S.prompt_set("fashion-pairs", num=1000), checker=checker)
-    assert pairs["slot_accuracy"] > 0.8 and pairs["swap_rate"] < 0.02
+    assert pairs["slot_accuracy"] > 0.84 and pairs["pair_accuracy"] > 0.72 and pairs["swap_rate"] < 0.02  # .878 .774 0

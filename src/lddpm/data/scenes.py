@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import time
 import zlib
 import struct
 from pathlib import Path
@@ -373,13 +372,15 @@ def prepare_scenes(
 ) -> Path:
     """Render a scene set and write it as an image folder: NNNNNN.png + metadata.jsonl (+ scenes.json).
 
-    The folder is built beside `out_dir` and moved into place when complete (an existing folder is
-    replaced). Returns `out_dir`.
+    The folder is built beside `out_dir` and moved into place when complete (an existing scene folder is
+    replaced; any other non-empty folder is refused). Byte-identical for the same arguments. Returns `out_dir`.
     """
-    start = time.perf_counter()
-    images, records = render_scenes(name, split, num=num, seed=seed, root=root)
-    rendered = time.perf_counter() - start
     out_dir = Path(out_dir)
+    ours = (out_dir / "scenes.json").is_file()
+    if out_dir.exists() and (not out_dir.is_dir() or (not ours and any(out_dir.iterdir()))):
+        raise LddpmError(f"{out_dir} exists and is not a scene folder written by lddpm (no scenes.json); "
+                         "choose a new or empty folder")
+    images, records = render_scenes(name, split, num=num, seed=seed, root=root)
     width = max(6, len(str(len(images) - 1)))
     with atomic_dir(out_dir) as tmp:
         lines = []
@@ -393,7 +394,7 @@ def prepare_scenes(
             "name": name, "split": split, "num": len(images), "seed": seed, "format_version": FORMAT_VERSION,
             "resolution": RESOLUTION, "source_images_sha256": source_sha, "tags": _counts(r["tag"] for r in records),
             "heldout_phrase": sum(r["heldout_phrase"] for r in records),
-            "heldout_pair": sum(r["heldout_pair"] for r in records), "render_seconds": round(rendered, 3),
+            "heldout_pair": sum(r["heldout_pair"] for r in records),
         }
         (tmp / "scenes.json").write_text(json.dumps(info, indent=2) + "\n")
     return out_dir

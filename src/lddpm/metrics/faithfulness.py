@@ -111,7 +111,8 @@ def best_threshold(values: np.ndarray, positive: np.ndarray, tolerance: float = 
     cands = np.concatenate([[cuts[0] - 1], (cuts[:-1] + cuts[1:]) / 2, [cuts[-1] + 1]])
     pos_sorted, neg_sorted = np.sort(values[positive]), np.sort(values[~positive])
     # correct = negatives <= t + positives > t
-    correct = np.searchsorted(neg_sorted, cands, side="right") + len(pos_sorted) - np.searchsorted(pos_sorted, cands, side="right")
+    below_neg = np.searchsorted(neg_sorted, cands, side="right")
+    correct = below_neg + len(pos_sorted) - np.searchsorted(pos_sorted, cands, side="right")
     acc = correct / len(values)
     good = cands[acc >= acc.max() - tolerance - 1e-12]
     t = float(good[np.argmin(np.abs(good - (good.min() + good.max()) / 2))])
@@ -206,8 +207,9 @@ def calibrate(split: str = "train", *, num: int | None = 10000, seed: int = 0,
 
     The foreground threshold is the largest candidate whose size accuracy is within TOLERANCE of the best (a
     high threshold ignores faint background noise in generated images); the brightness feature is the most
-    accurate of ROBUST_FEATURES at that threshold; thresholds by `best_threshold(..., TOLERANCE)`. Returns {"fg_threshold", "size_threshold",
-    "size_accuracy", "brightness_feature", "brightness_threshold", "brightness_accuracy", "candidates"}.
+    accurate of ROBUST_FEATURES at that threshold; thresholds by `best_threshold(..., TOLERANCE)`.
+    Returns {"fg_threshold", "size_threshold", "size_accuracy", "brightness_feature", "brightness_threshold",
+    "brightness_accuracy", "num", "candidates"}.
     """
     items, _ = scenes.source_items(split, root)
     index = subset_indices(len(items), len(items) if num is None else num, seed)
@@ -271,7 +273,8 @@ def train_checker(
         variants[name] = float((pred[sel] == test["labels"][sel]).mean()) if sel.any() else None
     checker.meta = {
         "kind": "lddpm scene slot checker", "checker_version": CHECKER_VERSION, "slot_classes": list(SLOT_CLASSES),
-        "test_slot_accuracy": acc, "test_slot_accuracy_by_variant": variants,
+        "test_slot_accuracy": acc, "test_item_accuracy": float((pred[is_item] == test["labels"][is_item]).mean()),
+        "test_slot_accuracy_by_variant": variants,
         "calibration": {k: v for k, v in cal.items()},
         "test_attributes": attribute_accuracy(checker, "test", num=num_test, seed=seed, root=root),
         "num_train_slots": int(len(train["labels"])), "num_test_slots": int(len(test["labels"])),
@@ -359,8 +362,8 @@ def check_prompts(images: np.ndarray, records: list[dict], checker: SlotChecker)
         large = np.array([o.get("size", "large") == "large" for o in obj])
         bright = np.array([o.get("brightness", "bright") == "bright" for o in obj])
         pred = checker.classify(images)
-        out = {"class": pred == cls, "size": checker.size(images) == large, "brightness": checker.bright(images) == bright,
-               "pred": pred}
+        out = {"class": pred == cls, "size": checker.size(images) == large,
+               "brightness": checker.bright(images) == bright, "pred": pred}
         out["all"] = out["class"] & out["size"] & out["brightness"]
         return out
     expected = np.full((len(records), 2), EMPTY)
@@ -423,7 +426,8 @@ def score_prompts(
     is_pair = tags == "pair"
 
     def pair_scores(sel: np.ndarray) -> dict:
-        return {"num": int(sel.sum()), "slot_accuracy": _mean(np.concatenate([res["left_ok"][sel], res["right_ok"][sel]])),
+        slots_ok = np.concatenate([res["left_ok"][sel], res["right_ok"][sel]])
+        return {"num": int(sel.sum()), "slot_accuracy": _mean(slots_ok),
                 "pair_accuracy": _mean(res["all"][sel]), "swap_rate": _mean(res["swap"][sel & is_pair]),
                 "presence": _mean(res["presence"][sel])}
 
