@@ -225,8 +225,9 @@ def test_checker_calibration_and_roundtrip(checker, tmp_path):
     from lddpm.metrics.faithfulness import load_checker, save_checker
 
     meta = checker.meta
-    assert meta["calibration"]["size_accuracy"] > 0.99 and meta["calibration"]["brightness_accuracy"] > 0.98
-    assert meta["test_attributes"]["size_accuracy"] > 0.99 and meta["test_attributes"]["brightness_accuracy"] > 0.98
+    assert meta["calibration"]["size_accuracy"] > 0.99 and meta["calibration"]["brightness_accuracy"] > 0.97
+    for measured in [meta["test_attributes"], *meta["test_attributes_noisy"]]:  # clean, noise std 4 and 8
+        assert measured["size_accuracy"] > 0.99 and measured["brightness_accuracy"] > 0.97, measured
     assert meta["test_slot_accuracy_by_variant"]["empty"] > 0.99
     folder = save_checker(checker, tmp_path / "ck")
     again = load_checker(folder, train_if_missing=False)
@@ -293,8 +294,8 @@ def test_full_checker_ceiling(tmp_path):
     from lddpm.metrics.faithfulness import ceiling, load_checker
 
     checker = load_checker(tmp_path / "checker", progress=False)
-    assert checker.meta["test_slot_accuracy"] > 0.85  # 0.879 measured
+    assert checker.meta["test_slot_accuracy"] > 0.85  # 0.877 measured
     text = ceiling("fashion-text", S.prompt_set("fashion-text", num=1000), checker=checker)
-    assert text["class_accuracy"] > 0.83 and text["all_accuracy"] > 0.82  # 0.862, 0.856
+    assert text["class_accuracy"] > 0.83 and text["all_accuracy"] > 0.82  # 0.853, 0.839 measured
     pairs = ceiling("fashion-pairs", S.prompt_set("fashion-pairs", num=1000), checker=checker)
-    assert pairs["slot_accuracy"] > 0.84 and pairs["pair_accuracy"] > 0.72 and pairs["swap_rate"] < 0.02  # .878 .774 0
+    assert pairs["slot_accuracy"] > 0.84 and pairs["pair_accuracy"] > 0.72 and pairs["swap_rate"] < 0.02  # .874 .764 0

@@ -43,6 +43,7 @@ SLOT_CLASSES = (*scenes.CLASS_NAMES, "empty")
 BRIGHTNESS_FEATURES = ("top8", "mean", "p90", "max")
 ROBUST_FEATURES = ("top8", "mean", "p90")  # `max` is reported but never chosen: one stray pixel decides it
 FG_CANDIDATES = (8, 16, 24, 32, 48, 64)
+CALIBRATION_NOISE = (0, 4, 8)  # pixel-noise std of the calibration copies (0..255 scale)
 TOLERANCE = 0.001  # calibration: accuracy given up for a threshold in the middle of the near-best range
 
 
@@ -167,10 +168,11 @@ def _shift(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     return out
 
 
-def slot_training_set(split: str, *, num: int | None = None, seed: int = 0, shift: int = 2,
+def slot_training_set(split: str, *, num: int | None = None, seed: int = 0, shift: int = 2, noise: float = 8.0,
                       root: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """Rendered 32x32 slots of `split` items: one random variant (large/small x bright/dark) per item, half of
-    them shifted by up to +-`shift` px, plus num/10 empty slots (half exact zeros, half faint noise).
+    them shifted by up to +-`shift` px, a third with Gaussian pixel noise of std uniform in [0, `noise`], plus
+    num/10 empty slots (half exact zeros, half faint noise).
 
     Returns {"slots" (M, 32, 32) uint8, "labels" (M,), "small", "dark" (bool, False for empties)}.
     """
@@ -186,6 +188,11 @@ def slot_training_set(split: str, *, num: int | None = None, seed: int = 0, shif
         dy = np.where(moved, rng.integers(-shift, shift + 1, n), 0)
         dx = np.where(moved, rng.integers(-shift, shift + 1, n), 0)
         slots = _shift(slots, dy, dx)
+    if noise:
+        noisy = rng.random(n) < 1 / 3
+        sigma = rng.uniform(0, noise, n)[:, None, None]
+        jitter = np.rint(slots[noisy] + rng.normal(size=(noisy.sum(),) + slots.shape[1:]) * sigma[noisy])
+        slots[noisy] = np.clip(jitter, 0, 255).astype(np.uint8)
     n_empty = max(1, n // 10)
     empties = np.zeros((n_empty, scenes.RESOLUTION, scenes.RESOLUTION), np.uint8)
     noisy = rng.random(n_empty) < 0.5
@@ -201,45 +208,60 @@ def slot_training_set(split: str, *, num: int | None = None, seed: int = 0, shif
     }
 
 
+def with_noise(canvases: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
+    """uint8 canvases plus seeded Gaussian pixel noise of std `sigma` (0..255 scale), rounded and clipped."""
+    if not sigma:
+        return np.asarray(canvases)
+    noise = np.random.default_rng([seed, int(sigma * 1000)]).normal(0.0, sigma, np.shape(canvases))
+    return np.clip(np.rint(np.asarray(canvases, np.float64) + noise), 0, 255).astype(np.uint8)
+
+
+def _text_variants(split: str, num: int | None, seed: int, stream: int, root) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rendered fashion-text canvases of `split` items with balanced small/dark flags."""
+    items, _ = scenes.source_items(split, root)
+    index = subset_indices(len(items), len(items) if num is None else num, seed)
+    variant = np.random.default_rng([seed, stream]).permutation(len(index)) % 4
+    small, dark = variant // 2 == 1, variant % 2 == 1
+    return scenes.render_text(items[index], small, dark), small, dark
+
+
 def calibrate(split: str = "train", *, num: int | None = 10000, seed: int = 0,
               root: str | os.PathLike | None = None) -> dict:
     """Foreground, size and brightness thresholds that best separate rendered fashion-text scenes of `split`.
 
-    The foreground threshold is the largest candidate whose size accuracy is within TOLERANCE of the best (a
-    high threshold ignores faint background noise in generated images); the brightness feature is the most
-    accurate of ROBUST_FEATURES at that threshold; thresholds by `best_threshold(..., TOLERANCE)`.
-    Returns {"fg_threshold", "size_threshold", "size_accuracy", "brightness_feature", "brightness_threshold",
-    "brightness_accuracy", "num", "candidates"}.
+    The scenes are used clean and with pixel noise of std CALIBRATION_NOISE (a generator's images are not
+    exact renders: a threshold fitted to clean renders alone sits at the edge of the dark items' range).
+    The foreground threshold is the largest candidate whose size accuracy is within TOLERANCE of the best;
+    the brightness feature is the most accurate of ROBUST_FEATURES at that threshold; thresholds by
+    `best_threshold(..., TOLERANCE)`. Returns {"fg_threshold", "size_threshold", "size_accuracy",
+    "brightness_feature", "brightness_threshold", "brightness_accuracy", "num", "noise", "candidates"}.
     """
-    items, _ = scenes.source_items(split, root)
-    index = subset_indices(len(items), len(items) if num is None else num, seed)
-    variant = np.random.default_rng([seed, 3]).permutation(len(index)) % 4
-    small, dark = variant // 2 == 1, variant % 2 == 1
-    canvases = scenes.render_text(items[index], small, dark)
+    clean, small, dark = _text_variants(split, num, seed, 3, root)
+    canvases = np.concatenate([with_noise(clean, s, seed) for s in CALIBRATION_NOISE])
+    small, dark = np.tile(small, len(CALIBRATION_NOISE)), np.tile(dark, len(CALIBRATION_NOISE))
     size_acc = {fg: best_threshold(extent(canvases, fg), ~small)[1] for fg in FG_CANDIDATES}
-    fg = max(f for f in FG_CANDIDATES if size_acc[f] >= max(size_acc.values()) - 0.001)
+    fg = max(f for f in FG_CANDIDATES if size_acc[f] >= max(size_acc.values()) - TOLERANCE)
     size_t, size_best = best_threshold(extent(canvases, fg), ~small, TOLERANCE)
     bright = {f: best_threshold(intensity(canvases, fg, f), ~dark, TOLERANCE) for f in BRIGHTNESS_FEATURES}
     feature = max(ROBUST_FEATURES, key=lambda f: bright[f][1])
     return {
         "fg_threshold": int(fg), "size_threshold": size_t, "size_accuracy": size_best,
         "brightness_feature": feature, "brightness_threshold": bright[feature][0],
-        "brightness_accuracy": bright[feature][1], "num": int(len(index)),
+        "brightness_accuracy": bright[feature][1], "num": int(len(clean)), "noise": list(CALIBRATION_NOISE),
         "candidates": {"size_accuracy_by_fg": {str(k): v for k, v in size_acc.items()},
                        "brightness_accuracy_by_feature": {k: v[1] for k, v in bright.items()}},
     }
 
 
 def attribute_accuracy(checker: SlotChecker, split: str = "test", *, num: int | None = None, seed: int = 0,
-                       root: str | os.PathLike | None = None) -> dict:
-    """Accuracy of the checker's size and brightness readings on rendered fashion-text scenes of `split`."""
-    items, _ = scenes.source_items(split, root)
-    index = subset_indices(len(items), len(items) if num is None else num, seed)
-    variant = np.random.default_rng([seed, 4]).permutation(len(index)) % 4
-    small, dark = variant // 2 == 1, variant % 2 == 1
-    canvases = scenes.render_text(items[index], small, dark)
+                       noise: float = 0.0, root: str | os.PathLike | None = None) -> dict:
+    """Accuracy of the checker's size and brightness readings on rendered fashion-text scenes of `split`
+    (optionally with pixel noise of std `noise`)."""
+    canvases, small, dark = _text_variants(split, num, seed, 4, root)
+    canvases = with_noise(canvases, noise, seed + 1)
     return {"size_accuracy": float((checker.size(canvases) == ~small).mean()),
-            "brightness_accuracy": float((checker.bright(canvases) == ~dark).mean()), "num": int(len(index))}
+            "brightness_accuracy": float((checker.bright(canvases) == ~dark).mean()), "num": int(len(canvases)),
+            "noise": noise}
 
 
 def train_checker(
@@ -253,13 +275,13 @@ def train_checker(
     """
     start = time.perf_counter()
     train = slot_training_set("train", num=num_train, seed=seed, root=root)
-    test = slot_training_set("test", num=num_test, seed=seed, shift=0, root=root)
+    test = slot_training_set("test", num=num_test, seed=seed, shift=0, noise=0, root=root)
     model, acc = train_classifier(
         train["slots"][..., None], train["labels"], test["slots"][..., None], test["labels"],
         num_classes=len(SLOT_CLASSES), epochs=epochs, width=width, seed=seed, progress=progress,
     )
     trained = time.perf_counter() - start
-    cal = calibrate("train", seed=seed, root=root, num=min(num_train or 10000, 10000))
+    cal = calibrate("train", seed=seed, root=root, num=min(num_train or 10000, 10000))  # x3 with noise
     checker = SlotChecker(model, cal["fg_threshold"], cal["size_threshold"], cal["brightness_feature"],
                           cal["brightness_threshold"])
     pred = checker.classify(test["slots"])
@@ -277,6 +299,8 @@ def train_checker(
         "test_slot_accuracy_by_variant": variants,
         "calibration": {k: v for k, v in cal.items()},
         "test_attributes": attribute_accuracy(checker, "test", num=num_test, seed=seed, root=root),
+        "test_attributes_noisy": [attribute_accuracy(checker, "test", num=num_test, seed=seed, noise=s, root=root)
+                                  for s in (4, 8)],
         "num_train_slots": int(len(train["labels"])), "num_test_slots": int(len(test["labels"])),
         "epochs": epochs, "width": width, "seed": seed, "train_seconds": round(trained, 1),
         "lddpm_version": __version__,
