@@ -158,3 +158,23 @@ def test_sample_command_with_prompts_writes_a_labelled_grid(captioned, tmp_path,
     with pytest.raises(SystemExit):
         main(["sample", str(run), "--prompts", str(bad), "--quiet"])
     assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_prepare_renders_a_scene_set_into_a_captioned_cache(tmp_path):
+    """`lddpm prepare fashion-pairs --split test`: scenes rendered from the real Fashion-MNIST test items,
+    read back through the captioned reader, with the caption table (null prompt first) in the cache."""
+    from lddpm.cli import main
+    from lddpm.data import open_cache, prepare
+
+    pytest.importorskip("lddpm.data.scenes")
+    if not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (make setup installs it as root)")
+    assert main(["prepare", "fashion-pairs", "--split", "test", "--cache-dir", str(tmp_path), "--quiet"]) == 0
+    cache = open_cache(prepare("fashion-pairs", split="test", cache_dir=tmp_path, progress=False))
+    assert len(cache) == 10000 and cache.channels == 1 and cache.num_classes == 0
+    texts = cache.captions.texts
+    assert texts[0] == "" and any("on the left" in t for t in texts)
+    records = [json.loads(x) for x in (tmp_path / "scenes" / "fashion-pairs" / "test" / "metadata.jsonl")
+               .read_text().splitlines()[:5]]
+    for i, record in enumerate(records):  # the cache keeps each image's own captions, in order
+        assert cache.captions.captions_of(i) == record["text"]

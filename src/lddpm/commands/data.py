@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder")
+DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder", "captioned",
+                 "fashion-text", "fashion-pairs")
 
 
 def register(subparsers) -> None:
@@ -15,7 +16,10 @@ def register(subparsers) -> None:
         description=(
             "Read a dataset in its standard format, apply the standard preprocessing (resize the "
             "shorter side and centre-crop; Fashion-MNIST/MNIST 28->32 by zero padding) and write "
-            "images.npy, labels.npy and manifest.json under the cache dir. Reuses a matching cache."
+            "images.npy, labels.npy and manifest.json under the cache dir. Reuses a matching cache. "
+            "Captioned data (`captioned`: metadata.jsonl/.csv, .txt/.caption files, WebDataset shards, COCO "
+            "captions; `fashion-text` / `fashion-pairs`: the text benchmark scenes rendered from Fashion-MNIST) "
+            "also get a caption table."
         ),
     )
     p.add_argument("dataset", choices=DATASET_NAMES, help="dataset name")
@@ -26,6 +30,8 @@ def register(subparsers) -> None:
                    help="folder with the source files (default for fashion-mnist: /usr/share/datasets/fashion-mnist)")
     p.add_argument("--cache-dir", default=None, help="cache folder (default: $LDDPM_CACHE or ~/.cache/lddpm)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes for image folders (default: CPU count, at most 8)")
+    p.add_argument("--caption-column", default="text",
+                   help="captioned: the caption column of metadata.jsonl / .csv (default text)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted in the manifest) instead of failing")
     p.add_argument("--download", action="store_true", help="cifar10/cifar100: fetch the official archive and check its MD5")
     p.add_argument("--fit", choices=("pad", "resize"), default=None,
@@ -51,6 +57,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         args.dataset, resolution=args.resolution, split=args.split, root=args.root,
         cache_dir=args.cache_dir, workers=args.workers, skip_bad=args.skip_bad,
         download=args.download, fit=args.fit, overwrite=args.overwrite, progress=not args.quiet,
+        caption_column=args.caption_column,
     )
     cache = open_cache(folder)
     if args.verify:
@@ -59,6 +66,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     print(f"{folder}")
     print(f"  {m['dataset']} {m['split']}: {len(cache)} images, {cache.resolution}x{cache.resolution}x{cache.channels} uint8, "
           f"{cache.num_classes} classes, fit={m['preprocessing']['fit']}")
+    if cache.captions is not None:
+        print(f"  {len(cache.captions.texts) - 1} distinct captions (caption table with the null prompt \"\" first)")
     if m["skipped"]["count"]:
         print(f"  skipped {m['skipped']['count']} unreadable image(s) (listed in manifest.json)")
     return 0

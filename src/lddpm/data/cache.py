@@ -35,12 +35,16 @@ from lddpm.checks import strict
 from lddpm.data import integrity
 from lddpm.io import make_temp_dir, os_error, remove_stale_temp_files, swap_in_dir
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder", "captioned")
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder", "captioned",
+            "fashion-text", "fashion-pairs")
 SPLITS = {
     "fashion-mnist": ("train", "test"), "mnist": ("train", "test"), "cifar10": ("train", "test"),
     "cifar100": ("train", "test"), "imagenet100": ("train", "val"), "imagefolder": None, "captioned": None,
+    "fashion-text": ("train", "test"), "fashion-pairs": ("train", "test"),
 }
-CAPTIONED_DATASETS = ("captioned",)  # datasets whose caches hold captions (a caption table)
+# Datasets whose caches hold captions (a caption table). fashion-text / fashion-pairs are the text
+# benchmark sets rendered from the real Fashion-MNIST (lddpm.data.scenes); their root is Fashion-MNIST's.
+CAPTIONED_DATASETS = ("captioned", "fashion-text", "fashion-pairs")
 ROOT_DATASETS = ("imagefolder", "captioned")  # named by their --root; it is required
 NATIVE_SIZE = {"fashion-mnist": 28, "mnist": 28, "cifar10": 32, "cifar100": 32}
 FITS = ("pad", "resize")
@@ -79,6 +83,8 @@ def dataset_info(name: str, root: str | os.PathLike | None = None) -> tuple[int,
         return 3, 128, 100, readers.imagenet100_classes()
     if name == "captioned":
         return 3, 64, 0, []
+    if name in ("fashion-text", "fashion-pairs"):
+        return 1, 32, 0, []
     if root is None:
         return 3, 64, None, None
     base = Path(root) / "train" if (Path(root) / "train").is_dir() else Path(root)
@@ -218,6 +224,13 @@ def _read_raw(name: str, split: str, root: str | None, cache_dir: Path, caption_
               skip_bad: bool = False) -> readers.RawDataset:
     if name == "captioned":
         return captions_mod.read_captioned(root, split=split, caption_column=caption_column, skip_bad=skip_bad).to_raw()
+    if name in ("fashion-text", "fashion-pairs"):  # render the scene folder once, then read it as captioned data
+        from lddpm.data import scenes
+
+        folder = cache_dir / "scenes" / name
+        if not (folder / split / "scenes.json").is_file():
+            scenes.prepare_scenes(name, split, folder / split, root=root)
+        return captions_mod.read_captioned(folder, split=split).to_raw()
     if name in ("fashion-mnist", "mnist"):
         return readers.read_mnist_like(name, split, root)
     if name in ("cifar10", "cifar100"):
