@@ -324,6 +324,9 @@ def export_diffusers(run: str | Path, out: str | Path, *, weights: str = "ema") 
         # variance channels: a DDIMScheduler (as facebook/DiT-XL-2-256), whose step needs none.
         scheduler = scheduler_from_diffusion(diffusion, latent=vae_part is not None,
                                              scheduler_class="DDIMScheduler" if dit else "DDPMScheduler")
+        if text is not None and vae_part is not None:
+            # StableDiffusionPipeline rewrites steps_offset 0 to 1 with a warning; "trailing" spacing ignores it
+            scheduler["steps_offset"] = 1
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / SCHEDULER_CONFIG_NAME).write_text(json.dumps(scheduler, indent=2) + "\n")
         if text is not None:
