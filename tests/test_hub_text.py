@@ -233,7 +233,7 @@ def test_text_networks_diffusers_cannot_hold_are_refused_by_name(pixel_run, tmp_
         export_diffusers(tmp_path / "no-mid", tmp_path / "out")
     assert "nothing was written" in str(err.value) and not (tmp_path / "out").exists()
     dit = build_network("dit", "dit-tiny/4", in_channels=1, resolution=16, hidden_size=16, depth=2, num_heads=2,
-                        context_dim=384, freq_shift=1.0).config
+                        context_dim=384).config  # refused for the prompts, before its freq_shift
     _handmade_run(tmp_path / "dit", "dit", dit, text)
     with pytest.raises(LddpmError, match="context_dim=384: a DiT that reads prompts cannot be exported"):
         export_diffusers(tmp_path / "dit", tmp_path / "out")

@@ -637,13 +637,6 @@ def dit_config_from_diffusers(config: dict[str, Any], where: str = "DiTTransform
 
 def dit_config_to_diffusers(config: DiTConfig) -> dict[str, Any]:
     """DiTConfig -> a complete DiTTransformer2DModel config; refuses a DiT diffusers would compute differently."""
-    if config.freq_shift != DIT_FREQ_SHIFT:
-        raise LddpmError(f"freq_shift={config.freq_shift}: diffusers' DiTTransformer2DModel divides its timestep "
-                         f"frequencies by 128 - {DIT_FREQ_SHIFT} (fixed in its code), this DiT by 128 - "
-                         f"{config.freq_shift}; it would compute something else (train with "
-                         f"model.overrides.freq_shift = {DIT_FREQ_SHIFT} to export)")
-    if config.mlp_ratio != 4.0:
-        raise LddpmError(f"mlp_ratio={config.mlp_ratio}: DiTTransformer2DModel's MLP is always 4 x hidden_size wide")
     if config.context_dim:
         raise LddpmError(f"context_dim={config.context_dim}: a DiT that reads prompts cannot be exported. "
                          "DiTTransformer2DModel has no cross-attention to read prompts; diffusers' Transformer2DModel "
@@ -652,6 +645,13 @@ def dit_config_to_diffusers(config: DiTConfig) -> dict[str, Any]:
                          "DiTTransformer2DModel, dropping the cross-attention, and PixArtTransformer2DModel is "
                          "another network (one shared adaLN-single); export a text U-Net instead; nothing was "
                          "written")
+    if config.freq_shift != DIT_FREQ_SHIFT:
+        raise LddpmError(f"freq_shift={config.freq_shift}: diffusers' DiTTransformer2DModel divides its timestep "
+                         f"frequencies by 128 - {DIT_FREQ_SHIFT} (fixed in its code), this DiT by 128 - "
+                         f"{config.freq_shift}; it would compute something else (train with "
+                         f"model.overrides.freq_shift = {DIT_FREQ_SHIFT} to export)")
+    if config.mlp_ratio != 4.0:
+        raise LddpmError(f"mlp_ratio={config.mlp_ratio}: DiTTransformer2DModel's MLP is always 4 x hidden_size wide")
     if config.num_classes < 1:
         raise LddpmError("num_classes=0: DiTTransformer2DModel is always class-conditional (num_embeds_ada_norm "
                          ">= 1); an unconditional lddpm DiT has no diffusers counterpart")
