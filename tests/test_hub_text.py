@@ -244,8 +244,8 @@ def test_diffusers_loads_a_text_adaln_zero_transformer2dmodel_as_a_dit_without_c
     """Why a text DiT is refused: the class that computes it does not survive save/load in diffusers."""
     model = diffusers.Transformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1, sample_size=8, patch_size=2,
-        num_embeds_ada_norm=3, norm_type="ada_norm_zero", norm_elementwise_affine=False, activation_fn="gelu-approximate",
-        attention_bias=True, cross_attention_dim=16, caption_channels=12)
+        num_embeds_ada_norm=3, norm_type="ada_norm_zero", norm_elementwise_affine=False,
+        activation_fn="gelu-approximate", attention_bias=True, cross_attention_dim=16, caption_channels=12)
     model.save_pretrained(tmp_path / "t", safe_serialization=True)
     loaded = diffusers.Transformer2DModel.from_pretrained(tmp_path / "t", local_files_only=True)
     assert type(loaded).__name__ == "DiTTransformer2DModel"

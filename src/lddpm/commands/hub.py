@@ -12,8 +12,8 @@ def register(subparsers) -> None:
         help="turn a local diffusers model or pipeline folder (safetensors only) into an lddpm run folder",
         description="Read a diffusers folder: a model folder (config.json + diffusion_pytorch_model.safetensors: "
         "UNet2DModel, DiTTransformer2DModel or AutoencoderKL) or a pipeline folder (unet/ or transformer/, scheduler/, "
-        "optionally vae/; DDPMPipeline, DiTPipeline; a StableDiffusionPipeline-shaped folder with a UNet2DConditionModel, "
-        "text_encoder/ and tokenizer/ becomes a text run). Write a run "
+        "optionally vae/; DDPMPipeline, DiTPipeline; a StableDiffusionPipeline-shaped folder with a "
+        "UNet2DConditionModel, text_encoder/ and tokenizer/ becomes a text run). Write a run "
         "folder that `lddpm sample` and `lddpm eval` load (a U-Net or DiT) or that a latent run names as data.latent "
         "(an AutoencoderKL), with the weights as both model and EMA and provenance.json. Pickle weights "
         "(.bin/.ckpt/.pt/.pth) are refused; so is any config field lddpm cannot represent.",

@@ -324,7 +324,8 @@ def unet_cond_config_from_diffusers(config: dict[str, Any], where: str = "UNet2D
     expect = {
         "center_input_sample": (False, "lddpm takes inputs as they are"),
         "time_embedding_type": ("positional", "only the sinusoidal timestep embedding exists"),
-        "mid_block_type": ("UNetMidBlock2DCrossAttn", "the text U-Net always has a ResBlock-transformer-ResBlock middle"),
+        "mid_block_type": ("UNetMidBlock2DCrossAttn",
+                           "the text U-Net always has a ResBlock-transformer-ResBlock middle"),
         "mid_block_scale_factor": (1, "residual outputs are not rescaled"),
         "act_fn": ("silu", "every activation is SiLU"),
         "class_embed_type": (None, "class labels use a plain embedding table (num_class_embeds)"),
@@ -377,7 +378,8 @@ def unet_cond_config_from_diffusers(config: dict[str, Any], where: str = "UNet2D
     groups = c["norm_num_groups"]
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise refuse(where, "norm_num_groups", groups, "GroupNorm with a fixed group count everywhere")
-    layers = _the_same(where, "layers_per_block", c["layers_per_block"], n, "every level has the same number of ResBlocks")
+    layers = _the_same(where, "layers_per_block", c["layers_per_block"], n,
+                       "every level has the same number of ResBlocks")
     depth = _the_same(where, "transformer_layers_per_block", c["transformer_layers_per_block"], n,
                       "every transformer has the same depth")
     context_dim = _the_same(where, "cross_attention_dim", c["cross_attention_dim"], n,
@@ -412,8 +414,8 @@ def unet_cond_config_from_diffusers(config: dict[str, Any], where: str = "UNet2D
         raise refuse(where, "attention_head_dim", c["attention_head_dim"], "lddpm's transformers have either one "
                      "head count or one head width throughout")
     config = UNetConfig(
-        resolution=resolution, in_channels=in_ch, model_channels=base, channel_mult=tuple(ch // base for ch in channels),
-        num_res_blocks=layers, attention_resolutions=tuple(resolution // 2**i for i in attended), mid_attention=True,
+        resolution=resolution, in_channels=in_ch, model_channels=base,
+        channel_mult=tuple(ch // base for ch in channels), num_res_blocks=layers, attention_resolutions=tuple(resolution // 2**i for i in attended), mid_attention=True,
         num_heads=num_heads, num_head_channels=head_channels, dropout=float(c["dropout"]), norm_groups=groups,
         num_classes=num_classes, learned_sigma=out_ch == 2 * in_ch, use_scale_shift_norm=shift == "scale_shift",
         flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=float(c["freq_shift"]),
