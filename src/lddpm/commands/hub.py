@@ -12,7 +12,8 @@ def register(subparsers) -> None:
         help="turn a local diffusers model or pipeline folder (safetensors only) into an lddpm run folder",
         description="Read a diffusers folder: a model folder (config.json + diffusion_pytorch_model.safetensors: "
         "UNet2DModel, DiTTransformer2DModel or AutoencoderKL) or a pipeline folder (unet/ or transformer/, scheduler/, "
-        "optionally vae/; DDPMPipeline, DiTPipeline). Write a run "
+        "optionally vae/; DDPMPipeline, DiTPipeline; a StableDiffusionPipeline-shaped folder with a "
+        "UNet2DConditionModel, text_encoder/ and tokenizer/ becomes a text run). Write a run "
         "folder that `lddpm sample` and `lddpm eval` load (a U-Net or DiT) or that a latent run names as data.latent "
         "(an AutoencoderKL), with the weights as both model and EMA and provenance.json. Pickle weights "
         "(.bin/.ckpt/.pt/.pth) are refused; so is any config field lddpm cannot represent.",
@@ -29,7 +30,9 @@ def register(subparsers) -> None:
         description="Write the network of a run or checkpoint as a diffusers folder: unet/ (UNet2DModel) or "
         "transformer/ (DiTTransformer2DModel), scheduler/scheduler_config.json (DDPMScheduler; DDIMScheduler for a "
         "DiT) and, for a latent run, vae/ (AutoencoderKL; with a DiT also model_index.json for DiTPipeline); a VAE run "
-        "becomes one AutoencoderKL model folder. Load it with diffusers' from_pretrained.",
+        "becomes one AutoencoderKL model folder. A text U-Net run is written as unet/ (UNet2DConditionModel), "
+        "scheduler/, text_encoder/ and tokenizer/, plus vae/ and model_index.json for StableDiffusionPipeline when "
+        "it is latent. Load it with diffusers' from_pretrained.",
     )
     e.add_argument("run", metavar="RUN_OR_CHECKPOINT")
     e.add_argument("--out", required=True, metavar="DIR", help="new diffusers folder (must not exist or be empty)")

