@@ -178,3 +178,44 @@ def test_prepare_renders_a_scene_set_into_a_captioned_cache(tmp_path):
                .read_text().splitlines()[:5]]
     for i, record in enumerate(records):  # the cache keeps each image's own captions, in order
         assert cache.captions.captions_of(i) == record["text"]
+
+
+def test_eval_of_a_text_run_samples_its_prompt_set(captioned, tmp_path):
+    """evaluate_checkpoint with a prompt set: prompt indices carried through the resumable batches, one
+    image per record (cycled), FID against a reference; no class metrics."""
+    from lddpm.evaluate import evaluate_checkpoint
+    from lddpm.evaluate.reference import ReferenceStats
+
+    run = tmp_path / "run"
+    train(text_config(captioned, "run.steps=1"), run, progress=False)
+    listing = tmp_path / "set.jsonl"
+    listing.write_text('{"prompt": "a dark square"}\n{"prompt": "a white block"}\n{"prompt": "a bright square"}\n')
+
+    from lddpm.metrics.inception import FeatureExtractor
+
+    class Projection(torch.nn.Module):  # a fixed random projection of the pixels, a stand-in for Inception
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", torch.randn(3 * 16 * 16, 2, generator=torch.Generator().manual_seed(0)) / 16)
+
+        def forward(self, x):
+            return x.flatten(1) @ self.w
+
+    def Features():
+        return FeatureExtractor(Projection(), name="stand-in", sha1="f" * 40, input_size=None, batch_size=16)
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(50, 2))
+    ref = ReferenceStats(mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), features=feats,
+                         manifest={"dataset": "captioned", "split": "train", "num": 50})
+    first = evaluate_checkpoint(run, num=5, sampler="ddim", num_steps=2, guidance_scale=2.0, reference=ref,
+                                extractor=Features(), prompts=listing, batch_size=2, device="cpu", progress=False,
+                                partial_dir=tmp_path / "partial")
+    assert first["settings"]["labels"] == "prompts" and first["num_images"] == 5
+    assert first.get("class_accuracy") is None and "faithfulness" not in first  # no benchmark objects
+    again = evaluate_checkpoint(run, num=5, sampler="ddim", num_steps=2, guidance_scale=2.0, reference=ref,
+                                extractor=Features(), prompts=listing, batch_size=2, device="cpu", progress=False,
+                                partial_dir=tmp_path / "partial")
+    assert again["cost"]["num_resumed"] == 5 and again["fid"] == pytest.approx(first["fid"])
+    with pytest.raises(LddpmError, match="prompt set"):
+        evaluate_checkpoint(run, num=2, reference=ref, extractor=Features(), device="cpu", progress=False)

@@ -44,6 +44,10 @@ def register(subparsers) -> None:
     e.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale s (1 = none)")
     e.add_argument("--labels", choices=("balanced", "none"), default="balanced",
                    help="conditional models: balanced labels, N/classes per class (default), or unconditional (null label)")
+    e.add_argument("--prompts", default=None, metavar="FILE",
+                   help="text runs: the prompt set (JSONL with `prompt`; benchmark records with `objects` are also "
+                        "scored for faithfulness; cycled to --num)")
+    e.add_argument("--negative-prompt", default=None, help="text runs: replaces the null prompt of guidance")
     e.add_argument("--reference", default=None, metavar="DATASET:SPLIT",
                    help="real images for FID (default: the run's dataset, train split)")
     e.add_argument("--ref-num", type=int, default=None, help="reference images (default: --num; 0 = the whole split)")
@@ -150,7 +154,8 @@ def run_eval(args: argparse.Namespace) -> int:
                 ref_num=args.ref_num, batch_size=args.batch_size, seed=args.seed, device=args.device,
                 partial_dir=out.with_suffix(".samples"), extractor=extractor, classifier=args.classifier,
                 is_network=args.is_network, is_network_sha1=args.is_network_sha1, cache_dir=args.cache_dir,
-                data_root=args.root, bf16=bf16, progress=progress,
+                data_root=args.root, bf16=bf16, progress=progress, prompts=args.prompts,
+                negative_prompt=args.negative_prompt,
             )
     for note in result.get("notes", []):
         print(f"note: {note}")
@@ -169,7 +174,8 @@ def _default_out(args: argparse.Namespace) -> Path:
     guidance = f"-g{args.guidance_scale:g}" if args.guidance_scale != 1.0 else ""
     eta = f"-eta{args.eta:g}" if args.eta else ""
     steps = f"-k{args.steps}" if args.steps else ""
-    return folder / f"{args.sampler}{steps}{eta}{guidance}-n{args.num}-seed{args.seed}.json"
+    prompts = f"-{Path(args.prompts).stem}" if getattr(args, "prompts", None) else ""
+    return folder / f"{args.sampler}{steps}{eta}{guidance}{prompts}-n{args.num}-seed{args.seed}.json"
 
 
 def _eval_vae(args: argparse.Namespace, extractor, progress: bool):

@@ -160,6 +160,46 @@ def resolve_classifier(
     return model, {**meta, "path": str(folder)}, None
 
 
+def _prompt_records(prompts, num: int) -> list[dict]:
+    """A text run's prompt records, cycled to `num` (a JSONL file or a list of {"prompt": ...} records)."""
+    if prompts is None:
+        raise LddpmError("this is a text run: give a prompt set (--prompts FILE: JSONL with a `prompt` per line, "
+                         "e.g. from lddpm.data.scenes.write_prompt_set)")
+    if isinstance(prompts, (str, Path)):
+        from lddpm.commands.train import read_prompt_file
+
+        records = [{"prompt": p} for p in read_prompt_file(str(prompts))]
+        if str(prompts).endswith(".jsonl"):
+            import json as _json
+
+            lines = [ln for ln in Path(prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
+            records = [{**_json.loads(ln), "prompt": r["prompt"]} for ln, r in zip(lines, records)]
+    else:
+        records = [dict(r) for r in prompts]
+    if not records or any(not isinstance(r.get("prompt"), str) for r in records):
+        raise LddpmError("a prompt set needs at least one record with a `prompt` string")
+    return [records[i % len(records)] for i in range(num)]
+
+
+def _records_sha256(records: list[dict]) -> str:
+    import hashlib
+    import json as _json
+
+    return hashlib.sha256(_json.dumps(records, sort_keys=True).encode()).hexdigest()
+
+
+def _faithfulness(images: np.ndarray, records: list[dict], cache_dir) -> dict:
+    """Prompt-faithfulness scores, the checker's ceiling on real test scenes, and their ratios."""
+    from lddpm.metrics import faithfulness
+
+    checker = faithfulness.load_checker(faithfulness.default_checker_dir(cache_dir))
+    scores = faithfulness.score_prompts(images, records, checker=checker)
+    ceiling = faithfulness.ceiling(scores["task"], records, checker=checker)
+    keys = ("class_accuracy", "all_accuracy", "slot_accuracy", "pair_accuracy", "presence")
+    ratios = {k: scores[k] / ceiling[k] for k in keys if scores.get(k) is not None and ceiling.get(k)}
+    return {"scores": scores, "ceiling": ceiling, "of_ceiling": ratios}
+
+
 def _is_network(path, sha1, device):
     if path is None:
         return None, None
@@ -193,8 +233,16 @@ def evaluate_checkpoint(
     pipeline=None,
     bf16: bool | str = False,
     progress: bool = True,
+    prompts: str | Path | list[dict] | None = None,
+    negative_prompt: str | None = None,
 ) -> dict:
     """Sample `num` images from a run or checkpoint (resumable), score them and measure the sampling cost.
+
+    A text run samples from a prompt set (`prompts`: a JSONL file of {"prompt", ...} records or the
+    records themselves, cycled to `num`; `negative_prompt` replaces the null prompt of guidance).
+    Records that describe benchmark scenes (`objects`, as `lddpm.data.scenes.write_prompt_set` writes)
+    are also scored for prompt faithfulness by lddpm.metrics.faithfulness, with the checker's score on
+    real rendered test scenes for the same prompts as the ceiling.
 
     `pipeline` may be given directly (anything with `.generate`, `.num_classes`, `.resolution`,
     `.dataset`); otherwise `lddpm.pipeline.load_pipeline(path, device, bf16=bf16)` is used (`bf16`:
@@ -211,6 +259,10 @@ def evaluate_checkpoint(
     want_labels = balanced_labels(num, num_classes) if (num_classes and labels == "balanced") else None
     # a conditional model sampled without labels gets the null label (unconditional samples)
     gen_labels = np.full(num, num_classes, np.int64) if (num_classes and want_labels is None) else want_labels
+    records = None
+    if prompts is not None or int(getattr(pipeline, "context_dim", 0) or 0):
+        records = _prompt_records(prompts, num)
+        want_labels = gen_labels = np.arange(num, dtype=np.int64)  # prompt indices, carried as labels
     if guidance_scale != 1.0 and want_labels is None:
         raise LddpmError(f"--guidance-scale {guidance_scale} needs a class-conditional model sampled with --labels balanced")
     resolution = int(pipeline.resolution)
@@ -236,12 +288,23 @@ def evaluate_checkpoint(
         "batch_size": batch_size,
         "bf16": bool(getattr(pipeline, "bf16", False)),
     }
+    if records is not None:
+        settings["labels"] = "prompts"
+        settings["prompts"] = str(prompts) if isinstance(prompts, (str, Path)) else f"{len(records)} records"
+        settings["prompts_sha256"] = _records_sha256(records)
+        settings["negative_prompt"] = negative_prompt
     denoiser = find_denoiser(pipeline)
     counter = ForwardCounter(denoiser)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def generate_batch(n, batch_labels, batch_seed_):
+        if records is not None:  # batch_labels are prompt indices
+            images, _ = pipeline.generate(
+                n, sampler=sampler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, seed=batch_seed_,
+                batch_size=n, progress=False, prompts=[records[int(i)]["prompt"] for i in batch_labels],
+                negative_prompt=negative_prompt)
+            return images, batch_labels
         return pipeline.generate(
             n, sampler=sampler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
             labels=batch_labels, seed=batch_seed_, batch_size=n, progress=False,
@@ -267,13 +330,18 @@ def evaluate_checkpoint(
     else:
         cost.update(model_calls=None, model_calls_per_batch=None, network_evaluations_per_image=None,
                     network_evaluations_per_image_step=None)
-    clf, clf_meta, note = resolve_classifier(classifier, dataset, resolution, cache_dir=cache_dir, device=device)
+    if records is not None:  # prompts, not classes: no class accuracy; faithfulness where the records allow it
+        clf, clf_meta, note = None, None, None
+    else:
+        clf, clf_meta, note = resolve_classifier(classifier, dataset, resolution, cache_dir=cache_dir, device=device)
     is_net, is_info = _is_network(is_network, is_network_sha1, device)
     metrics = evaluate_generated(
-        images, out_labels if want_labels is not None else None, reference_stats=reference, extractor=extractor,
-        classifier=clf, classifier_meta=clf_meta, is_network=is_net, is_network_info=is_info, device=device,
-        progress=progress,
+        images, out_labels if (want_labels is not None and records is None) else None, reference_stats=reference,
+        extractor=extractor, classifier=clf, classifier_meta=clf_meta, is_network=is_net, is_network_info=is_info,
+        device=device, progress=progress,
     )
+    if records is not None and all(r.get("objects") for r in records):
+        metrics["faithfulness"] = _faithfulness(images, records, cache_dir)
     return {"kind": "samples", **metrics, "cost": cost, "settings": settings, "notes": [note] if note else [],
             "lddpm_version": __version__, "created": now_iso()}
 
@@ -374,6 +442,13 @@ def summary_line(result: dict) -> str:
         parts.append(f"class accuracy {result['class_accuracy']:.3f}")
     if result.get("inception_score") is not None:
         parts.append(f"IS {result['inception_score']:.2f}")
+    faith = (result.get("faithfulness") or {}).get("scores")
+    if faith:
+        keys = ("class_accuracy", "all_accuracy") if faith["task"] == "fashion-text" else \
+            ("slot_accuracy", "pair_accuracy", "swap_rate")
+        ceiling = result["faithfulness"]["ceiling"]
+        parts.append(", ".join(f"{k.replace('_', ' ')} {faith[k]:.3f} (ceiling {ceiling[k]:.3f})"
+                               for k in keys if faith.get(k) is not None))
     if "psnr" in result:
         parts.append(f"PSNR {result['psnr']:.2f} dB MSE {result['mse']:.5f}")
     cost = result.get("cost") or {}
