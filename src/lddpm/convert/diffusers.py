@@ -188,30 +188,37 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
         raise LddpmError(f"context_dim={config.context_dim}: a U-Net that reads prompts is a UNet2DConditionModel "
                          "in diffusers, not a UNet2DModel (lddpm export writes one for a text run); nothing was "
                          "written")
+    out = dict(UNET2D_DEFAULTS)
+    out.update(_unet_layout(config, "UNet2DModel", "AttnDownBlock2D", "AttnUpBlock2D", ""))
+    out.update({
+        "attention_head_dim": _attention_head_dim(config),
+        "attn_norm_num_groups": config.norm_groups if config.use_scale_shift_norm else None,
+        "add_attention": config.mid_attention,
+    })
+    return out
+
+
+def _unet_layout(config: UNetConfig, cls: str, attn_down: str, attn_up: str, suffix: str) -> dict[str, Any]:
+    """The config fields UNet2DModel and UNet2DConditionModel share: sizes, levels and their block types
+    (`attn_down` / `attn_up` where a level attends), ResBlock and timestep options, class labels."""
     if config.channel_mult[0] != 1:
         raise LddpmError(f"channel_mult {tuple(config.channel_mult)} starts with {config.channel_mult[0]}: "
-                         "UNet2DModel's first level has the width of its input convolution (channel_mult[0] = 1)")
-    levels = config.level_resolutions()
-    channels = [config.model_channels * m for m in config.channel_mult]
-    attn = [r in config.attention_resolutions for r in levels]
-    out = dict(UNET2D_DEFAULTS)
-    out.update({
+                         f"{cls}'s first level has the width of its input convolution (channel_mult[0] = 1)"
+                         f"{suffix}")
+    attn = [r in config.attention_resolutions for r in config.level_resolutions()]
+    return {
         "sample_size": config.resolution, "in_channels": config.in_channels,
         "out_channels": config.in_channels * (2 if config.learned_sigma else 1),
         "freq_shift": config.freq_shift if config.freq_shift != int(config.freq_shift) else int(config.freq_shift),
         "flip_sin_to_cos": config.flip_sin_to_cos,
-        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        "block_out_channels": channels, "layers_per_block": config.num_res_blocks,
-        "downsample_padding": config.downsample_padding, "dropout": config.dropout,
-        "attention_head_dim": _attention_head_dim(config), "norm_num_groups": config.norm_groups,
-        "attn_norm_num_groups": config.norm_groups if config.use_scale_shift_norm else None,
-        "norm_eps": config.norm_eps,
+        "down_block_types": [attn_down if a else "DownBlock2D" for a in attn],
+        "up_block_types": [attn_up if a else "UpBlock2D" for a in reversed(attn)],
+        "block_out_channels": [config.model_channels * m for m in config.channel_mult],
+        "layers_per_block": config.num_res_blocks, "downsample_padding": config.downsample_padding,
+        "dropout": config.dropout, "norm_num_groups": config.norm_groups, "norm_eps": config.norm_eps,
         "resnet_time_scale_shift": "scale_shift" if config.use_scale_shift_norm else "default",
-        "add_attention": config.mid_attention,
         "num_class_embeds": config.num_classes + 1 if config.num_classes else None,
-    })
-    return out
+    }
 
 
 def unet_module_pairs(config: UNetConfig) -> list[tuple[str, str]]:
@@ -437,28 +444,14 @@ def unet_cond_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
         raise LddpmError("mid_attention=false cannot be exported: UNet2DConditionModel's middle block without a "
                          "transformer (UNetMidBlock2D) is a single ResBlock, lddpm's middle two ResBlocks; train "
                          "with model.overrides.mid_attention = true to export; nothing was written")
-    if config.channel_mult[0] != 1:
-        raise LddpmError(f"channel_mult {tuple(config.channel_mult)} starts with {config.channel_mult[0]}: "
-                         "UNet2DConditionModel's first level has the width of its input convolution (channel_mult[0] "
-                         "= 1); nothing was written")
-    channels = [config.model_channels * m for m in config.channel_mult]
-    attn = [r in config.attention_resolutions for r in config.level_resolutions()]
-    heads = [max(1, config.heads_for(ch)) for ch in channels]  # used where a level has transformers, and the last
+    layout = _unet_layout(config, "UNet2DConditionModel", "CrossAttnDownBlock2D", "CrossAttnUpBlock2D",
+                          "; nothing was written")
+    heads = [max(1, config.heads_for(ch)) for ch in layout["block_out_channels"]]  # where transformers are, and the last
     out = dict(UNET2D_CONDITION_DEFAULTS)
+    out.update(layout)
     out.update({
-        "sample_size": config.resolution, "in_channels": config.in_channels,
-        "out_channels": config.in_channels * (2 if config.learned_sigma else 1),
-        "freq_shift": config.freq_shift if config.freq_shift != int(config.freq_shift) else int(config.freq_shift),
-        "flip_sin_to_cos": config.flip_sin_to_cos,
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        "block_out_channels": channels, "layers_per_block": config.num_res_blocks,
-        "downsample_padding": config.downsample_padding, "dropout": config.dropout,
-        "norm_num_groups": config.norm_groups, "norm_eps": config.norm_eps,
         "cross_attention_dim": config.context_dim, "transformer_layers_per_block": config.transformer_depth,
         "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads, "use_linear_projection": True,
-        "resnet_time_scale_shift": "scale_shift" if config.use_scale_shift_norm else "default",
-        "num_class_embeds": config.num_classes + 1 if config.num_classes else None,
     })
     return out
 
