@@ -225,9 +225,10 @@ def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     pointer = folder / LAST_POINTER
     if pointer.is_file():
-        target = folder / pointer.read_text().strip()
-        if target.is_file():
-            return target
+        name = pointer.read_text(errors="replace").strip()
+        # A checkpoint's file name in this folder, nothing else: a path in the pointer is never followed.
+        if name == Path(name).name and checkpoint_step(name) is not None and (folder / name).is_file():
+            return folder / name
     found = list_checkpoints(folder)
     if not found:
         raise LddpmError(f"no checkpoint found in {path} (expected {folder}/step_*.safetensors)")

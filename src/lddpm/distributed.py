@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -141,3 +143,48 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ----------------------------------------------------------------------------- torchrun (torchelastic) jobs
+
+
+def elastic_restart_count() -> int:
+    """How many times torchrun restarted this job's workers (TORCHELASTIC_RESTART_COUNT; 0 on the first attempt)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def elastic_run_id() -> str | None:
+    """torchrun's job id (TORCHELASTIC_RUN_ID: --rdzv-id, a fresh uuid with --standalone), or None outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
+# What gloo and NCCL say when another process of the job died (its socket closed) or stopped answering.
+PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout",
+                      "NCCL communicator was aborted", "remote process exited", "Connection refused")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """True for the error a process of a torchrun job gets when another process of the job failed first."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if isinstance(exc, getattr(dist, "DistNetworkError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in PEER_FAILURE_SIGNS)
+
+
+def record_elastic_error(message: str) -> None:
+    """Give torchrun this process's error as one line: written to TORCHELASTIC_ERROR_FILE (when torchrun set it),
+    torchrun's "Root Cause" block shows it instead of "To enable traceback see ..."."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as handle:
+            json.dump(data, handle)
+    except OSError:  # a report of an error must not raise another one
+        pass

@@ -107,13 +107,36 @@ def _train(args: argparse.Namespace) -> int:
     result = fn(config, run_dir, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         took = time.time() - start
-        if result["stopped"]:
+        if result.get("already_finished"):
+            print(f"nothing to do: {run_dir} finished at step {result['step']} (checkpoint {result['checkpoint']}, "
+                  "left as it is); raise run.steps (--set run.steps=N) to train it longer")
+        elif result["stopped"]:
             print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']}\n"
                   f"continue with: lddpm {'train' if args.task == 'diffusion' else 'train-vae'} --resume --out {run_dir}")
         else:
             print(f"trained {run_dir} to step {result['step']} in {took:.1f} s (last loss {result['loss']:.4f}); "
                   f"checkpoint {result['checkpoint']}")
     return 0
+
+
+# PNG output is estimated at a quarter of the raw pixels (diffusion samples rarely compress better), at least
+# one file-system block per file: a count refused by this estimate cannot fit.
+PNG_COMPRESSION_ALLOWANCE = 4
+
+
+def _check_sample_space(args: argparse.Namespace, pipeline) -> None:
+    """Refuse --num whose PNG files cannot fit the free disk, before sampling starts."""
+    from lddpm.io import existing_parent, require_free_space
+
+    raw = args.num * pipeline.resolution * pipeline.resolution * pipeline.channels
+    fix = "lower --num, free some space or write elsewhere"
+    if args.out_dir:
+        block = os.statvfs(existing_parent(args.out_dir)).f_frsize if hasattr(os, "statvfs") else 4096
+        per_image = max(block, raw // args.num // PNG_COMPRESSION_ALLOWANCE)
+        require_free_space(args.out_dir, args.num * per_image, f"--num {args.num} PNG files", fix)
+    out = args.out if args.out or args.out_dir else "samples.png"
+    if out:
+        require_free_space(Path(out).parent, raw // PNG_COMPRESSION_ALLOWANCE, f"a grid of --num {args.num} images", fix)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -134,6 +157,7 @@ def _sample(args: argparse.Namespace) -> int:
             checks.int_in_range(flag, value, 1)
     device = resolve_device(args.device)
     pipeline = load_pipeline(args.run, device=device, use_ema=not args.no_ema, bf16=bf16_flag(args.bf16))
+    _check_sample_space(args, pipeline)
     labels = None
     if args.class_name is not None:
         labels = pipeline.class_index(args.class_name)
