@@ -90,8 +90,26 @@ def setup(device: str = "auto") -> DistInfo:
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         if torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, store=_restart_safe_store(world_size))
     return DistInfo(rank, world_size, local_rank, torch_device)
+
+
+def _restart_safe_store(world_size: int):
+    """The process group's key-value store; under torchrun's shared agent store, one key space per restart.
+
+    torchrun (with its c10d rendezvous) lets the workers share the agent's store, and keeps it across
+    `--max-restarts` restarts without a per-attempt prefix (pytorch/pytorch#135712): restarted gloo
+    workers then read the dead workers' addresses and fail with "Connection refused" (or hang). A
+    PrefixStore named after TORCHELASTIC_RESTART_COUNT gives every attempt fresh keys. Outside
+    torchrun's shared store: None (init_process_group's own env:// store).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.distributed_c10d import default_pg_timeout
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=default_pg_timeout)
+    return dist.PrefixStore(f"lddpm/attempt_{elastic_restart_count()}/", store)
 
 
 def teardown(info: DistInfo) -> None:
