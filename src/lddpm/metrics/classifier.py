@@ -21,7 +21,7 @@ from tqdm import tqdm
 from lddpm import __version__
 from lddpm.data import open_cache, prepare, test_split
 from lddpm.errors import LddpmError
-from lddpm.io import write_text, write_with
+from lddpm.io import remove_stale_temp_files, write_text, write_with
 from lddpm.metrics.fid import default_cache_dir
 from lddpm.metrics.inception import batch_starts, check_images, load_torchscript
 
@@ -204,6 +204,7 @@ def save_classifier(model: SmallClassifier, out_dir: str | Path, meta: dict) -> 
     classifier.json comes last: a folder with it holds a complete classifier, even after a kill.
     """
     out_dir = Path(out_dir)
+    remove_stale_temp_files(out_dir)  # a killed save's
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_with(out_dir / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
     arch = {"in_channels": model.in_channels, "num_classes": model.num_classes, "width": model.width, "dropout": model.dropout}
