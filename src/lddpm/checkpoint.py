@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from lddpm import __version__
 from lddpm.checks import strict
 from lddpm.errors import LddpmError
-from lddpm.io import remove_stale_temp_files, write_text, write_with
+from lddpm.io import remove_stale_temp_files, rust_io_errors, write_text, write_with
 
 FORMAT = "lddpm-checkpoint/1"
 META_KEY = "lddpm"
@@ -106,7 +106,11 @@ def save_checkpoint(path: str | Path, groups: dict[str, Any], meta: dict[str, An
         "meta": meta,
         "structure": structure,
     }
-    return write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", META_KEY: json.dumps(header)}))
+    def write(tmp: Path) -> None:
+        with rust_io_errors(tmp):  # a full disk: OSError -> "disk full while writing ..."
+            save_file(tensors, str(tmp), metadata={"format": "pt", META_KEY: json.dumps(header)})
+
+    return write_with(path, write)
 
 
 class Checkpoint:

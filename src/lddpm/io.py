@@ -153,6 +153,21 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     return Path(path)
 
 
+@contextlib.contextmanager
+def rust_io_errors(path: str | Path) -> Iterator[None]:
+    """Turn an I/O failure that a Rust writer (safetensors) reports as text, "... (os error 28)", into an OSError,
+    so that a full disk is one clear error like any other write's."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 def write_with(path: str | Path, writer: Callable[[Path], Any], suffix: str = "") -> Path:
     """Call `writer(tmp_path)` and move the result into place atomically (for other formats)."""
     with atomic_path(path, suffix) as tmp:
@@ -337,3 +352,23 @@ def require_free_space(path: str | Path, needed_bytes: int, what: str, fix: str)
     if needed_bytes > free:
         raise LddpmError(f"not enough free disk space for {what}: about {needed_bytes / 1e6:,.1f} MB needed, "
                          f"{free / 1e6:,.1f} MB free for {Path(path)}; {fix}")
+
+
+def reserved_memmap(path: str | Path, dtype, shape: tuple[int, ...]) -> np.memmap:
+    """`np.lib.format.open_memmap(path, mode="w+")` with the file's disk blocks reserved first (posix_fallocate).
+
+    A memory-mapped file is sparse: without the reservation a full disk is a SIGBUS when a page of the
+    mapping is written later (the process dies without a word); with it, an OSError (ENOSPC) here.
+    """
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):  # a file system that cannot reserve: as before
+                del array
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+        finally:
+            os.close(fd)
+    return array

@@ -32,7 +32,7 @@ from lddpm import distributed
 from lddpm.checkpoint import clean_checkpoint_dir, estimate_checkpoint_bytes, list_checkpoints, load_checkpoint, save_run_checkpoint
 from lddpm.config import Config, save_config, validate
 from lddpm.errors import LddpmError
-from lddpm.io import folder_lock, write_text
+from lddpm.io import folder_lock, os_error, write_text
 from lddpm.seeding import step_seed
 from lddpm.train.utils import (StopSignal, check_names, check_run_dir, lr_at, resume_differences,
                                use_deterministic_kernels)
@@ -237,8 +237,12 @@ class TrainingLoop:
             write_text(path, "".join(f"{line}\n" for line in kept))
 
     def _log(self, record: dict[str, Any]) -> None:
-        with open(self.run_dir / "log.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        path = self.run_dir / "log.jsonl"
+        try:
+            with open(path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk: one clear line (a line cut short is dropped on resume)
+            raise os_error(exc, path) from None
 
     def run(self) -> dict[str, Any]:
         """Train to run.steps or run.max_minutes (or until a stop request); return a summary."""
