@@ -282,12 +282,13 @@ def folder_lock(folder: str | Path, what: str = "folder") -> Iterator[Path]:
     the holder's pid and host, for the message. Works on local disks and on NFS (as a POSIX lock).
     """
     folder = Path(folder)
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         key = str(folder.resolve())
         handle = None if key in _HELD_LOCKS else open(folder / LOCK_FILE, "a+")
     except OSError as exc:
-        raise _os_error(exc, folder / LOCK_FILE) from None
+        raise LddpmError(f"cannot write to the {what} {folder} ({exc.strerror or exc}); choose another folder (--out)") from None
     if handle is None:  # this process holds it already (e.g. `lddpm eval` and the evaluator it calls)
         _HELD_LOCKS[key] += 1
         try:
@@ -314,6 +315,11 @@ def folder_lock(folder: str | Path, what: str = "folder") -> Iterator[Path]:
             yield folder
         finally:
             del _HELD_LOCKS[key]
+            if created:  # a command that failed before writing anything leaves no folder behind
+                with contextlib.suppress(OSError):
+                    if [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+                        (folder / LOCK_FILE).unlink()
+                        folder.rmdir()
     finally:
         handle.close()  # closing the last descriptor of the open file releases the flock
 
