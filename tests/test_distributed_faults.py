@@ -212,3 +212,17 @@ def test_a_rank_that_raises_ends_the_job_with_its_error_in_one_line(data_dirs, t
     assert "[rank0]" not in err and "[rank1]" not in err and "gloo" not in err, err  # no worker traceback
     root = err[err.index("Root Cause"):]
     assert "rank      : 1 (local_rank: 1)" in root and f"traceback : {line}" in root, root
+
+
+def test_lddpm_train_nproc_passes_max_restarts_to_torchrun(monkeypatch, tmp_path, capsys):
+    from lddpm.cli import main
+    from lddpm.commands import train as train_command
+
+    calls = []
+    monkeypatch.setattr(train_command.subprocess, "call", lambda command, env: calls.append(command) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["train", "fashion-quick", "--out", str(tmp_path / "run"), "--nproc", "2", "--max-restarts", "3"]) == 0
+    assert "--max-restarts=3" in calls[0] and "--nproc_per_node=2" in calls[0]
+    with pytest.raises(SystemExit):
+        main(["train", "fashion-quick", "--out", str(tmp_path / "run"), "--max-restarts", "3"])
+    assert "--max-restarts 3" in capsys.readouterr().err

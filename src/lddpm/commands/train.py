@@ -21,6 +21,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars; only the final summary")
     parser.add_argument("--nproc", type=int, default=1,
                         help="train with N processes (DDP through torchrun; gloo on CPU, NCCL on CUDA)")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="with --nproc: torchrun restarts the processes up to N times after one fails; "
+                             "they resume from the last checkpoint")
 
 
 def register(subparsers) -> None:
@@ -78,7 +81,7 @@ def _spawn_torchrun(args: argparse.Namespace) -> int:
     cleaned += ["--resume"] if args.resume else []
     cleaned += ["--quiet"] if args.quiet else []
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "lddpm", *cleaned]
+               f"--max-restarts={args.max_restarts}", "-m", "lddpm", *cleaned]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.call(command, env=env)
@@ -89,6 +92,9 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise LddpmError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.max_restarts < 0 or (args.max_restarts and args.nproc == 1):
+        raise LddpmError(f"--max-restarts {args.max_restarts}: give a count >= 0, with --nproc N > 1 (torchrun restarts "
+                         "its processes)")
     if args.nproc > 1:
         if "WORLD_SIZE" in os.environ:
             raise LddpmError("--nproc cannot be used inside torchrun; drop it")
