@@ -24,6 +24,7 @@ from PIL import Image
 
 from lddpm.cli import main
 from lddpm.errors import LddpmError
+from lddpm.io import LOCK_FILE
 from helpers import write_random_idx
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -99,9 +100,9 @@ def damaged_cell(tmp: Path) -> Path:
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder`, by relative path."""
+    """sha256 of every file under `folder`, by relative path (not the folder locks: they name their last holder)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 def run_cli(argv: list[str]) -> int:

@@ -323,13 +323,20 @@ def test_imagenet100_tree(tmp_path):
     rb[:, :32, 0] = 255
     rb[:, 32:, 2] = 255
     save_image(tmp_path / "train" / wnids[6] / "rb.png", rb)
+    # The fixed class list needs images in every class folder, as the image-folder reader does.
+    with pytest.raises(LddpmError, match=rf"class folder .*{wnids[1]} has no images \(and 94 more"):
+        prepare("imagenet100", root=tmp_path, resolution=16, cache_dir=tmp_path / "c", workers=1, progress=False)
+    for w in wnids:
+        if not any((tmp_path / "train" / w).iterdir()):
+            save_image(tmp_path / "train" / w / "fill.png", np.zeros((8, 8, 3), np.uint8))
     cache = open_cache(prepare("imagenet100", root=tmp_path, resolution=16, cache_dir=tmp_path / "c",
                                workers=1, progress=False))
-    assert len(cache) == 6 and cache.images.shape == (6, 16, 16, 3) and cache.num_classes == 100
-    assert cache.labels.tolist() == [0, 0, 5, 6, 37, 99]  # label = index in the shipped list
+    assert len(cache) == 101 and cache.images.shape == (101, 16, 16, 3) and cache.num_classes == 100
+    labels = cache.labels.tolist()
+    assert labels == sorted(labels) and [labels.count(k) for k in (0, 1, 5, 6, 37, 99)] == [2, 1, 1, 1, 1, 1]
     assert cache.manifest["source"]["fingerprint"] == "size+mtime"
-    assert abs(int(cache.images[2].astype(int).mean()) - 200) <= 2  # grey -> RGB
-    rbc = cache.images[3].astype(int)  # 64x32 -> 32x16 -> centre 16x16: columns 8..24 of the resized
+    assert abs(int(cache.images[labels.index(5)].astype(int).mean()) - 200) <= 2  # grey -> RGB
+    rbc = cache.images[labels.index(6)].astype(int)  # 64x32 -> 32x16 -> centre 16x16: columns 8..24 of the resized
     assert (rbc[:, :7, 0] > 240).all() and (rbc[:, :7, 2] < 15).all()
     assert (rbc[:, 9:, 2] > 240).all() and (rbc[:, 9:, 0] < 15).all()
     (tmp_path / "val" / wnids[0]).mkdir(parents=True)

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from lddpm import __version__
 from lddpm.checks import strict
 from lddpm.errors import LddpmError
-from lddpm.io import remove_stale_temp_files, write_text, write_with
+from lddpm.io import remove_stale_temp_files, rust_io_errors, write_text, write_with
 
 FORMAT = "lddpm-checkpoint/1"
 META_KEY = "lddpm"
@@ -106,7 +106,11 @@ def save_checkpoint(path: str | Path, groups: dict[str, Any], meta: dict[str, An
         "meta": meta,
         "structure": structure,
     }
-    return write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", META_KEY: json.dumps(header)}))
+    def write(tmp: Path) -> None:
+        with rust_io_errors(tmp):  # a full disk: OSError -> "disk full while writing ..."
+            save_file(tensors, str(tmp), metadata={"format": "pt", META_KEY: json.dumps(header)})
+
+    return write_with(path, write)
 
 
 class Checkpoint:
@@ -225,9 +229,10 @@ def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     pointer = folder / LAST_POINTER
     if pointer.is_file():
-        target = folder / pointer.read_text().strip()
-        if target.is_file():
-            return target
+        name = pointer.read_text(errors="replace").strip()
+        # A checkpoint's file name in this folder, nothing else: a path in the pointer is never followed.
+        if name == Path(name).name and checkpoint_step(name) is not None and (folder / name).is_file():
+            return folder / name
     found = list_checkpoints(folder)
     if not found:
         raise LddpmError(f"no checkpoint found in {path} (expected {folder}/step_*.safetensors)")

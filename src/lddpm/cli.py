@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
+import time
 import traceback
 
 from lddpm import __version__
@@ -102,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as exc:
         if is_out_of_memory(exc):
             _fail(args.command, memory_message(exc))
+        if _job_rank() is not None:
+            from lddpm.distributed import is_peer_failure
+
+            if is_peer_failure(exc):  # a consequence: the process that failed first printed the cause
+                _stop_after_peer(args.command)
         if str(exc).startswith("Error(s) in loading state_dict"):  # a checkpoint that does not fit the network
             first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else ""
             _fail(args.command, f"the checkpoint's tensors do not fit the network ({first[:200]}); "
@@ -129,11 +136,41 @@ def entry() -> None:
     distributed.exit_process(status)
 
 
+# A process that stopped because another process of its torchrun job failed waits this long before
+# exiting, so that torchrun sees the failing process first and names it as the root cause.
+PEER_FAILURE_GRACE_S = 2.0
+
+
+def _job_rank() -> int | None:
+    """This process's rank in a torchrun job of several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def _fail(command: str, message: str):
-    """Print `lddpm COMMAND: error: MESSAGE` as one line and exit with status 2."""
+    """Print `lddpm COMMAND: error: MESSAGE` as one line and exit with status 2.
+
+    In a torchrun job the line names the rank (`error: rank 1: ...`) and is also given to torchrun
+    (TORCHELASTIC_ERROR_FILE), whose failure summary then shows it as the root cause.
+    """
     message = " ".join(str(message).split()) or "failed"
-    print(f"lddpm {command}: error: {message}", file=sys.stderr)
+    rank = _job_rank()
+    line = f"lddpm {command}: error: {message}" if rank is None else f"lddpm {command}: error: rank {rank}: {message}"
+    print(line, file=sys.stderr, flush=True)
+    if rank is not None:
+        from lddpm.distributed import record_elastic_error
+
+        record_elastic_error(line)
     sys.exit(2)
+
+
+def _stop_after_peer(command: str):
+    """One line (no traceback) for a rank whose collective failed because another rank died; exit status 1."""
+    print(f"lddpm {command}: rank {_job_rank()} stopped because another process of the job failed "
+          "(its error names the cause)", file=sys.stderr, flush=True)
+    time.sleep(PEER_FAILURE_GRACE_S)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

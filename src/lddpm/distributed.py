@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -92,10 +94,28 @@ def setup(device: str = "auto") -> DistInfo:
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         if torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, store=_restart_safe_store(world_size))
         global _joined_group
         _joined_group = True
     return DistInfo(rank, world_size, local_rank, torch_device)
+
+
+def _restart_safe_store(world_size: int):
+    """The process group's key-value store; under torchrun's shared agent store, one key space per restart.
+
+    torchrun (with its c10d rendezvous) lets the workers share the agent's store, and keeps it across
+    `--max-restarts` restarts without a per-attempt prefix (pytorch/pytorch#135712): restarted gloo
+    workers then read the dead workers' addresses and fail with "Connection refused" (or hang). A
+    PrefixStore named after TORCHELASTIC_RESTART_COUNT gives every attempt fresh keys. Outside
+    torchrun's shared store: None (init_process_group's own env:// store).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.distributed_c10d import default_pg_timeout
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=default_pg_timeout)
+    return dist.PrefixStore(f"lddpm/attempt_{elastic_restart_count()}/", store)
 
 
 def teardown(info: DistInfo) -> None:
@@ -180,3 +200,48 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ----------------------------------------------------------------------------- torchrun (torchelastic) jobs
+
+
+def elastic_restart_count() -> int:
+    """How many times torchrun restarted this job's workers (TORCHELASTIC_RESTART_COUNT; 0 on the first attempt)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def elastic_run_id() -> str | None:
+    """torchrun's job id (TORCHELASTIC_RUN_ID: --rdzv-id, a fresh uuid with --standalone), or None outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
+# What gloo and NCCL say when another process of the job died (its socket closed) or stopped answering.
+PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout",
+                      "NCCL communicator was aborted", "remote process exited", "Connection refused")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """True for the error a process of a torchrun job gets when another process of the job failed first."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if isinstance(exc, getattr(dist, "DistNetworkError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in PEER_FAILURE_SIGNS)
+
+
+def record_elastic_error(message: str) -> None:
+    """Give torchrun this process's error as one line: written to TORCHELASTIC_ERROR_FILE (when torchrun set it),
+    torchrun's "Root Cause" block shows it instead of "To enable traceback see ..."."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as handle:
+            json.dump(data, handle)
+    except OSError:  # a report of an error must not raise another one
+        pass

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
 import re
 import secrets
 import shutil
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,7 +28,14 @@ import numpy as np
 
 from lddpm.errors import LddpmError
 
+try:  # POSIX; elsewhere folder locks are not taken
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
 TEMP_MARK = ".tmp-"
+LOCK_FILE = ".lddpm-lock"
+_HELD_LOCKS: dict[str, int] = {}  # folders this process holds a lock on -> nesting depth
 TEMP_PATTERN = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}(\.[a-z0-9]+)?$")
 
 
@@ -142,6 +153,21 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     return Path(path)
 
 
+@contextlib.contextmanager
+def rust_io_errors(path: str | Path) -> Iterator[None]:
+    """Turn an I/O failure that a Rust writer (safetensors) reports as text, "... (os error 28)", into an OSError,
+    so that a full disk is one clear error like any other write's."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 def write_with(path: str | Path, writer: Callable[[Path], Any], suffix: str = "") -> Path:
     """Call `writer(tmp_path)` and move the result into place atomically (for other formats)."""
     with atomic_path(path, suffix) as tmp:
@@ -224,3 +250,131 @@ def remove_stale_temp_files(folder: str | Path, *, keep_live: bool = True) -> li
                     entry.unlink()
             removed.append(entry)
     return removed
+
+
+def _lock_holder(handle) -> str:
+    """Who holds a folder lock, from the lock file's JSON ("pid 123 on host h, `lddpm train ...`, since ...")."""
+    try:
+        handle.seek(0)
+        info = json.loads(handle.read() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or "pid" not in info:
+        return "another process"
+    return (f"process {info.get('pid')} on host {info.get('host')} (`{info.get('command', '?')}`, "
+            f"since {info.get('started', '?')})")
+
+
+def _command_line() -> str:
+    """This process's command line, short (`lddpm train ...` for the CLI)."""
+    argv = sys.argv or ["python"]
+    prog = "lddpm" if argv[0].endswith(("lddpm", "__main__.py")) else Path(argv[0]).name
+    return " ".join([prog, *argv[1:]])[:300]
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str = "folder") -> Iterator[Path]:
+    """One writer per folder: hold an exclusive `fcntl.flock` on `folder/.lddpm-lock` while the block runs.
+
+    A second writer is refused at once with an LddpmError naming the holder (pid, host, command).
+    The kernel drops a flock when its process ends, SIGKILL included, so a killed writer never
+    blocks the next one. The lock file stays (deleting it would race a process opening it); it holds
+    the holder's pid and host, for the message. Works on local disks and on NFS (as a POSIX lock).
+    """
+    folder = Path(folder)
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        key = str(folder.resolve())
+        handle = None if key in _HELD_LOCKS else open(folder / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise LddpmError(f"cannot write to the {what} {folder} ({exc.strerror or exc}); choose another folder (--out)") from None
+    if handle is None:  # this process holds it already (e.g. `lddpm eval` and the evaluator it calls)
+        _HELD_LOCKS[key] += 1
+        try:
+            yield folder
+        finally:
+            _HELD_LOCKS[key] -= 1
+        return
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LddpmError(
+                    f"{what} {folder} is in use by {_lock_holder(handle)}; wait for it to finish or stop it "
+                    "(one writer per folder: two would mix their files)") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": _command_line(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        with contextlib.suppress(OSError):  # the holder's name is for messages only (and a full disk must not stop us)
+            handle.truncate(0)
+            handle.write(json.dumps(info) + "\n")
+            handle.flush()
+        _HELD_LOCKS[key] = 1
+        try:
+            yield folder
+        finally:
+            del _HELD_LOCKS[key]
+            if created:  # a command that failed before writing anything leaves no folder behind
+                with contextlib.suppress(OSError):
+                    if [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+                        (folder / LOCK_FILE).unlink()
+                        folder.rmdir()
+    finally:
+        handle.close()  # closing the last descriptor of the open file releases the flock
+
+
+def locks_folder(argument: str, what: str):
+    """Decorator: hold `folder_lock` on the folder given as keyword `argument` (unless None) while the call runs."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            folder = kwargs.get(argument)
+            with folder_lock(folder, what) if folder is not None else contextlib.nullcontext():
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def existing_parent(path: str | Path) -> Path:
+    """`path` if it exists, else its nearest existing parent folder."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free space (bytes, for this user) on the file system that holds `path` (or would hold it)."""
+    return shutil.disk_usage(existing_parent(path)).free
+
+
+def require_free_space(path: str | Path, needed_bytes: int, what: str, fix: str) -> None:
+    """Refuse work whose output (`needed_bytes`, written under `path`) cannot fit the free disk, before it starts."""
+    free = free_bytes(path)
+    if needed_bytes > free:
+        raise LddpmError(f"not enough free disk space for {what}: about {needed_bytes / 1e6:,.1f} MB needed, "
+                         f"{free / 1e6:,.1f} MB free for {Path(path)}; {fix}")
+
+
+def reserved_memmap(path: str | Path, dtype, shape: tuple[int, ...]) -> np.memmap:
+    """`np.lib.format.open_memmap(path, mode="w+")` with the file's disk blocks reserved first (posix_fallocate).
+
+    A memory-mapped file is sparse: without the reservation a full disk is a SIGBUS when a page of the
+    mapping is written later (the process dies without a word); with it, an OSError (ENOSPC) here.
+    """
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):  # a file system that cannot reserve: as before
+                del array
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+        finally:
+            os.close(fd)
+    return array

@@ -107,16 +107,13 @@ def register(subparsers) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run `lddpm eval`: sample + score, score --images, or score --vae reconstructions; print one line, write JSON."""
-    import warnings
-
-    from lddpm import evaluate as ev
     from lddpm.distributed import bf16_flag, resolve_device
     from lddpm.errors import LddpmError
 
     from lddpm import checks
 
     args.device = str(resolve_device(args.device))
-    bf16 = bf16_flag(args.bf16)
+    bf16_flag(args.bf16)  # checked before any work
     modes = [m for m in (args.run, args.images, args.vae) if m]
     if len(modes) != 1:
         raise LddpmError("give exactly one of RUN_OR_CHECKPOINT, --images DIR_OR_NPZ or --vae RUN")
@@ -130,6 +127,23 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.resolution is not None:
         checks.resolution("--resolution", args.resolution)
     progress = not args.quiet
+    if args.run:  # one writer per partial folder: a second `lddpm eval` of the same settings is refused at once
+        from lddpm.io import folder_lock
+
+        with folder_lock((Path(args.out) if args.out else _default_out(args)).with_suffix(".samples"),
+                         "partial samples folder"):
+            return _run_eval(args, progress)
+    return _run_eval(args, progress)
+
+
+def _run_eval(args: argparse.Namespace, progress: bool) -> int:
+    import warnings
+
+    from lddpm import evaluate as ev
+    from lddpm.distributed import bf16_flag
+    from lddpm.errors import LddpmError
+
+    bf16 = bf16_flag(args.bf16)
     extractor = ev.load_extractor(args.inception, args.inception_sha1, batch_size=args.batch_size, device=args.device,
                                   backend=args.feature_backend, cache_dir=args.cache_dir)
     with warnings.catch_warnings(record=True) as caught:

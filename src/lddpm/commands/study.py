@@ -61,8 +61,11 @@ def _study(args: argparse.Namespace) -> int:
         study.settings.cache_dir = args.cache_dir
     out = args.out or Path(f"study-{study.settings.name}")
     if args.report_only:
-        rows = st.load_rows(study, out)
-        st.write_report(study, rows, out)
+        from lddpm.io import folder_lock
+
+        with folder_lock(out, "study folder"):
+            rows = st.load_rows(study, out)
+            st.write_report(study, rows, out)
     else:
         rows = st.run_study(study, out, only=args.only, progress=not args.quiet)
     failed = [r["name"] for r in rows if str(r.get("status", "")).startswith("failed")]

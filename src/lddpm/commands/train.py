@@ -21,6 +21,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars; only the final summary")
     parser.add_argument("--nproc", type=int, default=1,
                         help="train with N processes (DDP through torchrun; gloo on CPU, NCCL on CUDA)")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="with --nproc: torchrun restarts the processes up to N times after one fails; "
+                             "they resume from the last checkpoint")
 
 
 def register(subparsers) -> None:
@@ -85,7 +88,7 @@ def _spawn_torchrun(args: argparse.Namespace) -> int:
     cleaned += ["--resume"] if args.resume else []
     cleaned += ["--quiet"] if args.quiet else []
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "lddpm", *cleaned]
+               f"--max-restarts={args.max_restarts}", "-m", "lddpm", *cleaned]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.call(command, env=env)
@@ -96,6 +99,9 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise LddpmError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.max_restarts < 0 or (args.max_restarts and args.nproc == 1):
+        raise LddpmError(f"--max-restarts {args.max_restarts}: give a count >= 0, with --nproc N > 1 (torchrun restarts "
+                         "its processes)")
     if args.nproc > 1:
         if "WORLD_SIZE" in os.environ:
             raise LddpmError("--nproc cannot be used inside torchrun; drop it")
@@ -114,7 +120,10 @@ def _train(args: argparse.Namespace) -> int:
     result = fn(config, run_dir, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         took = time.time() - start
-        if result["stopped"]:
+        if result.get("already_finished"):
+            print(f"nothing to do: {run_dir} finished at step {result['step']} (checkpoint {result['checkpoint']}, "
+                  "left as it is); raise run.steps (--set run.steps=N) to train it longer")
+        elif result["stopped"]:
             print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']}\n"
                   f"continue with: lddpm {'train' if args.task == 'diffusion' else 'train-vae'} --resume --out {run_dir}")
         else:
@@ -151,6 +160,26 @@ def read_prompt_file(path: str) -> list[str]:
     return prompts
 
 
+# PNG output is estimated at a quarter of the raw pixels (diffusion samples rarely compress better), at least
+# one file-system block per file: a count refused by this estimate cannot fit.
+PNG_COMPRESSION_ALLOWANCE = 4
+
+
+def _check_sample_space(args: argparse.Namespace, pipeline) -> None:
+    """Refuse --num whose PNG files cannot fit the free disk, before sampling starts."""
+    from lddpm.io import existing_parent, require_free_space
+
+    raw = args.num * pipeline.resolution * pipeline.resolution * pipeline.channels
+    fix = "lower --num, free some space or write elsewhere"
+    if args.out_dir:
+        block = os.statvfs(existing_parent(args.out_dir)).f_frsize if hasattr(os, "statvfs") else 4096
+        per_image = max(block, raw // args.num // PNG_COMPRESSION_ALLOWANCE)
+        require_free_space(args.out_dir, args.num * per_image, f"--num {args.num} PNG files", fix)
+    out = args.out if args.out or args.out_dir else "samples.png"
+    if out:
+        require_free_space(Path(out).parent, raw // PNG_COMPRESSION_ALLOWANCE, f"a grid of --num {args.num} images", fix)
+
+
 def _sample(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -169,6 +198,7 @@ def _sample(args: argparse.Namespace) -> int:
             checks.int_in_range(flag, value, 1)
     device = resolve_device(args.device)
     pipeline = load_pipeline(args.run, device=device, use_ema=not args.no_ema, bf16=bf16_flag(args.bf16))
+    _check_sample_space(args, pipeline)
     labels = None
     if args.class_name is not None:
         labels = pipeline.class_index(args.class_name)

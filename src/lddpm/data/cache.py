@@ -33,7 +33,7 @@ from lddpm.errors import LddpmError
 from lddpm.checks import resolution as check_resolution
 from lddpm.checks import strict
 from lddpm.data import integrity
-from lddpm.io import make_temp_dir, os_error, remove_stale_temp_files, swap_in_dir
+from lddpm.io import make_temp_dir, os_error, remove_stale_temp_files, reserved_memmap, swap_in_dir
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder", "captioned",
             "fashion-text", "fashion-pairs")
@@ -295,7 +295,7 @@ def _build(folder_tmp: Path, raw: readers.RawDataset, *, name: str, split: str, 
         raise LddpmError(f"disk full: this cache needs {needed / 2**30:.2f} GiB ({n} images of {resolution}x{resolution}x{channels}) "
                          f"but {folder_tmp.parent} has {free / 2**30:.2f} GiB free; free some space, lower --resolution "
                          "or choose another --cache-dir")
-    out = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(n, resolution, resolution, channels))
+    out = reserved_memmap(images_path, np.uint8, (n, resolution, resolution, channels))  # a full disk: OSError, not SIGBUS
     labels = raw.labels
     skipped: list[str] = []
     if raw.images is not None:
@@ -321,8 +321,7 @@ def _build(folder_tmp: Path, raw: readers.RawDataset, *, name: str, split: str, 
         channels = 1 if mode == "L" else 3
     if skipped or channels != out.shape[3]:  # rewrite: drop skipped rows, keep `channels` channels
         compact_path = folder_tmp / "images.compact.npy"
-        compact = np.lib.format.open_memmap(compact_path, mode="w+", dtype=np.uint8,
-                                            shape=(len(kept),) + out.shape[1:3] + (channels,))
+        compact = reserved_memmap(compact_path, np.uint8, (len(kept),) + out.shape[1:3] + (channels,))
         for i in range(0, len(kept), 4096):
             compact[i:i + 4096] = out[kept[i:i + 4096], :, :, :channels]
         compact.flush()

@@ -25,7 +25,7 @@ from lddpm.data import integrity
 from lddpm.data.cache import ImageCache, array_checksums, read_manifest
 from lddpm.data.loader import EpochSampler, iterate_batches, uint8_to_tensor
 from lddpm.errors import LddpmError
-from lddpm.io import atomic_dir
+from lddpm.io import atomic_dir, reserved_memmap
 
 LATENT_FORMAT = "lddpm-latent-cache"
 LATENT_ARRAYS = ("mean.npy", "std.npy", "labels.npy")
@@ -135,8 +135,8 @@ def encode_latents(
                     m, s = posterior.mean.float().cpu().numpy(), posterior.std.float().cpu().numpy()
                     if mean is None:
                         shape = (n,) + m.shape[1:]
-                        mean = np.lib.format.open_memmap(tmp / "mean.npy", mode="w+", dtype=np.float16, shape=shape)
-                        std = np.lib.format.open_memmap(tmp / "std.npy", mode="w+", dtype=np.float16, shape=shape)
+                        mean = reserved_memmap(tmp / "mean.npy", np.float16, shape)
+                        std = reserved_memmap(tmp / "std.npy", np.float16, shape)
                     m, s = m.astype(np.float16), s.astype(np.float16)
                     if not (np.isfinite(m).all() and np.isfinite(s).all()):
                         raise LddpmError(f"the VAE produced non-finite latents (or beyond float16 range) for images "

@@ -327,7 +327,7 @@ def read_image_folder(
     """List `split_dir/<class>/*.<image>`; classes are the given names or the sorted subfolders."""
     if not split_dir.is_dir():
         raise LddpmError(f"{dataset}: folder {split_dir} does not exist")
-    discovered = class_names is None  # classes from the subfolders: an empty one is a mistake
+    discovered = class_names is None  # classes from the subfolders (an empty one can be removed), not a fixed list
     if class_names is None:
         class_names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_names:
@@ -345,7 +345,7 @@ def read_image_folder(
         imgs = _list_images(split_dir / c)
         files += [str(p) for p in imgs]
         labels += [label] * len(imgs)
-        if not imgs and discovered:
+        if not imgs:  # a given class list (ImageNet-100) or the subfolders: an empty class is a mistake
             empty.append(c)
     if not files:
         raise LddpmError(f"{dataset}: no images ({'/'.join(IMAGE_EXTENSIONS)}) found under {split_dir}")
@@ -353,7 +353,8 @@ def read_image_folder(
         raise LddpmError(
             f"{dataset}: class folder {split_dir / empty[0]} has no images"
             + (f" (and {len(empty) - 1} more empty class folders)" if len(empty) > 1 else "")
-            + f"; add images ({'/'.join(IMAGE_EXTENSIONS)}) or remove the folder"
+            + (f"; add images ({'/'.join(IMAGE_EXTENSIONS)}) or remove the folder" if discovered else
+               f"; every class of {dataset}'s fixed class list needs images: restore them ({'/'.join(IMAGE_EXTENSIONS)})")
         )
     return RawDataset(
         labels=np.asarray(labels, dtype=np.int64), class_names=list(class_names), mode="RGB",

@@ -15,7 +15,7 @@ from torch import nn
 
 from lddpm.errors import LddpmError
 from lddpm.evaluate.reference import maybe_tqdm
-from lddpm.io import write_json, write_npz
+from lddpm.io import locks_folder, write_json, write_npz
 from lddpm.metrics import check_images
 from lddpm.seeding import batch_seed
 
@@ -76,6 +76,7 @@ def peak_memory(device: str | torch.device) -> dict:
     return {"peak_memory_mib": rss_mib, "peak_memory_kind": "process_max_rss"}
 
 
+@locks_folder("partial_dir", "partial samples folder")  # one writer per partial folder
 def generate_resumable(
     generate_batch: GenerateBatch,
     num: int,

@@ -16,7 +16,7 @@ from lddpm.evaluate.generate import ForwardCounter, balanced_labels, find_denois
 from lddpm.data import open_cache, prepare
 from lddpm.evaluate.reference import (load_extractor, maybe_tqdm, now_iso, parse_reference, reference_indices,
                                       reference_size, reference_stats)
-from lddpm.io import write_json
+from lddpm.io import locks_folder, require_free_space, write_json
 from lddpm.metrics import (FeatureExtractor, FeatureStats, ReferenceStats, check_images, class_accuracy,
                            class_probabilities, inception_score, load_classifier, load_is_network,
                            network_probabilities, precision_recall)
@@ -207,6 +207,17 @@ def _is_network(path, sha1, device):
     return net.to(device), {"path": str(path), "sha1": digest}
 
 
+def check_partial_space(partial_dir: str | Path, num: int, batch_size: int, image_bytes: int) -> None:
+    """Refuse `num` images whose sample batches (uncompressed .npz) cannot fit the free disk, before sampling starts."""
+    done = len(list(Path(partial_dir).glob("batch-*.npz"))) if Path(partial_dir).is_dir() else 0
+    todo = max(0, num - done * batch_size)
+    batches = -(-todo // batch_size)
+    needed = todo * (image_bytes + 8) + batches * 4096  # images, int64 labels, the npz headers (a block per file)
+    require_free_space(partial_dir, needed, f"{todo} more sample images (--num {num})",
+                       "lower --num, free some space or write the results elsewhere (--out)")
+
+
+@locks_folder("partial_dir", "partial samples folder")  # one writer per partial folder
 def evaluate_checkpoint(
     path: str | Path,
     *,
@@ -251,6 +262,8 @@ def evaluate_checkpoint(
     device = str(resolve_device(device))
     if pipeline is None:
         pipeline = load_pipeline(path, device=device, bf16=bf16)
+    if partial_dir is not None:
+        check_partial_space(partial_dir, num, batch_size, int(pipeline.resolution) ** 2 * int(getattr(pipeline, "channels", 3)))
     if num_steps is None and hasattr(pipeline, "diffusion"):  # the sampler's default (all T for ddpm), as `lddpm sample`
         num_steps = default_num_steps(sampler, pipeline.diffusion.num_timesteps)
     num_classes = int(getattr(pipeline, "num_classes", 0) or 0)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from lddpm import __version__
 from lddpm.data import open_cache, prepare, test_split
 from lddpm.errors import LddpmError
+from lddpm.io import remove_stale_temp_files, rust_io_errors, write_text, write_with
 from lddpm.metrics.fid import default_cache_dir
 from lddpm.metrics.inception import batch_starts, check_images, load_torchscript
 
@@ -198,13 +199,20 @@ def default_classifier_dir(dataset: str, resolution: int, cache_dir: str | Path 
 
 
 def save_classifier(model: SmallClassifier, out_dir: str | Path, meta: dict) -> Path:
-    """Write model.safetensors and classifier.json (architecture + `meta`) into `out_dir`."""
+    """Write model.safetensors and classifier.json (architecture + `meta`) into `out_dir`, each atomically.
+
+    classifier.json comes last: a folder with it holds a complete classifier, even after a kill.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out_dir)  # a killed save's
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / WEIGHTS_FILE))
+    def write(tmp: Path) -> None:
+        with rust_io_errors(tmp):
+            save_file(state, str(tmp))
+
+    write_with(out_dir / WEIGHTS_FILE, write)
     arch = {"in_channels": model.in_channels, "num_classes": model.num_classes, "width": model.width, "dropout": model.dropout}
-    (out_dir / META_FILE).write_text(json.dumps({**meta, "architecture": arch}, indent=2, sort_keys=True) + "\n")
+    write_text(out_dir / META_FILE, json.dumps({**meta, "architecture": arch}, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from lddpm import report
 from lddpm.grid import labelled_grid
-from lddpm.io import finite_or_none, read_json_object, remove_stale_temp_files, to_json, write_png, write_text
+from lddpm.io import finite_or_none, folder_lock, read_json_object, remove_stale_temp_files, to_json, write_png, write_text
 from lddpm.study.backend import StudyBackend
 from lddpm.study.schema import REAL_FLOOR_FILE, CellSpec, RunSpec, Study, base_row, log
 
@@ -48,6 +48,12 @@ def run_study(
     Defaults are the real trainer and evaluator (`train_run`, `evaluate_cell`).
     """
     out = Path(out_dir)
+    with folder_lock(out, "study folder"):  # one writer per study folder
+        return _run_study(study, out, train_fn=train_fn, cell_fn=cell_fn, floor_fn=floor_fn, only=only,
+                          rerun_failed=rerun_failed, progress=progress)
+
+
+def _run_study(study: Study, out: Path, *, train_fn, cell_fn, floor_fn, only, rerun_failed, progress) -> list[dict]:
     (out / "cells").mkdir(parents=True, exist_ok=True)
     for folder in (out, out / "cells", out / "grids", out / "plots"):
         remove_stale_temp_files(folder)  # a killed study's half-written files

@@ -32,6 +32,7 @@ from lddpm import distributed
 from lddpm.checkpoint import clean_checkpoint_dir, estimate_checkpoint_bytes, list_checkpoints, load_checkpoint, save_run_checkpoint
 from lddpm.config import Config, save_config, validate
 from lddpm.errors import LddpmError
+from lddpm.io import folder_lock, os_error, write_text
 from lddpm.seeding import step_seed
 from lddpm.train.utils import (StopSignal, check_names, check_run_dir, lr_at, resume_differences,
                                use_deterministic_kernels)
@@ -61,6 +62,8 @@ class TrainingLoop:
         self.bf16 = distributed.use_bf16(self.config.run.bf16, self.device)
         self.step = 0
         self.wall_offset = 0.0
+        self.loss_sum, self.loss_count = 0.0, 0  # the losses of the steps since the last log record
+        self.resumed_finished = False
 
     # ----------------------------------------------------------------- hooks for subclasses
     def build(self) -> None:
@@ -131,6 +134,8 @@ class TrainingLoop:
             "wall_time": self.wall_time(),
             "bf16": self.bf16,
             "finished": self.finished,
+            "log_window": {"loss_sum": self.loss_sum, "loss_count": self.loss_count},
+            "torchelastic_run_id": distributed.elastic_run_id(),
             "config": self.config.to_dict(),
             "network": {"kind": self.config.model.kind, "config": self.model.config.to_dict()},
             **self.meta(),
@@ -147,6 +152,8 @@ class TrainingLoop:
         """Check the folder and disk, refuse to clobber an existing run, resume if asked."""
         ckpt_dir = self.run_dir / "checkpoints"
         existing = list_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
+        if existing and not self.resume and self._restarted_job(existing[-1]):
+            self.resume = True  # torchrun --max-restarts: this job's own checkpoints, after a worker failed
         if self.info.is_main:
             if existing and not self.resume:
                 raise LddpmError(
@@ -190,12 +197,52 @@ class TrainingLoop:
                                  "resume with the run's own config.toml or start a new run folder") from None
             self.step = int(ckpt.meta["step"])
             self.wall_offset = float(ckpt.meta.get("wall_time", 0.0))
+            window = ckpt.meta.get("log_window") or {}
+            self.loss_sum, self.loss_count = float(window.get("loss_sum", 0.0)), int(window.get("loss_count", 0))
+            self.resumed_finished = bool(ckpt.meta.get("finished"))
         if self.info.is_main:
             save_config(self.config, self.run_dir)
+            self._trim_log()
+
+    def _restarted_job(self, newest: Path) -> bool:
+        """True when torchrun restarted this job (TORCHELASTIC_RESTART_COUNT > 0) and `newest` is its own checkpoint.
+
+        The checkpoint records the job's TORCHELASTIC_RUN_ID (torchrun's --rdzv-id; a fresh id per
+        `torchrun --standalone`), so a restart never resumes a folder the first attempt refused.
+        """
+        restart, run_id = distributed.elastic_restart_count(), distributed.elastic_run_id()
+        if restart < 1 or run_id is None:
+            return False
+        if load_checkpoint(newest).meta.get("torchelastic_run_id") != run_id:
+            return False
+        if self.info.is_main:
+            print(f"torchrun restart {restart}: resuming {self.run_dir} from {newest.name}", flush=True)
+        return True
+
+    def _trim_log(self) -> None:
+        """Keep only the log records up to the step training starts from (a killed run logged steps it lost)."""
+        path = self.run_dir / "log.jsonl"
+        if not path.is_file():
+            return
+        kept, dropped = [], False
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                keep = int(record["step"]) <= self.step
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill or a full disk
+                keep = False
+            kept += [line] if keep else []
+            dropped = dropped or not keep
+        if dropped:
+            write_text(path, "".join(f"{line}\n" for line in kept))
 
     def _log(self, record: dict[str, Any]) -> None:
-        with open(self.run_dir / "log.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        path = self.run_dir / "log.jsonl"
+        try:
+            with open(path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk: one clear line (a line cut short is dropped on resume)
+            raise os_error(exc, path) from None
 
     def run(self) -> dict[str, Any]:
         """Train to run.steps or run.max_minutes (or until a stop request); return a summary."""
@@ -205,6 +252,11 @@ class TrainingLoop:
             distributed.teardown(self.info)
 
     def _run(self) -> dict[str, Any]:
+        # One writer per run folder (rank 0 writes it): a second `lddpm train` on it is refused at once.
+        with folder_lock(self.run_dir, "run folder") if self.info.is_main else nullcontext():
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         self.t0 = time.time()
         c = self.config
         torch.manual_seed(c.run.seed)  # identical initial weights on every rank
@@ -212,25 +264,32 @@ class TrainingLoop:
         self._prepare_run_dir()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         total = c.run.steps
+        if self.resumed_finished and (self.step >= total or self.out_of_time()):
+            # Nothing left to train: the finished run's last checkpoint, grid and log stay as they are.
+            return {"run_dir": str(self.run_dir), "step": self.step, "stopped": False, "loss": float("nan"),
+                    "checkpoint": str(load_checkpoint(self.run_dir).path), "wall_time": self.wall_offset,
+                    "already_finished": True}
         bar = tqdm(total=total, initial=min(self.step, total), unit="step", desc=self.kind,
                    disable=not (self.progress and self.info.is_main), dynamic_ncols=True)
         stopped, last_loss = False, float("nan")
         self.finished = False
-        loss_sum, loss_count, step_time, images = 0.0, 0, 0.0, 0
+        step_time, images = 0.0, 0
         with StopSignal() as stop:
             while self.step < total and not self.out_of_time():
                 t_start = time.perf_counter()
                 loss_value, grad_norm, stop_now = self._train_step(stop.requested)
                 step_time += time.perf_counter() - t_start
                 images += c.optim.batch_size
-                loss_sum, loss_count, last_loss = loss_sum + loss_value, loss_count + 1, loss_value
+                self.loss_sum, self.loss_count, last_loss = self.loss_sum + loss_value, self.loss_count + 1, loss_value
                 self.step += 1
+                log_now = self.step % c.run.log_every == 0 or self.step == total
                 if self.info.is_main:
                     bar.update(1)
-                    if self.step % c.run.log_every == 0 or self.step == total:
+                    if log_now:
                         record = {
                             "step": self.step,
-                            "loss": loss_sum / loss_count,
+                            # the mean over the steps since the last record (a resume restores the window)
+                            "loss": self.loss_sum / self.loss_count,
                             "lr": lr_at(self.step - 1, c.optim.lr, c.optim.warmup_steps),
                             "grad_norm": grad_norm,
                             "images_per_s": images / max(step_time, 1e-9),
@@ -238,9 +297,11 @@ class TrainingLoop:
                         }
                         self._log(record)
                         bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
-                        loss_sum, loss_count, step_time, images = 0.0, 0, 0.0, 0
-                    if c.run.sample_every and self.step % c.run.sample_every == 0 and self.step < total:
-                        self.write_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
+                        step_time, images = 0.0, 0
+                if log_now:
+                    self.loss_sum, self.loss_count = 0.0, 0
+                if self.info.is_main and c.run.sample_every and self.step % c.run.sample_every == 0 and self.step < total:
+                    self.write_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
                 if stop_now or (self.stop_at is not None and self.step >= self.stop_at):
                     stopped = self.step < total
                     break
