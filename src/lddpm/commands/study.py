@@ -35,10 +35,14 @@ def register(subparsers) -> None:
         "DDPM, DDIM and classifier-free guidance, score the samples (FID, Inception-style score, class "
         "accuracy) and write a table, sample grids and index.html. Re-running skips finished work.",
     )
-    d.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default: demo-output)")
+    d.add_argument("--config", default="demo",
+                   help="the demo's study file or preset: demo (class-conditional, the default) or demo-text "
+                        "(text-to-image on fashion-pairs: prompts, guidance, prompt faithfulness)")
+    d.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: demo-output, or <config>-output for another --config)")
     d.add_argument("--device", default=None, help="auto, cpu or cuda (default: the demo file's, else auto)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
-    d.set_defaults(func=_demo, config="demo", only=None, report_only=False, nproc=None, data_root=None, cache_dir=None)
+    d.set_defaults(func=_demo, only=None, report_only=False, nproc=None, data_root=None, cache_dir=None)
 
 
 def _study(args: argparse.Namespace) -> int:
@@ -75,5 +79,7 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """The demo is the `demo` study preset written into --out."""
+    """The demo is a study preset (`demo`, or --config, e.g. `demo-text`) written into --out."""
+    if args.out is None:
+        args.out = Path("demo-output" if args.config == "demo" else f"{Path(args.config).stem}-output")
     return _study(args)
