@@ -212,6 +212,7 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     made: list[tuple[str, str]] = []
@@ -313,12 +314,15 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
                 ax2.annotate(f"s={r['guidance_scale']:g}", (r["fid"], 100 * r["faithfulness"]), fontsize=7,
                              xytext=(3, 3), textcoords="offset points")
         ax1.set_xlabel("guidance scale s")
-        ax1.set_ylabel(f"{what} (%)")
         ax1.set_title(f"{what} against guidance scale (dashed: ceiling)")
         ax2.set_xlabel(_fid_axis(ok))
-        ax2.set_ylabel(f"{what} (%)")
         ax2.set_title(f"{what} against FID")
+        ax2.xaxis.set_major_locator(MaxNLocator(5))
+        highest = max([r["faithfulness"] for r in faithful]
+                      + [r["faithfulness_ceiling"] for r in faithful if r.get("faithfulness_ceiling") is not None])
         for ax in (ax1, ax2):
+            ax.set_ylabel(f"{what} (%)")
+            ax.set_ylim(0, min(100.0, max(10.0, 115 * highest)))  # percentages from 0, the ceiling in view
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         save(fig, "faithfulness.png", "Prompt faithfulness against guidance scale and FID")

@@ -16,7 +16,8 @@ def register(subparsers) -> None:
         "results.md/json/csv, plots/, grids/ and index.html into the output folder. Re-running "
         "skips finished cells and reuses finished training runs.",
     )
-    p.add_argument("config", help="study TOML file, or a preset name: study-quick, study-cifar10, study-imagenet100, demo")
+    p.add_argument("config", help="study TOML file, or a preset name: study-quick, study-cifar10, study-imagenet100, "
+                   "demo, demo-text")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: study-<name>)")
     p.add_argument("--only", nargs="+", metavar="CELL", help="run only these cells (the others are kept as they are)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the study file's, else auto)")
@@ -30,10 +31,13 @@ def register(subparsers) -> None:
 
     d = subparsers.add_parser(
         "demo",
-        help="a short demo on Fashion-MNIST (about 15 minutes on 2 CPU cores): train, sample, score, report",
+        help="a short demo on Fashion-MNIST (about 15 minutes on 2 CPU cores): train, sample, score, report "
+        "(--config demo-text: text-to-image on the fashion-pairs scenes)",
         description="Prepare Fashion-MNIST at 32x32, train a small class-conditional U-Net, sample with "
         "DDPM, DDIM and classifier-free guidance, score the samples (FID, Inception-style score, class "
-        "accuracy) and write a table, sample grids and index.html. Re-running skips finished work.",
+        "accuracy) and write a table, sample grids and index.html. With --config demo-text: render the "
+        "fashion-pairs scenes, train a small text U-Net on the frozen MiniLM encoder, sample a prompt set at "
+        "guidance 1, 3 and 5, and score FID and prompt faithfulness. Re-running skips finished work.",
     )
     d.add_argument("--config", default="demo",
                    help="the demo's study file or preset: demo (class-conditional, the default) or demo-text "
