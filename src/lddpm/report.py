@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from lddpm.io import write_with
-from lddpm.study.schema import FAITHFULNESS_FIELDS, ROW_FIELDS, Study
+from lddpm.study.schema import ROW_FIELDS, TEXT_ROW_FIELDS, Study
 
 SAMPLER_LABELS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)"}
 
@@ -172,7 +172,7 @@ FAITHFULNESS_NOTE = (
 def to_csv(rows: list[dict]) -> str:
     """results.csv: one row per cell, machine-readable fields (fid and fid_n separate)."""
     present = {k for r in rows for k in r}
-    text = [k for k in FAITHFULNESS_FIELDS if k in present]  # text cells' fields, only when some row has them
+    text = [k for k in TEXT_ROW_FIELDS if k in present]  # text cells' fields, only when some row has them
     extra = text + sorted(present - set(ROW_FIELDS) - set(text) - {"extra"})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*ROW_FIELDS, *extra], extrasaction="ignore", lineterminator="\n")
@@ -258,7 +258,8 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
     if runs_with_scan and not any(r.get("class_accuracy") is not None for r in guided):  # text runs: FID alone
         fig, ax1 = plt.subplots(figsize=(5, 3.8))
         for run in runs_with_scan:
-            pts = sorted((r["guidance_scale"], r["fid"]) for r in guided if r["run"] == run and r.get("fid") is not None)
+            pts = sorted((r["guidance_scale"], r["fid"]) for r in guided
+                         if r["run"] == run and r.get("fid") is not None)
             ax1.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=run)
         ax1.set_xlabel("guidance scale s")
         ax1.set_ylabel(_fid_axis(ok))
@@ -308,8 +309,8 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
             if ceiling:
                 ax1.axhline(100 * ceiling[0], ls="--", color=line.get_color(), alpha=0.6, lw=1)
             scored = [r for r in members if r.get("fid") is not None]
-            ax2.plot([r["fid"] for r in scored], [100 * r["faithfulness"] for r in scored], "o-", color=line.get_color(),
-                     label=label)
+            ax2.plot([r["fid"] for r in scored], [100 * r["faithfulness"] for r in scored], "o-",
+                     color=line.get_color(), label=label)
             for r in scored:
                 ax2.annotate(f"s={r['guidance_scale']:g}", (r["fid"], 100 * r["faithfulness"]), fontsize=7,
                              xytext=(3, 3), textcoords="offset points")

@@ -240,9 +240,9 @@ def check_cell_fits_run(cell: CellSpec, info: dict, spec: PromptSpec | None) -> 
     if "text_encoder" not in info:  # a run described by another backend
         return
     if spec is not None and not info["text_encoder"]:
-        raise LddpmError(f"cell {cell.name!r} has prompts = {cell.prompts!r}, but run {cell.run!r} is not a text run "
-                         "(its [text] encoder is empty); remove the cell's `prompts`/`negative_prompt`, or train the run "
-                         "with a text preset such as fashion-pairs-30min")
+        raise LddpmError(f"cell {cell.name!r} has prompts = {cell.prompts!r}, but run {cell.run!r} is not a text "
+                         "run (its [text] encoder is empty); remove the cell's `prompts`/`negative_prompt`, or train "
+                         "the run with a text preset such as fashion-pairs-30min")
     if spec is None and info["text_encoder"]:
         raise LddpmError(f"cell {cell.name!r}: run {cell.run!r} is a text run (encoder {info['text_encoder']!r}) and "
                          "samples from prompts; give the cell `prompts` (a JSONL file, or a built-in set such as "

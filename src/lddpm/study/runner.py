@@ -42,7 +42,7 @@ def run_study(
     VAE run name to its info. `info` holds at least `run_dir`, and may hold `model`, `schedule`,
     `train_images`, `train_seconds`, `num_classes`, `class_names`.
     `cell_fn(cell, info, study, out_dir) -> result` scores one cell; `result` holds metric fields of
-    `ROW_FIELDS` (and, for text cells, `FAITHFULNESS_FIELDS`) and optionally `images` (uint8 (N,H,W,C)) with
+    `ROW_FIELDS` (and, for text cells, `TEXT_ROW_FIELDS`) and optionally `images` (uint8 (N,H,W,C)) with
     `labels` (class indices) or `prompts` (one per image) for the sample grid.
     `floor_fn(study) -> dict` scores N real images against the reference once (the real-data floor,
     kept in real_floor.json and printed above the table); the real backend's is used with the defaults.

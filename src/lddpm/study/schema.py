@@ -46,10 +46,10 @@ ROW_FIELDS = (
     "schedule", "fid", "fid_n", "kid", "kid_std", "inception_score", "class_accuracy", "precision", "recall",
     "seconds_per_image", "model_evals", "train_images", "train_seconds", "group",
 )
-# Row fields of text cells whose prompt records describe benchmark scenes (lddpm.metrics.faithfulness); rows
-# of other cells do not carry them, so their results.csv/json and tables are unchanged. After ROW_FIELDS in
-# results.csv when any row has them.
-FAITHFULNESS_FIELDS = (
+# Row fields of text cells: their prompt set, and when its records describe benchmark scenes the checker's
+# scores (lddpm.metrics.faithfulness). Rows of other cells do not carry them, so their results.csv/json and
+# tables are unchanged; results.csv lists them after ROW_FIELDS when some row has them.
+TEXT_ROW_FIELDS = (
     "prompts", "negative_prompt", "faithfulness_metric", "faithfulness", "faithfulness_ceiling",
     "faithfulness_of_ceiling", "faithfulness_seen", "faithfulness_heldout", "slot_accuracy", "swap_rate",
 )
