@@ -1,4 +1,4 @@
-# Two entry points (see README): `make demo` and `make test`.
+# Two entry points (see README): `make demo` and `make test` (and `make demo-text`, the text-to-image demo).
 # Both create a virtual environment in .venv and install what they need; safe to re-run.
 
 PYTHON ?= python3
@@ -11,11 +11,16 @@ TORCH_SPEC ?= torch==2.13.0
 TCMALLOC := $(firstword $(wildcard /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4))
 RUN_ENV := $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC),)
 DEMO_OUT ?= demo-output
+DEMO_TEXT_OUT ?= demo-text-output
 
-.PHONY: demo test test-slow setup system-deps bench peers clean
+.PHONY: demo demo-text test test-slow setup system-deps bench peers clean
 
 demo: setup system-deps
 	$(RUN_ENV) $(VENV)/bin/lddpm demo --out $(DEMO_OUT)
+
+# Text-to-image on the fashion-pairs scenes: prompts, guidance s = 1 / 3 / 5, FID and prompt faithfulness.
+demo-text: setup system-deps
+	$(RUN_ENV) $(VENV)/bin/lddpm demo --config demo-text --out $(DEMO_TEXT_OUT)
 
 test: setup system-deps
 	$(RUN_ENV) $(PY) -m pytest -q
@@ -57,4 +62,4 @@ peers: setup
 	$(PIP) install -q --no-deps denoising-diffusion-pytorch==2.3.4
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT)
+	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_TEXT_OUT)

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from lddpm.io import write_with
-from lddpm.study.schema import ROW_FIELDS, Study
+from lddpm.study.schema import ROW_FIELDS, TEXT_ROW_FIELDS, Study
 
 SAMPLER_LABELS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)"}
 
@@ -35,6 +35,35 @@ TABLE_COLUMNS = (
     ("Train time", "train_seconds", "seconds"),
     ("Status", "status", "{}"),
 )
+
+
+# Columns of text cells, shown only when some row has a value for them (class studies' tables are unchanged):
+# (heading, row key, format, the column after which it goes).
+TEXT_COLUMNS = (
+    ("Prompts", "prompts", "{}", "guidance_scale"),
+    ("Negative prompt", "negative_prompt", "{}", "prompts"),
+    ("Faithfulness", "faithfulness", "{:.1%}", "class_accuracy"),
+    ("Ceiling", "faithfulness_ceiling", "{:.1%}", "faithfulness"),
+    ("Seen", "faithfulness_seen", "{:.1%}", "faithfulness_ceiling"),
+    ("Held-out", "faithfulness_heldout", "{:.1%}", "faithfulness_seen"),
+    ("Slot acc.", "slot_accuracy", "{:.1%}", "faithfulness_heldout"),
+    ("Swap rate", "swap_rate", "{:.1%}", "slot_accuracy"),
+)
+METRIC_HEADINGS = {"pair_accuracy": "Pair acc.", "all_accuracy": "All-clause acc."}
+
+
+def table_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """TABLE_COLUMNS plus the text columns some row has a value for; the faithfulness heading names its metric."""
+    columns = list(TABLE_COLUMNS)
+    metrics = {r.get("faithfulness_metric") for r in rows if r.get("faithfulness") is not None}
+    for head, key, spec, after in TEXT_COLUMNS:
+        if not any(r.get(key) is not None for r in rows):
+            continue
+        if key == "faithfulness" and len(metrics) == 1:
+            head = METRIC_HEADINGS.get(next(iter(metrics)), head)
+        where = next((i for i, c in enumerate(columns) if c[1] == after), len(columns) - 1)
+        columns.insert(where + 1, (head, key, spec))
+    return columns
 
 
 def _fmt(value, spec: str) -> str:
@@ -80,11 +109,12 @@ def floor_text(floor: dict | None) -> str | None:
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Headings and formatted cells of the results table."""
     fid_heading, per_row_n = _fid_heading(rows)
-    headings = [fid_heading if key == "fid" else head for head, key, _ in TABLE_COLUMNS]
+    columns = table_columns(rows)
+    headings = [fid_heading if key == "fid" else head for head, key, _ in columns]
     body = []
     for row in rows:
         cells = []
-        for _, key, spec in TABLE_COLUMNS:
+        for _, key, spec in columns:
             text = _kid_text(row) if spec == "kid" else _fmt(row.get(key), spec)
             if key == "fid" and per_row_n and row.get("fid") is not None:
                 text += f" (N={row.get('fid_n')})"
@@ -122,12 +152,28 @@ def to_markdown(study: Study, rows: list[dict], floor: dict | None = None) -> st
         "the requested class. Model evals: network evaluations per image (2 per step with guidance). "
         "VAE rows score reconstructions of the reference split (rFID).",
     ]
+    if any(r.get("faithfulness") is not None for r in rows):
+        lines += ["", FAITHFULNESS_NOTE]
     return "\n".join(lines) + "\n"
+
+
+FAITHFULNESS_NOTE = (
+    "Text cells sample their prompt set (cycled to N) and have no class metrics. Faithfulness "
+    "(lddpm.metrics.faithfulness, GenEval's rule: an image counts only if every clause of its prompt holds): "
+    "pair accuracy on fashion-pairs (both halves hold what the prompt says, an unnamed half empty), all-clause "
+    "accuracy on fashion-text (class, size and brightness). Ceiling: the same checker on real rendered test "
+    "scenes for the same prompts, the best a model can score. Seen / Held-out: pair prompts with class pairs "
+    "seen / never seen together in training (fashion-pairs), prompts with seen / held-out phrasings "
+    "(fashion-text). Slot acc.: share of scene slots holding the prompt's item (or nothing); on fashion-text "
+    "the one slot's class. Swap rate: pair prompts drawn with both items on the wrong sides."
+)
 
 
 def to_csv(rows: list[dict]) -> str:
     """results.csv: one row per cell, machine-readable fields (fid and fid_n separate)."""
-    extra = sorted({k for r in rows for k in r} - set(ROW_FIELDS) - {"extra"})
+    present = {k for r in rows for k in r}
+    text = [k for k in TEXT_ROW_FIELDS if k in present]  # text cells' fields, only when some row has them
+    extra = text + sorted(present - set(ROW_FIELDS) - set(text) - {"extra"})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*ROW_FIELDS, *extra], extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -166,6 +212,7 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     made: list[tuple[str, str]] = []
@@ -208,7 +255,19 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
                  and (r["sampler"], r["steps"]) in keys and r.get("guidance_scale") not in scales]
     guided = [r for scan in scans.values() for r in scan]
     runs_with_scan = sorted(scans)
-    if runs_with_scan:
+    if runs_with_scan and not any(r.get("class_accuracy") is not None for r in guided):  # text runs: FID alone
+        fig, ax1 = plt.subplots(figsize=(5, 3.8))
+        for run in runs_with_scan:
+            pts = sorted((r["guidance_scale"], r["fid"]) for r in guided
+                         if r["run"] == run and r.get("fid") is not None)
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=run)
+        ax1.set_xlabel("guidance scale s")
+        ax1.set_ylabel(_fid_axis(ok))
+        ax1.set_title("FID against guidance scale")
+        ax1.grid(alpha=0.3)
+        ax1.legend(fontsize=8)
+        save(fig, "guidance.png", "FID against guidance scale")
+    elif runs_with_scan:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
         for run in runs_with_scan:
             pts = sorted(((r["guidance_scale"], r.get("fid"), r.get("class_accuracy")) for r in guided if r["run"] == run),
@@ -227,6 +286,47 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         save(fig, "guidance.png", "FID and class accuracy against guidance scale")
+
+    # Text cells: faithfulness against guidance scale (the checker's ceiling dashed) and against FID, the
+    # alignment / fidelity trade-off of guidance; one line per run, sampler, steps, prompt set and negative prompt.
+    faithful = [r for r in ok if r.get("faithfulness") is not None and r.get("guidance_scale") is not None]
+    if faithful:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        lines: dict[tuple, list[dict]] = {}
+        for r in faithful:
+            lines.setdefault((r["run"], r.get("sampler"), r.get("steps"), r.get("prompts"), r.get("negative_prompt")),
+                             []).append(r)
+        metrics = {r.get("faithfulness_metric") for r in faithful}
+        what = METRIC_HEADINGS.get(metrics.pop(), "faithfulness") if len(metrics) == 1 else "faithfulness"
+        for (run, sampler, steps, prompts, negative), members in sorted(lines.items(), key=lambda kv: str(kv[0])):
+            members.sort(key=lambda r: r["guidance_scale"])
+            label = f"{run}, {SAMPLER_LABELS.get(sampler, sampler)} {steps}"
+            label += f", {prompts}" if len(lines) > 1 else ""
+            label += f", negative {negative!r}" if negative else ""
+            line = ax1.plot([r["guidance_scale"] for r in members], [100 * r["faithfulness"] for r in members], "o-",
+                            label=label)[0]
+            ceiling = [r["faithfulness_ceiling"] for r in members if r.get("faithfulness_ceiling") is not None]
+            if ceiling:
+                ax1.axhline(100 * ceiling[0], ls="--", color=line.get_color(), alpha=0.6, lw=1)
+            scored = [r for r in members if r.get("fid") is not None]
+            ax2.plot([r["fid"] for r in scored], [100 * r["faithfulness"] for r in scored], "o-",
+                     color=line.get_color(), label=label)
+            for r in scored:
+                ax2.annotate(f"s={r['guidance_scale']:g}", (r["fid"], 100 * r["faithfulness"]), fontsize=7,
+                             xytext=(3, 3), textcoords="offset points")
+        ax1.set_xlabel("guidance scale s")
+        ax1.set_title(f"{what} against guidance scale (dashed: ceiling)")
+        ax2.set_xlabel(_fid_axis(ok))
+        ax2.set_title(f"{what} against FID")
+        ax2.xaxis.set_major_locator(MaxNLocator(5))
+        highest = max([r["faithfulness"] for r in faithful]
+                      + [r["faithfulness_ceiling"] for r in faithful if r.get("faithfulness_ceiling") is not None])
+        for ax in (ax1, ax2):
+            ax.set_ylabel(f"{what} (%)")
+            ax.set_ylim(0, min(100.0, max(10.0, 115 * highest)))  # percentages from 0, the ceiling in view
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        save(fig, "faithfulness.png", "Prompt faithfulness against guidance scale and FID")
 
     # FID per noise schedule against training images: one line per schedule run (a cell per scored checkpoint,
     # `at_step`), so an order that is an early-training accident shows as crossing lines.
@@ -350,6 +450,8 @@ def to_html(study: Study, rows: list[dict], plots: list[tuple[str, str]], floor:
         cls = " class='failed'" if str(row.get("status", "")).startswith("failed") else ""
         parts.append(f"<tr{cls}>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
     parts.append("</table>")
+    if any(r.get("faithfulness") is not None for r in rows):
+        parts.append(f"<p>{esc(FAITHFULNESS_NOTE)}</p>")
     if plots:
         parts.append("<h2>Plots</h2>")
         parts += [f"<figure><img src='{esc(p)}' alt='{esc(t)}'><figcaption>{esc(t)}</figcaption></figure>" for t, p in plots]
@@ -362,6 +464,9 @@ def to_html(study: Study, rows: list[dict], plots: list[tuple[str, str]], floor:
                 caption += f", {r['steps']} steps"
             if r.get("guidance_scale") not in (None, 1, 1.0):
                 caption += f", s={r['guidance_scale']:g}"
+            if r.get("prompts"):
+                caption += f"; prompts {r['prompts']}" + (f", negative {r['negative_prompt']!r}"
+                                                            if r.get("negative_prompt") else "")
             parts.append(f"<figure><img src='{esc(r['grid'])}' alt='{esc(r['name'])}'><figcaption>{esc(caption)}</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

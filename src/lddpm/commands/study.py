@@ -16,7 +16,8 @@ def register(subparsers) -> None:
         "results.md/json/csv, plots/, grids/ and index.html into the output folder. Re-running "
         "skips finished cells and reuses finished training runs.",
     )
-    p.add_argument("config", help="study TOML file, or a preset name: study-quick, study-cifar10, study-imagenet100, demo")
+    p.add_argument("config", help="study TOML file, or a preset name: study-quick, study-cifar10, study-imagenet100, "
+                   "demo, demo-text")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: study-<name>)")
     p.add_argument("--only", nargs="+", metavar="CELL", help="run only these cells (the others are kept as they are)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the study file's, else auto)")
@@ -30,15 +31,22 @@ def register(subparsers) -> None:
 
     d = subparsers.add_parser(
         "demo",
-        help="a short demo on Fashion-MNIST (about 15 minutes on 2 CPU cores): train, sample, score, report",
+        help="a short demo on Fashion-MNIST (about 15 minutes on 2 CPU cores): train, sample, score, report "
+        "(--config demo-text: text-to-image on the fashion-pairs scenes)",
         description="Prepare Fashion-MNIST at 32x32, train a small class-conditional U-Net, sample with "
         "DDPM, DDIM and classifier-free guidance, score the samples (FID, Inception-style score, class "
-        "accuracy) and write a table, sample grids and index.html. Re-running skips finished work.",
+        "accuracy) and write a table, sample grids and index.html. With --config demo-text: render the "
+        "fashion-pairs scenes, train a small text U-Net on the frozen MiniLM encoder, sample a prompt set at "
+        "guidance 1, 3 and 5, and score FID and prompt faithfulness. Re-running skips finished work.",
     )
-    d.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default: demo-output)")
+    d.add_argument("--config", default="demo",
+                   help="the demo's study file or preset: demo (class-conditional, the default) or demo-text "
+                        "(text-to-image on fashion-pairs: prompts, guidance, prompt faithfulness)")
+    d.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: demo-output, or <config>-output for another --config)")
     d.add_argument("--device", default=None, help="auto, cpu or cuda (default: the demo file's, else auto)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
-    d.set_defaults(func=_demo, config="demo", only=None, report_only=False, nproc=None, data_root=None, cache_dir=None)
+    d.set_defaults(func=_demo, only=None, report_only=False, nproc=None, data_root=None, cache_dir=None)
 
 
 def _study(args: argparse.Namespace) -> int:
@@ -78,5 +86,7 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """The demo is the `demo` study preset written into --out."""
+    """The demo is a study preset (`demo`, or --config, e.g. `demo-text`) written into --out."""
+    if args.out is None:
+        args.out = Path("demo-output" if args.config == "demo" else f"{Path(args.config).stem}-output")
     return _study(args)

@@ -134,30 +134,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def read_prompt_file(path: str) -> list[str]:
     """Prompts from a text file (one per non-empty line) or a JSONL file (a `prompt` or `text` field per line)."""
-    import json
+    from lddpm.evaluate import read_prompt_records
 
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise LddpmError(f"--prompts {path}: not UTF-8 text; save it as UTF-8") from None
-    except OSError as exc:
-        raise LddpmError(f"--prompts {path}: cannot read it ({exc.strerror or exc})") from None
-    prompts = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.endswith(".jsonl"):
-            try:
-                record = json.loads(line)
-                prompts.append(record["prompt"] if "prompt" in record else record["text"])
-            except (ValueError, KeyError, TypeError):
-                raise LddpmError(f"--prompts {path}, line {number}: expected a JSON object with a `prompt` "
-                                 "(or `text`) field") from None
-        else:
-            prompts.append(line.strip())
-    if not prompts:
-        raise LddpmError(f"--prompts {path} holds no prompt")
-    return prompts
+    return [r["prompt"] for r in read_prompt_records(path)]
 
 
 # PNG output is estimated at a quarter of the raw pixels (diffusion samples rarely compress better), at least

@@ -10,11 +10,12 @@ from lddpm.evaluate.generate import (ForwardCounter, balanced_labels, find_denoi
 from lddpm.evaluate.reference import (PR_MAX_FEATURES, REFERENCE_SUBSET_SEED, load_extractor, parse_reference,
                                       reference_from_cache, reference_indices, reference_size, reference_stats)
 from lddpm.evaluate.score import (evaluate_checkpoint, evaluate_generated, evaluate_image_files, evaluate_vae,
-                                  real_data_floor, resolve_classifier, summary_line, vae_reconstructions, write_result)
+                                  read_prompt_records, real_data_floor, resolve_classifier, summary_line,
+                                  vae_reconstructions, write_result)
 from lddpm.seeding import batch_seed
 
 __all__ = ["PR_MAX_FEATURES", "REFERENCE_SUBSET_SEED", "ForwardCounter", "balanced_labels", "batch_seed",
            "evaluate_checkpoint", "evaluate_generated", "evaluate_image_files", "evaluate_vae", "find_denoiser",
-           "generate_resumable", "load_extractor", "load_images", "parse_reference", "peak_memory", "real_data_floor",
-           "reference_from_cache", "reference_indices", "reference_size", "reference_stats", "resolve_classifier",
-           "summary_line", "vae_reconstructions", "write_result"]
+           "generate_resumable", "load_extractor", "load_images", "parse_reference", "peak_memory",
+           "read_prompt_records", "real_data_floor", "reference_from_cache", "reference_indices", "reference_size",
+           "reference_stats", "resolve_classifier", "summary_line", "vae_reconstructions", "write_result"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -165,27 +166,47 @@ def _prompt_records(prompts, num: int) -> list[dict]:
     if prompts is None:
         raise LddpmError("this is a text run: give a prompt set (--prompts FILE: JSONL with a `prompt` per line, "
                          "e.g. from lddpm.data.scenes.write_prompt_set)")
+    records = read_prompt_records(prompts)
+    return [records[i % len(records)] for i in range(num)]
+
+
+def read_prompt_records(prompts: str | Path | list[dict]) -> list[dict]:
+    """Prompt records {"prompt", ...}: from a JSONL file (a `prompt` or `text` field per line, every field kept),
+    a text file (one prompt a non-empty line), or given as a list of records (copied)."""
     if isinstance(prompts, (str, Path)):
-        from lddpm.commands.train import read_prompt_file
-
-        records = [{"prompt": p} for p in read_prompt_file(str(prompts))]
-        if str(prompts).endswith(".jsonl"):
-            import json as _json
-
-            lines = [ln for ln in Path(prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
-            records = [{**_json.loads(ln), "prompt": r["prompt"]} for ln, r in zip(lines, records)]
+        path = str(prompts)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise LddpmError(f"--prompts {path}: not UTF-8 text; save it as UTF-8") from None
+        except OSError as exc:
+            raise LddpmError(f"--prompts {path}: cannot read it ({exc.strerror or exc})") from None
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            if not path.endswith(".jsonl"):
+                records.append({"prompt": line.strip()})
+                continue
+            try:
+                record = json.loads(line)
+                records.append({**record, "prompt": record["prompt"] if "prompt" in record else record["text"]})
+            except (ValueError, KeyError, TypeError):
+                raise LddpmError(f"--prompts {path}, line {number}: expected a JSON object with a `prompt` "
+                                 "(or `text`) field") from None
+        if not records:
+            raise LddpmError(f"--prompts {path} holds no prompt")
     else:
         records = [dict(r) for r in prompts]
     if not records or any(not isinstance(r.get("prompt"), str) for r in records):
         raise LddpmError("a prompt set needs at least one record with a `prompt` string")
-    return [records[i % len(records)] for i in range(num)]
+    return records
 
 
 def _records_sha256(records: list[dict]) -> str:
     import hashlib
-    import json as _json
 
-    return hashlib.sha256(_json.dumps(records, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
 
 
 def _faithfulness(images: np.ndarray, records: list[dict], cache_dir) -> dict:

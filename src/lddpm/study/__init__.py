@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "schema": ("CELL_KINDS", "LABEL_MODES", "PLOT_GROUPS", "ROW_FIELDS", "RUN_KINDS", "CellSpec", "RunSpec", "Study",
-               "StudySettings", "find_study_file", "load_study", "study_from_dict"),
+    "schema": ("CELL_KINDS", "LABEL_MODES", "PLOT_GROUPS", "ROW_FIELDS", "RUN_KINDS", "TEXT_ROW_FIELDS", "CellSpec",
+               "PromptSpec", "RunSpec", "Study", "StudySettings", "find_study_file", "load_study", "study_from_dict"),
     "runner": ("load_rows", "run_study", "write_report"),
     "backend": ("StudyBackend", "evaluate_cell", "train_run"),
 }

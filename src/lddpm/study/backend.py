@@ -16,11 +16,13 @@ from lddpm.config import load_config, save_config
 from lddpm.data import open_cache, prepare, test_split
 from lddpm.distributed import resolve_device
 from lddpm.errors import LddpmError
-from lddpm.evaluate import (evaluate_checkpoint, evaluate_vae, load_extractor, real_data_floor, reference_stats,
-                            vae_reconstructions)
+from lddpm.data.scenes import write_prompt_set
+from lddpm.evaluate import (evaluate_checkpoint, evaluate_vae, load_extractor, read_prompt_records, real_data_floor,
+                            reference_stats, vae_reconstructions)
 from lddpm.metrics.classifier import META_FILE, default_classifier_dir, train_dataset_classifier
 from lddpm.pipeline import load_vae
-from lddpm.study.schema import CellSpec, RunSpec, Study, log
+from lddpm.study.schema import (FAITHFULNESS_METRIC, PROMPT_SET_SEED, PROMPTS_FOLDER, CellSpec, PromptSpec, RunSpec,
+                                Study, log)
 from lddpm.train import check_names, train, train_vae
 
 def _toml_literal(value: Any) -> str:
@@ -111,6 +113,8 @@ class StudyBackend:
                 model += " (latent)"
             if config.run.class_conditional:
                 model += ", class-cond."
+            if config.text.encoder:
+                model += f", text ({Path(config.text.encoder).name})"
         return {
             "run_dir": str(final.parent.parent),
             "checkpoint": str(final),
@@ -119,6 +123,7 @@ class StudyBackend:
             "train_images": int(meta.get("images_seen", 0)),
             "train_seconds": float(meta.get("wall_time", 0.0)),
             "class_names": list(dataset.get("class_names") or []),
+            "text_encoder": "" if run.kind == "vae" else config.text.encoder,
             "data": f"{dataset.get('name', config.data.dataset)} {dataset.get('resolution', config.data.resolution)}px",
         }
 
@@ -168,20 +173,25 @@ class StudyBackend:
         s = study.settings
         device = _config_device(s.device, resolve=True)
         partial = out_dir / "cells" / f"{cell.name}.samples"
+        spec = study.prompt_spec(cell)
+        check_cell_fits_run(cell, info, spec)
+        records = prompt_records(spec, out_dir) if spec is not None else None
         source, trained = cell_source(cell, info)
         result = evaluate_checkpoint(
             source, num=study.fid_n(cell), sampler=cell.sampler, num_steps=cell.steps, eta=cell.eta,
             guidance_scale=cell.guidance_scale, labels=cell.labels, reference=self._reference_stats(study),
             batch_size=s.sample_batch_size, seed=s.seed, device=device, partial_dir=partial,
-            extractor=self._extractor(study), classifier=str(self._classifier_folder(study)),
+            extractor=self._extractor(study),
+            classifier=None if records is not None else str(self._classifier_folder(study)),  # prompts: no classes
             cache_dir=s.cache_dir, data_root=s.data_root, bf16=s.bf16, progress=self.progress,
+            prompts=records, negative_prompt=cell.negative_prompt,
         )
         images, labels = _read_partial(partial)
         cost = result.get("cost") or {}
         evals = cost.get("network_evaluations_per_image")
         if evals is None:  # every batch was resumed from disk: count from the settings
             evals = cell.steps * (2 if cell.guidance_scale != 1.0 else 1)
-        return {
+        row = {
             "fid": result["fid"], "fid_n": result["num_images"], "kid": result.get("kid"), "kid_std": result.get("kid_std"),
             "inception_score": result.get("inception_score") or result.get("classifier_score"),
             "class_accuracy": result.get("class_accuracy"), "precision": result.get("precision"),
@@ -189,6 +199,15 @@ class StudyBackend:
             "model_evals": int(round(evals)), "images": images, "labels": labels, **trained,
             "extra": {"reference": result.get("reference"), "cost": cost, "notes": result.get("notes")},
         }
+        if records is not None:  # the grid is labelled with each image's prompt (labels are prompt indices)
+            row["labels"] = None
+            if labels is not None:
+                row["prompts"] = [records[int(i) % len(records)]["prompt"] for i in labels]
+            row["extra"]["prompts_sha256"] = (result.get("settings") or {}).get("prompts_sha256")
+            if result.get("faithfulness"):
+                row.update(faithfulness_fields(result["faithfulness"]))
+                row["extra"]["faithfulness"] = result["faithfulness"]
+        return row
 
     def _vae_cell(self, cell: CellSpec, info: dict, study: Study) -> dict:
         """Reconstructions of the reference split: rFID, PSNR; grid of originals next to reconstructions."""
@@ -214,6 +233,48 @@ class StudyBackend:
             "recall": result.get("recall"), "seconds_per_image": seconds / max(1, result["num_images"]),
             "model_evals": 1, "psnr": result["psnr"], "mse": result["mse"], "images": pairs, "labels": None, **trained,
         }
+
+
+def check_cell_fits_run(cell: CellSpec, info: dict, spec: PromptSpec | None) -> None:
+    """A prompt set only for a text run, and a text run only with a prompt set: one clear line each."""
+    if "text_encoder" not in info:  # a run described by another backend
+        return
+    if spec is not None and not info["text_encoder"]:
+        raise LddpmError(f"cell {cell.name!r} has prompts = {cell.prompts!r}, but run {cell.run!r} is not a text "
+                         "run (its [text] encoder is empty); remove the cell's `prompts`/`negative_prompt`, or train "
+                         "the run with a text preset such as fashion-pairs-30min")
+    if spec is None and info["text_encoder"]:
+        raise LddpmError(f"cell {cell.name!r}: run {cell.run!r} is a text run (encoder {info['text_encoder']!r}) and "
+                         "samples from prompts; give the cell `prompts` (a JSONL file, or a built-in set such as "
+                         "\"fashion-pairs:200\")")
+
+
+def prompt_records(spec: PromptSpec, out_dir: Path) -> list[dict]:
+    """A cell's prompt records; a built-in scene set is written once into the study folder's prompts/ (the same
+    records every time: `lddpm.data.scenes.write_prompt_set` with a fixed seed) and read back from there."""
+    path = spec.path
+    if spec.scene_set is not None:
+        path = Path(out_dir) / PROMPTS_FOLDER / spec.file_name
+        if not path.is_file():
+            write_prompt_set(spec.scene_set, path, num=spec.num, heldout=spec.heldout, seed=PROMPT_SET_SEED)
+    return read_prompt_records(path)
+
+
+def faithfulness_fields(faith: dict) -> dict:
+    """Row fields from evaluate_checkpoint's `faithfulness` (scores, ceiling, of_ceiling): the scene set's
+    headline metric (pair accuracy / all-clause accuracy), its ceiling on real test scenes, seen / held-out."""
+    scores, ceiling = faith["scores"], faith.get("ceiling") or {}
+    metric = FAITHFULNESS_METRIC[scores["task"]]
+    pairs = scores["task"] == "fashion-pairs"
+    return {
+        "faithfulness_metric": metric, "faithfulness": scores.get(metric), "faithfulness_ceiling": ceiling.get(metric),
+        "faithfulness_of_ceiling": (faith.get("of_ceiling") or {}).get(metric),
+        "faithfulness_seen": (scores.get("seen") or {}).get(metric),
+        "faithfulness_heldout": (scores.get("heldout") or {}).get(metric),
+        # the checker's per-slot accuracy; a fashion-text scene has one slot, so there it is the class accuracy
+        "slot_accuracy": scores.get("slot_accuracy") if pairs else scores.get("class_accuracy"),
+        "swap_rate": scores.get("swap_rate") if pairs else None,
+    }
 
 
 def cell_source(cell: CellSpec, info: dict) -> tuple[Path, dict]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lddpm import report
-from lddpm.grid import labelled_grid
+from lddpm.grid import labelled_grid, prompt_grid
 from lddpm.io import finite_or_none, folder_lock, read_json_object, remove_stale_temp_files, to_json, write_png, write_text
 from lddpm.study.backend import StudyBackend
 from lddpm.study.schema import REAL_FLOOR_FILE, CellSpec, RunSpec, Study, base_row, log
@@ -42,7 +42,8 @@ def run_study(
     VAE run name to its info. `info` holds at least `run_dir`, and may hold `model`, `schedule`,
     `train_images`, `train_seconds`, `num_classes`, `class_names`.
     `cell_fn(cell, info, study, out_dir) -> result` scores one cell; `result` holds metric fields of
-    `ROW_FIELDS` and optionally `images` (uint8 (N,H,W,C)) and `labels` for the sample grid.
+    `ROW_FIELDS` (and, for text cells, `TEXT_ROW_FIELDS`) and optionally `images` (uint8 (N,H,W,C)) with
+    `labels` (class indices) or `prompts` (one per image) for the sample grid.
     `floor_fn(study) -> dict` scores N real images against the reference once (the real-data floor,
     kept in real_floor.json and printed above the table); the real backend's is used with the defaults.
     Defaults are the real trainer and evaluator (`train_run`, `evaluate_cell`).
@@ -101,10 +102,15 @@ def _run_study(study: Study, out: Path, *, train_fn, cell_fn, floor_fn, only, re
                     row[key] = info[key]
             result = dict(cell_fn(cell, info, study, out))
             images, labels = result.pop("images", None), result.pop("labels", None)
+            prompts = result.pop("prompts", None)
             row.update(result)
             if images is not None:
-                grid = labelled_grid(images, labels, per_class=study.settings.grid_per_class,
-                                     max_images=study.settings.grid_size, class_names=info.get("class_names"))
+                s = study.settings
+                if prompts is not None:
+                    grid = first_prompts_grid(images, prompts, rows=s.grid_prompts, per_prompt=s.grid_per_class)
+                else:
+                    grid = labelled_grid(images, labels, per_class=s.grid_per_class, max_images=s.grid_size,
+                                         class_names=info.get("class_names"))
                 row["grid"] = f"grids/{cell.name}.png"
                 write_png(out / row["grid"], grid)
         except Exception as exc:
@@ -121,6 +127,13 @@ def _run_study(study: Study, out: Path, *, train_fn, cell_fn, floor_fn, only, re
     write_report(study, rows, out, run_dirs={n: i["run_dir"] for n, i in infos.items() if isinstance(i, dict)})
     log(progress, f"[study] results in {out / 'index.html'}")
     return rows
+
+
+def first_prompts_grid(images, prompts: list[str], *, rows: int, per_prompt: int):
+    """A text cell's grid: one row per distinct prompt, its first `rows` prompts, labelled with the prompt."""
+    keep = set(list(dict.fromkeys(prompts))[:rows])
+    chosen = [i for i, p in enumerate(prompts) if p in keep]
+    return prompt_grid(images[chosen], [prompts[i] for i in chosen], per_prompt=per_prompt)
 
 
 def measure_real_floor(study: Study, out: Path, floor_fn: Callable[[Study], dict], progress: bool) -> None:

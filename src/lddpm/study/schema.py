@@ -6,7 +6,8 @@ A study file (TOML) has three parts:
 
     [study]            shared settings: dataset, resolution, N for FID, reference split, seed, ...
     [runs.<name>]      training runs: a trainer config (file or preset) + `set` overrides + steps
-    [[cells]]          evaluation cells: run, sampler, steps, eta, guidance scale, labels
+    [[cells]]          evaluation cells: run, sampler, steps, eta, guidance scale, labels (class runs) or
+                       prompts + negative_prompt (text runs)
 
 A cell's `run`, `sampler`, `steps`, `guidance_scale`, `eta` and `at_step` may be lists; the cell is then expanded into one
 cell per combination and its `name` is a template (`"ddim-{steps}"`, `"cfg-s{guidance_scale:g}"`).
@@ -36,6 +37,8 @@ RUN_KINDS = ("diffusion", "vae")
 LABEL_MODES = ("balanced", "none")
 REAL_FLOOR_FILE = "real_floor.json"
 PLOT_GROUPS = ("samplers", "guidance", "schedules", "vae", "architecture", "training", "other")
+PROMPTS_FOLDER = "prompts"  # built-in prompt sets are written here, in the study's output folder
+PROMPT_SET_SEED = 0  # a built-in spec names its file completely: the same prompts in every study
 
 # One row of the results table: these keys, in this order, in results.json/csv.
 ROW_FIELDS = (
@@ -43,6 +46,15 @@ ROW_FIELDS = (
     "schedule", "fid", "fid_n", "kid", "kid_std", "inception_score", "class_accuracy", "precision", "recall",
     "seconds_per_image", "model_evals", "train_images", "train_seconds", "group",
 )
+# Row fields of text cells: their prompt set, and when its records describe benchmark scenes the checker's
+# scores (lddpm.metrics.faithfulness). Rows of other cells do not carry them, so their results.csv/json and
+# tables are unchanged; results.csv lists them after ROW_FIELDS when some row has them.
+TEXT_ROW_FIELDS = (
+    "prompts", "negative_prompt", "faithfulness_metric", "faithfulness", "faithfulness_ceiling",
+    "faithfulness_of_ceiling", "faithfulness_seen", "faithfulness_heldout", "slot_accuracy", "swap_rate",
+)
+# The headline faithfulness metric of each scene set (GenEval's rule: an image counts only if every clause holds).
+FAITHFULNESS_METRIC = {"fashion-pairs": "pair_accuracy", "fashion-text": "all_accuracy"}
 
 
 @dataclass
@@ -60,6 +72,7 @@ class StudySettings:
     sample_batch_size: int = 64
     grid_per_class: int = 8  # grid columns when the samples have labels (one row per class)
     grid_size: int = 64  # images in the grid of an unlabelled cell
+    grid_prompts: int = 16  # rows of a text cell's grid: its first K distinct prompts (grid_per_class images each)
     classifier: str = ""  # classifier folder; empty: the shared default (trained when missing)
     classifier_epochs: float = 2.0  # training length of that classifier when it is trained here
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
@@ -97,6 +110,26 @@ class CellSpec:
     group: str = ""  # which plot the cell belongs to; inferred when empty
     fid_n: int | None = None  # must equal the study's N when given (FIDs are comparable only at equal N)
     at_step: int | None = None  # score the run's checkpoint at this training step (default: its final one)
+    # Text runs: the prompt set sampled (cycled to N), a JSONL file relative to the study file, or a built-in
+    # scene set "fashion-pairs:N" / "fashion-text:N[:both|seen|only]" (held-out prompts: half, none, only them)
+    prompts: str = ""
+    negative_prompt: str | None = None  # replaces the null prompt "" of guidance
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A cell's `prompts`: a built-in scene prompt set (`scene_set`, `num`, `heldout`) or a file (`path`)."""
+
+    text: str  # as the study file says
+    scene_set: str | None = None
+    num: int = 0
+    heldout: str = "both"
+    path: Path | None = None
+
+    @property
+    def file_name(self) -> str:
+        """The built-in set's file in the study folder's prompts/."""
+        return f"{self.scene_set}-{self.num}-{self.heldout}.jsonl"
 
 
 @dataclass
@@ -111,6 +144,10 @@ class Study:
     def fid_n(self, cell: CellSpec) -> int:
         """N for this cell's FID."""
         return cell.fid_n or self.settings.fid_n
+
+    def prompt_spec(self, cell: CellSpec) -> PromptSpec | None:
+        """The cell's prompt set, parsed (None for a cell without prompts)."""
+        return parse_prompts(cell.prompts, self.base_dir, f"cell {cell.name!r}") if cell.prompts else None
 
 
 # ----------------------------------------------------------------------------- loading
@@ -146,6 +183,54 @@ def _expand_cell(raw: dict, index: int) -> list[CellSpec]:
     return cells
 
 
+def parse_prompts(text: str, base_dir: Path, where: str) -> PromptSpec:
+    """A cell's `prompts` value: "fashion-pairs:N", "fashion-text:N[:both|seen|only]" or a file path."""
+    from lddpm.data.scenes import HELDOUT_CHOICES, SCENE_SETS
+
+    usage = (f'a JSONL prompt file (relative to the study file) or a built-in set "{SCENE_SETS[1]}:N" / '
+             f'"{SCENE_SETS[0]}:N[:{"|".join(HELDOUT_CHOICES)}]"')
+    if not isinstance(text, str) or not text.strip():
+        raise LddpmError(f"{where}: prompts must be {usage}; got {text!r}")
+    head, *rest = text.split(":")
+    if head in SCENE_SETS:
+        if not rest or len(rest) > 2:
+            raise LddpmError(f"{where}: prompts = {text!r} needs a number of prompts, e.g. \"{head}:200\"; "
+                             f"it must be {usage}")
+        try:
+            num = int(rest[0])
+        except ValueError:
+            num = 0
+        if num < 1:
+            raise LddpmError(f"{where}: prompts = {text!r}: the number of prompts must be an integer >= 1")
+        heldout = rest[1] if len(rest) == 2 else "both"
+        if heldout not in HELDOUT_CHOICES:
+            raise LddpmError(f"{where}: prompts = {text!r}: the held-out part {heldout!r} is not one of "
+                             f"{HELDOUT_CHOICES} (half held-out prompts, none, only held-out ones)")
+        return PromptSpec(text, scene_set=head, num=num, heldout=heldout)
+    path = Path(text) if Path(text).is_absolute() else base_dir / text
+    if not path.is_file():
+        raise LddpmError(f"{where}: prompts file {text!r} not found (looked for {path}); it must be {usage}")
+    return PromptSpec(text, path=path)
+
+
+def _check_prompt_keys(cell: CellSpec, study: Study) -> None:
+    """The text keys of one cell: a valid prompt set, a string negative prompt, only on sample cells."""
+    where = f"cell {cell.name!r}"
+    if cell.negative_prompt is not None:
+        if not isinstance(cell.negative_prompt, str):
+            raise LddpmError(f"{where}: negative_prompt must be a string, got {cell.negative_prompt!r}")
+        if not cell.prompts:
+            raise LddpmError(f"{where}: negative_prompt needs a prompt set; give the cell `prompts` (text runs only)")
+    if not cell.prompts:
+        return
+    if cell.kind != "sample":
+        raise LddpmError(f'{where}: prompts apply to sample cells only, not kind = "{cell.kind}"')
+    if cell.labels != "balanced":
+        raise LddpmError(f"{where}: labels = {cell.labels!r} is for class runs; a cell with prompts samples its "
+                         "prompt set (remove `labels`)")
+    study.prompt_spec(cell)
+
+
 def _infer_group(cell: CellSpec) -> str:
     """The plot a cell belongs to, when the study file does not say."""
     if cell.kind == "vae":
@@ -161,6 +246,7 @@ def study_from_dict(data: dict, base_dir: str | Path = ".") -> Study:
     settings = _from_dict(StudySettings, dict(data.get("study", {})), "[study]")
     checks.check_choice("[study] feature_backend", settings.feature_backend, FEATURE_BACKENDS)
     check_bf16("[study] bf16", settings.bf16)
+    checks.int_in_range("[study] grid_prompts", settings.grid_prompts, 1)
     runs = {}
     for name, raw in data.get("runs", {}).items():
         if "config" not in raw:
@@ -177,6 +263,7 @@ def study_from_dict(data: dict, base_dir: str | Path = ".") -> Study:
         cells.extend(_expand_cell(dict(raw), i))
     if not cells:
         raise LddpmError("study file: no [[cells]] given; add at least one evaluation cell")
+    study = Study(settings, runs, cells, Path(base_dir))
     seen = set()
     for cell in cells:
         if cell.name in seen:
@@ -199,6 +286,7 @@ def study_from_dict(data: dict, base_dir: str | Path = ".") -> Study:
                                  f"{cell.run!r} ({run_steps} steps)")
         if cell.kind == "vae" and runs[cell.run].kind != "vae":
             raise LddpmError(f"cell {cell.name!r}: kind \"vae\" needs a run with kind = \"vae\"")
+        _check_prompt_keys(cell, study)
         if cell.group == "":
             cell.group = _infer_group(cell)
         if cell.group not in PLOT_GROUPS:
@@ -209,7 +297,7 @@ def study_from_dict(data: dict, base_dir: str | Path = ".") -> Study:
                 "is scored at the study's one N (FIDs at different N are not comparable): remove the cell's fid_n, "
                 "or change [study] fid_n for all cells (or drop the cell that cannot afford it)"
             )
-    return Study(settings, runs, cells, Path(base_dir))
+    return study
 
 
 def find_study_file(name: str | Path) -> Path:
@@ -246,6 +334,8 @@ def base_row(cell: CellSpec, study: Study, status: str) -> dict:
         guidance_scale=cell.guidance_scale if cell.kind == "sample" else None,
         fid_n=study.fid_n(cell), group=cell.group, kind=cell.kind,
     )
+    if cell.prompts:  # text cells only: the rows of class cells keep their fields
+        row.update(prompts=cell.prompts, negative_prompt=cell.negative_prompt)
     return row
 
 
