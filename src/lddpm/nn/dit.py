@@ -41,10 +41,6 @@ class DiTConfig(NetworkConfig):
     mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before each MLP (1e-6 in the paper's code, diffusers' norm_eps)
     context_dim: int = 0  # > 0: text prompts of this width, read by a cross-attention in every block
 
-    def num_patches(self) -> int:
-        """Number of tokens: (resolution / patch_size)^2."""
-        return (self.resolution // self.patch_size) ** 2
-
     def validate(self) -> None:
         """Raise LddpmError naming the first value that cannot build a network."""
         for name in ("resolution", "in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
