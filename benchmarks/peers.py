@@ -79,7 +79,8 @@ import torch
 
 from lddpm.errors import LddpmError
 from lddpm.pipeline import to_uint8
-from lddpm.train.utils import lr_at, power_ema_decay
+from lddpm.train.ema import power_ema_decay
+from lddpm.train.utils import lr_at
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402

@@ -1,8 +1,7 @@
-"""Small training utilities: learning-rate schedule, EMA, stop signal, run-folder and resume checks."""
+"""Small training utilities: learning-rate schedule, stop signal, run-folder and resume checks (EMA: lddpm.train.ema)."""
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import signal
@@ -10,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from lddpm import distributed
 from lddpm.config import Config
@@ -22,6 +20,7 @@ from lddpm.nn import NETWORK_NAMES, network_config
 from lddpm.nn.vae import RECON_LOSSES
 from lddpm.sampling import SAMPLERS
 from lddpm.schedule import SCHEDULES
+from lddpm.train.ema import EMA, power_ema_decay  # noqa: F401  (re-exported for the trainers' imports)
 
 # Config sections whose change alters what a resumed run computes (run.steps/out/logging may change).
 RESUME_SECTIONS = ("model", "diffusion", "data", "optim", "vae", "text")
@@ -48,44 +47,6 @@ def lr_at(step: int, lr: float, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return lr
     return lr * min(1.0, (step + 1) / warmup_steps)
-
-
-def power_ema_decay(num_updates: int, gamma: float) -> float:
-    """Decay of update `num_updates` (0-based) of the power-function EMA (Karras et al. 2024): (1 - 1/t)^(gamma+1), t = n+1."""
-    return (1.0 - 1.0 / (num_updates + 1)) ** (gamma + 1.0)
-
-
-class EMA:
-    """Exponential moving average of a model's weights (buffers are copied).
-
-    With warm-up the decay of update n (0-based) is min(decay, (1 + n) / (10 + n)), as in
-    TensorFlow's ExponentialMovingAverage with num_updates, so early averages are not
-    dominated by the random initialization. With gamma > 0 it is the power-function EMA of
-    Karras et al. 2024 (EDM2), decay (1 - 1/t)^(gamma + 1) at update t = n + 1: after t updates the
-    average weighs the weights of update tau by (tau^(gamma+1) - (tau-1)^(gamma+1)) / t^(gamma+1),
-    a profile whose width is a fixed fraction of the run so far.
-    """
-
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True, gamma: float = 0.0):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup, self.gamma = decay, warmup, gamma
-
-    def decay_at(self, num_updates: int) -> float:
-        """Decay used for update number `num_updates` (0-based)."""
-        if self.gamma > 0:
-            return power_ema_decay(num_updates, self.gamma)
-        if self.warmup:
-            return min(self.decay, (1 + num_updates) / (10 + num_updates))
-        return self.decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, num_updates: int) -> None:
-        """ema <- d * ema + (1 - d) * weights."""
-        d = self.decay_at(num_updates)
-        ema_params = list(self.model.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - d)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
 
 
 class StopSignal:

@@ -18,8 +18,9 @@ from lddpm.nn import build_network
 from lddpm.nn.vae import PatchDiscriminator, estimate_scaling_factor, hinge_d_loss, vae_loss
 from lddpm.pipeline import to_uint8
 from lddpm.seeding import step_seed
+from lddpm.train.ema import EMA
 from lddpm.train.loop import TrainingLoop
-from lddpm.train.utils import EMA, network_overrides, open_training_images
+from lddpm.train.utils import network_overrides, open_training_images
 
 
 class VAETrainer(TrainingLoop):
