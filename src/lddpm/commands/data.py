@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder", "captioned",
-                 "fashion-text", "fashion-pairs")
+from lddpm.datasets import DATASETS
 
 
 def register(subparsers) -> None:
@@ -22,7 +21,7 @@ def register(subparsers) -> None:
             "also get a caption table."
         ),
     )
-    p.add_argument("dataset", choices=DATASET_NAMES, help="dataset name")
+    p.add_argument("dataset", choices=DATASETS, help="dataset name")
     p.add_argument("--resolution", type=int, default=None,
                    help="output size in pixels (default: 32 for the 28/32-pixel sets, 128 for imagenet100, 64 for imagefolder)")
     p.add_argument("--split", default="train", help="train, test (val for imagenet100; any subfolder for imagefolder)")

@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 
 from lddpm.commands.train import add_bf16_argument
-
-DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder")
+from lddpm.datasets import DATASETS
 
 
 def _network_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +70,7 @@ def register(subparsers) -> None:
         description="Compute Inception feature statistics of N images of a prepared dataset split and cache them "
         "with a manifest (dataset checksum, split, N, resolution, network hash).",
     )
-    r.add_argument("dataset", choices=DATASET_NAMES)
+    r.add_argument("dataset", choices=DATASETS)
     r.add_argument("--split", default="train")
     r.add_argument("--num", type=int, required=True,
                    help="images: a seeded random subset of the split (0 = the whole split); compare FIDs only at equal N")
@@ -90,7 +89,7 @@ def register(subparsers) -> None:
         description="Train a small CNN (~73k parameters) on the prepared training split, report its test "
         "accuracy, and save safetensors + JSON (default: <cache>/classifiers/<dataset>-<resolution>).",
     )
-    c.add_argument("dataset", choices=DATASET_NAMES)
+    c.add_argument("dataset", choices=DATASETS)
     c.add_argument("--resolution", type=int, default=32)
     c.add_argument("--epochs", type=float, default=2.0, help="epochs over the training split (default 2)")
     c.add_argument("--batch-size", type=int, default=128)

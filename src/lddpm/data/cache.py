@@ -33,10 +33,9 @@ from lddpm.errors import LddpmError
 from lddpm.checks import resolution as check_resolution
 from lddpm.checks import strict
 from lddpm.data import integrity
+from lddpm.datasets import DATASETS
 from lddpm.io import make_temp_dir, os_error, remove_stale_temp_files, reserved_memmap, swap_in_dir
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder", "captioned",
-            "fashion-text", "fashion-pairs")
 SPLITS = {
     "fashion-mnist": ("train", "test"), "mnist": ("train", "test"), "cifar10": ("train", "test"),
     "cifar100": ("train", "test"), "imagenet100": ("train", "val"), "imagefolder": None, "captioned": None,

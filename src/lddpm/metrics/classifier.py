@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from lddpm import __version__
-from lddpm.data import open_cache, prepare, test_split
+from lddpm.data import dataset_info, open_cache, prepare, test_split
 from lddpm.errors import LddpmError
 from lddpm.io import remove_stale_temp_files, rust_io_errors, write_text, write_with
 from lddpm.metrics.fid import default_cache_dir
@@ -134,6 +134,9 @@ def train_dataset_classifier(
     hflip defaults to on except for digits and Fashion-MNIST. The test accuracy is measured on the
     dataset's test split (`val` for ImageNet-100).
     """
+    if dataset_info(dataset, root)[2] == 0:
+        raise LddpmError(f"dataset {dataset!r} has no class labels; train the class-metrics classifier on a labelled "
+                         "dataset (an imagefolder needs one subfolder per class)")
     hflip = dataset not in ("mnist", "fashion-mnist") if hflip is None else hflip
     kw = dict(resolution=resolution, root=root, cache_dir=cache_dir, progress=progress)
     train = open_cache(prepare(dataset, split="train", **kw))
