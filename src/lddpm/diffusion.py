@@ -184,8 +184,13 @@ class GaussianDiffusion:
                     t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, Eq. 6-7)."""
         s = self.schedule
-        mean = _bcast(s.posterior_mean_coef1, t, x_t) * x0 + _bcast(s.posterior_mean_coef2, t, x_t) * x_t
-        return mean, _bcast(s.posterior_variance, t, x_t), _bcast(s.posterior_log_variance_clipped, t, x_t)
+        return (self.posterior_mean(x0, x_t, t), _bcast(s.posterior_variance, t, x_t),
+                _bcast(s.posterior_log_variance_clipped, t, x_t))
+
+    def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Mean of q(x_{t-1} | x_t, x_0): coef1_t x_0 + coef2_t x_t (Ho et al. 2020, Eq. 7)."""
+        s = self.schedule
+        return _bcast(s.posterior_mean_coef1, t, x_t) * x0 + _bcast(s.posterior_mean_coef2, t, x_t) * x_t
 
     # ---- conversions between eps, x0 and v ------------------------------------------------------
     def _ab(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,16 +213,24 @@ class GaussianDiffusion:
         a, b = self._ab(t, x_t)
         return (x_t - a * x0) / b
 
-    def predict_x0_eps(self, model_output: torch.Tensor, x_t: torch.Tensor,
-                       t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0, eps) implied by the mean channels of a model output (any objective)."""
+    def predict_x0_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
+                       clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) implied by the mean channels of a model output (any objective).
+
+        clip: x0 clipped to [-1, 1] and eps re-derived from the clipped x0 (as improved-diffusion / GLIDE do).
+        """
         out = self.split_output(model_output, x_t)[0]
         if self.objective == "eps":
-            return self.x0_from_eps(out, x_t, t), out
-        if self.objective == "x0":
-            return out, self.eps_from_x0(out, x_t, t)
-        a, b = self._ab(t, x_t)   # v: x0 = sqrt(abar) x_t - sqrt(1-abar) v, eps = sqrt(abar) v + sqrt(1-abar) x_t
-        return a * x_t - b * out, a * out + b * x_t
+            x0, eps = self.x0_from_eps(out, x_t, t), out
+        elif self.objective == "x0":
+            x0, eps = out, self.eps_from_x0(out, x_t, t)
+        else:
+            a, b = self._ab(t, x_t)   # v: x0 = sqrt(abar) x_t - sqrt(1-abar) v, eps = sqrt(abar) v + sqrt(1-abar) x_t
+            x0, eps = a * x_t - b * out, a * out + b * x_t
+        if clip:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = self.eps_from_x0(x0, x_t, t)
+        return x0, eps
 
     def output_from_x0_eps(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The prediction (in this objective's space) that corresponds to (x0, eps)."""
@@ -251,11 +264,8 @@ class GaussianDiffusion:
         [-1, 1] if clip_x0; eps is then re-derived from the clipped x0).
         """
         s = self.schedule
-        x0, eps = self.predict_x0_eps(model_output, x_t, t)
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
-            eps = self.eps_from_x0(x0, x_t, t)
-        mean = _bcast(s.posterior_mean_coef1, t, x_t) * x0 + _bcast(s.posterior_mean_coef2, t, x_t) * x_t
+        x0, eps = self.predict_x0_eps(model_output, x_t, t, clip=clip_x0)
+        mean = self.posterior_mean(x0, x_t, t)
         var_out = self.split_output(model_output, x_t)[1]
         if var_out is not None:
             min_log = _bcast(s.posterior_log_variance_clipped, t, x_t)

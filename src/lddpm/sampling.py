@@ -148,11 +148,8 @@ class Denoiser:
     def x0_eps(self, x: torch.Tensor, t: int, *, clip: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0, eps) predicted at x_t, t; clipped per `clip` (default: the denoiser's clip_x0)."""
         tt = self.timestep(x, t)
-        x0, eps = self.diffusion.predict_x0_eps(self.model(x, tt, **self.cond), x, tt)
-        if self.clip_x0 if clip is None else clip:
-            x0 = x0.clamp(-1.0, 1.0)
-            eps = self.diffusion.eps_from_x0(x0, x, tt)
-        return x0, eps
+        return self.diffusion.predict_x0_eps(self.model(x, tt, **self.cond), x, tt,
+                                             clip=self.clip_x0 if clip is None else clip)
 
 
 @torch.no_grad()
