@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lddpm"
 # A module may import modules of a lower rank (or of its own component); nothing imports upward.
 RANK = {
     "errors": -1,
-    "checks": 0, "io": 0, "seeding": 0, "datasets": 0,
+    "checks": 0, "io": 0, "seeding": 0, "datasets": 0, "progress": 0,
     "config": 1, "schedule": 1, "nn": 1, "data": 1, "grid": 1, "checkpoint": 1,
     "metrics": 2, "distributed": 2, "diffusion": 2,
     "sampling": 3,

