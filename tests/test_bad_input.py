@@ -376,7 +376,7 @@ CASES = [
     ("train-guidance-nan", lambda w, t: _train(w, t, "run.guidance_scale=nan"), r"run\.guidance_scale = nan: expected a finite number"),
     ("train-guidance-inf", lambda w, t: _train(w, t, "run.guidance_scale=inf"), r"run\.guidance_scale = inf"),
     ("train-timesteps-huge", lambda w, t: _train(w, t, "diffusion.num_timesteps=2000000000"), r"diffusion\.num_timesteps = 2000000000 is out of range"),
-    ("train-resolution-0", lambda w, t: _train(w, t, "data.resolution=0"), r"data\.resolution = 0 must be positive"),
+    ("train-resolution-0", lambda w, t: _train(w, t, "data.resolution=0"), r"data\.resolution = 0 is out of range"),
     ("train-resolution-huge", lambda w, t: _train(w, t, "data.resolution=100000"), r"data\.resolution = 100000 is out of range"),
     ("train-set-no-equals", lambda w, t: _train(w, t, "run.steps"), r"must look like section\.key=value"),
     ("train-set-unknown-key", lambda w, t: _train(w, t, "run.stepz=3"), r"stepz"),

@@ -5,9 +5,14 @@ Each raises LddpmError with one line naming the value and the allowed range.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import math
+import types
+import typing
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, Union
 
 from lddpm.errors import LddpmError
 
@@ -67,3 +72,85 @@ def check_choice(where: str, value: Any, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
         raise LddpmError(f"{where} = {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+# ----------------------------------------------------------------------------- values against type hints
+
+
+@functools.lru_cache(maxsize=None)
+def field_hints(cls: type) -> dict[str, Any]:
+    """A dataclass's fields and their resolved type hints (`typing.get_type_hints`), in field order."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _words(hint: Any) -> list[str]:
+    """What a type hint accepts, as words for a message: int -> ["an integer"], bool -> ["true", "false"]."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return [w for a in args if a is not type(None) for w in _words(a)]
+    if origin is Literal:
+        return [json.dumps(a) for a in args]
+    if origin in (list, tuple):
+        item = {int: "integers", float: "numbers", str: "strings"}.get(args[0] if args else Any, "values")
+        return [f"a list of {item}"]
+    simple = {bool: ["true", "false"], int: ["an integer"], float: ["a finite number"], str: ["a string"],
+              dict: ["a table"], Any: ["any value"]}
+    return simple[dict if origin is dict else hint]
+
+
+def describe_type(hint: Any) -> str:
+    """The accepted values of a type hint in words: 'an integer', 'true, false or "auto"'."""
+    words = _words(hint)
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _accept(hint: Any, value: Any) -> tuple[bool, Any]:
+    """(whether `value` fits `hint`, the value lightly coerced: ints to float for float, lists for list[...])."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True, value
+    if hint is type(None):
+        return value is None, None
+    if origin in (Union, types.UnionType):
+        for option in args:
+            ok, coerced = _accept(option, value)
+            if ok:
+                return True, coerced
+        return False, None
+    if origin is Literal:  # the type too, so that true is not taken for 1
+        return any(type(value) is type(a) and value == a for a in args), value
+    if hint is bool or hint is str:
+        return isinstance(value, hint), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return ok, float(value) if ok else None
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False, None
+        item = args[0] if args else Any  # list[X] and tuple[X, ...]
+        items = [_accept(item, v) for v in value]
+        if not all(ok for ok, _ in items):
+            return False, None
+        return True, (list if origin is list else tuple)(c for _, c in items)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict), dict(value) if isinstance(value, dict) else None
+    raise TypeError(f"lddpm.checks.check_type does not know the type hint {hint!r}")  # a new kind of field: add it
+
+
+def check_type(where: str, hint: Any, value: Any, fix: str = "") -> Any:
+    """`value` checked against a type hint, returned lightly coerced (int -> float, tuple -> list for list[...]).
+
+    Knows bool, int, float (finite), str, Any, list[X], tuple[X, ...], dict, Literal[...] and unions such as
+    `str | None` or `bool | Literal["auto"]`, so dataclass fields of these types need no code of their own.
+    A mismatch raises LddpmError `WHERE = VALUE: expected WHAT` (+ `fix`); None for a field that is not
+    optional reads `WHERE must not be empty`.
+    """
+    ok, coerced = _accept(hint, value)
+    if ok:
+        return coerced
+    if value is None:
+        raise LddpmError(f"{where} must not be empty (expected {describe_type(hint)}){fix}")
+    raise LddpmError(f"{where} = {value!r}: expected {describe_type(hint)}{fix}")

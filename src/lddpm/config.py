@@ -12,9 +12,10 @@ import dataclasses
 import json
 import math
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lddpm import checks
 from lddpm.checks import check_choice
@@ -95,7 +96,7 @@ class RunConfig:
     sample_every: int = 500  # 0 disables grids during training (one is still made at the end)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    bf16: bool | str = False  # true, false or "auto": on where the device has native bf16 (AMX/AVX-512 bf16, CUDA)
+    bf16: bool | Literal["auto"] = False  # true, false or "auto": on where the device has native bf16 (AMX/AVX-512 bf16, CUDA)
     max_minutes: float = 0.0  # stop after this much training wall time (summed over resumes); 0 = no limit
     compile: bool = False
     deterministic: bool = True  # CUDA: deterministic kernels, so a resumed run repeats an uninterrupted one bitwise
@@ -175,64 +176,27 @@ class Config:
         return copy.deepcopy(self)
 
 
-def _field_types(section_cls: type) -> dict[str, str]:
-    return {f.name: str(f.type) for f in dataclasses.fields(section_cls)}
-
-
-def _check_value(section: str, key: str, type_name: str, value: Any, source: str) -> Any:
-    """Check (and lightly coerce) one value against its field's declared type."""
-    where = f"{source}: {section}.{key}"
-    optional = "None" in type_name
-    if value is None:
-        if optional:
-            return None
-        raise LddpmError(f"{where} must not be empty (expected {type_name})")
-    base = type_name.replace(" | None", "")
-    if base == "bool | str":  # a switch that also takes "auto"
-        if not (isinstance(value, bool) or value == "auto"):
-            raise LddpmError(f"{where} = {value!r}: expected true, false or \"auto\"")
-        return value
-    if base == "bool":
-        if not isinstance(value, bool):
-            raise LddpmError(f"{where} = {value!r}: expected true or false")
-        return value
-    if base == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise LddpmError(f"{where} = {value!r}: expected an integer")
-        return value
-    if base == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise LddpmError(f"{where} = {value!r}: expected a number")
-        return float(value)
-    if base == "str":
-        if not isinstance(value, str):
-            raise LddpmError(f"{where} = {value!r}: expected a string")
-        return value
-    if base == "list[float]":
-        if not isinstance(value, (list, tuple)) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-        ):
-            raise LddpmError(f"{where} = {value!r}: expected a list of numbers")
-        return [float(v) for v in value]
-    if base.startswith("dict"):
-        if not isinstance(value, dict):
-            raise LddpmError(f"{where} = {value!r}: expected a table")
-        return dict(value)
-    raise AssertionError(f"unhandled field type {type_name}")
-
-
 def _section_from_dict(section_cls: type, data: Any, source: str, section: str):
     if not isinstance(data, dict):
         raise LddpmError(f"{source} must be a table, got {data!r}")
-    types = _field_types(section_cls)
+    hints = checks.field_hints(section_cls)
     values = {}
     for key, value in data.items():
-        if key not in types:
+        if key not in hints:
             raise LddpmError(
-                f"{source}: unknown key {key!r}; allowed: {', '.join(types)}"
+                f"{source}: unknown key {key!r}; allowed: {', '.join(hints)}"
             )
-        values[key] = _check_value(section, key, types[key], value, source.split(":")[0])
+        values[key] = checks.check_type(f"{source.split(':')[0]}: {section}.{key}", hints[key], value)
     return section_cls(**values)
+
+
+def check_types(config: Config) -> Config:
+    """Check every value of every section against its field's type hint (`lddpm.checks.check_type`)."""
+    for section in SECTIONS:
+        values = getattr(config, section)
+        for key, hint in checks.field_hints(type(values)).items():
+            checks.check_type(f"{section}.{key}", hint, getattr(values, key))
+    return config
 
 
 # ----------------------------------------------------------------------------- presets
@@ -317,7 +281,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
                 f"{', '.join(SECTIONS)}"
             )
         section, key = parts[0], parts[1]
-        fields = _field_types(SECTIONS[section])
+        fields = checks.field_hints(SECTIONS[section])
         if key not in fields:
             raise LddpmError(
                 f"override {dotted!r}: unknown key {key!r} in [{section}]; allowed: "
@@ -326,7 +290,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         value = parse_value(text.strip())
         if len(parts) == 2:
             data[section][key] = value
-        elif len(parts) == 3 and fields[key].startswith("dict"):
+        elif len(parts) == 3 and typing.get_origin(fields[key]) is dict:
             data[section][key][parts[2]] = value
         else:
             raise LddpmError(f"override {dotted!r}: {section}.{key} has no sub-keys")
@@ -339,11 +303,12 @@ def validate(config: Config) -> Config:
     Names (network, schedule, objective, dataset, sampler, ...) belong to the modules that define
     them; `lddpm.train.check_names` checks those against each module's list.
     """
+    check_types(config)  # every value of its field's type: numbers are finite from here on
     d, data, o, r, v = config.diffusion, config.data, config.optim, config.run, config.vae
     check_choice("run.device", r.device, DEVICES)
     positive = {
-        "diffusion.num_timesteps": d.num_timesteps,
-        "data.resolution": data.resolution,
+        "diffusion.min_snr_gamma": d.min_snr_gamma,
+        "optim.lr": o.lr,
         "optim.batch_size": o.batch_size,
         "optim.grad_accum": o.grad_accum,
         "run.steps": r.steps,
@@ -358,7 +323,6 @@ def validate(config: Config) -> Config:
         if value <= 0:
             raise LddpmError(f"{where} = {value} must be positive")
     nonneg = {
-        "optim.lr": o.lr,
         "optim.weight_decay": o.weight_decay,
         "optim.warmup_steps": o.warmup_steps,
         "optim.grad_clip": o.grad_clip,
@@ -370,20 +334,14 @@ def validate(config: Config) -> Config:
         "vae.disc_lr": v.disc_lr,
     }
     for where, value in nonneg.items():
-        if not (value >= 0 and math.isfinite(value)):
+        if value < 0:
             raise LddpmError(f"{where} = {value} must be a finite number >= 0")
-    if o.lr <= 0:
-        raise LddpmError(f"optim.lr = {o.lr} must be positive")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise LddpmError(f"optim.betas = {o.betas}: expected two numbers in [0, 1)")
     if not 0 <= o.ema_decay < 1:
         raise LddpmError(f"optim.ema_decay = {o.ema_decay}: expected a number in [0, 1)")
     if not 0 <= r.label_dropout < 1:
         raise LddpmError(f"run.label_dropout = {r.label_dropout}: expected a number in [0, 1)")
-    if d.min_snr_gamma <= 0:
-        raise LddpmError(f"diffusion.min_snr_gamma = {d.min_snr_gamma} must be positive")
-    checks.finite_number("run.guidance_scale", r.guidance_scale)
-    checks.finite_number("diffusion.min_snr_gamma", d.min_snr_gamma)
     checks.resolution("data.resolution", data.resolution)
     checks.int_in_range("diffusion.num_timesteps", d.num_timesteps, 1, checks.MAX_NUM_TIMESTEPS,
                         " (larger schedules only cost memory; 1000 is the usual T)")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lddpm import checks
 from lddpm.errors import LddpmError
 
 
@@ -276,8 +277,10 @@ class NetworkConfig:
         if unknown:
             raise LddpmError(f"unknown {cls.__name__} field(s) {', '.join(map(repr, unknown))}; "
                              f"allowed: {', '.join(fields)}")
+        hints = checks.field_hints(cls)
         for key, value in d.items():
-            _check_field_type(cls.__name__, key, str(fields[key].type), value)
+            checks.check_type(f"{cls.__name__} field {key}", hints[key], value,
+                              f" (check model.overrides.{key} in the config or the checkpoint's network config)")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def replace(self, **overrides):
@@ -285,27 +288,3 @@ class NetworkConfig:
         d = self.to_dict()
         d.update(overrides)
         return type(self).from_dict(d)
-
-
-def _check_field_type(owner: str, key: str, type_name: str, value) -> None:
-    """Raise LddpmError when a config value has the wrong type (e.g. model_channels="abc")."""
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if type_name == "int":
-        ok = is_int(value)
-        wanted = "an integer"
-    elif type_name == "float":
-        ok = (is_int(value) or isinstance(value, float)) and math.isfinite(value)
-        wanted = "a finite number"
-    elif type_name == "bool":
-        ok = isinstance(value, bool)
-        wanted = "true or false"
-    elif type_name.startswith("tuple[int"):
-        ok = isinstance(value, (list, tuple)) and all(is_int(v) for v in value)
-        wanted = "a list of integers"
-    else:
-        return
-    if not ok:
-        raise LddpmError(f"{owner} field {key} = {value!r}: expected {wanted} "
-                         f"(check model.overrides.{key} in the config or the checkpoint's network config)")
