@@ -48,7 +48,7 @@ class ToyBackend:
         rng = np.random.default_rng(cell.steps)
         n = study.fid_n(cell)
         return {
-            "fid": 100.0 / cell.steps + cell.guidance_scale, "inception_score": 1.5, "class_accuracy": 0.5,
+            "fid": 100.0 / cell.steps + cell.guidance_scale, "classifier_score": 1.5, "class_accuracy": 0.5,
             "precision": 0.4, "recall": 0.3, "seconds_per_image": 0.01 * cell.steps,
             "model_evals": cell.steps * (2 if cell.guidance_scale != 1 else 1),
             "images": rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8), "labels": np.arange(n) % 2,
@@ -95,6 +95,21 @@ def test_study_writes_every_artefact_and_resumes(tmp_path):
     assert again.trained == [] and again.scored == []
     assert [r["fid"] for r in rows2] == [r["fid"] for r in rows]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")} == mtimes
+
+
+def test_classifier_score_is_named_for_what_it_is_and_old_cells_are_read_back(tmp_path):
+    rows = _run(tmp_path, ToyBackend())
+    assert rows[0]["classifier_score"] == 1.5 and "inception_score" not in rows[0]
+    header = next(csv.reader((tmp_path / "results.csv").read_text().splitlines()))
+    assert "classifier_score" in header and "inception_score" not in header
+    md = (tmp_path / "results.md").read_text()
+    assert "| Classifier score |" in md and "IS-style" not in md and "not an Inception Score" in md
+    # a cell file written before the rename kept the classifier score under "inception_score"
+    old = json.loads((tmp_path / "cells" / "ddim-2.json").read_text())
+    old["inception_score"] = old.pop("classifier_score")
+    (tmp_path / "cells" / "ddim-2.json").write_text(json.dumps(old))
+    rows = _run(tmp_path, ToyBackend())
+    assert rows[0]["classifier_score"] == 1.5 and "inception_score" not in rows[0]
 
 
 def test_failed_cell_is_recorded_and_the_rest_runs(tmp_path):
@@ -289,6 +304,8 @@ def test_real_backend_end_to_end(tmp_path):
     assert status["bad-sampler"].startswith("failed: ") and "euler" in status["bad-sampler"]
     row = rows[1]
     assert row["fid_n"] == 8 and row["fid"] >= 0 and 0 <= row["class_accuracy"] <= 1
+    # the study classifier's score, under its own name; no Inception Score without an Inception network
+    assert row["classifier_score"] >= 1.0 and row.get("inception_score") is None
     assert row["model_evals"] == 4 and row["train_images"] == 24 and row["schedule"] == "cosine"
     assert rows[0]["model_evals"] == 2
     recon, recon2 = rows[3], rows[4]  # the VAE's final weights, and its checkpoint at step 2

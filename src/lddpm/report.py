@@ -25,7 +25,7 @@ TABLE_COLUMNS = (
     ("Schedule", "schedule", "{}"),
     ("FID", "fid", "{:.2f}"),
     ("KID x10^3", "kid", "kid"),
-    ("IS-style", "inception_score", "{:.2f}"),
+    ("Classifier score", "classifier_score", "{:.2f}"),
     ("Class acc.", "class_accuracy", "{:.1%}"),
     ("Precision", "precision", "{:.3f}"),
     ("Recall", "recall", "{:.3f}"),
@@ -146,9 +146,10 @@ def to_markdown(study: Study, rows: list[dict], floor: dict | None = None) -> st
     lines += [
         "",
         "FID: lower is better, comparable only at equal N. KID x10^3: the unbiased kernel distance "
-        "(Binkowski et al. 2018), mean ± std over 100 subsets of min(1000, N). IS-style: Inception-style score "
-        "(exp of the mean KL between the study classifier's per-image and marginal class "
-        "distributions). Class acc.: share of conditional samples the classifier assigns to "
+        "(Binkowski et al. 2018), mean ± std over 100 subsets of min(1000, N). Classifier score: exp of the mean KL "
+        "between the study classifier's per-image and marginal class distributions (the Inception Score's formula "
+        "with the dataset's own small classifier in place of Inception: not an Inception Score, not comparable "
+        "to published ones). Class acc.: share of conditional samples the classifier assigns to "
         "the requested class. Model evals: network evaluations per image (2 per step with guidance). "
         "VAE rows score reconstructions of the reference split (rFID).",
     ]

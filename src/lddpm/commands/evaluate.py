@@ -85,7 +85,7 @@ def register(subparsers) -> None:
 
     c = subparsers.add_parser(
         "train-classifier",
-        help="train the small CNN used for class accuracy and the Inception-style score",
+        help="train the small CNN used for class accuracy and the classifier score",
         description="Train a small CNN (~73k parameters) on the prepared training split, report its test "
         "accuracy, and save safetensors + JSON (default: <cache>/classifiers/<dataset>-<resolution>).",
     )

@@ -34,7 +34,7 @@ def register(subparsers) -> None:
         help="a short demo on Fashion-MNIST (about 15 minutes on 2 CPU cores): train, sample, score, report "
         "(--config demo-text: text-to-image on the fashion-pairs scenes)",
         description="Prepare Fashion-MNIST at 32x32, train a small class-conditional U-Net, sample with "
-        "DDPM, DDIM and classifier-free guidance, score the samples (FID, Inception-style score, class "
+        "DDPM, DDIM and classifier-free guidance, score the samples (FID, classifier score, class "
         "accuracy) and write a table, sample grids and index.html. With --config demo-text: render the "
         "fashion-pairs scenes, train a small text U-Net on the frozen MiniLM encoder, sample a prompt set at "
         "guidance 1, 3 and 5, and score FID and prompt faithfulness. Re-running skips finished work.",

@@ -1,4 +1,4 @@
-"""FID, KID, Inception-style score, class accuracy, precision/recall.
+"""FID, KID, classifier score, Inception Score, class accuracy, precision/recall.
 
 A leaf package: it knows nothing of training, sampling or the CLI.
 """

@@ -1,8 +1,10 @@
-"""A small CNN classifier for class metrics and an Inception-style score, plus the standard Inception Score.
+"""A small CNN classifier for class metrics and the classifier score, plus the standard Inception Score.
 
 The pinned FID network has no classification head, so class accuracy of conditional samples and the
-Inception-style score exp(E_x KL(p(y|x) || p(y))) (Eq. 1 of Salimans et al. 2016, with this
-classifier in place of Inception) use a classifier trained on the dataset's own training split.
+classifier score exp(E_x KL(p(y|x) || p(y))) (the formula of the Inception Score, Eq. 1 of Salimans et
+al. 2016, with this classifier in place of Inception; not comparable to published Inception Scores) use
+a classifier trained on the dataset's own training split. An Inception Score proper needs an Inception
+classification network (`load_is_network`, `lddpm eval --is-network`).
 """
 
 from __future__ import annotations

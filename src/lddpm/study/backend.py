@@ -156,7 +156,7 @@ class StudyBackend:
                                data_root=s.data_root, progress=self.progress)
 
     def _classifier_folder(self, study: Study) -> Path:
-        """The classifier for class accuracy / the Inception-style score; trained here if missing."""
+        """The classifier for class accuracy and the classifier score; trained here if missing."""
         s = study.settings
         folder = Path(s.classifier) if s.classifier else default_classifier_dir(s.dataset, s.resolution, s.cache_dir)
         if not (folder / META_FILE).is_file():
@@ -193,7 +193,7 @@ class StudyBackend:
             evals = cell.steps * (2 if cell.guidance_scale != 1.0 else 1)
         row = {
             "fid": result["fid"], "fid_n": result["num_images"], "kid": result.get("kid"), "kid_std": result.get("kid_std"),
-            "inception_score": result.get("inception_score") or result.get("classifier_score"),
+            "classifier_score": result.get("classifier_score"),
             "class_accuracy": result.get("class_accuracy"), "precision": result.get("precision"),
             "recall": result.get("recall"), "seconds_per_image": cost.get("seconds_per_image"),
             "model_evals": int(round(evals)), "images": images, "labels": labels, **trained,

@@ -154,8 +154,17 @@ def measure_real_floor(study: Study, out: Path, floor_fn: Callable[[Study], dict
 
 
 def read_cell(path: Path) -> dict | None:
-    """A finished cell's row, or None when the cell has not run; a damaged file is one clear error."""
-    return read_json_object(path, "delete it to run that cell again") if path.is_file() else None
+    """A finished cell's row, or None when the cell has not run; a damaged file is one clear error.
+
+    Rows written before lddpm named the classifier score for what it is kept it under "inception_score"
+    (the study never had an Inception Score network): it is read back as "classifier_score".
+    """
+    if not path.is_file():
+        return None
+    row = read_json_object(path, "delete it to run that cell again")
+    if "classifier_score" not in row and "inception_score" in row:  # renamed in place (same column order)
+        row = {("classifier_score" if k == "inception_score" else k): v for k, v in row.items()}
+    return row
 
 
 def load_rows(study: Study, out_dir: str | Path) -> list[dict]:

@@ -43,7 +43,7 @@ PROMPT_SET_SEED = 0  # a built-in spec names its file completely: the same promp
 # One row of the results table: these keys, in this order, in results.json/csv.
 ROW_FIELDS = (
     "name", "status", "run", "model", "data", "sampler", "steps", "eta", "guidance_scale",
-    "schedule", "fid", "fid_n", "kid", "kid_std", "inception_score", "class_accuracy", "precision", "recall",
+    "schedule", "fid", "fid_n", "kid", "kid_std", "classifier_score", "class_accuracy", "precision", "recall",
     "seconds_per_image", "model_evals", "train_images", "train_seconds", "group",
 )
 # Row fields of text cells: their prompt set, and when its records describe benchmark scenes the checker's
@@ -64,7 +64,7 @@ class StudySettings:
     name: str = "study"
     dataset: str = "fashion-mnist"
     resolution: int = 32
-    fid_n: int = 500  # images per cell for FID / KID / IS / precision-recall: one N for every cell
+    fid_n: int = 500  # images per cell for FID / KID / classifier score / precision-recall: one N for every cell
     reference_split: str = "test"  # FID reference statistics come from this split
     reference_n: int = 0  # images of that split in the reference statistics (0 = all)
     seed: int = 0
@@ -73,7 +73,7 @@ class StudySettings:
     grid_per_class: int = 8  # grid columns when the samples have labels (one row per class)
     grid_size: int = 64  # images in the grid of an unlabelled cell
     grid_prompts: int = 16  # rows of a text cell's grid: its first K distinct prompts (grid_per_class images each)
-    classifier: str = ""  # classifier folder; empty: the shared default (trained when missing)
+    classifier: str = ""  # classifier folder (class accuracy, classifier score); empty: the shared default (trained when missing)
     classifier_epochs: float = 2.0  # training length of that classifier when it is trained here
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
     train_nproc: int = 1  # processes per training run (> 1: `lddpm train --nproc N`, torchrun + DDP)
