@@ -94,7 +94,8 @@ def register(subparsers) -> None:
     c.add_argument("--epochs", type=float, default=2.0, help="epochs over the training split (default 2)")
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--lr", type=float, default=3e-3)
-    c.add_argument("--hflip", action="store_true", help="random horizontal flips (not for digits)")
+    c.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (default: on, except for mnist and fashion-mnist)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default=None, help="output folder")
     c.add_argument("--cache-dir", default=None, help="cache folder (default: $LDDPM_CACHE or ~/.cache/lddpm)")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from lddpm import __version__
 from lddpm.data import dataset_info, open_cache, prepare, test_split
 from lddpm.errors import LddpmError
-from lddpm.io import remove_stale_temp_files, rust_io_errors, write_text, write_with
+from lddpm.io import atomic_dir, remove_stale_temp_files, rust_io_errors, write_text
 from lddpm.metrics.fid import default_cache_dir
 from lddpm.metrics.inception import batch_starts, check_images, load_torchscript
 
@@ -116,6 +116,12 @@ def train_classifier(
     return model, class_accuracy(probs, test_labels)
 
 
+def default_hflip(dataset: str) -> bool:
+    """Whether the class-metrics classifier trains with random horizontal flips by default: yes, except for
+    MNIST and Fashion-MNIST (the one default for `lddpm train-classifier`, the study and the library)."""
+    return dataset not in ("mnist", "fashion-mnist")
+
+
 def train_dataset_classifier(
     dataset: str,
     resolution: int,
@@ -133,13 +139,13 @@ def train_dataset_classifier(
 ) -> tuple[Path, dict]:
     """Train the class-metrics classifier on a dataset's prepared train split and save it; returns (folder, meta).
 
-    hflip defaults to on except for digits and Fashion-MNIST. The test accuracy is measured on the
-    dataset's test split (`val` for ImageNet-100).
+    hflip None means `default_hflip(dataset)`. The test accuracy is measured on the dataset's test split
+    (`val` for ImageNet-100).
     """
     if dataset_info(dataset, root)[2] == 0:
         raise LddpmError(f"dataset {dataset!r} has no class labels; train the class-metrics classifier on a labelled "
                          "dataset (an imagefolder needs one subfolder per class)")
-    hflip = dataset not in ("mnist", "fashion-mnist") if hflip is None else hflip
+    hflip = default_hflip(dataset) if hflip is None else hflip
     kw = dict(resolution=resolution, root=root, cache_dir=cache_dir, progress=progress)
     train = open_cache(prepare(dataset, split="train", **kw))
     test = open_cache(prepare(dataset, split=test_split(dataset), **kw))
@@ -204,20 +210,27 @@ def default_classifier_dir(dataset: str, resolution: int, cache_dir: str | Path 
 
 
 def save_classifier(model: SmallClassifier, out_dir: str | Path, meta: dict) -> Path:
-    """Write model.safetensors and classifier.json (architecture + `meta`) into `out_dir`, each atomically.
+    """Write model.safetensors and classifier.json (architecture + `meta`) as the folder `out_dir`, atomically.
 
-    classifier.json comes last: a folder with it holds a complete classifier, even after a kill.
+    Both files go into a temporary folder beside `out_dir`, which then replaces it (lddpm.io.atomic_dir): a failed
+    or killed save leaves the previous classifier whole, and the next save removes a killed one's temporary folder.
+    A folder holding other files is refused.
     """
     out_dir = Path(out_dir)
-    remove_stale_temp_files(out_dir)  # a killed save's
+    remove_stale_temp_files(out_dir.parent)  # a killed save's temporary folder
+    if out_dir.is_dir():
+        remove_stale_temp_files(out_dir)  # temporary files of a killed save into the folder itself (older lddpm)
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in (WEIGHTS_FILE, META_FILE))
+        if others:
+            raise LddpmError(f"{out_dir} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                             "save the classifier to a new or empty folder (--out)")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    def write(tmp: Path) -> None:
-        with rust_io_errors(tmp):
-            save_file(state, str(tmp))
-
-    write_with(out_dir / WEIGHTS_FILE, write)
     arch = {"in_channels": model.in_channels, "num_classes": model.num_classes, "width": model.width, "dropout": model.dropout}
-    write_text(out_dir / META_FILE, json.dumps({**meta, "architecture": arch}, indent=2, sort_keys=True) + "\n")
+    text = json.dumps({**meta, "architecture": arch}, indent=2, sort_keys=True) + "\n"
+    with atomic_dir(out_dir) as tmp:
+        with rust_io_errors(tmp / WEIGHTS_FILE):
+            save_file(state, str(tmp / WEIGHTS_FILE))
+        write_text(tmp / META_FILE, text)
     return out_dir
 
 
