@@ -21,7 +21,8 @@ def runs(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("pipeline")
     dirs = (write_idx(base / "idx"), base / "cache")
-    cond = tiny_config(dirs, "run.steps=2", "optim.ema_decay=0.5", "optim.ema_warmup=false")
+    cond = tiny_config(dirs, "run.steps=2", "optim.ema_decay=0.5", "optim.ema_warmup=false", "run.checkpoint_every=1",
+                       "run.keep_checkpoints=2")
     train(cond, base / "cond", progress=False)
     train(tiny_config(dirs, "run.steps=1", "run.class_conditional=false"), base / "uncond", progress=False)
     return base
@@ -68,9 +69,19 @@ def test_pipeline_metadata_and_deterministic_generation(runs):
 
 
 def test_ema_weights_are_used_by_default(runs):
-    ema, raw = load_pipeline(runs / "cond"), load_pipeline(runs / "cond", use_ema=False)
-    differ = [not torch.equal(p, q) for p, q in zip(ema.model.parameters(), raw.model.parameters())]
-    assert any(differ)
+    """The pipeline samples with the checkpoint's "ema" group, and that group is the EMA of the "model" weights:
+    with decay 0.5 and no warm-up, ema_2 = 0.5 ema_1 + 0.5 model_2 (swapped groups would fail it)."""
+    from lddpm.checkpoint import load_checkpoint
+
+    step1, step2 = sorted((runs / "cond" / "checkpoints").glob("step_*.safetensors"))
+    ema1, ema2, raw2 = (load_checkpoint(step1).load("ema"), load_checkpoint(step2).load("ema"),
+                        load_checkpoint(step2).load("model"))
+    assert any(not torch.equal(ema2[k], raw2[k]) for k in raw2)  # the average trails the raw weights
+    for k in raw2:
+        assert torch.allclose(ema2[k], 0.5 * ema1[k] + 0.5 * raw2[k], atol=1e-6), k
+    ema, raw = load_pipeline(runs / "cond").model.state_dict(), load_pipeline(runs / "cond", use_ema=False).model.state_dict()
+    assert ema.keys() == ema2.keys() == raw.keys()
+    assert all(torch.equal(ema[k], ema2[k]) for k in ema) and all(torch.equal(raw[k], raw2[k]) for k in raw)
 
 
 def test_guidance_or_labels_for_an_unconditional_model_are_errors(runs):
