@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -24,12 +26,54 @@ def randomize_zero_init(model: nn.Module) -> nn.Module:
     return model
 
 
+def expected_parameters(c) -> int:
+    """Trainable parameters of a U-Net from its layer shapes: Ho et al. 2020 (Appendix B) with ADM's options
+    (scale-shift norm, heads, learned sigma, class labels) and SD's spatial transformers for text."""
+    conv = lambda i, o, k: i * o * k * k + o  # noqa: E731
+    linear = lambda i, o, bias=True: i * o + (o if bias else 0)  # noqa: E731
+    norm = lambda ch: 2 * ch  # noqa: E731  (GroupNorm / LayerNorm affine)
+    ch, emb = c.model_channels, 4 * c.model_channels
+
+    def res(i: int, o: int) -> int:  # norm, conv 3x3, embedding projection, norm, conv 3x3, 1x1 skip when i != o
+        proj = linear(emb, 2 * o if c.use_scale_shift_norm else o)
+        return norm(i) + conv(i, o, 3) + proj + norm(o) + conv(o, o, 3) + (conv(i, o, 1) if i != o else 0)
+
+    def attention(d: int) -> int:
+        if not c.context_dim:  # GroupNorm, qkv, output projection
+            return norm(d) + linear(d, 3 * d) + linear(d, d)
+        block = (3 * norm(d) + 3 * linear(d, d, False) + linear(d, d)  # self-attention: q, k, v without bias
+                 + linear(d, d, False) + 2 * linear(c.context_dim, d, False) + linear(d, d)  # cross-attention
+                 + linear(d, 8 * d) + linear(4 * d, d))  # GEGLU feed-forward (inner 4 d, doubled for the gate)
+        return norm(d) + 2 * linear(d, d) + c.transformer_depth * block  # proj_in, proj_out
+
+    total = linear(ch, emb) + linear(emb, emb) + (c.num_classes + 1) * emb * (c.num_classes > 0)
+    total += conv(c.in_channels, ch, 3)
+    skips, cur, res_px = [ch], ch, c.resolution
+    for level, mult in enumerate(c.channel_mult):  # encoder: ResBlocks (+ attention), stride-2 conv between levels
+        for _ in range(c.num_res_blocks):
+            total += res(cur, ch * mult) + (attention(ch * mult) if res_px in c.attention_resolutions else 0)
+            cur = ch * mult
+            skips.append(cur)
+        if level < len(c.channel_mult) - 1:
+            total += conv(cur, cur, 3)
+            skips.append(cur)
+            res_px //= 2
+    total += 2 * res(cur, cur) + (attention(cur) if c.mid_attention else 0)
+    for level, mult in reversed(list(enumerate(c.channel_mult))):  # decoder: one more ResBlock per level, skips
+        for i in range(c.num_res_blocks + 1):
+            total += res(cur + skips.pop(), ch * mult) + (attention(ch * mult) if res_px in c.attention_resolutions else 0)
+            cur = ch * mult
+            if level and i == c.num_res_blocks:
+                total += conv(cur, cur, 3)  # nearest upsampling + conv
+                res_px *= 2
+    return total + norm(cur) + conv(cur, c.in_channels * (2 if c.learned_sigma else 1), 3)
+
+
 def test_ddpm_cifar10_has_the_papers_parameter_count():
     with torch.device("meta"):
         model = build_network("unet", "ddpm-cifar10")
     # Ho et al. 2020's CIFAR-10 model has 35,746,307 parameters ("35.7M").
-    assert count(model) == 35_746_307
-    assert 35.65e6 <= count(model) <= 35.75e6
+    assert count(model) == expected_parameters(model.config) == 35_746_307
 
 
 def test_ddpm_cifar10_count_matches_diffusers_same_shape():
@@ -44,13 +88,36 @@ def test_ddpm_cifar10_count_matches_diffusers_same_shape():
     assert count(ours) == count(ref)
 
 
-def test_small_config_parameter_counts():
+@pytest.mark.parametrize("name,overrides", [
+    ("tiny", {}), ("small", {}), ("adm-imagenet128", {}),
+    ("tiny", dict(in_channels=1, num_classes=10, learned_sigma=True, use_scale_shift_norm=True)),
+    ("small", dict(num_res_blocks=2, attention_resolutions=(16, 8), mid_attention=False, num_head_channels=32)),
+    ("tiny", dict(in_channels=1, context_dim=384)), ("tiny", dict(context_dim=16, transformer_depth=2, num_classes=3)),
+])
+def test_parameter_counts_follow_from_the_layer_shapes(name, overrides):
     with torch.device("meta"):
-        tiny, small = build_network("unet", "tiny"), build_network("unet", "small")
+        model = build_network("unet", name, **overrides)
+    assert count(model) == expected_parameters(model.config)
+
+
+def test_docstring_parameter_counts():
+    """The counts UNet's docstring quotes are those of the named configs."""
+    from lddpm.nn.unet import UNet
+
+    doc = " ".join(UNet.__doc__.split())
+    for name, overrides, quoted in [("ddpm-cifar10", {}, "ddpm-cifar10 35,746,307"),
+                                    ("adm-imagenet128", {}, "adm-imagenet128 386,045,190"),
+                                    ("tiny", {}, "tiny 1,113,955"), ("small", {}, "small 4,636,611"),
+                                    ("tiny", dict(in_channels=1, context_dim=384), "1,575,393")]:
+        assert quoted in doc
+        assert f"{expected_parameters(network_config('unet', name, **overrides)):,}" == quoted.split()[-1]
+    from lddpm.nn import registry
+
+    registry_text = Path(registry.__file__).read_text()  # the registry's comments quote the CPU configs' counts
+    for name in ("tiny", "small"):
+        assert f"{expected_parameters(network_config('unet', name)):,} parameters at 32x32x3" in registry_text
+    with torch.device("meta"):
         adm = build_network("unet", "adm-imagenet128")
-    assert count(tiny) == 1_113_955  # ~1M
-    assert count(small) == 4_636_611  # ~5M
-    assert count(adm) == 386_045_190
     assert adm.out_channels == 6 and adm.num_classes == 1000 and adm.null_label == 1000
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from lddpm.errors import LddpmError
-from lddpm.nn import build_network, network_from_config
+from lddpm.nn import build_network, network_config, network_from_config
 from lddpm.nn.vae import DiagonalGaussian, PatchDiscriminator, estimate_scaling_factor, hinge_d_loss, vae_loss
 
 
@@ -17,12 +18,63 @@ def count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def test_parameter_counts():
+def expected_parameters(c) -> int:
+    """Trainable parameters of an AutoencoderKL from its layer shapes (LDM's autoencoder, Rombach et al. 2022)."""
+    conv = lambda i, o, k: i * o * k * k + o  # noqa: E731
+    norm = lambda ch: 2 * ch  # noqa: E731  (GroupNorm affine)
+
+    def res(i: int, o: int) -> int:  # norm, conv 3x3, norm, conv 3x3, 1x1 skip when i != o; no time embedding
+        return norm(i) + conv(i, o, 3) + norm(o) + conv(o, o, 3) + (conv(i, o, 1) if i != o else 0)
+
+    def attention(d: int) -> int:  # GroupNorm, qkv, output projection
+        return norm(d) + (d * 3 * d + 3 * d) + (d * d + d)
+
+    ch, z = c.base_channels, c.latent_channels
+    levels = [c.resolution // 2**i for i in range(len(c.channel_mult))]
+    middle = lambda d: 2 * res(d, d) + (attention(d) if c.mid_attention else 0)  # noqa: E731
+    encoder, cur = conv(c.in_channels, ch, 3), ch
+    for level, mult in enumerate(c.channel_mult):
+        for _ in range(c.num_res_blocks):
+            encoder += res(cur, ch * mult) + (attention(ch * mult) if levels[level] in c.attention_resolutions else 0)
+            cur = ch * mult
+        encoder += conv(cur, cur, 3) if level < len(c.channel_mult) - 1 else 0  # stride-2 conv
+    encoder += middle(cur) + norm(cur) + conv(cur, 2 * z, 3)  # -> mean and log-variance
+    decoder = conv(z, cur, 3) + middle(cur)
+    for level, mult in reversed(list(enumerate(c.channel_mult))):
+        for _ in range(c.num_res_blocks + 1):
+            decoder += res(cur, ch * mult) + (attention(ch * mult) if levels[level] in c.attention_resolutions else 0)
+            cur = ch * mult
+        decoder += conv(cur, cur, 3) if level else 0  # nearest upsampling + conv
+    decoder += norm(cur) + conv(cur, c.in_channels, 3)
+    return encoder + decoder + conv(2 * z, 2 * z, 1) + conv(z, z, 1)  # quant_conv, post_quant_conv
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("kl-f4", {}), ("kl-f8", {}), ("kl-f4-tiny", {}),
+    ("kl-f4-tiny", dict(in_channels=1, latent_channels=3, mid_attention=False)),
+    ("kl-f4", dict(attention_resolutions=(16, 8), num_res_blocks=1, channel_mult=(1, 2, 2, 4))),
+])
+def test_parameter_counts_follow_from_the_layer_shapes(name, overrides):
     with torch.device("meta"):
-        f4, f8, tiny = (build_network("vae", n) for n in ("kl-f4", "kl-f8", "kl-f4-tiny"))
-    assert count(f4) == 13_859_495
-    assert count(f8) == 83_653_863  # LDM's kl-f8 (the Stable Diffusion VAE shape)
-    assert count(tiny) == 414_799
+        vae = build_network("vae", name, **overrides)
+    assert count(vae) == expected_parameters(vae.config)
+
+
+def test_counts_quoted_in_comments_are_the_derived_ones():
+    from lddpm.nn import registry
+
+    registry_text = Path(registry.__file__).read_text()
+    study_text = (Path(registry.__file__).parents[1] / "configs" / "study-vae.toml").read_text()
+    for name, channels, text in [("kl-f4", 3, registry_text), ("kl-f4-tiny", 3, registry_text),
+                                 ("kl-f4-tiny", 1, study_text)]:  # the study's 32x32x1 autoencoder
+        n = expected_parameters(network_config("vae", name, in_channels=channels))
+        assert f"{n:,} parameters" in text, (name, channels, n)
+
+
+def test_kl_f8_has_ldms_parameter_count():
+    with torch.device("meta"):
+        f8 = build_network("vae", "kl-f8")
+    assert count(f8) == expected_parameters(f8.config) == 83_653_863  # LDM's kl-f8 (the Stable Diffusion VAE shape)
 
 
 def test_kl_f8_count_matches_diffusers_same_shape():
