@@ -480,6 +480,15 @@ CASES = [
     ("demo-out-under-a-file", lambda w, t: ["demo", "--out", file_blocker(t) / "d", "--quiet"], r"blocker"),
     ("demo-out-is-a-file", lambda w, t: ["demo", "--out", file_blocker(t), "--quiet"], r"blocker"),
     ("demo-unknown-option", lambda w, t: ["demo", "--steps", "3"], r"^lddpm: error: unrecognized arguments: --steps 3"),
+    # ---- import / export (diffusers folders)
+    ("import-not-a-folder", lambda w, t: ["import", t / "nowhere", "--out", t / "run"], r"nowhere is not a folder"),
+    ("import-no-model", lambda w, t: ["import", w.idx, "--out", t / "run"], r"holds no unet/, transformer/ or vae/ folder"),
+    ("import-no-out", lambda w, t: ["import", w.idx], r"the following arguments are required: --out"),
+    ("export-not-a-run", lambda w, t: ["export", t / "nowhere", "--out", t / "hf"], r"nowhere does not exist"),
+    ("export-weights-choice", lambda w, t: ["export", w.run, "--out", t / "hf", "--weights", "raw"],
+     r"argument --weights: invalid choice: 'raw'"),
+    ("export-out-not-empty", lambda w, t: (file_blocker(t), ["export", w.run, "--out", t])[-1],
+     r"already exists and is not empty"),
 ]
 
 
@@ -504,9 +513,18 @@ def test_bad_input_is_one_clear_line(name, build, pattern, world, tmp_path, caps
 
 
 def test_cases_cover_every_command():
-    commands = ("prepare", "verify-cache", "train", "train-vae", "sample", "eval", "fid-ref", "classifier", "study", "demo")
+    """Every command the parser registers has cases (named `<command>-...`; train-classifier's `classifier-...`)."""
+    import argparse
+
+    from lddpm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    commands = set(sub.choices)
+    assert {"import", "export", "verify-cache", "train", "sample", "eval", "study"} <= commands
     assert len(CASES) >= 60
-    assert all(any(name.startswith(c + "-") for name, _, _ in CASES) for c in commands)
+    prefix = {c: "classifier" if c == "train-classifier" else c for c in commands}
+    missing = [c for c in sorted(commands) if not any(name.startswith(prefix[c] + "-") for name, _, _ in CASES)]
+    assert not missing, f"no bad-input case for: {missing}"
 
 
 # ------------------------------------------------------------------------------------------------
