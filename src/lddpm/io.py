@@ -1,4 +1,5 @@
-"""Atomic file output: every writer of the package goes through these functions.
+"""Atomic file output: results, checkpoints, caches and reports are written through these functions
+(the training log, appended line by line, is not).
 
 A file is written to a hidden temporary name in its own folder (`.NAME.tmp-PID-RANDOM`), flushed,
 then moved over the target with `os.replace`, so a reader (or a crash) never sees half a file and

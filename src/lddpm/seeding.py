@@ -1,4 +1,5 @@
-"""Every seed derivation of the package, in one place.
+"""The seed derivations several modules share, in one place (the data loaders, KID's subsets and the
+scene sets seed their own generators where they draw).
 
 Each is a pure function of its arguments, so training, sampling and evaluation draw the same random
 numbers after a resume, in another process, or with another batch size.
