@@ -117,6 +117,19 @@ def _atomic_folder(out: Path, write) -> None:
         write(tmp)
 
 
+@dataclasses.dataclass
+class ImportedModels:
+    """What the models of a diffusers folder become: the run's kind, network, weight groups and data shape."""
+
+    kind: str  # "diffusion" or "vae"
+    network: dict[str, Any]  # {"kind", "config"} of the run's network
+    groups: dict[str, dict[str, torch.Tensor]]  # checkpoint weight groups ("model", "ema"[, "vae"])
+    num_classes: int
+    resolution: int  # of the images (a latent run's images are the VAE's)
+    channels: int
+    meta: dict[str, Any]  # further checkpoint metadata: a VAE's scaling factor, a latent run's VAE
+
+
 def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = None) -> dict[str, Any]:
     """Turn a local diffusers model or pipeline folder into an lddpm run folder; returns a summary.
 
@@ -135,6 +148,50 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
         index = src / "model_index.json"
         index_config = read_json(index, "pipeline folder") if index.is_file() else {}
         pipeline_class, id2label = index_config.get("_class_name"), index_config.get("id2label")
+    components, models = read_models(parts)
+    denoiser_kind = next((k for k in ("unet", "dit") if k in models), None)
+    denoiser = models.get(denoiser_kind)  # a U-Net or a DiT, or None for an autoencoder alone
+    text = read_text_section(src, out, parts, denoiser, components)
+    notes: list[str] = []
+    config = Config()
+    config.run.out = str(out)
+    config.data.dataset = dataset or "imagefolder"
+    if denoiser is not None:
+        imported = import_denoiser(src, parts, denoiser_kind, denoiser, models.get("vae"), text, config, components,
+                                   notes)
+    else:
+        imported = import_vae(parts, models["vae"], config, notes)
+    validate(config)
+    class_names = _class_names(id2label, imported.num_classes)
+    if id2label and not class_names:
+        notes.append(f"model_index.json's id2label does not name classes 0..{imported.num_classes - 1}; "
+                     "class names not kept")
+    digest, files = folder_sha256(src)
+    source = {"format": "diffusers", "folder": str(src.resolve()), "sha256": digest, "files": files,
+              "pipeline_class": pipeline_class, "components": components, "notes": notes,
+              "imported_by": f"lddpm {__version__}"}
+    meta = {"kind": imported.kind, "step": 0, "images_seen": 0, "wall_time": 0.0, "config": config.to_dict(),
+            "network": imported.network, "source": {k: v for k, v in source.items() if k != "files"},
+            "dataset": {"name": dataset, "split": "train", "num_classes": imported.num_classes,
+                        "class_names": class_names, "channels": imported.channels,
+                        "resolution": imported.resolution},
+            **({"text": text} if text is not None else {}), **imported.meta}
+
+    def write(tmp: Path) -> None:
+        save_config(config, tmp)
+        save_run_checkpoint(tmp, 0, imported.groups, meta, keep=1)
+        if text is not None and text["encoder"] != "minilm":
+            copy_text_encoder(src, tmp)
+        (tmp / "provenance.json").write_text(json.dumps(source, indent=2) + "\n")
+
+    _atomic_folder(out, write)
+    return {"out": str(out), "kind": imported.kind, "classes": {k: v["class"] for k, v in components.items()},
+            "sha256": digest, "notes": notes}
+
+
+def read_models(parts: dict[str, Path]) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """(provenance of each component, {network kind: (table entry, config, state)}) of the model folders;
+    a model in the wrong folder (a VAE in unet/) is refused."""
     components: dict[str, Any] = {}
     models: dict[str, tuple] = {}
     for name, folder in parts.items():
@@ -147,106 +204,96 @@ def import_diffusers(src: str | Path, out: str | Path, *, dataset: str | None = 
                              f"expected a {CLASS_FOR_KIND[expected_kind].diffusers_name}; nothing was written")
         models[entry.kind] = (entry, config, state)
         components[name if name != "model" else entry.kind] = _component(raw)
-    vae = models.get("vae")
-    denoiser_kind = next((k for k in ("unet", "dit") if k in models), None)
-    unet = models.get(denoiser_kind)  # the denoiser: a U-Net or a DiT
-    notes: list[str] = []
-    text = None
-    if unet is not None and unet[1].context_dim:
-        if unet[1].num_classes:
+    return components, models
+
+
+def read_text_section(src: Path, out: Path, parts: dict[str, Path], denoiser: tuple | None,
+                      components: dict[str, Any]) -> dict[str, Any] | None:
+    """The text encoder of a prompt-conditioned denoiser (meta["text"]; its provenance goes into `components`),
+    or None; a text_encoder/ beside a denoiser that reads no prompts is refused."""
+    if denoiser is not None and denoiser[1].context_dim:
+        if denoiser[1].num_classes:
             raise LddpmError(f"{src}: the U-Net reads both prompts (cross_attention_dim) and class labels "
                              "(num_class_embeds); lddpm generates from prompts or from class labels, not both; "
                              "nothing was written")
-        text, keep_copy, components[TEXT_ENCODER] = read_text_encoder(src, unet[1].context_dim)
+        text, keep_copy, components[TEXT_ENCODER] = read_text_encoder(src, denoiser[1].context_dim)
         if keep_copy:  # the run loads its encoder from its own folder
             text["encoder"] = str(Path(out).resolve() / TEXT_ENCODER)
-    elif TEXT_ENCODER in parts:
+        return text
+    if TEXT_ENCODER in parts:
         raise LddpmError(f"{src} has a {TEXT_ENCODER}/ folder but its denoiser reads no prompts (no "
                          "cross-attention); nothing was written")
-    config = Config()
-    config.run.out = str(out)
-    config.data.dataset = dataset or "imagefolder"
-    if unet is not None:
-        unet_config = unet[1]
-        latent = vae is not None
-        if "scheduler" in parts:
-            raw = read_json(parts["scheduler"] / SCHEDULER_CONFIG_NAME, "scheduler folder")
-            diffusion, scheduler_notes = diffusion_from_scheduler(
-                raw, latent=latent, where=str(parts["scheduler"] / SCHEDULER_CONFIG_NAME))
-            components["scheduler"] = _component(raw)
-            notes += scheduler_notes
-            if diffusion["learned_variance"] is None:  # DDIMScheduler: the network's output channels decide
-                diffusion["learned_variance"] = unet_config.learned_sigma
-        else:
-            diffusion = {**dataclasses.asdict(DiffusionConfig()), "learned_variance": unet_config.learned_sigma}
-            notes.append("no scheduler config: the [diffusion] section holds lddpm's defaults (linear, T = 1000, eps); "
-                         "import the pipeline folder to take them from its scheduler/scheduler_config.json")
-        if diffusion["learned_variance"] != unet_config.learned_sigma:
-            raise LddpmError(f"{src}: the scheduler says variance_type "
-                             f"{'learned_range' if diffusion['learned_variance'] else 'fixed'}, but the network "
-                             f"outputs {unet_config.in_channels * (2 if unet_config.learned_sigma else 1)} channels for "
-                             f"{unet_config.in_channels} inputs; nothing was written")
-        config.diffusion = DiffusionConfig(**{**dataclasses.asdict(DiffusionConfig()), **diffusion})
-        config.model = ModelConfig(**_model_section(denoiser_kind, unet_config))
-        config.run.class_conditional = unet_config.num_classes > 0
-        if text is not None:
-            config.text.encoder, config.text.max_length = text["encoder"], text["max_length"]
-            notes.append(f"text encoder {text['encoder']!r}, prompts padded to {text['max_length']} tokens; "
-                         "caption dropout is not recorded in diffusers folders ([text] holds lddpm's default)")
-        if latent:
-            vae_config = vae[1]
-            if vae_config.latent_channels != unet_config.in_channels:
-                raise LddpmError(f"{src}: the VAE makes {vae_config.latent_channels}-channel latents but the network "
-                                 f"takes {unet_config.in_channels} channels; nothing was written")
-            image_res, channels = unet_config.resolution * vae_config.downsample_factor, vae_config.in_channels
-        else:
-            image_res, channels = unet_config.resolution, unet_config.in_channels
-        config.data.resolution = image_res
-        kind = "diffusion"
-        network = {"kind": denoiser_kind, "config": unet_config.to_dict()}
-        groups = {"model": unet[2], "ema": unet[2]}
-        num_classes = unet_config.num_classes
-    else:
-        vae_config = vae[1]
-        if "scheduler" in parts:
-            notes.append("the pipeline has a scheduler but no unet/: imported as a VAE run; the scheduler is not used")
-        config.model = ModelConfig(**_model_section("vae", vae_config))
-        config.data.resolution = vae_config.resolution
-        kind, image_res, channels, num_classes = "vae", vae_config.resolution, vae_config.in_channels, 0
-        network = {"kind": "vae", "config": vae_config.to_dict()}
-        groups = {"model": vae[2], "ema": vae[2]}
-    validate(config)
-    class_names = _class_names(id2label, num_classes)
-    if id2label and not class_names:
-        notes.append(f"model_index.json's id2label does not name classes 0..{num_classes - 1}; class names not kept")
-    digest, files = folder_sha256(src)
-    source = {"format": "diffusers", "folder": str(src.resolve()), "sha256": digest, "files": files,
-              "pipeline_class": pipeline_class, "components": components, "notes": notes,
-              "imported_by": f"lddpm {__version__}"}
-    meta = {"kind": kind, "step": 0, "images_seen": 0, "wall_time": 0.0, "config": config.to_dict(),
-            "network": network, "source": {k: v for k, v in source.items() if k != "files"},
-            "dataset": {"name": dataset, "split": "train", "num_classes": num_classes, "class_names": class_names,
-                        "channels": channels, "resolution": image_res}}
+    return None
+
+
+def import_denoiser(src: Path, parts: dict[str, Path], kind: str, denoiser: tuple, vae: tuple | None,
+                    text: dict[str, Any] | None, config: Config, components: dict[str, Any],
+                    notes: list[str]) -> ImportedModels:
+    """A U-Net or DiT (`kind`) with its scheduler, its text encoder (`text`) and, for a latent pipeline, its VAE,
+    as a diffusion run: fills `config`'s [diffusion], [model], [text] and data resolution, adds the scheduler
+    to `components`."""
+    _, net_config, weights = denoiser
+    latent = vae is not None
+    config.diffusion = DiffusionConfig(**{**dataclasses.asdict(DiffusionConfig()),
+                                          **_diffusion_section(src, parts, net_config, latent, components, notes)})
+    config.model = ModelConfig(**_model_section(kind, net_config))
+    config.run.class_conditional = net_config.num_classes > 0
     if text is not None:
-        meta["text"] = text
-    if kind == "vae":
-        meta["scaling_factor"] = vae_config.scaling_factor
-    elif vae is not None:
+        config.text.encoder, config.text.max_length = text["encoder"], text["max_length"]
+        notes.append(f"text encoder {text['encoder']!r}, prompts padded to {text['max_length']} tokens; "
+                     "caption dropout is not recorded in diffusers folders ([text] holds lddpm's default)")
+    meta: dict[str, Any] = {}
+    groups = {"model": weights, "ema": weights}
+    if latent:
+        vae_config = vae[1]
+        if vae_config.latent_channels != net_config.in_channels:
+            raise LddpmError(f"{src}: the VAE makes {vae_config.latent_channels}-channel latents but the network "
+                             f"takes {net_config.in_channels} channels; nothing was written")
+        resolution, channels = net_config.resolution * vae_config.downsample_factor, vae_config.in_channels
         groups["vae"] = vae[2]
         meta["vae"] = {"run": None, "checkpoint": None, "step": 0, "code_version": None,
                        "scaling_factor": vae_config.scaling_factor, "network_config": vae_config.to_dict(),
                        "source": "the vae/ folder of the imported pipeline"}
+    else:
+        resolution, channels = net_config.resolution, net_config.in_channels
+    config.data.resolution = resolution
+    return ImportedModels("diffusion", {"kind": kind, "config": net_config.to_dict()}, groups,
+                          net_config.num_classes, resolution, channels, meta)
 
-    def write(tmp: Path) -> None:
-        save_config(config, tmp)
-        save_run_checkpoint(tmp, 0, groups, meta, keep=1)
-        if text is not None and text["encoder"] != "minilm":
-            copy_text_encoder(src, tmp)
-        (tmp / "provenance.json").write_text(json.dumps(source, indent=2) + "\n")
 
-    _atomic_folder(out, write)
-    return {"out": str(out), "kind": kind, "classes": {k: v["class"] for k, v in components.items()},
-            "sha256": digest, "notes": notes}
+def _diffusion_section(src: Path, parts: dict[str, Path], network: Any, latent: bool, components: dict[str, Any],
+                       notes: list[str]) -> dict[str, Any]:
+    """[diffusion] values from the pipeline's scheduler config (lddpm's defaults without one); the scheduler's
+    variance type must agree with the network's output channels."""
+    if "scheduler" in parts:
+        raw = read_json(parts["scheduler"] / SCHEDULER_CONFIG_NAME, "scheduler folder")
+        diffusion, scheduler_notes = diffusion_from_scheduler(
+            raw, latent=latent, where=str(parts["scheduler"] / SCHEDULER_CONFIG_NAME))
+        components["scheduler"] = _component(raw)
+        notes += scheduler_notes
+        if diffusion["learned_variance"] is None:  # DDIMScheduler: the network's output channels decide
+            diffusion["learned_variance"] = network.learned_sigma
+    else:
+        diffusion = {**dataclasses.asdict(DiffusionConfig()), "learned_variance": network.learned_sigma}
+        notes.append("no scheduler config: the [diffusion] section holds lddpm's defaults (linear, T = 1000, eps); "
+                     "import the pipeline folder to take them from its scheduler/scheduler_config.json")
+    if diffusion["learned_variance"] != network.learned_sigma:
+        raise LddpmError(f"{src}: the scheduler says variance_type "
+                         f"{'learned_range' if diffusion['learned_variance'] else 'fixed'}, but the network "
+                         f"outputs {network.in_channels * (2 if network.learned_sigma else 1)} channels for "
+                         f"{network.in_channels} inputs; nothing was written")
+    return diffusion
+
+
+def import_vae(parts: dict[str, Path], vae: tuple, config: Config, notes: list[str]) -> ImportedModels:
+    """An AutoencoderKL alone (a model folder, or a pipeline without a denoiser) as a VAE run; fills `config`."""
+    _, vae_config, weights = vae
+    if "scheduler" in parts:
+        notes.append("the pipeline has a scheduler but no unet/: imported as a VAE run; the scheduler is not used")
+    config.model = ModelConfig(**_model_section("vae", vae_config))
+    config.data.resolution = vae_config.resolution
+    return ImportedModels("vae", {"kind": "vae", "config": vae_config.to_dict()}, {"model": weights, "ema": weights},
+                          0, vae_config.resolution, vae_config.in_channels, {"scaling_factor": vae_config.scaling_factor})
 
 
 # ----------------------------------------------------------------------------- export
