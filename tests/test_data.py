@@ -120,7 +120,8 @@ def save_image(path: Path, arr: np.ndarray, fmt=None):
 
 
 def test_dataset_names_and_info():
-    assert DATASETS == ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder", "captioned")
+    assert DATASETS == ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet100", "imagefolder", "captioned",
+                        "fashion-text", "fashion-pairs")
     ch, res, k, names = dataset_info("fashion-mnist")
     assert (ch, res, k) == (1, 32, 10) and names[0] == "T-shirt/top" and names[9] == "Ankle boot"
     assert dataset_info("cifar10")[:3] == (3, 32, 10)
