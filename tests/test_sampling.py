@@ -304,7 +304,7 @@ def test_sample_with_guidance_uses_labels():
     (dict(sampler="ddpm", eta=0.5), "eta=0.5 applies only to the 'ddim'"),
     (dict(sampler="ddim", num_steps=101), "num_steps must be an integer in \\[1, 100\\].*101"),
     (dict(sampler="ddim", num_steps=0), "num_steps must be an integer in \\[1, 100\\].*got 0"),
-    (dict(sampler="ddim", guidance_scale=2.0), "guidance_scale=2.0 needs null_label"),
+    (dict(sampler="ddim", guidance_scale=2.0), "guidance_scale=2.0 needs a null condition"),
     (dict(sampler="ddim", spacing="uniform"), "spacing 'uniform'"),
 ])
 def test_bad_input(kwargs, match):
@@ -314,6 +314,6 @@ def test_bad_input(kwargs, match):
 
 
 def test_cfg_wrapper_requires_null_label():
-    with pytest.raises(LddpmError, match="guidance_scale=1.5 needs null_label"):
+    with pytest.raises(LddpmError, match="guidance_scale=1.5 needs a null condition"):
         ClassifierFreeGuidance(LabelNet(), 1.5, None)
     assert ClassifierFreeGuidance(LabelNet(), 1.0, None).guidance_scale == 1.0
