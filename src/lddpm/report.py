@@ -8,6 +8,7 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from lddpm.io import write_with
 from lddpm.study.schema import ROW_FIELDS, TEXT_ROW_FIELDS, Study
@@ -209,42 +210,72 @@ def read_loss_log(path: Path) -> tuple[list[int], list[float]]:
 
 def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> list[tuple[str, str]]:
     """Draw every plot that has data; returns (title, path relative to the study folder)."""
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    ok = _ok(rows)
+    drawers = (
+        lambda: plot_fid_vs_steps(ok),
+        lambda: plot_guidance(ok),
+        lambda: plot_faithfulness(ok),
+        lambda: plot_schedules(ok),
+        lambda: plot_fid_vs_training(ok),
+        lambda: plot_loss_curves(run_dirs),
+        lambda: plot_seconds_per_image(ok),
+    )
+    made: list[tuple[str, str]] = []
+    for draw in drawers:
+        drawn = draw()
+        if drawn is not None:
+            fig, name, title = drawn
+            _save(fig, plot_dir / name)
+            made.append((title, f"{plot_dir.name}/{name}"))
+    return made
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    made: list[tuple[str, str]] = []
-    ok = _ok(rows)
+    return plt
 
-    def save(fig, name: str, title: str) -> None:
-        fig.tight_layout()
-        write_with(plot_dir / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), ".png")
-        plt.close(fig)
-        made.append((title, f"{plot_dir.name}/{name}"))
 
-    # FID against sampling steps, one line per (run, sampler).
+def _save(fig, path: Path) -> None:
+    """Write a figure as PNG atomically and close it."""
+    fig.tight_layout()
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), ".png")
+    _pyplot().close(fig)
+
+
+Drawn = tuple[Any, str, str] | None  # (figure, file name, title), or None when the rows hold nothing to draw
+
+
+def plot_fid_vs_steps(ok: list[dict]) -> Drawn:
+    """FID against sampling steps, one line per (run, sampler)."""
     lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for r in ok:
         if r.get("group") == "samplers" and r.get("fid") is not None and r.get("steps"):
             lines.setdefault((r["run"], r["sampler"]), []).append((r["steps"], r["fid"]))
-    if lines:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for (run, sampler), pts in sorted(lines.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{SAMPLER_LABELS.get(sampler, sampler)} ({run})")
-        ax.set_xscale("log")
-        ax.set_xlabel("sampling steps")
-        ax.set_ylabel(_fid_axis(ok))
-        ax.set_title("FID against sampling steps")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        save(fig, "fid_vs_steps.png", "FID against sampling steps")
+    if not lines:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (run, sampler), pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{SAMPLER_LABELS.get(sampler, sampler)} ({run})")
+    ax.set_xscale("log")
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel(_fid_axis(ok))
+    ax.set_title("FID against sampling steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig, "fid_vs_steps.png", "FID against sampling steps"
 
-    # FID and class accuracy against guidance scale, one line per run; the run's unguided cell
-    # with the same sampler and steps (if any) is the s = 1 point.
+
+def plot_guidance(ok: list[dict]) -> Drawn:
+    """FID and class accuracy against guidance scale, one line per run; the run's unguided cell with the same
+    sampler and steps (if any) is the s = 1 point."""
     scans: dict[str, list[dict]] = {}
     for r in ok:
         if r.get("group") == "guidance" and r.get("guidance_scale") is not None:
@@ -256,7 +287,10 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
                  and (r["sampler"], r["steps"]) in keys and r.get("guidance_scale") not in scales]
     guided = [r for scan in scans.values() for r in scan]
     runs_with_scan = sorted(scans)
-    if runs_with_scan and not any(r.get("class_accuracy") is not None for r in guided):  # text runs: FID alone
+    if not runs_with_scan:
+        return None
+    plt = _pyplot()
+    if not any(r.get("class_accuracy") is not None for r in guided):  # text runs: FID alone
         fig, ax1 = plt.subplots(figsize=(5, 3.8))
         for run in runs_with_scan:
             pts = sorted((r["guidance_scale"], r["fid"]) for r in guided
@@ -267,146 +301,166 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], plot_dir: Path) -> 
         ax1.set_title("FID against guidance scale")
         ax1.grid(alpha=0.3)
         ax1.legend(fontsize=8)
-        save(fig, "guidance.png", "FID against guidance scale")
-    elif runs_with_scan:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
-        for run in runs_with_scan:
-            pts = sorted(((r["guidance_scale"], r.get("fid"), r.get("class_accuracy")) for r in guided if r["run"] == run),
-                         key=lambda p: p[0])
-            xs_f = [p[0] for p in pts if p[1] is not None]
-            ax1.plot(xs_f, [p[1] for p in pts if p[1] is not None], "o-", label=run)
-            xs_a = [p[0] for p in pts if p[2] is not None]
-            ax2.plot(xs_a, [100 * p[2] for p in pts if p[2] is not None], "o-", label=run)
-        ax1.set_xlabel("guidance scale s")
-        ax1.set_ylabel(_fid_axis(ok))
-        ax1.set_title("FID against guidance scale")
-        ax2.set_xlabel("guidance scale s")
-        ax2.set_ylabel("class accuracy (%)")
-        ax2.set_title("Class accuracy against guidance scale")
-        for ax in (ax1, ax2):
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        save(fig, "guidance.png", "FID and class accuracy against guidance scale")
-
-    # Text cells: faithfulness against guidance scale (the checker's ceiling dashed) and against FID, the
-    # alignment / fidelity trade-off of guidance; one line per run, sampler, steps, prompt set and negative prompt.
-    faithful = [r for r in ok if r.get("faithfulness") is not None and r.get("guidance_scale") is not None]
-    if faithful:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        lines: dict[tuple, list[dict]] = {}
-        for r in faithful:
-            lines.setdefault((r["run"], r.get("sampler"), r.get("steps"), r.get("prompts"), r.get("negative_prompt")),
-                             []).append(r)
-        metrics = {r.get("faithfulness_metric") for r in faithful}
-        what = METRIC_HEADINGS.get(metrics.pop(), "faithfulness") if len(metrics) == 1 else "faithfulness"
-        for (run, sampler, steps, prompts, negative), members in sorted(lines.items(), key=lambda kv: str(kv[0])):
-            members.sort(key=lambda r: r["guidance_scale"])
-            label = f"{run}, {SAMPLER_LABELS.get(sampler, sampler)} {steps}"
-            label += f", {prompts}" if len(lines) > 1 else ""
-            label += f", negative {negative!r}" if negative else ""
-            line = ax1.plot([r["guidance_scale"] for r in members], [100 * r["faithfulness"] for r in members], "o-",
-                            label=label)[0]
-            ceiling = [r["faithfulness_ceiling"] for r in members if r.get("faithfulness_ceiling") is not None]
-            if ceiling:
-                ax1.axhline(100 * ceiling[0], ls="--", color=line.get_color(), alpha=0.6, lw=1)
-            scored = [r for r in members if r.get("fid") is not None]
-            ax2.plot([r["fid"] for r in scored], [100 * r["faithfulness"] for r in scored], "o-",
-                     color=line.get_color(), label=label)
-            for r in scored:
-                ax2.annotate(f"s={r['guidance_scale']:g}", (r["fid"], 100 * r["faithfulness"]), fontsize=7,
-                             xytext=(3, 3), textcoords="offset points")
-        ax1.set_xlabel("guidance scale s")
-        ax1.set_title(f"{what} against guidance scale (dashed: ceiling)")
-        ax2.set_xlabel(_fid_axis(ok))
-        ax2.set_title(f"{what} against FID")
-        ax2.xaxis.set_major_locator(MaxNLocator(5))
-        highest = max([r["faithfulness"] for r in faithful]
-                      + [r["faithfulness_ceiling"] for r in faithful if r.get("faithfulness_ceiling") is not None])
-        for ax in (ax1, ax2):
-            ax.set_ylabel(f"{what} (%)")
-            ax.set_ylim(0, min(100.0, max(10.0, 115 * highest)))  # percentages from 0, the ceiling in view
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        save(fig, "faithfulness.png", "Prompt faithfulness against guidance scale and FID")
-
-    # FID per noise schedule against training images: one line per schedule run (a cell per scored checkpoint,
-    # `at_step`), so an order that is an early-training accident shows as crossing lines.
-    sched = [r for r in ok if r.get("group") == "schedules" and r.get("fid") is not None]
-    if sched:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        per_run: dict[str, list[dict]] = {}
-        for r in sched:
-            per_run.setdefault(r["run"], []).append(r)
-        for run, members in sorted(per_run.items()):
-            members.sort(key=lambda r: r.get("train_images") or 0)
-            ax.plot([(r.get("train_images") or 0) / 1000 for r in members], [r["fid"] for r in members], "o-",
-                    label=members[0].get("schedule") or run)
-        ax.set_xlabel("training images seen (thousands)")
-        ax.set_ylabel(_fid_axis(ok))
-        ax.set_title("FID per noise schedule against training length")
+        return fig, "guidance.png", "FID against guidance scale"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
+    for run in runs_with_scan:
+        pts = sorted(((r["guidance_scale"], r.get("fid"), r.get("class_accuracy")) for r in guided if r["run"] == run),
+                     key=lambda p: p[0])
+        xs_f = [p[0] for p in pts if p[1] is not None]
+        ax1.plot(xs_f, [p[1] for p in pts if p[1] is not None], "o-", label=run)
+        xs_a = [p[0] for p in pts if p[2] is not None]
+        ax2.plot(xs_a, [100 * p[2] for p in pts if p[2] is not None], "o-", label=run)
+    ax1.set_xlabel("guidance scale s")
+    ax1.set_ylabel(_fid_axis(ok))
+    ax1.set_title("FID against guidance scale")
+    ax2.set_xlabel("guidance scale s")
+    ax2.set_ylabel("class accuracy (%)")
+    ax2.set_title("Class accuracy against guidance scale")
+    for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        save(fig, "schedules.png", "FID per noise schedule against training length")
+    return fig, "guidance.png", "FID and class accuracy against guidance scale"
 
-    # FID and KID against training length: one model trained to several lengths, a line per model and guidance
-    # scale. The x axis is images seen, not wall time: wall times of runs trained at different moments on a
-    # shared machine are not comparable, and an architecture study equalises time by scaling the steps.
-    # Group "architecture" (configs/study-arch.toml) or "training" (any other such sweep, e.g. a VAE's rFID).
+
+def plot_faithfulness(ok: list[dict]) -> Drawn:
+    """Text cells: faithfulness against guidance scale (the checker's ceiling dashed) and against FID, the
+    alignment / fidelity trade-off of guidance; one line per run, sampler, steps, prompt set and negative prompt."""
+    faithful = [r for r in ok if r.get("faithfulness") is not None and r.get("guidance_scale") is not None]
+    if not faithful:
+        return None
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    lines: dict[tuple, list[dict]] = {}
+    for r in faithful:
+        lines.setdefault((r["run"], r.get("sampler"), r.get("steps"), r.get("prompts"), r.get("negative_prompt")),
+                         []).append(r)
+    metrics = {r.get("faithfulness_metric") for r in faithful}
+    what = METRIC_HEADINGS.get(metrics.pop(), "faithfulness") if len(metrics) == 1 else "faithfulness"
+    for (run, sampler, steps, prompts, negative), members in sorted(lines.items(), key=lambda kv: str(kv[0])):
+        members.sort(key=lambda r: r["guidance_scale"])
+        label = f"{run}, {SAMPLER_LABELS.get(sampler, sampler)} {steps}"
+        label += f", {prompts}" if len(lines) > 1 else ""
+        label += f", negative {negative!r}" if negative else ""
+        line = ax1.plot([r["guidance_scale"] for r in members], [100 * r["faithfulness"] for r in members], "o-",
+                        label=label)[0]
+        ceiling = [r["faithfulness_ceiling"] for r in members if r.get("faithfulness_ceiling") is not None]
+        if ceiling:
+            ax1.axhline(100 * ceiling[0], ls="--", color=line.get_color(), alpha=0.6, lw=1)
+        scored = [r for r in members if r.get("fid") is not None]
+        ax2.plot([r["fid"] for r in scored], [100 * r["faithfulness"] for r in scored], "o-",
+                 color=line.get_color(), label=label)
+        for r in scored:
+            ax2.annotate(f"s={r['guidance_scale']:g}", (r["fid"], 100 * r["faithfulness"]), fontsize=7,
+                         xytext=(3, 3), textcoords="offset points")
+    ax1.set_xlabel("guidance scale s")
+    ax1.set_title(f"{what} against guidance scale (dashed: ceiling)")
+    ax2.set_xlabel(_fid_axis(ok))
+    ax2.set_title(f"{what} against FID")
+    ax2.xaxis.set_major_locator(MaxNLocator(5))
+    highest = max([r["faithfulness"] for r in faithful]
+                  + [r["faithfulness_ceiling"] for r in faithful if r.get("faithfulness_ceiling") is not None])
+    for ax in (ax1, ax2):
+        ax.set_ylabel(f"{what} (%)")
+        ax.set_ylim(0, min(100.0, max(10.0, 115 * highest)))  # percentages from 0, the ceiling in view
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig, "faithfulness.png", "Prompt faithfulness against guidance scale and FID"
+
+
+def plot_schedules(ok: list[dict]) -> Drawn:
+    """FID per noise schedule against training images: one line per schedule run (a cell per scored checkpoint,
+    `at_step`), so an order that is an early-training accident shows as crossing lines."""
+    sched = [r for r in ok if r.get("group") == "schedules" and r.get("fid") is not None]
+    if not sched:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    per_run: dict[str, list[dict]] = {}
+    for r in sched:
+        per_run.setdefault(r["run"], []).append(r)
+    for run, members in sorted(per_run.items()):
+        members.sort(key=lambda r: r.get("train_images") or 0)
+        ax.plot([(r.get("train_images") or 0) / 1000 for r in members], [r["fid"] for r in members], "o-",
+                label=members[0].get("schedule") or run)
+    ax.set_xlabel("training images seen (thousands)")
+    ax.set_ylabel(_fid_axis(ok))
+    ax.set_title("FID per noise schedule against training length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig, "schedules.png", "FID per noise schedule against training length"
+
+
+def plot_fid_vs_training(ok: list[dict]) -> Drawn:
+    """FID and KID against training length: one model trained to several lengths, a line per model and guidance
+    scale. The x axis is images seen, not wall time: wall times of runs trained at different moments on a shared
+    machine are not comparable, and an architecture study equalises time by scaling the steps. Group
+    "architecture" (configs/study-arch.toml) or "training" (any other such sweep, e.g. a VAE's rFID)."""
     trained = [r for r in ok if r.get("group") in ("architecture", "training") and r.get("fid") is not None
                and r.get("train_images")]
-    if trained:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        runs_of: dict[str, set] = {}
-        for r in trained:
-            runs_of.setdefault(r.get("model") or r["run"], set()).add(r["run"])
-        lines: dict[str, list[dict]] = {}
-        for r in trained:
-            s, model = r.get("guidance_scale"), r.get("model") or r["run"]
-            label = model if len(runs_of[model]) == 1 else f"{model} ({r['run']})"  # runs of one network apart
-            lines.setdefault(label + ("" if s is None else f", s={s:g}"), []).append(r)
-        for label, members in sorted(lines.items()):
-            members.sort(key=lambda r: r["train_images"])
-            seen = [r["train_images"] / 1000 for r in members]
-            ax1.plot(seen, [r["fid"] for r in members], marker="o", label=label)
-            kid = [(x, r["kid"] * 1e3) for x, r in zip(seen, members) if r.get("kid") is not None]
-            if kid:
-                ax2.plot(*zip(*kid), marker="o", label=label)
-        ax1.set_ylabel(_fid_axis(ok))
-        ax2.set_ylabel("KID x10^3")
-        for ax, what in ((ax1, "FID"), (ax2, "KID")):
-            ax.set_xlabel("training images seen (thousands)")
-            ax.set_title(f"{what} against training length")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        save(fig, "fid_vs_training.png", "FID and KID against training length")
+    if not trained:
+        return None
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    runs_of: dict[str, set] = {}
+    for r in trained:
+        runs_of.setdefault(r.get("model") or r["run"], set()).add(r["run"])
+    lines: dict[str, list[dict]] = {}
+    for r in trained:
+        s, model = r.get("guidance_scale"), r.get("model") or r["run"]
+        label = model if len(runs_of[model]) == 1 else f"{model} ({r['run']})"  # runs of one network apart
+        lines.setdefault(label + ("" if s is None else f", s={s:g}"), []).append(r)
+    for label, members in sorted(lines.items()):
+        members.sort(key=lambda r: r["train_images"])
+        seen = [r["train_images"] / 1000 for r in members]
+        ax1.plot(seen, [r["fid"] for r in members], marker="o", label=label)
+        kid = [(x, r["kid"] * 1e3) for x, r in zip(seen, members) if r.get("kid") is not None]
+        if kid:
+            ax2.plot(*zip(*kid), marker="o", label=label)
+    ax1.set_ylabel(_fid_axis(ok))
+    ax2.set_ylabel("KID x10^3")
+    for ax, what in ((ax1, "FID"), (ax2, "KID")):
+        ax.set_xlabel("training images seen (thousands)")
+        ax.set_title(f"{what} against training length")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig, "fid_vs_training.png", "FID and KID against training length"
 
-    # Training loss curves from each run's log.jsonl.
+
+def plot_loss_curves(run_dirs: dict[str, Path]) -> Drawn:
+    """Training loss curves from each run's log.jsonl."""
     curves = {name: read_loss_log(Path(d) / "log.jsonl") for name, d in sorted(run_dirs.items())}
     curves = {k: v for k, v in curves.items() if v[0]}
-    if curves:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, (steps, losses) in curves.items():
-            ax.plot(steps, _smooth(losses), label=name)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("training loss (smoothed)")
-        ax.set_yscale("log")
-        ax.set_title("Training loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        save(fig, "loss_curves.png", "Training loss curves")
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (steps, losses) in curves.items():
+        ax.plot(steps, _smooth(losses), label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.set_yscale("log")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig, "loss_curves.png", "Training loss curves"
 
-    # Seconds per image, one bar per row.
+
+def plot_seconds_per_image(ok: list[dict]) -> Drawn:
+    """Seconds per image, one bar per row."""
     timed = [r for r in ok if r.get("seconds_per_image") is not None]
-    if timed:
-        fig, ax = plt.subplots(figsize=(7, 1.8 + 0.3 * len(timed)))
-        ax.barh(range(len(timed)), [r["seconds_per_image"] for r in timed], color="tab:orange")
-        ax.set_yticks(range(len(timed)), [r["name"] for r in timed], fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xscale("log")
-        ax.set_xlabel("seconds per image (sampling + decoding)")
-        ax.set_title("Sampling time per image")
-        save(fig, "seconds_per_image.png", "Seconds per image")
-    return made
+    if not timed:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 1.8 + 0.3 * len(timed)))
+    ax.barh(range(len(timed)), [r["seconds_per_image"] for r in timed], color="tab:orange")
+    ax.set_yticks(range(len(timed)), [r["name"] for r in timed], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per image (sampling + decoding)")
+    ax.set_title("Sampling time per image")
+    return fig, "seconds_per_image.png", "Seconds per image"
 
 
 def _fid_axis(rows: list[dict]) -> str:
