@@ -56,3 +56,13 @@ def test_saving_over_a_folder_with_other_files_is_refused(tmp_path):
     with pytest.raises(LddpmError, match="holds other files \\(notes.txt\\)"):
         save_classifier(_model(0), tmp_path, {"dataset": "toy"})
     assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / META_FILE).exists()
+
+
+def test_a_killed_saves_temporary_folder_is_removed_by_the_next_save(tmp_path):
+    stale = tmp_path / ".clf.tmp-999999-0123abcd"  # a killed writer's (no process 999999 runs here)
+    stale.mkdir()
+    (stale / WEIGHTS_FILE).write_bytes(b"half")
+    save_classifier(_model(0), tmp_path / "clf", {"dataset": "toy"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf"]
+    assert load_classifier(tmp_path / "clf")[1]["dataset"] == "toy"
+
