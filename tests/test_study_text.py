@@ -238,7 +238,7 @@ def test_a_tiny_text_study_scores_faithfulness_labels_grids_with_prompts_and_res
     assert row["model"].endswith("text (minilm)") and row["prompts"] == "six.jsonl" and row["negative_prompt"] is None
     assert row["faithfulness_metric"] == "pair_accuracy" and 0 <= row["faithfulness"] <= 1
     assert 0 <= row["faithfulness_ceiling"] <= 1 and 0 <= row["slot_accuracy"] <= 1
-    assert row["class_accuracy"] is None and row["inception_score"] is None  # prompts, not classes
+    assert row["class_accuracy"] is None and row["classifier_score"] is None  # prompts, not classes
     assert row["model_evals"] == 4 and rows[0]["model_evals"] == 2  # dpm++2m, 2 steps; guidance doubles it
     faith = row["extra"]["faithfulness"]
     assert faith["scores"]["task"] == "fashion-pairs" and faith["scores"]["num"] == 6
