@@ -182,6 +182,15 @@ def _attention_head_dim(config: UNetConfig) -> int | None:
     return dims.pop() if dims else None
 
 
+def _validated(config, where: str):
+    """The network config read from a diffusers folder, validated; an unbuildable one is one error naming the folder."""
+    try:
+        config.validate()
+    except LddpmError as exc:
+        raise LddpmError(f"{where}: {exc}; nothing was written") from None
+    return config
+
+
 def unet_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
     """UNetConfig -> a complete UNet2DModel config (every field written, no reliance on defaults)."""
     if config.context_dim:
@@ -428,11 +437,7 @@ def unet_cond_config_from_diffusers(config: dict[str, Any], where: str = "UNet2D
         flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=float(c["freq_shift"]),
         downsample_padding=int(c["downsample_padding"]), norm_eps=float(c["norm_eps"]), context_dim=context_dim,
         transformer_depth=depth)
-    try:
-        config.validate()
-    except LddpmError as exc:
-        raise LddpmError(f"{where}: {exc}; nothing was written") from None
-    return config
+    return _validated(config, where)
 
 
 def unet_cond_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
@@ -623,11 +628,7 @@ def dit_config_from_diffusers(config: dict[str, Any], where: str = "DiTTransform
         hidden_size=c["num_attention_heads"] * c["attention_head_dim"], depth=c["num_layers"],
         num_heads=c["num_attention_heads"], mlp_ratio=4.0, num_classes=classes, learned_sigma=out_ch == 2 * in_ch,
         freq_shift=float(DIT_FREQ_SHIFT), mlp_norm_eps=float(eps))
-    try:
-        config.validate()
-    except LddpmError as exc:
-        raise LddpmError(f"{where}: {exc}; nothing was written") from None
-    return config
+    return _validated(config, where)
 
 
 def dit_config_to_diffusers(config: DiTConfig) -> dict[str, Any]:
