@@ -28,34 +28,44 @@ HEADLINE = {
 }
 
 
+def _ratio(value, ceiling) -> str:
+    return f" ({value / ceiling:.2f})" if value is not None and ceiling else ""
+
+
 def render_table(out: Path) -> str:
-    """The Markdown table of every s<scale>.json in `out` (sorted by scale), with the floor and the ceiling."""
-    rows = []
+    """The Markdown table of every s<scale>.json in `out` (sorted by scale), with the floor and the ceiling.
+
+    The headline metric (pair accuracy, or all-clauses accuracy for fashion-text) is also split into seen and
+    held-out prompts, each with its fraction of the ceiling's value on the same prompts in brackets."""
     results = sorted((json.loads(p.read_text()) for p in out.glob("s*.json")),
                      key=lambda r: r["settings"]["guidance_scale"])
     if not results:
         return ""
     task = results[0]["faithfulness"]["scores"]["task"]
     keys = HEADLINE[task]
-    head = ["guidance s", *[k.replace("_", " ") for k in keys], "held-out " + keys[1].replace("_", " "),
-            f"FID (N={results[0]['num_images']})", "KID x10^3", "s / image"]
-    rows.append("| " + " | ".join(head) + " |")
-    rows.append("|" + "---|" * len(head))
+    head_key = "pair_accuracy" if task == "fashion-pairs" else "all_accuracy"
+    name = head_key.replace("_", " ")
+    head = ["guidance s", *[k.replace("_", " ") for k in keys], f"{name}, seen (of ceiling)",
+            f"{name}, held-out (of ceiling)", f"FID (N={results[0]['num_images']})", "KID x10^3", "s / image"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ceiling = results[0]["faithfulness"]["ceiling"]
+    c_seen, c_held = (ceiling.get("seen") or {}).get(head_key), (ceiling.get("heldout") or {}).get(head_key)
     for r in results:
         f = r["faithfulness"]["scores"]
-        held = (f.get("heldout") or {}).get(keys[1])
+        seen, held = (f.get("seen") or {}).get(head_key), (f.get("heldout") or {}).get(head_key)
         cells = [f"{r['settings']['guidance_scale']:g}", *[f"{f[k]:.3f}" if f.get(k) is not None else "" for k in keys],
-                 f"{held:.3f}" if held is not None else "", f"{r['fid']:.2f}",
+                 f"{seen:.3f}{_ratio(seen, c_seen)}" if seen is not None else "",
+                 f"{held:.3f}{_ratio(held, c_held)}" if held is not None else "", f"{r['fid']:.2f}",
                  f"{r['kid'] * 1e3:.2f}" if r.get("kid") is not None else "",
                  f"{r['cost']['seconds_per_image']:.3f}" if r["cost"].get("seconds_per_image") else ""]
         rows.append("| " + " | ".join(cells) + " |")
-    c = results[0]["faithfulness"]["ceiling"]
-    held = (c.get("heldout") or {}).get(keys[1])
     floor_path = out / "floor.json"
     floor = json.loads(floor_path.read_text()) if floor_path.is_file() else {}
-    rows.append("| real test scenes (ceiling / floor) | " + " | ".join(
-        f"{c[k]:.3f}" if c.get(k) is not None else "" for k in keys) + f" | {held:.3f} | "
-        + (f"{floor['fid']:.2f} | {floor['kid'] * 1e3:.2f} |" if floor else " | |") + " |")
+    cells = ["real test scenes: checker ceiling / real train scenes: FID floor",
+             *[f"{ceiling[k]:.3f}" if ceiling.get(k) is not None else "" for k in keys],
+             f"{c_seen:.3f}" if c_seen is not None else "", f"{c_held:.3f}" if c_held is not None else "",
+             f"{floor['fid']:.2f}" if floor else "", f"{floor['kid'] * 1e3:.2f}" if floor.get("kid") is not None else "", ""]
+    rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 
