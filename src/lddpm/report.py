@@ -265,12 +265,17 @@ def plot_fid_vs_steps(ok: list[dict]) -> Drawn:
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{SAMPLER_LABELS.get(sampler, sampler)} ({run})")
     ax.set_xscale("log")
-    ax.set_xlabel("sampling steps")
-    ax.set_ylabel(_fid_axis(ok))
-    ax.set_title("FID against sampling steps")
+    return _one_panel(fig, ax, "sampling steps", _fid_axis(ok), "FID against sampling steps", "fid_vs_steps.png")
+
+
+def _one_panel(fig, ax, xlabel: str, ylabel: str, title: str, file_name: str) -> Drawn:
+    """Label a one-panel plot (axes, title, light grid, legend) and return it as (figure, file, caption)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return fig, "fid_vs_steps.png", "FID against sampling steps"
+    return fig, file_name, title
 
 
 def plot_guidance(ok: list[dict]) -> Drawn:
@@ -384,12 +389,8 @@ def plot_schedules(ok: list[dict]) -> Drawn:
         members.sort(key=lambda r: r.get("train_images") or 0)
         ax.plot([(r.get("train_images") or 0) / 1000 for r in members], [r["fid"] for r in members], "o-",
                 label=members[0].get("schedule") or run)
-    ax.set_xlabel("training images seen (thousands)")
-    ax.set_ylabel(_fid_axis(ok))
-    ax.set_title("FID per noise schedule against training length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig, "schedules.png", "FID per noise schedule against training length"
+    return _one_panel(fig, ax, "training images seen (thousands)", _fid_axis(ok),
+                      "FID per noise schedule against training length", "schedules.png")
 
 
 def plot_fid_vs_training(ok: list[dict]) -> Drawn:
