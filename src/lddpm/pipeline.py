@@ -71,6 +71,7 @@ class Pipeline:
         self.model, self.diffusion, self.vae = model, diffusion, vae
         self.context_dim: int = int(getattr(model, "context_dim", 0) or 0)
         self.text_encoder = text_encoder  # .encode(list[str]) -> (B, L, D); needed when context_dim > 0
+        self._null_states: dict[str, torch.Tensor] = {}  # "" or a negative prompt -> its states (1, L, D)
         self.config = config
         self.dataset_info = dict(dataset or {})
         self.device = torch.device(device)
@@ -140,11 +141,13 @@ class Pipeline:
                              "to draw, or use guidance_scale=0 for unconditional samples")
         if self.text_encoder is None:
             raise LddpmError("this pipeline has no text encoder; load it with lddpm.load_pipeline(run)")
-        unique = list(dict.fromkeys(prompts))
-        states = self.text_encoder.encode(unique).float()
-        rows = torch.tensor([unique.index(p) for p in prompts], dtype=torch.long)
-        null = self.text_encoder.encode([negative_prompt or ""]).float()
-        return states[rows].to(self.device), null.to(self.device)
+        row_of = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        states = self.text_encoder.encode(list(row_of)).float()
+        rows = torch.tensor([row_of[p] for p in prompts], dtype=torch.long)
+        null_prompt = negative_prompt or ""
+        if null_prompt not in self._null_states:  # encoded once per pipeline: evaluation calls this per batch
+            self._null_states[null_prompt] = self.text_encoder.encode([null_prompt]).float().to(self.device)
+        return states[rows].to(self.device), self._null_states[null_prompt]
 
     @torch.no_grad()
     def generate(self, num: int, *, sampler: str = "ddim", num_steps: int | None = None, eta: float = 0.0,
