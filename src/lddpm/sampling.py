@@ -18,7 +18,9 @@ name to its function and defaults; `sample()`, the CLI and config validation all
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -26,6 +28,7 @@ import torch
 
 from lddpm.diffusion import GaussianDiffusion, randn
 from lddpm.errors import LddpmError
+from lddpm.guidance import ClassifierFreeGuidance, guided_model  # noqa: F401  (ClassifierFreeGuidance: public here too)
 from lddpm.progress import progress_bar
 
 DEFAULT_SPACING = "trailing"
@@ -59,83 +62,27 @@ def _as_list(timesteps: torch.Tensor | list[int]) -> list[int]:
     return ts
 
 
-class ClassifierFreeGuidance:
-    """Classifier-free guidance (Ho & Salimans 2022) as a model wrapper: out_u + s (out_c - out_u).
-
-    s = guidance_scale (s = 1: conditional model, s = 0: unconditional; the paper's w is s - 1). The
-    conditional and null branches run in ONE batched forward. The condition is a class label `y`
-    (null branch: the null label) and/or a prompt's token states `context` (null branch:
-    `null_context`, the encoding of "" as in Stable Diffusion, or of a negative prompt, which then
-    replaces the null branch). Guidance is applied to the raw output in its own space: for fixed
-    x_t and t, eps, x0 and v are affine maps of each other with the same coefficients for both
-    branches, and an affine map commutes with out_u + s (out_c - out_u), so guiding v or x0 equals
-    guiding eps. With a learned variance (2C output channels) only the first C channels are guided;
-    the variance channels come from the conditional branch.
-    """
-
-    def __init__(self, model: Model, guidance_scale: float, null_label: int | None = None, *,
-                 null_context: torch.Tensor | None = None) -> None:
-        if guidance_scale != 1.0 and null_label is None and null_context is None:
-            raise LddpmError(f"guidance_scale={guidance_scale} needs a null condition: this model is unconditional "
-                             "(guidance needs a class- or prompt-conditional model trained with condition dropout); "
-                             "use guidance_scale=1")
-        self.model = model
-        self.guidance_scale = float(guidance_scale)
-        self.null_label = null_label
-        self.null_context = null_context
-
-    def null_condition(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The null branch's condition for a batch like x: null labels and/or the null prompt's states."""
-        null: dict[str, torch.Tensor] = {}
-        if self.null_label is not None:
-            null["y"] = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
-        if self.null_context is not None:
-            ctx = self.null_context.to(x.device)
-            null["context"] = ctx.expand(x.shape[0], *ctx.shape[1:]) if ctx.shape[0] == 1 else ctx
-        return null
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                 context: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        """Guided prediction for x_t at t with labels y and/or prompt states context (None: the null branch)."""
-        s = self.guidance_scale
-        cond = {k: v.to(x.device) for k, v in (("y", y), ("context", context)) if v is not None}
-        if s == 1.0:
-            return self.model(x, t, **cond, **kwargs)
-        null = self.null_condition(x)
-        if not cond or s == 0.0:
-            return self.model(x, t, **null, **kwargs)
-        missing = sorted(set(cond) - set(null))
-        if missing:
-            raise LddpmError(f"guidance over {', '.join(missing)} needs its null condition "
-                             f"({'the null label' if 'y' in missing else 'the null prompt states'})")
-        both = {k: torch.cat([cond[k], null[k]]) for k in cond}
-        both.update({k: torch.cat([v, v]) for k, v in null.items() if k not in cond})
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]), **both, **kwargs)
-        out_c, out_u = out.chunk(2)
-        C = x.shape[1]
-        if out.shape[1] == 2 * C:                    # learned variance: guide the mean channels only
-            guided = out_u[:, :C] + s * (out_c[:, :C] - out_u[:, :C])
-            return torch.cat([guided, out_c[:, C:]], dim=1)
-        return out_u + s * (out_c - out_u)
-
-
 class Denoiser:
     """The network as the samplers see it: guided, conditioned, converted to (x0, eps), clipped.
 
     model(x_t, t, **cond) predicts the diffusion's objective; t is broadcast from one int. With
     guidance_scale != 1 the model is wrapped in ClassifierFreeGuidance (one batched forward for
-    both branches). clip_x0 clips predicted x0 to [-1, 1] and re-derives eps from it (as
+    both branches); with a `guide` network and guide_scale != 1 (autoguidance) or a
+    `guidance_interval` (sigma_lo, sigma_hi), in lddpm.guidance.GuidedModel (see lddpm.guidance for the
+    formulas). clip_x0 clips predicted x0 to [-1, 1] and re-derives eps from it (as
     improved-diffusion / GLIDE do); pass False for latents.
     """
 
     def __init__(self, model: Model, diffusion: GaussianDiffusion, *, cond: dict[str, Any] | None = None,
                  guidance_scale: float = 1.0, null_label: int | None = None,
-                 null_context: torch.Tensor | None = None, clip_x0: bool = True) -> None:
+                 null_context: torch.Tensor | None = None, clip_x0: bool = True, guide: Model | None = None,
+                 guide_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None) -> None:
         if not math.isfinite(float(guidance_scale)):
             raise LddpmError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         self.network = model
-        self.model = (ClassifierFreeGuidance(model, guidance_scale, null_label, null_context=null_context)
-                      if guidance_scale != 1.0 else model)
+        self.model = guided_model(model, guidance_scale=guidance_scale, null_label=null_label,
+                                  null_context=null_context, guide=guide, guide_scale=guide_scale,
+                                  interval=guidance_interval, alphas_cumprod=diffusion.schedule.alphas_cumprod)
         self.diffusion = diffusion
         self.cond = {k: v for k, v in (cond or {}).items() if v is not None}
         self.clip_x0 = clip_x0
@@ -313,26 +260,131 @@ def _model_device(model: Model) -> torch.device:
     return torch.device("cpu")
 
 
-def sample(model: Model, diffusion: GaussianDiffusion, shape: tuple[int, ...], *, sampler: str = "ddim",
-           num_steps: int | None = None, eta: float = 0.0, spacing: str | None = None, clip_x0: bool = True,
-           y: torch.Tensor | None = None, guidance_scale: float = 1.0, null_label: int | None = None,
+LABEL_POLICIES = ("balanced", "none")
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample, as one value: the sampler and its options, guidance, and the evaluation's sampling policy.
+
+    `sample()` uses the sampler fields (sampler, num_steps, eta, spacing, variance) and the guidance fields
+    (guidance_scale; guide_scale and guidance_interval with the guide network it is given);
+    `Pipeline.generate` also seed, batch_size, negative_prompt and `guide` (a run folder or checkpoint file
+    of the guide network, loaded once); evaluation (`lddpm.evaluate.evaluate_checkpoint`, `lddpm eval`, study
+    cells) also labels ("balanced": N/classes images per class; "none": the null label), prompts (a text
+    run's prompt set: a JSONL / text file or the records, cycled to N) and bf16 (how the run is loaded).
+    num_steps None: the sampler's default (ddpm all T, ddim 50, dpm++2m 20); spacing None: "trailing".
+    The scales are 1 for "no guidance" (see lddpm.guidance); guidance_interval = (sigma_lo, sigma_hi).
+    """
+
+    sampler: str = "ddim"
+    num_steps: int | None = None
+    eta: float = 0.0
+    spacing: str | None = None
+    variance: str = "small"
+    guidance_scale: float = 1.0
+    guide: str | None = None
+    guide_scale: float = 1.0
+    guidance_interval: tuple[float, float] | None = None
+    labels: str = "balanced"
+    prompts: str | tuple[dict[str, Any], ...] | None = None
+    negative_prompt: str | None = None
+    seed: int = 0
+    batch_size: int = 64
+    bf16: bool | str = False
+
+    def __post_init__(self) -> None:
+        from lddpm.distributed import check_bf16
+        from lddpm.guidance import check_interval
+
+        check_eta(self.sampler, self.eta)                          # also an unknown sampler
+        for name in ("guidance_scale", "guide_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise LddpmError(f"{name} must be a finite number, got {value!r}")
+        for name, value, low in (("seed", self.seed, 0), ("batch_size", self.batch_size, 1)):  # num_steps: by the schedule
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise LddpmError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.labels not in LABEL_POLICIES:
+            raise LddpmError(f"labels must be one of {', '.join(LABEL_POLICIES)}, got {self.labels!r}")
+        if self.variance not in ("small", "large"):
+            raise LddpmError(f"variance must be 'small' or 'large' (DDPM's), got {self.variance!r}")
+        if self.guide is not None and not isinstance(self.guide, str):
+            object.__setattr__(self, "guide", str(self.guide))     # a Path
+        object.__setattr__(self, "guidance_interval", check_interval(self.guidance_interval))
+        if isinstance(self.prompts, list):
+            object.__setattr__(self, "prompts", tuple(self.prompts))
+        elif self.prompts is not None and not isinstance(self.prompts, (str, tuple)):
+            object.__setattr__(self, "prompts", str(self.prompts))  # a Path
+        check_bf16("bf16", self.bf16)
+
+    def replace(self, **changes: Any) -> "SamplingSpec":
+        """A copy with some fields changed (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+    def steps_for(self, diffusion: GaussianDiffusion) -> int:
+        """num_steps, or the sampler's default for this diffusion."""
+        return default_num_steps(self.sampler, diffusion.num_timesteps) if self.num_steps is None else self.num_steps
+
+    def timesteps(self, diffusion: GaussianDiffusion) -> torch.Tensor:
+        """The descending original timesteps a sampler visits."""
+        return diffusion.schedule.timesteps(self.steps_for(diffusion), self.spacing or DEFAULT_SPACING)
+
+    def guidance_settings(self) -> dict[str, Any]:
+        """The guidance fields that differ from "none", for result files (absent when unused, so older files match)."""
+        out: dict[str, Any] = {}
+        if self.guide is not None:
+            out["guide"] = self.guide
+        if self.guide_scale != 1.0:
+            out["guide_scale"] = self.guide_scale
+        if self.guidance_interval is not None:
+            out["guidance_interval"] = list(self.guidance_interval)
+        if self.spacing is not None:
+            out["spacing"] = self.spacing
+        return out
+
+
+SAMPLE_SETTINGS = ("sampler", "num_steps", "eta", "spacing", "variance", "guidance_scale", "guide_scale",
+                   "guidance_interval")
+
+
+def resolve_spec(spec: SamplingSpec | None, **keywords: Any) -> SamplingSpec:
+    """A SamplingSpec from `spec` or from keywords (None = not given), never both: one place says each setting."""
+    given = {k: v for k, v in keywords.items() if v is not None}
+    if spec is None:
+        return SamplingSpec(**given)
+    if not isinstance(spec, SamplingSpec):
+        raise LddpmError(f"spec must be a lddpm.SamplingSpec, got {type(spec).__name__}")
+    if given:
+        raise LddpmError(f"give the sampling settings in the SamplingSpec or as keywords, not both "
+                         f"(got {', '.join(sorted(given))} beside a spec; use spec.replace({next(iter(sorted(given)))}=...))")
+    return spec
+
+
+def sample(model: Model, diffusion: GaussianDiffusion, shape: tuple[int, ...], spec: SamplingSpec | None = None, *,
+           sampler: str | None = None, num_steps: int | None = None, eta: float | None = None,
+           spacing: str | None = None, clip_x0: bool = True, y: torch.Tensor | None = None,
+           guidance_scale: float | None = None, null_label: int | None = None,
            context: torch.Tensor | None = None, null_context: torch.Tensor | None = None,
            generator: Generator = None, x_T: torch.Tensor | None = None,
            device: torch.device | str | None = None, progress: Progress = None,
-           variance: str = "small") -> torch.Tensor:
+           variance: str | None = None, guide: Model | None = None, guide_scale: float | None = None,
+           guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
     """Generate a batch of samples of `shape` (B, C, H, W) with a named sampler (see SAMPLERS).
 
-    num_steps defaults: ddpm all T, ddim 50, dpm++2m 20. spacing defaults to "trailing" (Lin et al.
-    2024: starts at t = T - 1). clip_x0 clips predicted x0 to [-1, 1] (pass False for latents).
+    The settings come from `spec` (a SamplingSpec) or, as before, from keywords (None: the default;
+    not both). num_steps defaults: ddpm all T, ddim 50, dpm++2m 20. spacing defaults to "trailing" (Lin
+    et al. 2024: starts at t = T - 1). clip_x0 clips predicted x0 to [-1, 1] (pass False for latents).
     x_T defaults to N(0, I) from `generator` (same seed -> same samples). eta is DDIM's; variance is
     DDPM's ("small" or "large"; a learned-variance model uses its own). A text model takes `context`
     (B, L, D) prompt states and, for guidance, `null_context` (the states of "" or a negative prompt).
+    Autoguidance takes the guide network as `guide` (a function like `model`) with guide_scale != 1;
+    guidance_interval = (sigma_lo, sigma_hi) limits guidance to those noise levels (lddpm.guidance).
     """
-    spec = sampler_spec(sampler)
-    check_eta(sampler, eta)
-    timesteps = diffusion.schedule.timesteps(default_num_steps(sampler, diffusion.num_timesteps)
-                                             if num_steps is None else num_steps,
-                                             spacing or DEFAULT_SPACING)
+    spec = resolve_spec(spec, sampler=sampler, num_steps=num_steps, eta=eta, spacing=spacing, variance=variance,
+                        guidance_scale=guidance_scale, guide_scale=guide_scale, guidance_interval=guidance_interval)
+    entry = sampler_spec(spec.sampler)
+    timesteps = spec.timesteps(diffusion)
     if device is None:
         device = x_T.device if x_T is not None else _model_device(model)
     if x_T is None:
@@ -340,7 +392,8 @@ def sample(model: Model, diffusion: GaussianDiffusion, shape: tuple[int, ...], *
     elif tuple(x_T.shape) != tuple(shape):
         raise LddpmError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
     cond = {"y": y.to(device) if y is not None else None, "context": context.to(device) if context is not None else None}
-    denoiser = Denoiser(model, diffusion, cond=cond, guidance_scale=guidance_scale, null_label=null_label,
-                        null_context=null_context, clip_x0=clip_x0)
-    options = {"eta": eta} if spec.takes_eta else {"variance": variance} if spec.takes_variance else {}
-    return spec.fn(denoiser, x_T.to(device), timesteps, generator=generator, progress=progress, **options)
+    denoiser = Denoiser(model, diffusion, cond=cond, guidance_scale=spec.guidance_scale, null_label=null_label,
+                        null_context=null_context, clip_x0=clip_x0, guide=guide, guide_scale=spec.guide_scale,
+                        guidance_interval=spec.guidance_interval)
+    options = {"eta": spec.eta} if entry.takes_eta else {"variance": spec.variance} if entry.takes_variance else {}
+    return entry.fn(denoiser, x_T.to(device), timesteps, generator=generator, progress=progress, **options)
