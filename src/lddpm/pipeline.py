@@ -22,7 +22,7 @@ from lddpm.diffusion import build_diffusion
 from lddpm.distributed import use_bf16
 from lddpm.errors import LddpmError
 from lddpm.nn import network_from_config
-from lddpm.sampling import is_stochastic, sample
+from lddpm.sampling import SamplingSpec, is_stochastic, resolve_spec, sample
 
 
 def bf16_network(model: nn.Module, device_type: str):
@@ -87,6 +87,9 @@ class Pipeline:
         self.resolution: int = int(self.dataset_info.get("resolution")
                                    or (model_res * vae.downsample_factor if vae is not None else model_res))
         self.latent_shape = (int(model.in_channels), model_res, model_res)
+        self.guide: nn.Module | None = None     # autoguidance's guide network (set_guide)
+        self.guide_source: str | None = None     # what set_guide was given (a run folder or checkpoint file)
+        self.guide_checkpoint: str | None = None  # the checkpoint file it was read from
 
     def __repr__(self) -> str:
         kind = "latent" if self.vae is not None else "pixel"
@@ -149,44 +152,120 @@ class Pipeline:
             self._null_states[null_prompt] = self.text_encoder.encode([null_prompt]).float().to(self.device)
         return states[rows].to(self.device), self._null_states[null_prompt]
 
+    def set_guide(self, source: str | Path | None, *, use_ema: bool = True) -> None:
+        """Load the autoguidance guide network (Karras et al. 2024) from a run folder or any checkpoint file of
+        a diffusion run (its EMA weights when it has them), after `check_guide`; None removes it."""
+        if source is None:
+            self.guide = self.guide_source = self.guide_checkpoint = None
+            return
+        use_ema = use_ema and "ema" in load_checkpoint(source).groups  # e.g. a post-hoc EMA file: its model weights
+        guide = load_pipeline(source, self.device, use_ema=use_ema, channels_last=True)
+        check_guide(self, guide, str(source))
+        self.guide, self.guide_source, self.guide_checkpoint = guide.model, str(source), guide.checkpoint
+
     @torch.no_grad()
-    def generate(self, num: int, *, sampler: str = "ddim", num_steps: int | None = None, eta: float = 0.0,
-                 guidance_scale: float = 1.0, labels: int | Sequence[int] | np.ndarray | None = None, seed: int = 0,
-                 batch_size: int = 64, progress: bool = True, prompts: str | Sequence[str] | None = None,
-                 negative_prompt: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def generate(self, num: int, spec: SamplingSpec | None = None, *, sampler: str | None = None,
+                 num_steps: int | None = None, eta: float | None = None, guidance_scale: float | None = None,
+                 labels: int | Sequence[int] | np.ndarray | None = None, seed: int | None = None,
+                 batch_size: int | None = None, progress: bool = True, prompts: str | Sequence[str] | None = None,
+                 negative_prompt: str | None = None, guide_scale: float | None = None,
+                 guidance_interval: tuple[float, float] | None = None,
+                 spacing: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Sample `num` images -> (uint8 (N, H, W, C), int64 labels or None).
 
+        The settings come from `spec` (a lddpm.SamplingSpec: sampler, steps, eta, spacing, guidance, seed,
+        batch size, negative prompt, the guide) or, as before, from keywords (None: the default; not both).
         Conditional models get `labels` (default: classes in turn, 0, 1, ..., so counts are
         balanced); text models get `prompts` (one per image, or one for all) and optionally a
-        `negative_prompt` that replaces the null prompt in guidance. The starting noise of image i depends only on (seed, i), and so does the noise a
-        stochastic sampler draws at each step (one generator per image): samples do not depend on
-        batch_size. Latent samples are divided by the VAE's scaling factor and decoded.
+        `negative_prompt` that replaces the null prompt in guidance. The spec's `labels` / `prompts`
+        policies are evaluation's: here the labels and prompts are these arguments. Autoguidance uses the
+        guide network of `set_guide` (or the spec's `guide`, loaded once). The starting noise of image i
+        depends only on (seed, i), and so does the noise a stochastic sampler draws at each step (one
+        generator per image): samples do not depend on batch_size. Latent samples are divided by the VAE's
+        scaling factor and decoded.
         """
-        stochastic = is_stochastic(sampler, eta)     # also rejects an unknown sampler or a bad eta
-        if num < 0 or batch_size < 1:
-            raise LddpmError(f"num ({num}) must be >= 0 and batch_size ({batch_size}) >= 1")
+        spec = resolve_spec(spec, sampler=sampler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
+                            seed=seed, batch_size=batch_size, negative_prompt=negative_prompt,
+                            guide_scale=guide_scale, guidance_interval=guidance_interval, spacing=spacing)
+        stochastic = is_stochastic(spec.sampler, spec.eta)
+        if num < 0:
+            raise LddpmError(f"num ({num}) must be >= 0")
+        if spec.guide is not None and spec.guide != self.guide_source:
+            self.set_guide(spec.guide)
         labels = self._labels(num, labels)
-        context, null_context = self.prompt_states(num, prompts, negative_prompt)
-        x_T = torch.randn((num, *self.latent_shape), generator=torch.Generator().manual_seed(int(seed)))
+        context, null_context = self.prompt_states(num, prompts, spec.negative_prompt)
+        x_T = torch.randn((num, *self.latent_shape), generator=torch.Generator().manual_seed(int(spec.seed)))
         outputs = []
         self.model.eval()
         network = bf16_network(self.model, self.device.type) if self.bf16 else self.model
-        with tqdm(total=num, unit="img", desc=f"sample {sampler}", disable=not progress) as bar:
-            for start in range(0, num, batch_size):
-                xb = x_T[start:start + batch_size].to(self.device)
-                yb = torch.from_numpy(labels[start:start + batch_size]).to(self.device) if labels is not None else None
-                cb = context[start:start + batch_size] if context is not None else None
-                generator = ([seeding.generator(seeding.image_seed(int(seed), i), self.device)
+        guide = None
+        if self.guide is not None and spec.guide_scale != 1.0:
+            self.guide.eval()
+            guide = bf16_network(self.guide, self.device.type) if self.bf16 else self.guide
+        with tqdm(total=num, unit="img", desc=f"sample {spec.sampler}", disable=not progress) as bar:
+            for start in range(0, num, spec.batch_size):
+                xb = x_T[start:start + spec.batch_size].to(self.device)
+                yb = torch.from_numpy(labels[start:start + spec.batch_size]).to(self.device) if labels is not None else None
+                cb = context[start:start + spec.batch_size] if context is not None else None
+                generator = ([seeding.generator(seeding.image_seed(int(spec.seed), i), self.device)
                               for i in range(start, start + len(xb))] if stochastic else None)
-                x = sample(network, self.diffusion, tuple(xb.shape), sampler=sampler, num_steps=num_steps, eta=eta,
-                           clip_x0=self.vae is None, y=yb, guidance_scale=guidance_scale, null_label=self.null_label,
-                           context=cb, null_context=null_context, generator=generator, x_T=xb, device=self.device, progress=False)
+                x = sample(network, self.diffusion, tuple(xb.shape), spec, clip_x0=self.vae is None, y=yb,
+                           null_label=self.null_label, context=cb, null_context=null_context, generator=generator,
+                           x_T=xb, device=self.device, progress=False, guide=guide)
                 if self.vae is not None:
                     x = self.vae.decode(x.float() / self.vae.scaling_factor)
                 outputs.append(to_uint8(x))
                 bar.update(len(xb))
         images = np.concatenate(outputs) if outputs else np.zeros((0, self.resolution, self.resolution, self.channels), np.uint8)
         return images, labels
+
+
+def check_guide(main: Pipeline, guide: Pipeline, source: str) -> None:
+    """Refuse a guide network that cannot guide `main`: it must share the diffusion schedule, the objective
+    (and learned variance), the data shape (and for latent runs the VAE) and the conditioning kind."""
+    problems = []
+    a, b = main.diffusion, guide.diffusion
+    if a.num_timesteps != b.num_timesteps or not torch.equal(a.schedule.alphas_cumprod, b.schedule.alphas_cumprod):
+        problems.append(f"diffusion schedule ({_schedule_name(main)} vs {_schedule_name(guide)})")
+    if a.objective != b.objective:
+        problems.append(f"objective ({a.objective} vs {b.objective})")
+    if bool(a.learned_variance) != bool(b.learned_variance):
+        problems.append(f"learned variance ({bool(a.learned_variance)} vs {bool(b.learned_variance)})")
+    shape = lambda p: (p.latent_shape, p.resolution, p.channels, p.vae is not None)  # noqa: E731
+    if shape(main) != shape(guide):
+        problems.append(f"data shape ({_shape_text(main)} vs {_shape_text(guide)})")
+    elif main.vae is not None and not _same_weights(main.vae, guide.vae):
+        problems.append("autoencoder (the guide's latents come from another VAE)")
+    kind = lambda p: ("text" if p.context_dim else f"{p.num_classes} classes" if p.num_classes else "unconditional")  # noqa: E731
+    if (main.num_classes, main.context_dim) != (guide.num_classes, guide.context_dim):
+        problems.append(f"conditioning ({kind(main)} vs {kind(guide)})")
+    elif main.context_dim and _encoder_identity(main) != _encoder_identity(guide):
+        problems.append("text encoder (another encoder or prompt length)")
+    if problems:
+        raise LddpmError(f"guide {source} cannot guide {main.checkpoint}: its {'; '.join(problems)} differ (main vs "
+                         "guide); a guide must be trained with the main run's diffusion, data and conditioning "
+                         "settings, e.g. a smaller network trained briefly (the fashion-guide preset for "
+                         "fashion-30min)")
+
+
+def _schedule_name(p: Pipeline) -> str:
+    d = getattr(p.config, "diffusion", None)
+    return f"{d.schedule}, T={d.num_timesteps}" if d is not None else f"T={p.diffusion.num_timesteps}"
+
+
+def _shape_text(p: Pipeline) -> str:
+    space = "latent " + "x".join(map(str, p.latent_shape)) + " of " if p.vae is not None else ""
+    return f"{space}{p.resolution}px x{p.channels}"
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+
+
+def _encoder_identity(p: Pipeline):
+    encoder = p.text_encoder
+    return encoder.identity() if hasattr(encoder, "identity") else None
 
 
 def load_vae(run_or_checkpoint: str | Path, device: str | torch.device = "cpu", *, use_ema: bool = True) -> nn.Module:
@@ -209,7 +288,7 @@ def load_vae(run_or_checkpoint: str | Path, device: str | torch.device = "cpu", 
 
 
 def load_pipeline(run_or_checkpoint: str | Path, device: str | torch.device = "cpu", *, use_ema: bool = True,
-                  bf16: bool | str = False, channels_last: bool = True) -> Pipeline:
+                  bf16: bool | str = False, channels_last: bool = True, guide: str | Path | None = None) -> Pipeline:
     """Rebuild a diffusion run's sampler from its checkpoint alone (EMA weights by default).
 
     `bf16` (true, false or "auto": where the device has native bf16) runs the network under bf16
@@ -217,6 +296,8 @@ def load_pipeline(run_or_checkpoint: str | Path, device: str | torch.device = "c
     `channels_last` runs a U-Net in the channels-last memory format whatever it was trained in (the
     same weights and arithmetic; benchmarks/bf16_sampling.py: its forward pass is faster on CPU, in
     fp32 and more so under bf16 autocast); other networks ignore it.
+    `guide`: a run folder or checkpoint file of an autoguidance guide network (`Pipeline.set_guide`;
+    a checkpoint without EMA weights, e.g. a reconstructed post-hoc EMA file, gives its `model` weights).
     """
     ckpt = load_checkpoint(run_or_checkpoint)
     meta = ckpt.meta
@@ -236,9 +317,12 @@ def load_pipeline(run_or_checkpoint: str | Path, device: str | torch.device = "c
     vae = load_vae(ckpt.path, device) if "vae" in ckpt.groups else None
     config = Config.from_dict(meta["config"], source=str(ckpt.path))
     text_encoder = load_run_text_encoder(meta, device, str(ckpt.path)) if meta.get("text") else None
-    return Pipeline(model, build_diffusion(config.diffusion), vae=vae, config=config, dataset=meta.get("dataset"),
-                    device=device, checkpoint=str(ckpt.path), step=int(meta["step"]), bf16=bf16,
-                    text_encoder=text_encoder)
+    pipeline = Pipeline(model, build_diffusion(config.diffusion), vae=vae, config=config, dataset=meta.get("dataset"),
+                        device=device, checkpoint=str(ckpt.path), step=int(meta["step"]), bf16=bf16,
+                        text_encoder=text_encoder)
+    if guide is not None:
+        pipeline.set_guide(guide)
+    return pipeline
 
 
 def load_run_text_encoder(meta: dict[str, Any], device, where: str):
