@@ -23,8 +23,9 @@ from lddpm.metrics import (FeatureExtractor, FeatureStats, ReferenceStats, check
                            network_probabilities, precision_recall)
 from lddpm.metrics.classifier import default_classifier_dir
 from lddpm.metrics.kid import kernel_inception_distance
+from lddpm.guidance import evaluations_per_step, timestep_sigma
 from lddpm.pipeline import load_pipeline
-from lddpm.sampling import default_num_steps
+from lddpm.sampling import DEFAULT_SPACING, SamplingSpec, default_num_steps
 
 
 def evaluate_generated(
@@ -238,121 +239,243 @@ def check_partial_space(partial_dir: str | Path, num: int, batch_size: int, imag
                        "lower --num, free some space or write the results elsewhere (--out)")
 
 
+class Scorer:
+    """What scores generated images, built once and reused for many evaluations (the study keeps one).
+
+    The FID feature network (`extractor`, or the pinned Inception / a user's file `inception` with its
+    `inception_sha1` and `feature_backend`; loaded on first use), the reference statistics (`reference`:
+    ReferenceStats, "DATASET:SPLIT", or None for the run's dataset's train split; `ref_num` images of it,
+    None: as many as the evaluation's N, 0: the whole split; built or loaded once per dataset, split, N and
+    resolution), the classifier for class accuracy and the classifier score (`classifier`: a folder, "auto"
+    for the default one when it exists, None/"none"), the network of a standard Inception Score
+    (`is_network`, optional), and the prompt-faithfulness checker of text runs (from `cache_dir`).
+    `batch_size` is the feature network's batch size; `device` ("auto", "cpu", "cuda") runs the networks.
+    """
+
+    def __init__(self, *, reference: str | ReferenceStats | None = None, ref_num: int | None = None,
+                 extractor: FeatureExtractor | None = None, inception: str | Path | None = None,
+                 inception_sha1: str | None = None, feature_backend: str = "auto",
+                 classifier: str | Path | None = "auto", is_network: str | Path | None = None,
+                 is_network_sha1: str | None = None, batch_size: int = 64, device: str = "auto",
+                 cache_dir: str | Path | None = None, data_root: str | Path | None = None, progress: bool = True):
+        if extractor is not None and (inception is not None or inception_sha1 is not None):
+            raise LddpmError("give the Scorer a feature `extractor` or an `inception` network file, not both")
+        if isinstance(reference, ReferenceStats) and ref_num is not None:
+            raise LddpmError("ref_num applies to a reference named as DATASET:SPLIT, not to given ReferenceStats")
+        self.reference, self.ref_num = reference, ref_num
+        self._extractor = extractor
+        self.inception, self.inception_sha1, self.feature_backend = inception, inception_sha1, feature_backend
+        self.classifier, self.is_network, self.is_network_sha1 = classifier, is_network, is_network_sha1
+        self.batch_size, self.device = batch_size, str(resolve_device(device))
+        self.cache_dir, self.data_root, self.progress = cache_dir, data_root, progress
+        self._references: dict[tuple, ReferenceStats] = {}
+        self._classifiers: dict[tuple, tuple] = {}
+        self._is: tuple | None = None
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        """The FID feature network (loaded on first use)."""
+        if self._extractor is None:
+            self._extractor = load_extractor(self.inception, self.inception_sha1, batch_size=self.batch_size,
+                                             device=self.device, backend=self.feature_backend, cache_dir=self.cache_dir)
+        return self._extractor
+
+    def reference_for(self, dataset: str | None, resolution: int, num: int) -> ReferenceStats:
+        """The reference statistics for `num` generated images of `dataset` at `resolution` (cached)."""
+        if isinstance(self.reference, ReferenceStats):
+            return self.reference
+        ref_dataset, ref_split = parse_reference(self.reference or f"{dataset}:train")
+        if ref_dataset in (None, "None"):
+            raise LddpmError("the checkpoint does not name its dataset; pass --reference DATASET:SPLIT")
+        key = (ref_dataset, ref_split, reference_size(self.ref_num, num), resolution)
+        if key not in self._references:
+            self._references[key] = reference_stats(
+                ref_dataset, split=ref_split, num=key[2], resolution=resolution, extractor=self.extractor,
+                cache_dir=self.cache_dir, data_root=self.data_root, progress=self.progress)
+        return self._references[key]
+
+    def classifier_for(self, dataset: str | None, resolution: int) -> tuple[nn.Module | None, dict | None, str | None]:
+        """(classifier, its metadata, a note when there is none) for images of `dataset` at `resolution` (cached)."""
+        key = (dataset, resolution)
+        if key not in self._classifiers:
+            self._classifiers[key] = resolve_classifier(self.classifier, dataset, resolution, cache_dir=self.cache_dir,
+                                                        device=self.device)
+        return self._classifiers[key]
+
+    def inception_network(self) -> tuple[nn.Module | None, dict | None]:
+        """(network, info) of the standard Inception Score, or (None, None) (loaded once)."""
+        if self._is is None:
+            self._is = _is_network(self.is_network, self.is_network_sha1, self.device)
+        return self._is
+
+    def score(self, images: np.ndarray, labels: np.ndarray | None, *, dataset: str | None, num: int,
+              classes: bool = True, records: list[dict] | None = None) -> tuple[dict, str | None]:
+        """(metrics, note): `evaluate_generated` of the images against this scorer's reference (for `num` images of
+        `dataset`), class metrics when `classes`, prompt faithfulness when `records` describe benchmark scenes."""
+        resolution = int(images.shape[1])
+        reference = self.reference_for(dataset, resolution, num)
+        clf, clf_meta, note = self.classifier_for(dataset, resolution) if classes else (None, None, None)
+        is_net, is_info = self.inception_network()
+        metrics = evaluate_generated(
+            images, labels, reference_stats=reference, extractor=self.extractor, classifier=clf,
+            classifier_meta=clf_meta, is_network=is_net, is_network_info=is_info, device=self.device,
+            progress=self.progress)
+        if records is not None and all(r.get("objects") for r in records):
+            metrics["faithfulness"] = _faithfulness(images, records, self.cache_dir)
+        return metrics, note
+
+
+# evaluate_checkpoint's keywords before SamplingSpec / Scorer (still accepted): which object each belongs to
+SPEC_KEYWORDS = ("sampler", "num_steps", "eta", "spacing", "guidance_scale", "guide", "guide_scale",
+                 "guidance_interval", "labels", "prompts", "negative_prompt", "seed", "batch_size", "bf16")
+SCORER_KEYWORDS = ("reference", "ref_num", "extractor", "inception", "inception_sha1", "feature_backend",
+                   "classifier", "is_network", "is_network_sha1", "cache_dir", "data_root")
+
+
+def _spec_and_scorer(spec, scorer, device, progress, keywords: dict) -> tuple[SamplingSpec, Scorer]:
+    """The SamplingSpec and Scorer of a call, from the objects or from evaluate_checkpoint's older keywords."""
+    unknown = sorted(set(keywords) - set(SPEC_KEYWORDS) - set(SCORER_KEYWORDS))
+    if unknown:
+        raise TypeError(f"evaluate_checkpoint() got unexpected keyword argument(s) {', '.join(unknown)}")
+    spec_kw = {k: v for k, v in keywords.items() if k in SPEC_KEYWORDS}
+    scorer_kw = {k: v for k, v in keywords.items() if k in SCORER_KEYWORDS}
+    if spec is not None and spec_kw:
+        raise LddpmError(f"give the sampling settings in the SamplingSpec or as keywords, not both "
+                         f"(got {', '.join(sorted(spec_kw))} beside a spec)")
+    if scorer is not None and scorer_kw:
+        raise LddpmError(f"give the scoring settings in the Scorer or as keywords, not both "
+                         f"(got {', '.join(sorted(scorer_kw))} beside a scorer)")
+    spec = spec if spec is not None else SamplingSpec(**spec_kw)
+    if scorer is None:
+        if isinstance(scorer_kw.get("reference"), ReferenceStats):
+            scorer_kw.pop("ref_num", None)  # the older form ignored it beside given statistics
+        scorer = Scorer(**scorer_kw, batch_size=spec.batch_size, device=device or "auto", progress=progress)
+    return spec, scorer
+
+
+def planned_nfe(pipeline, spec: SamplingSpec, num_steps: int) -> tuple[int, int] | None:
+    """(main-network rows, guide-network rows) per image the sampler will cost, one evaluation per visited timestep
+    (every registered sampler), or None for a pipeline without a diffusion."""
+    diffusion = getattr(pipeline, "diffusion", None)
+    if diffusion is None:
+        return None
+    ac = diffusion.schedule.alphas_cumprod
+    main = guide = 0
+    for t in diffusion.schedule.timesteps(num_steps, spec.spacing or DEFAULT_SPACING):
+        m, g = evaluations_per_step(timestep_sigma(ac, int(t)), guidance_scale=spec.guidance_scale,
+                                    guide_scale=spec.guide_scale, interval=spec.guidance_interval,
+                                    guide=getattr(pipeline, "guide", None) is not None)
+        main, guide = main + m, guide + g
+    return main, guide
+
+
 @locks_folder("partial_dir", "partial samples folder")  # one writer per partial folder
 def evaluate_checkpoint(
     path: str | Path,
+    spec: SamplingSpec | None = None,
+    scorer: Scorer | None = None,
     *,
     num: int,
-    sampler: str = "ddim",
-    num_steps: int | None = None,
-    eta: float = 0.0,
-    guidance_scale: float = 1.0,
-    labels: str = "balanced",
-    reference: str | ReferenceStats | None = None,
-    ref_num: int | None = None,
-    batch_size: int = 64,
-    seed: int = 0,
-    device: str = "auto",
     partial_dir: str | Path | None = None,
-    extractor: FeatureExtractor | None = None,
-    inception: str | Path | None = None,
-    inception_sha1: str | None = None,
-    classifier: str | Path | None = "auto",
-    is_network: str | Path | None = None,
-    is_network_sha1: str | None = None,
-    cache_dir: str | Path | None = None,
-    data_root: str | Path | None = None,
     pipeline=None,
-    bf16: bool | str = False,
+    device: str | None = None,
     progress: bool = True,
-    prompts: str | Path | list[dict] | None = None,
-    negative_prompt: str | None = None,
+    **keywords,
 ) -> dict:
     """Sample `num` images from a run or checkpoint (resumable), score them and measure the sampling cost.
 
-    A text run samples from a prompt set (`prompts`: a JSONL file of {"prompt", ...} records or the
-    records themselves, cycled to `num`; `negative_prompt` replaces the null prompt of guidance).
+    `spec` (lddpm.SamplingSpec) says how to sample: sampler, steps, eta, spacing, guidance (CFG scale,
+    autoguidance's guide and scale, the guidance interval), labels, prompts, seed, batch size, bf16.
+    `scorer` (Scorer) holds what scores: feature network, reference, classifier, IS network; build it once
+    for many evaluations. The older keywords (sampler=, guidance_scale=, reference=, classifier=, ...: the
+    fields of the two objects, see SPEC_KEYWORDS and SCORER_KEYWORDS) still work, instead of the objects
+    (never beside them).
+
+    A text run samples from a prompt set (spec.prompts: a JSONL file of {"prompt", ...} records or the
+    records themselves, cycled to `num`; spec.negative_prompt replaces the null prompt of guidance).
     Records that describe benchmark scenes (`objects`, as `lddpm.data.scenes.write_prompt_set` writes)
     are also scored for prompt faithfulness by lddpm.metrics.faithfulness, with the checker's score on
     real rendered test scenes for the same prompts as the ceiling.
 
     `pipeline` may be given directly (anything with `.generate`, `.num_classes`, `.resolution`,
-    `.dataset`); otherwise `lddpm.pipeline.load_pipeline(path, device, bf16=bf16)` is used (`bf16`:
-    the network under bf16 autocast, true / false / "auto").
+    `.dataset`); otherwise `lddpm.pipeline.load_pipeline(path, device, bf16=spec.bf16, guide=spec.guide)`
+    is used. `device` (default: the scorer's) is where the pipeline is loaded.
+    The cost records `nfe`: network forward rows per image, main and guide networks together.
     """
-    device = str(resolve_device(device))
+    spec, scorer = _spec_and_scorer(spec, scorer, device, progress, keywords)
+    device = str(resolve_device(device or scorer.device))
     if pipeline is None:
-        pipeline = load_pipeline(path, device=device, bf16=bf16)
+        pipeline = load_pipeline(path, device=device, bf16=spec.bf16, guide=spec.guide)
+    elif spec.guide is not None and getattr(pipeline, "guide_source", None) != spec.guide:
+        pipeline.set_guide(spec.guide)
+    batch_size = spec.batch_size
     if partial_dir is not None:
         check_partial_space(partial_dir, num, batch_size, int(pipeline.resolution) ** 2 * int(getattr(pipeline, "channels", 3)))
+    num_steps = spec.num_steps
     if num_steps is None and hasattr(pipeline, "diffusion"):  # the sampler's default (all T for ddpm), as `lddpm sample`
-        num_steps = default_num_steps(sampler, pipeline.diffusion.num_timesteps)
+        num_steps = default_num_steps(spec.sampler, pipeline.diffusion.num_timesteps)
     num_classes = int(getattr(pipeline, "num_classes", 0) or 0)
-    if labels not in ("balanced", "none"):
-        raise LddpmError(f"--labels must be 'balanced' or 'none', got {labels!r}")
-    want_labels = balanced_labels(num, num_classes) if (num_classes and labels == "balanced") else None
+    want_labels = balanced_labels(num, num_classes) if (num_classes and spec.labels == "balanced") else None
     # a conditional model sampled without labels gets the null label (unconditional samples)
     gen_labels = np.full(num, num_classes, np.int64) if (num_classes and want_labels is None) else want_labels
     records = None
-    if prompts is not None or int(getattr(pipeline, "context_dim", 0) or 0):
-        records = _prompt_records(prompts, num)
+    if spec.prompts is not None or int(getattr(pipeline, "context_dim", 0) or 0):
+        records = _prompt_records(spec.prompts, num)
         want_labels = gen_labels = np.arange(num, dtype=np.int64)  # prompt indices, carried as labels
+    guidance_scale = spec.guidance_scale
     if guidance_scale != 1.0 and want_labels is None:
         raise LddpmError(f"--guidance-scale {guidance_scale} needs a class-conditional model sampled with --labels balanced")
-    resolution = int(pipeline.resolution)
-    dataset = getattr(pipeline, "dataset", None)
-    extractor = extractor or load_extractor(inception, inception_sha1, batch_size=batch_size, device=device)
-    if not isinstance(reference, ReferenceStats):
-        ref_dataset, ref_split = parse_reference(reference or f"{dataset}:train")
-        if ref_dataset in (None, "None"):
-            raise LddpmError("the checkpoint does not name its dataset; pass --reference DATASET:SPLIT")
-        reference = reference_stats(
-            ref_dataset, split=ref_split, num=reference_size(ref_num, num), resolution=resolution, extractor=extractor,
-            cache_dir=cache_dir, data_root=data_root, progress=progress,
-        )
+    prompts = spec.prompts
+    scorer.reference_for(getattr(pipeline, "dataset", None), int(pipeline.resolution), num)  # before sampling: fail early
     settings = {
         "checkpoint": str(path),
         "num": num,
-        "sampler": sampler,
+        "sampler": spec.sampler,
         "num_steps": num_steps,
-        "eta": eta,
+        "eta": spec.eta,
         "guidance_scale": guidance_scale,
         "labels": "balanced" if want_labels is not None else "none",
-        "seed": seed,
+        "seed": spec.seed,
         "batch_size": batch_size,
         "bf16": bool(getattr(pipeline, "bf16", False)),
+        **spec.guidance_settings(),  # guide, guide_scale, guidance_interval, spacing: only when used
     }
+    if spec.guide is not None:
+        settings["guide"] = str(getattr(pipeline, "guide_checkpoint", None) or spec.guide)  # the file it read
     if records is not None:
         settings["labels"] = "prompts"
         settings["prompts"] = str(prompts) if isinstance(prompts, (str, Path)) else f"{len(records)} records"
         settings["prompts_sha256"] = _records_sha256(records)
-        settings["negative_prompt"] = negative_prompt
+        settings["negative_prompt"] = spec.negative_prompt
     denoiser = find_denoiser(pipeline)
-    counter = ForwardCounter(denoiser)
+    guide_net = getattr(pipeline, "guide", None)
+    guide_net = guide_net if isinstance(guide_net, nn.Module) and guide_net is not denoiser else None
+    counter, guide_counter = ForwardCounter(denoiser), ForwardCounter(guide_net)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    guidance = {k: v for k, v in (("guide_scale", spec.guide_scale), ("guidance_interval", spec.guidance_interval),
+                                  ("spacing", spec.spacing)) if v is not None and not (k == "guide_scale" and v == 1.0)}
 
     def generate_batch(n, batch_labels, batch_seed_):
+        common = dict(sampler=spec.sampler, num_steps=num_steps, eta=spec.eta, guidance_scale=guidance_scale,
+                      seed=batch_seed_, batch_size=n, progress=False, **guidance)
         if records is not None:  # batch_labels are prompt indices
-            images, _ = pipeline.generate(
-                n, sampler=sampler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, seed=batch_seed_,
-                batch_size=n, progress=False, prompts=[records[int(i)]["prompt"] for i in batch_labels],
-                negative_prompt=negative_prompt)
+            images, _ = pipeline.generate(n, prompts=[records[int(i)]["prompt"] for i in batch_labels],
+                                          negative_prompt=spec.negative_prompt, **common)
             return images, batch_labels
-        return pipeline.generate(
-            n, sampler=sampler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
-            labels=batch_labels, seed=batch_seed_, batch_size=n, progress=False,
-        )
+        return pipeline.generate(n, labels=batch_labels, **common)
 
     try:
         images, out_labels, timing = generate_resumable(
-            generate_batch, num, batch_size=batch_size, labels=gen_labels, seed=seed,
+            generate_batch, num, batch_size=batch_size, labels=gen_labels, seed=spec.seed,
             partial_dir=partial_dir, settings=settings, progress=progress,
         )
     finally:
         counter.close()
+        guide_counter.close()
     cost = {**timing, **peak_memory(device), "device": str(device)}
     generated = timing["num_generated_now"]
+    planned = planned_nfe(pipeline, spec, num_steps) if num_steps else None
     if denoiser is not None and generated:
         batches = -(-generated // batch_size)
         cost.update(
@@ -361,21 +484,16 @@ def evaluate_checkpoint(
             network_evaluations_per_image=counter.rows / generated,  # CFG doubles this
             network_evaluations_per_image_step=counter.rows / generated / num_steps if num_steps else None,
         )
+        if guide_net is not None:
+            cost.update(guide_model_calls=guide_counter.calls, guide_evaluations_per_image=guide_counter.rows / generated)
+        cost.update(nfe=(counter.rows + guide_counter.rows) / generated, nfe_source="counted")
     else:
         cost.update(model_calls=None, model_calls_per_batch=None, network_evaluations_per_image=None,
                     network_evaluations_per_image_step=None)
-    if records is not None:  # prompts, not classes: no class accuracy; faithfulness where the records allow it
-        clf, clf_meta, note = None, None, None
-    else:
-        clf, clf_meta, note = resolve_classifier(classifier, dataset, resolution, cache_dir=cache_dir, device=device)
-    is_net, is_info = _is_network(is_network, is_network_sha1, device)
-    metrics = evaluate_generated(
-        images, out_labels if (want_labels is not None and records is None) else None, reference_stats=reference,
-        extractor=extractor, classifier=clf, classifier_meta=clf_meta, is_network=is_net, is_network_info=is_info,
-        device=device, progress=progress,
-    )
-    if records is not None and all(r.get("objects") for r in records):
-        metrics["faithfulness"] = _faithfulness(images, records, cache_dir)
+        cost.update(nfe=sum(planned) if planned else None, nfe_source="planned" if planned else None)
+    metrics, note = scorer.score(
+        images, out_labels if (want_labels is not None and records is None) else None, dataset=getattr(pipeline, "dataset", None),
+        num=num, classes=records is None, records=records)  # prompts, not classes: no class accuracy
     return {"kind": "samples", **metrics, "cost": cost, "settings": settings, "notes": [note] if note else [],
             "lddpm_version": __version__, "created": now_iso()}
 
@@ -489,7 +607,10 @@ def summary_line(result: dict) -> str:
     if cost.get("seconds_per_image") is not None:
         parts.append(f"{cost['seconds_per_image']:.3f} s/image ({cost['images_per_second']:.2f} img/s)")
     if cost.get("model_calls_per_batch") is not None:
-        parts.append(f"NFE {cost['model_calls_per_batch']:.0f} ({cost['network_evaluations_per_image']:.0f} net evals/image)")
+        guide = cost.get("guide_evaluations_per_image")
+        guided = f" + {guide:.0f} guide evals" if guide is not None else ""
+        parts.append(f"NFE {cost['model_calls_per_batch']:.0f} ({cost['network_evaluations_per_image']:.0f} net evals"
+                     f"{guided}/image)")
     if cost.get("peak_memory_mib") is not None:
         parts.append(f"peak {cost['peak_memory_mib']:.0f} MiB")
     if not result.get("full_rank_covariance", True):
