@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lddpm.commands.train import add_bf16_argument
+from lddpm.commands.train import add_bf16_argument, add_guidance_arguments
 from lddpm.datasets import DATASETS
 
 
@@ -41,6 +41,7 @@ def register(subparsers) -> None:
     e.add_argument("--steps", type=int, default=None, help="sampling steps (default: ddpm T, ddim 50, dpm++2m 20)")
     e.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     e.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale s (1 = none)")
+    add_guidance_arguments(e)
     e.add_argument("--labels", choices=("balanced", "none"), default="balanced",
                    help="conditional models: balanced labels, N/classes per class (default), or unconditional (null label)")
     e.add_argument("--prompts", default=None, metavar="FILE",
@@ -117,8 +118,9 @@ def run_eval(args: argparse.Namespace) -> int:
     modes = [m for m in (args.run, args.images, args.vae) if m]
     if len(modes) != 1:
         raise LddpmError("give exactly one of RUN_OR_CHECKPOINT, --images DIR_OR_NPZ or --vae RUN")
-    checks.finite_number("--guidance-scale", args.guidance_scale)
-    checks.finite_number("--eta", args.eta)
+    for flag, value in (("--guidance-scale", args.guidance_scale), ("--guide-scale", args.guide_scale),
+                        ("--eta", args.eta)):
+        checks.finite_number(flag, value)
     for flag, value in (("--num", args.num), ("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value is not None:  # --steps None: the sampler's default
             checks.int_in_range(flag, value, 1)
@@ -140,10 +142,9 @@ def _run_eval(args: argparse.Namespace, progress: bool) -> int:
     import warnings
 
     from lddpm import evaluate as ev
-    from lddpm.distributed import bf16_flag
+    from lddpm.commands.train import sampling_spec_from_args
     from lddpm.errors import LddpmError
 
-    bf16 = bf16_flag(args.bf16)
     extractor = ev.load_extractor(args.inception, args.inception_sha1, batch_size=args.batch_size, device=args.device,
                                   backend=args.feature_backend, cache_dir=args.cache_dir)
     with warnings.catch_warnings(record=True) as caught:
@@ -162,15 +163,14 @@ def _run_eval(args: argparse.Namespace, progress: bool) -> int:
             result, out = _eval_vae(args, extractor, progress)
         else:
             out = Path(args.out) if args.out else _default_out(args)
-            result = ev.evaluate_checkpoint(
-                args.run, num=args.num, sampler=args.sampler, num_steps=args.steps, eta=args.eta,
-                guidance_scale=args.guidance_scale, labels=args.labels, reference=args.reference,
-                ref_num=args.ref_num, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                partial_dir=out.with_suffix(".samples"), extractor=extractor, classifier=args.classifier,
-                is_network=args.is_network, is_network_sha1=args.is_network_sha1, cache_dir=args.cache_dir,
-                data_root=args.root, bf16=bf16, progress=progress, prompts=args.prompts,
-                negative_prompt=args.negative_prompt,
-            )
+            spec = sampling_spec_from_args(args, labels=args.labels, prompts=args.prompts)
+            scorer = ev.Scorer(reference=args.reference, ref_num=args.ref_num, extractor=extractor,
+                               classifier=args.classifier, is_network=args.is_network,
+                               is_network_sha1=args.is_network_sha1, batch_size=args.batch_size, device=args.device,
+                               cache_dir=args.cache_dir, data_root=args.root, progress=progress)
+            result = ev.evaluate_checkpoint(args.run, spec, scorer, num=args.num,
+                                            partial_dir=out.with_suffix(".samples"), device=args.device,
+                                            progress=progress)
     for note in result.get("notes", []):
         print(f"note: {note}")
     for w in caught:
@@ -189,7 +189,10 @@ def _default_out(args: argparse.Namespace) -> Path:
     eta = f"-eta{args.eta:g}" if args.eta else ""
     steps = f"-k{args.steps}" if args.steps else ""
     prompts = f"-{Path(args.prompts).stem}" if getattr(args, "prompts", None) else ""
-    return folder / f"{args.sampler}{steps}{eta}{guidance}{prompts}-n{args.num}-seed{args.seed}.json"
+    guide = f"-ag{args.guide_scale:g}-{Path(args.guide).stem}" if getattr(args, "guide", None) else ""
+    interval = getattr(args, "guidance_interval", None)
+    interval = f"-gi{interval[0]:g}-{interval[1]:g}" if interval else ""
+    return folder / f"{args.sampler}{steps}{eta}{guidance}{guide}{interval}{prompts}-n{args.num}-seed{args.seed}.json"
 
 
 def _eval_vae(args: argparse.Namespace, extractor, progress: bool):

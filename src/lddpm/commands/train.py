@@ -48,6 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance scale s in eps_u + s (eps_c - eps_u); 1 = none")
+    add_guidance_arguments(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--class", dest="class_index", type=int, default=None, help="class index for every image")
     group.add_argument("--class-name", default=None, help="class name for every image")
@@ -76,6 +77,37 @@ def add_bf16_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", default="false", metavar="false|true|auto",
                    help="run the network under bf16 autocast while sampling (auto: where the device has native bf16, "
                         "e.g. CPUs with AMX, where it is ~2x faster); default false")
+
+
+def add_guidance_arguments(p: argparse.ArgumentParser) -> None:
+    """`--guide RUN_OR_CKPT`, `--guide-scale W`, `--guidance-interval LO HI` (docs/guidance.md)."""
+    p.add_argument("--guide", default=None, metavar="RUN_OR_CKPT",
+                   help="autoguidance: the guide network, a run folder or checkpoint file trained with the same "
+                        "diffusion, data and conditioning (e.g. the fashion-guide preset); needs --guide-scale")
+    p.add_argument("--guide-scale", type=float, default=1.0, metavar="W",
+                   help="autoguidance scale w in D_guide + w (D_main - D_guide); 1 = none (Karras et al. 2024)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("SIGMA_LO", "SIGMA_HI"),
+                   help="guide (CFG and autoguidance) only at noise levels sigma in [LO, HI], sigma = "
+                        "sqrt((1 - abar) / abar); one unguided evaluation elsewhere (Kynkaanniemi et al. 2024)")
+
+
+def sampling_spec_from_args(args: argparse.Namespace, **extra):
+    """The SamplingSpec of `lddpm sample` / `lddpm eval` from their arguments (checked first, flag by flag)."""
+    from lddpm import checks
+    from lddpm.distributed import bf16_flag
+    from lddpm.sampling import SamplingSpec
+
+    checks.finite_number("--guidance-scale", args.guidance_scale)
+    checks.finite_number("--guide-scale", args.guide_scale)
+    checks.finite_number("--eta", args.eta)
+    if args.guide is not None and args.guide_scale == 1.0:
+        raise LddpmError("--guide without --guide-scale does nothing; give --guide-scale W (w != 1, e.g. 2)")
+    if args.guide is None and args.guide_scale != 1.0:
+        raise LddpmError(f"--guide-scale {args.guide_scale:g} needs a guide network: --guide RUN_OR_CKPT")
+    return SamplingSpec(sampler=args.sampler, num_steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
+                        guide=args.guide, guide_scale=args.guide_scale, guidance_interval=args.guidance_interval,
+                        negative_prompt=args.negative_prompt, seed=args.seed, batch_size=args.batch_size,
+                        bf16=bf16_flag(args.bf16), **extra)
 
 
 def _spawn_torchrun(args: argparse.Namespace) -> int:
@@ -162,7 +194,7 @@ def _check_sample_space(args: argparse.Namespace, pipeline) -> None:
 def _sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from lddpm.distributed import bf16_flag, resolve_device
+    from lddpm.distributed import resolve_device
     from lddpm.grid import save_grid
     from lddpm.pipeline import load_pipeline
 
@@ -170,13 +202,12 @@ def _sample(args: argparse.Namespace) -> int:
 
     if args.num < 1:
         raise LddpmError(f"--num must be >= 1, got {args.num}")
-    checks.finite_number("--guidance-scale", args.guidance_scale)
-    checks.finite_number("--eta", args.eta)
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--nrow", args.nrow)):
         if value is not None:
             checks.int_in_range(flag, value, 1)
+    spec = sampling_spec_from_args(args)
     device = resolve_device(args.device)
-    pipeline = load_pipeline(args.run, device=device, use_ema=not args.no_ema, bf16=bf16_flag(args.bf16))
+    pipeline = load_pipeline(args.run, device=device, use_ema=not args.no_ema, bf16=spec.bf16, guide=spec.guide)
     _check_sample_space(args, pipeline)
     labels = None
     if args.class_name is not None:
@@ -193,10 +224,8 @@ def _sample(args: argparse.Namespace) -> int:
     elif args.prompt is not None:
         prompts = [args.prompt] * args.num
     start = time.time()
-    images, out_labels = pipeline.generate(
-        len(prompts) if prompts else args.num, sampler=args.sampler, num_steps=args.steps, eta=args.eta,
-        guidance_scale=args.guidance_scale, labels=labels, seed=args.seed, batch_size=args.batch_size,
-        progress=not args.quiet, prompts=prompts, negative_prompt=args.negative_prompt)
+    images, out_labels = pipeline.generate(len(prompts) if prompts else args.num, spec, labels=labels,
+                                           progress=not args.quiet, prompts=prompts)
     took = time.time() - start
     written = []
     out = args.out if args.out or args.out_dir else "samples.png"
