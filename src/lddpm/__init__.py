@@ -4,9 +4,12 @@ The Python API (the CLI commands are thin layers over these functions):
 
     load_config(path_or_preset, overrides)  -> Config        a run configuration (TOML file or preset)
     train_diffusion(config, run_dir) / train_vae(...)         train a diffusion model / the KL autoencoder
-    load_pipeline(run) -> Pipeline; pipeline.generate(n, sampler=..., guidance_scale=...)  sample images
-    sample(model, diffusion, shape, sampler=...)              one batch with any model function
-    evaluate_checkpoint(run, num=..., sampler=...)            sample N images, score them, time them
+    SamplingSpec(sampler=..., num_steps=..., guidance_scale=..., guide=..., guide_scale=..., guidance_interval=...)
+                                                              how to sample, one value for the API, CLI and study
+    load_pipeline(run, guide=None) -> Pipeline; pipeline.generate(n, spec)  sample images (keywords work too)
+    sample(model, diffusion, shape, spec)                     one batch with any model function
+    Scorer(reference=..., classifier=...)                     what scores images, built once
+    evaluate_checkpoint(run, spec, scorer, num=...)           sample N images, score them, time them
     load_study(path) / run_study(study, out_dir)              a grid of runs and cells -> table, plots, grids
     import_diffusers(folder, out) / export_diffusers(run, out)  diffusers folders in and out
 
@@ -24,9 +27,9 @@ _API = {
     "Config": "lddpm.config", "load_config": "lddpm.config", "apply_overrides": "lddpm.config",
     "train_diffusion": ("lddpm.train", "train"), "train_vae": "lddpm.train",
     "Pipeline": "lddpm.pipeline", "load_pipeline": "lddpm.pipeline", "load_vae": "lddpm.pipeline",
-    "sample": "lddpm.sampling", "SAMPLERS": "lddpm.sampling",
+    "sample": "lddpm.sampling", "SAMPLERS": "lddpm.sampling", "SamplingSpec": "lddpm.sampling",
     "build_network": "lddpm.nn", "build_diffusion": "lddpm.diffusion",
-    "evaluate_checkpoint": "lddpm.evaluate", "evaluate_generated": "lddpm.evaluate",
+    "evaluate_checkpoint": "lddpm.evaluate", "evaluate_generated": "lddpm.evaluate", "Scorer": "lddpm.evaluate",
     "load_study": "lddpm.study", "run_study": "lddpm.study",
     "import_diffusers": "lddpm.convert.runs", "export_diffusers": "lddpm.convert.runs",
     "LddpmError": "lddpm.errors",

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lddpm.io import write_with
-from lddpm.study.schema import ROW_FIELDS, TEXT_ROW_FIELDS, Study
+from lddpm.study.schema import GUIDANCE_ROW_FIELDS, ROW_FIELDS, TEXT_ROW_FIELDS, Study
 
 SAMPLER_LABELS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)"}
 
@@ -50,6 +50,12 @@ TEXT_COLUMNS = (
     ("Slot acc.", "slot_accuracy", "{:.1%}", "faithfulness_heldout"),
     ("Swap rate", "swap_rate", "{:.1%}", "slot_accuracy"),
 )
+# Columns of autoguided / guidance-interval cells, shown only when some row has them (other tables are unchanged).
+GUIDANCE_COLUMNS = (  # each goes right after the guidance scale: listed last to first
+    ("Guidance interval (sigma)", "guidance_interval", "interval", "guidance_scale"),
+    ("Guide w", "guide_scale", "{:g}", "guidance_scale"),
+    ("Guide", "guide", "{}", "guidance_scale"),
+)
 METRIC_HEADINGS = {"pair_accuracy": "Pair acc.", "all_accuracy": "All-clause acc."}
 
 
@@ -57,7 +63,7 @@ def table_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
     """TABLE_COLUMNS plus the text columns some row has a value for; the faithfulness heading names its metric."""
     columns = list(TABLE_COLUMNS)
     metrics = {r.get("faithfulness_metric") for r in rows if r.get("faithfulness") is not None}
-    for head, key, spec, after in TEXT_COLUMNS:
+    for head, key, spec, after in TEXT_COLUMNS + GUIDANCE_COLUMNS:
         if not any(r.get(key) is not None for r in rows):
             continue
         if key == "faithfulness" and len(metrics) == 1:
@@ -71,6 +77,8 @@ def _fmt(value, spec: str) -> str:
     """Format one table value; missing values show as an en dash."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
+    if spec == "interval":
+        return "[" + ", ".join(f"{float(v):g}" for v in value) + "]"
     if spec == "seconds":
         value = float(value)
         return f"{value / 60:.1f} min" if value >= 60 else f"{value:.0f} s"
@@ -156,6 +164,8 @@ def to_markdown(study: Study, rows: list[dict], floor: dict | None = None) -> st
     ]
     if any(r.get("faithfulness") is not None for r in rows):
         lines += ["", FAITHFULNESS_NOTE]
+    if any(r.get("guide_scale") is not None for r in rows):
+        lines += ["", GUIDANCE_NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -171,10 +181,18 @@ FAITHFULNESS_NOTE = (
 )
 
 
+GUIDANCE_NOTE = (
+    "Guide w: autoguidance (Karras et al. 2024), D = D_guide + w (D_main - D_guide) with the guide network named "
+    "in Guide; with a guidance scale s too, D = D_c + (s - 1)(D_c - D_u) + (w - 1)(D_c - D_guide). Guidance "
+    "interval: guidance only at noise levels sigma in [lo, hi] (Kynkaanniemi et al. 2024), one unguided "
+    "evaluation elsewhere. Model evals of these rows count the main and the guide network's evaluations."
+)
+
+
 def to_csv(rows: list[dict]) -> str:
     """results.csv: one row per cell, machine-readable fields (fid and fid_n separate)."""
     present = {k for r in rows for k in r}
-    text = [k for k in TEXT_ROW_FIELDS if k in present]  # text cells' fields, only when some row has them
+    text = [k for k in TEXT_ROW_FIELDS + GUIDANCE_ROW_FIELDS if k in present]  # only when some row has them
     extra = text + sorted(present - set(ROW_FIELDS) - set(text) - {"extra"})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*ROW_FIELDS, *extra], extrasaction="ignore", lineterminator="\n")

@@ -17,10 +17,11 @@ from lddpm.data import open_cache, prepare, test_split
 from lddpm.distributed import resolve_device
 from lddpm.errors import LddpmError
 from lddpm.data.scenes import write_prompt_set
-from lddpm.evaluate import (evaluate_checkpoint, evaluate_vae, load_extractor, read_prompt_records, real_data_floor,
-                            reference_stats, vae_reconstructions)
+from lddpm.evaluate import (Scorer, evaluate_checkpoint, evaluate_vae, load_extractor, read_prompt_records,
+                            real_data_floor, reference_stats, vae_reconstructions)
 from lddpm.metrics.classifier import META_FILE, default_classifier_dir, train_dataset_classifier
 from lddpm.pipeline import load_vae
+from lddpm.sampling import SamplingSpec
 from lddpm.study.schema import (FAITHFULNESS_METRIC, PROMPT_SET_SEED, PROMPTS_FOLDER, CellSpec, PromptSpec, RunSpec,
                                 Study, log)
 from lddpm.train import check_names, train, train_vae
@@ -33,15 +34,16 @@ def _toml_literal(value: Any) -> str:
 class StudyBackend:
     """Trains runs with `lddpm.train` and scores cells with `lddpm.evaluate`.
 
-    Loads the FID feature network, the reference statistics and the classifier once per study.
-    `extractor` replaces the pinned Inception network (tests use a tiny stand-in).
+    Builds one lddpm.evaluate.Scorer per study (the FID feature network, the reference statistics and the
+    classifier, loaded once; a second one without the classifier for text cells) and one SamplingSpec per
+    cell. `extractor` replaces the pinned Inception network (tests use a tiny stand-in).
     """
 
     def __init__(self, *, extractor=None, progress: bool = True):
         self.extractor = extractor
         self.progress = progress
         self._reference: dict[tuple, Any] = {}
-        self._classifier: tuple | None = None
+        self._scorers: dict[bool, Scorer] = {}
 
     # ------------------------------------------------------------------------- training
     def run_config(self, run: RunSpec, run_dir: Path, study: Study, deps: dict):
@@ -166,6 +168,18 @@ class StudyBackend:
                                      progress=self.progress)
         return folder
 
+    def scorer(self, study: Study, *, classes: bool = True) -> Scorer:
+        """The study's Scorer (built once): its reference and feature network, with the study classifier
+        (trained here if missing) when `classes`, without one for text cells."""
+        if classes not in self._scorers:
+            s = study.settings
+            self._scorers[classes] = Scorer(
+                reference=self._reference_stats(study), extractor=self._extractor(study),
+                classifier=str(self._classifier_folder(study)) if classes else None, batch_size=s.fid_batch_size,
+                device=_config_device(s.device, resolve=True), cache_dir=s.cache_dir, data_root=s.data_root,
+                progress=self.progress)
+        return self._scorers[classes]
+
     def cell(self, cell: CellSpec, info: dict, study: Study, out_dir: Path) -> dict:
         """Score one cell; returns row fields plus `images`/`labels` for the grid."""
         if cell.kind == "vae":
@@ -173,23 +187,17 @@ class StudyBackend:
         s = study.settings
         device = _config_device(s.device, resolve=True)
         partial = out_dir / "cells" / f"{cell.name}.samples"
-        spec = study.prompt_spec(cell)
-        check_cell_fits_run(cell, info, spec)
-        records = prompt_records(spec, out_dir) if spec is not None else None
+        prompt_spec = study.prompt_spec(cell)
+        check_cell_fits_run(cell, info, prompt_spec)
+        records = prompt_records(prompt_spec, out_dir) if prompt_spec is not None else None
         source, trained = cell_source(cell, info)
-        result = evaluate_checkpoint(
-            source, num=study.fid_n(cell), sampler=cell.sampler, num_steps=cell.steps, eta=cell.eta,
-            guidance_scale=cell.guidance_scale, labels=cell.labels, reference=self._reference_stats(study),
-            batch_size=s.sample_batch_size, seed=s.seed, device=device, partial_dir=partial,
-            extractor=self._extractor(study),
-            classifier=None if records is not None else str(self._classifier_folder(study)),  # prompts: no classes
-            cache_dir=s.cache_dir, data_root=s.data_root, bf16=s.bf16, progress=self.progress,
-            prompts=records, negative_prompt=cell.negative_prompt,
-        )
+        spec = cell_sampling_spec(cell, study, records, guide_source(cell, info, study))
+        result = evaluate_checkpoint(source, spec, self.scorer(study, classes=records is None), num=study.fid_n(cell),
+                                     partial_dir=partial, device=device, progress=self.progress)
         images, labels = _read_partial(partial)
         cost = result.get("cost") or {}
-        evals = cost.get("network_evaluations_per_image")
-        if evals is None:  # every batch was resumed from disk: count from the settings
+        evals = cost.get("nfe")  # network rows per image, a guide's included (planned when every batch was resumed)
+        if evals is None:
             evals = cell.steps * (2 if cell.guidance_scale != 1.0 else 1)
         row = {
             "fid": result["fid"], "fid_n": result["num_images"], "kid": result.get("kid"), "kid_std": result.get("kid_std"),
@@ -233,6 +241,24 @@ class StudyBackend:
             "recall": result.get("recall"), "seconds_per_image": seconds / max(1, result["num_images"]),
             "model_evals": 1, "psnr": result["psnr"], "mse": result["mse"], "images": pairs, "labels": None, **trained,
         }
+
+
+def cell_sampling_spec(cell: CellSpec, study: Study, records: list[dict] | None, guide: str | None) -> SamplingSpec:
+    """How a cell samples: its sampler settings and guidance, the study's seed, sampling batch and bf16."""
+    s = study.settings
+    return SamplingSpec(sampler=cell.sampler, num_steps=cell.steps, eta=cell.eta, guidance_scale=cell.guidance_scale,
+                        guide=guide, guide_scale=cell.guide_scale, guidance_interval=cell.guidance_interval,
+                        labels=cell.labels, prompts=tuple(records) if records is not None else None,
+                        negative_prompt=cell.negative_prompt, seed=s.seed, batch_size=s.sample_batch_size, bf16=s.bf16)
+
+
+def guide_source(cell: CellSpec, info: dict, study: Study) -> str | None:
+    """The cell's guide network: its study run's folder (`info["guide_info"]`), or a path relative to the study file."""
+    if not cell.guide:
+        return None
+    if info.get("guide_info"):
+        return str(info["guide_info"]["run_dir"])
+    return str(study.base_dir / cell.guide)
 
 
 def check_cell_fits_run(cell: CellSpec, info: dict, spec: PromptSpec | None) -> None:

@@ -41,7 +41,8 @@ def run_study(
     `train_fn(run, run_dir, study, deps) -> info` trains (or reuses) one run; `deps` maps the run's
     VAE run name to its info. `info` holds at least `run_dir`, and may hold `model`, `schedule`,
     `train_images`, `train_seconds`, `num_classes`, `class_names`.
-    `cell_fn(cell, info, study, out_dir) -> result` scores one cell; `result` holds metric fields of
+    `cell_fn(cell, info, study, out_dir) -> result` scores one cell (a cell whose `guide` is a run of the study
+    gets that run's info as `info["guide_info"]`); `result` holds metric fields of
     `ROW_FIELDS` (and, for text cells, `TEXT_ROW_FIELDS`) and optionally `images` (uint8 (N,H,W,C)) with
     `labels` (class indices) or `prompts` (one per image) for the sample grid.
     `floor_fn(study) -> dict` scores N real images against the reference once (the real-data floor,
@@ -97,6 +98,8 @@ def _run_study(study: Study, out: Path, *, train_fn, cell_fn, floor_fn, only, re
         start = time.perf_counter()
         try:
             info = ensure_run(cell.run)
+            if cell.guide in study.runs:  # an autoguidance guide trained by this study
+                info = {**info, "guide_info": ensure_run(cell.guide)}
             for key in ("model", "schedule", "train_images", "train_seconds", "data"):
                 if info.get(key) is not None:
                     row[key] = info[key]

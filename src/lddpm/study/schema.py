@@ -7,10 +7,12 @@ A study file (TOML) has three parts:
     [study]            shared settings: dataset, resolution, N for FID, reference split, seed, ...
     [runs.<name>]      training runs: a trainer config (file or preset) + `set` overrides + steps
     [[cells]]          evaluation cells: run, sampler, steps, eta, guidance scale, labels (class runs) or
-                       prompts + negative_prompt (text runs)
+                       prompts + negative_prompt (text runs); autoguidance (guide + guide_scale) and the
+                       guidance interval (guidance_interval = [sigma_lo, sigma_hi])
 
-A cell's `run`, `sampler`, `steps`, `guidance_scale`, `eta` and `at_step` may be lists; the cell is then expanded into one
-cell per combination and its `name` is a template (`"ddim-{steps}"`, `"cfg-s{guidance_scale:g}"`).
+A cell's `run`, `sampler`, `steps`, `guidance_scale`, `guide_scale`, `eta` and `at_step` may be lists (and
+`guidance_interval` a list of pairs); the cell is then expanded into one cell per combination and its `name` is a
+template (`"ddim-{steps}"`, `"cfg-s{guidance_scale:g}"`).
 
 `run_study` is resumable: each finished cell is stored atomically in `cells/<name>.json` and
 skipped on the next run; a training run is reused when its final checkpoint exists (and resumed
@@ -49,6 +51,8 @@ ROW_FIELDS = (
 # Row fields of text cells: their prompt set, and when its records describe benchmark scenes the checker's
 # scores (lddpm.metrics.faithfulness). Rows of other cells do not carry them, so their results.csv/json and
 # tables are unchanged; results.csv lists them after ROW_FIELDS when some row has them.
+# Row fields of autoguided cells and cells with a guidance interval (absent from other rows, as the text fields).
+GUIDANCE_ROW_FIELDS = ("guide", "guide_scale", "guidance_interval")
 TEXT_ROW_FIELDS = (
     "prompts", "negative_prompt", "faithfulness_metric", "faithfulness", "faithfulness_ceiling",
     "faithfulness_of_ceiling", "faithfulness_seen", "faithfulness_heldout", "slot_accuracy", "swap_rate",
@@ -114,6 +118,16 @@ class CellSpec:
     # scene set "fashion-pairs:N" / "fashion-text:N[:both|seen|only]" (held-out prompts: half, none, only them)
     prompts: str = ""
     negative_prompt: str | None = None  # replaces the null prompt "" of guidance
+    # Autoguidance (Karras et al. 2024): the guide network, a run of this study (its [runs] name) or a run folder /
+    # checkpoint file (relative to the study file), trained with the cell's run's diffusion, data and conditioning
+    guide: str = ""
+    guide_scale: float = 1.0  # w in D_guide + w (D_main - D_guide); 1 = none
+    guidance_interval: list[float] | None = None  # [sigma_lo, sigma_hi]: guidance only there (Kynkaanniemi et al. 2024)
+
+    @property
+    def guided(self) -> bool:
+        """Whether the cell uses autoguidance or a guidance interval (its row carries GUIDANCE_ROW_FIELDS)."""
+        return bool(self.guide) or self.guide_scale != 1.0 or self.guidance_interval is not None
 
 
 @dataclass(frozen=True)
@@ -166,8 +180,11 @@ def _expand_cell(raw: dict, index: int) -> list[CellSpec]:
     """Expand list-valued run/sampler/steps/guidance_scale/eta/at_step into one cell per combination."""
     if "name" not in raw or "run" not in raw:
         raise LddpmError(f"cells[{index}]: every cell needs `name` and `run` (got keys {sorted(raw)})")
-    axes = {k: raw[k] for k in ("run", "sampler", "steps", "guidance_scale", "eta", "at_step")
+    axes = {k: raw[k] for k in ("run", "sampler", "steps", "guidance_scale", "guide_scale", "eta", "at_step")
             if isinstance(raw.get(k), list)}
+    interval = raw.get("guidance_interval")
+    if isinstance(interval, list) and interval and all(isinstance(v, list) for v in interval):
+        axes["guidance_interval"] = interval  # a list of [sigma_lo, sigma_hi] pairs
     if not axes:
         return [_from_dict(CellSpec, raw, f"cells[{index}]")]
     cells = []
@@ -232,10 +249,35 @@ def _check_prompt_keys(cell: CellSpec, study: Study) -> None:
 
 
 def _infer_group(cell: CellSpec) -> str:
-    """The plot a cell belongs to, when the study file does not say."""
+    """The plot a cell belongs to, when the study file does not say (autoguided or interval cells: no plot)."""
     if cell.kind == "vae":
         return "vae"
+    if cell.guided:
+        return "other"
     return "samplers" if cell.guidance_scale == 1.0 else "guidance"
+
+
+def _check_guidance_keys(cell: CellSpec, study: Study) -> None:
+    """Autoguidance and interval keys of one cell: a known guide with a scale (and a scale with a guide), a valid
+    interval, only on sample cells."""
+    from lddpm.guidance import check_interval
+
+    where = f"cell {cell.name!r}"
+    checks.finite_number(f"{where}: guide_scale", cell.guide_scale)
+    if cell.guided and cell.kind != "sample":
+        raise LddpmError(f'{where}: guide / guide_scale / guidance_interval apply to sample cells only, not kind = "{cell.kind}"')
+    if cell.guide and cell.guide_scale == 1.0:
+        raise LddpmError(f"{where}: guide = {cell.guide!r} without guide_scale does nothing; give guide_scale (w != 1)")
+    if not cell.guide and cell.guide_scale != 1.0:
+        raise LddpmError(f"{where}: guide_scale = {cell.guide_scale:g} needs a guide: a run of this study or a run "
+                         "folder / checkpoint file")
+    if cell.guide and cell.guide not in study.runs and not (study.base_dir / cell.guide).exists():
+        raise LddpmError(f"{where}: guide {cell.guide!r} is neither a run of this study ({', '.join(study.runs)}) nor "
+                         f"an existing run folder or checkpoint (looked for {study.base_dir / cell.guide})")
+    if cell.guide in study.runs and study.runs[cell.guide].kind != "diffusion":
+        raise LddpmError(f"{where}: guide {cell.guide!r} is a {study.runs[cell.guide].kind} run; a guide is a diffusion run")
+    if cell.guidance_interval is not None:
+        cell.guidance_interval = list(check_interval(cell.guidance_interval, f"{where}: guidance_interval"))
 
 
 def study_from_dict(data: dict, base_dir: str | Path = ".") -> Study:
@@ -287,6 +329,7 @@ def study_from_dict(data: dict, base_dir: str | Path = ".") -> Study:
         if cell.kind == "vae" and runs[cell.run].kind != "vae":
             raise LddpmError(f"cell {cell.name!r}: kind \"vae\" needs a run with kind = \"vae\"")
         _check_prompt_keys(cell, study)
+        _check_guidance_keys(cell, study)
         if cell.group == "":
             cell.group = _infer_group(cell)
         if cell.group not in PLOT_GROUPS:
@@ -336,6 +379,8 @@ def base_row(cell: CellSpec, study: Study, status: str) -> dict:
     )
     if cell.prompts:  # text cells only: the rows of class cells keep their fields
         row.update(prompts=cell.prompts, negative_prompt=cell.negative_prompt)
+    if cell.guided:  # autoguided / interval cells only
+        row.update(guide=cell.guide or None, guide_scale=cell.guide_scale, guidance_interval=cell.guidance_interval)
     return row
 
 
