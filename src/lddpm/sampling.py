@@ -297,7 +297,8 @@ class SamplingSpec:
         from lddpm.distributed import check_bf16
         from lddpm.guidance import check_interval
 
-        check_eta(self.sampler, self.eta)                          # also an unknown sampler
+        sampler_spec(self.sampler)                                 # an unknown sampler: the list of names
+        check_eta(self.sampler, self.eta)
         for name in ("guidance_scale", "guide_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
