@@ -448,7 +448,7 @@ def evaluate_checkpoint(
         settings["prompts_sha256"] = _records_sha256(records)
         settings["negative_prompt"] = spec.negative_prompt
     denoiser = find_denoiser(pipeline)
-    guide_net = getattr(pipeline, "guide", None)
+    guide_net = getattr(pipeline, "guide", None) if spec.guide_scale != 1.0 else None  # loaded but unused: not counted
     guide_net = guide_net if isinstance(guide_net, nn.Module) and guide_net is not denoiser else None
     counter, guide_counter = ForwardCounter(denoiser), ForwardCounter(guide_net)
     if torch.device(device).type == "cuda":
