@@ -62,6 +62,13 @@ def check_interval(interval: Sequence[float] | None, what: str = "guidance_inter
     return lo, hi
 
 
+def interval_json(interval: Sequence[float] | None) -> list[float | None] | None:
+    """An interval for a JSON file: [sigma_lo, sigma_hi], with null for an unbounded sigma_hi (inf is not JSON)."""
+    if interval is None:
+        return None
+    return [float(v) if math.isfinite(float(v)) else None for v in interval]
+
+
 def in_interval(sigma: float, interval: Interval | None) -> bool:
     """Whether guidance applies at noise level sigma: always without an interval, else sigma_lo <= sigma <= sigma_hi."""
     return interval is None or interval[0] <= sigma <= interval[1]

@@ -78,7 +78,7 @@ def _fmt(value, spec: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if spec == "interval":
-        return "[" + ", ".join(f"{float(v):g}" for v in value) + "]"
+        return "[" + ", ".join("inf" if v is None else f"{float(v):g}" for v in value) + "]"
     if spec == "seconds":
         value = float(value)
         return f"{value / 60:.1f} min" if value >= 60 else f"{value:.0f} s"

@@ -28,7 +28,8 @@ import torch
 
 from lddpm.diffusion import GaussianDiffusion, randn
 from lddpm.errors import LddpmError
-from lddpm.guidance import ClassifierFreeGuidance, guided_model  # noqa: F401  (ClassifierFreeGuidance: public here too)
+from lddpm.distributed import check_bf16
+from lddpm.guidance import ClassifierFreeGuidance, check_interval, guided_model, interval_json  # noqa: F401  (CFG: public here too)
 from lddpm.progress import progress_bar
 
 DEFAULT_SPACING = "trailing"
@@ -294,9 +295,6 @@ class SamplingSpec:
     bf16: bool | str = False
 
     def __post_init__(self) -> None:
-        from lddpm.distributed import check_bf16
-        from lddpm.guidance import check_interval
-
         sampler_spec(self.sampler)                                 # an unknown sampler: the list of names
         check_eta(self.sampler, self.eta)
         for name in ("guidance_scale", "guide_scale"):
@@ -339,14 +337,10 @@ class SamplingSpec:
         if self.guide_scale != 1.0:
             out["guide_scale"] = self.guide_scale
         if self.guidance_interval is not None:
-            out["guidance_interval"] = list(self.guidance_interval)
+            out["guidance_interval"] = interval_json(self.guidance_interval)  # null: no upper bound
         if self.spacing is not None:
             out["spacing"] = self.spacing
         return out
-
-
-SAMPLE_SETTINGS = ("sampler", "num_steps", "eta", "spacing", "variance", "guidance_scale", "guide_scale",
-                   "guidance_interval")
 
 
 def resolve_spec(spec: SamplingSpec | None, **keywords: Any) -> SamplingSpec:

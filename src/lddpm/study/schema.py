@@ -380,7 +380,10 @@ def base_row(cell: CellSpec, study: Study, status: str) -> dict:
     if cell.prompts:  # text cells only: the rows of class cells keep their fields
         row.update(prompts=cell.prompts, negative_prompt=cell.negative_prompt)
     if cell.guided:  # autoguided / interval cells only
-        row.update(guide=cell.guide or None, guide_scale=cell.guide_scale, guidance_interval=cell.guidance_interval)
+        from lddpm.guidance import interval_json
+
+        row.update(guide=cell.guide or None, guide_scale=cell.guide_scale,
+                   guidance_interval=interval_json(cell.guidance_interval))
     return row
 
 
