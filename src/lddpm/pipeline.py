@@ -235,7 +235,10 @@ def load_pipeline(run_or_checkpoint: str | Path, device: str | torch.device = "c
     model = model.to(device).eval().requires_grad_(False)
     vae = load_vae(ckpt.path, device) if "vae" in ckpt.groups else None
     config = Config.from_dict(meta["config"], source=str(ckpt.path))
-    text_encoder = load_run_text_encoder(meta, device, str(ckpt.path)) if meta.get("text") else None
+    text_encoder = None
+    if meta.get("text"):    # a scratch encoder trained with the network is part of it (EMA weights included)
+        text_encoder = (model.conditioning.text_encoder if meta["text"].get("encoder") == "scratch"
+                        else load_run_text_encoder(meta, device, str(ckpt.path)))
     return Pipeline(model, build_diffusion(config.diffusion), vae=vae, config=config, dataset=meta.get("dataset"),
                     device=device, checkpoint=str(ckpt.path), step=int(meta["step"]), bf16=bf16,
                     text_encoder=text_encoder)

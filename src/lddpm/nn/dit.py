@@ -40,6 +40,10 @@ class DiTConfig(NetworkConfig):
     freq_shift: float = 0.0
     mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before each MLP (1e-6 in the paper's code, diffusers' norm_eps)
     context_dim: int = 0  # > 0: text prompts of this width, read by a cross-attention in every block
+    # text.encoder = "scratch": the vocabulary of the text encoder trained with the network (empty = none) and its
+    # token length; the network then also takes token ids as `context` (its width is context_dim).
+    scratch_vocab: tuple[str, ...] = ()
+    scratch_max_length: int = 32
 
     def validate(self) -> None:
         """Raise LddpmError naming the first value that cannot build a network."""
@@ -166,7 +170,8 @@ class DiT(nn.Module):
         # registers time_embed (Linear(256, dim) -> SiLU -> Linear), label_embed and, for text, context_embed
         attach(self, Conditioning(frequencies=TIMESTEP_FREQUENCIES, dim=dim, num_classes=c.num_classes,
                                   context_dim=c.context_dim, context_proj_dim=dim, freq_shift=c.freq_shift,
-                                  network="DiT"))
+                                  network="DiT", scratch_vocab=c.scratch_vocab,
+                                  scratch_max_length=c.scratch_max_length))
         self.blocks = nn.ModuleList(DiTBlock(dim, c.num_heads, c.mlp_ratio, c.mlp_norm_eps, c.context_dim > 0)
                                     for _ in range(c.depth))
         self.final_layer = FinalLayer(dim, p * p * self.out_channels)

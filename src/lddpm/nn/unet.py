@@ -45,6 +45,10 @@ class UNetConfig(NetworkConfig):
     # is then a spatial transformer with `transformer_depth` blocks of self-attention, cross-attention, GEGLU FF.
     context_dim: int = 0
     transformer_depth: int = 1
+    # text.encoder = "scratch": the vocabulary of the text encoder trained with the network (empty = none) and its
+    # token length; the network then also takes token ids as `context` (its width is context_dim).
+    scratch_vocab: tuple[str, ...] = ()
+    scratch_max_length: int = 32
     # Fixed 2-D sin-cos positions added to the spatial transformers' tokens (not part of diffusers' layout):
     # tells cross-attention where each token is, for prompts that place things ("on the left").
     transformer_pos_embed: bool = False
@@ -137,7 +141,8 @@ class UNet(nn.Module):
 
         # registers time_embed (Linear(ch, 4ch) -> SiLU -> Linear) and label_embed, as before the shared module
         attach(self, Conditioning(frequencies=ch, dim=emb_dim, num_classes=c.num_classes, context_dim=c.context_dim,
-                                  flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift, network="U-Net"))
+                                  flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift, network="U-Net",
+                                  scratch_vocab=c.scratch_vocab, scratch_max_length=c.scratch_max_length))
         block = dict(dropout=c.dropout, norm_groups=c.norm_groups, scale_shift=c.use_scale_shift_norm, eps=c.norm_eps)
 
         def attention(channels: int) -> nn.Module:
