@@ -95,3 +95,15 @@ def test_the_demo_table_renders_a_demo_study(doc_dir, prefix):
         assert f"| {row['name']} | {row['sampler']} | {row['steps']} |" in text
     assert f"]({prefix}grids/dpm20-s3.png)" in text and f"]({prefix}results.md)" in text
     assert "sum to 582 s" in text  # no time record in this file: its cells' own times
+
+
+def test_the_cached_root_time_is_rendered_from_the_fid_benchmark_file(tmp_path, monkeypatch):
+    """After `python benchmarks/fid.py` writes `frechet_distance.reference_cached_seconds`, the docs show it."""
+    monkeypatch.setattr(rd, "ROOT", tmp_path)
+    payload = json.loads((ROOT / "benchmarks/results/fid.json").read_text())
+    payload["frechet_distance"].update(reference_first_seconds=1.234, reference_cached_seconds=0.0567,
+                                       relative_difference=2e-7)
+    (tmp_path / "benchmarks/results").mkdir(parents=True)
+    (tmp_path / "benchmarks/results/fid.json").write_text(json.dumps(payload))
+    text = rd.render("fid-backends")
+    assert "1.23 s the first time (the reference's square root computed), 0.0567 s after (relative difference 2.0e-07)" in text

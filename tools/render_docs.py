@@ -455,8 +455,8 @@ def fid_backends() -> str:
     cached = f.get("reference_cached_seconds")
     first = f.get("reference_first_seconds")
     text += (f"\nOne Frechet distance at D = {f.get('dim')}: `scipy.linalg.sqrtm` of the product {fmt(f.get('seconds'), '{:.2f}')} s; "
-             + (f"against reference statistics {fmt(first, '{:.2f}')} s the first time (the reference's square root "
-                f"computed), {cached:.2f} s after (relative difference {f.get('relative_difference', float('nan')):.1e})."
+             + (f"against reference statistics {fmt(first, '{:.3g}')} s the first time (the reference's square root "
+                f"computed), {cached:.3g} s after (relative difference {f.get('relative_difference', float('nan')):.1e})."
                 if cached is not None else
                 "the time against reference statistics with the cached square root is not in this file "
                 "(it predates that measurement; `python benchmarks/fid.py` measures it).") + "\n")
@@ -512,7 +512,8 @@ TEXT_PAIRS = "benchmarks/results/text/fashion-pairs-30min"
 def _bench_module(name: str):
     """A benchmark script as a module (benchmarks/ is not a package)."""
     path = ROOT / "benchmarks" / f"{name}.py"
-    sys.path.insert(0, str(path.parent))
+    if str(path.parent) not in sys.path:  # the scripts import their neighbour `common`
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
