@@ -27,6 +27,7 @@ class DiffusionTrainer(TrainingLoop):
     """Trains a noise predictor on images or on a VAE's latents (data.latent)."""
 
     kind = "diffusion"
+    LOSS_BANDS = 4  # the loss is logged by quarter of the timestep range (fewer when T < 4)
 
     def build(self) -> None:
         """Data (and latent cache), network, EMA, diffusion, optimizer."""
@@ -69,6 +70,10 @@ class DiffusionTrainer(TrainingLoop):
         self.model.train()
         self.ema = EMA(self.model, c.optim.ema_decay, c.optim.ema_warmup, c.optim.ema_gamma)
         self.diffusion = build_diffusion(c.diffusion)
+        # The loss by noise level, for the log and the trackers: quarters of the timestep range 0..T-1.
+        T = self.diffusion.num_timesteps
+        self.band_edges = [T * k // self.LOSS_BANDS for k in range(self.LOSS_BANDS + 1)]
+        self.loss_bands = [f"{lo:03d}-{hi - 1:03d}" for lo, hi in zip(self.band_edges, self.band_edges[1:]) if hi > lo]
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.forward_model = self.wrap_ddp(self.model)
         self.null_label = self.model.null_label if num_classes else None
@@ -170,6 +175,9 @@ class DiffusionTrainer(TrainingLoop):
             y = None
         with self.autocast():
             out = self.diffusion.training_losses(self.forward_model, x, y=y, context=context, generator=generator)
+        unweighted = out.get("loss_unweighted", out["loss"]).float()
+        edges = torch.tensor(sorted(set(self.band_edges))[1:-1], device=out["t"].device, dtype=out["t"].dtype)
+        self.add_band_losses(torch.bucketize(out["t"], edges, right=True), unweighted)
         per_sample = {}
         if self.diffusion.timestep_sampling == "adaptive":
             per_sample = {"t": out["t"], "loss": out.get("loss_unweighted", out["loss"]).float()}
