@@ -336,3 +336,16 @@ def test_the_command_prints_its_address_and_warns_off_loopback(run_dirs, monkeyp
     assert main(["serve", str(run_dirs[0]), "--port", "0", "--host", "0.0.0.0"]) == 0
     out, err = capsys.readouterr()
     assert served[1][0] == "0.0.0.0" and err.startswith("warning: listening on 0.0.0.0: anyone who can reach")
+
+
+def test_without_the_serve_extra_the_command_says_how_to_install_it(run_dirs, monkeypatch, capsys):
+    import sys
+
+    from lddpm.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # `import uvicorn` now raises ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(run_dirs[0]), "--port", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("lddpm serve: error: lddpm serve needs the serve extra (starlette and "
+                                               "uvicorn): pip install 'lddpm[serve]' (make setup installs it)")

@@ -43,17 +43,23 @@ def run_serve(args: argparse.Namespace) -> int:
     from lddpm.serve import bind_socket, create_app, is_loopback, load_runs, serve_forever, server_url
 
     device = resolve_device(args.device)
-    runs = load_runs(args.runs, device=device, bf16=bf16, device_flag=None if args.device == "auto" else args.device,
-                     bf16_flag=None if args.bf16 == "false" else args.bf16)
+    sock = bind_socket(args.host, args.port)  # a busy port or an unknown host is refused before the runs load
+    try:
+        runs = load_runs(args.runs, device=device, bf16=bf16,
+                         device_flag=None if args.device == "auto" else args.device,
+                         bf16_flag=None if str(args.bf16).strip().lower() == "false" else args.bf16)
+    except BaseException:
+        sock.close()
+        raise
     local = is_loopback(args.host)
     if not local:
         print(f"warning: listening on {args.host}: anyone who can reach this machine can use the page and its "
               "CPU/GPU (there is no login); use --host 127.0.0.1 to keep it to this machine", file=sys.stderr)
-    sock = bind_socket(args.host, args.port)
     hosts = ["127.0.0.1", "localhost", "::1", "[::1]"] if local else None
     app = create_app(runs, allowed_hosts=hosts)
     url = server_url(sock)
     names = ", ".join(f"{r.index}: {r.path.name} ({r.kind})" for r in runs)
     print(f"lddpm serve: {url}  (runs {names}; device {device}; Ctrl-C to stop)", flush=True)
     serve_forever(app, sock)
+    print("lddpm serve: stopped", flush=True)
     return 0

@@ -201,6 +201,8 @@ def serve_forever(app: Starlette, sock: socket.socket) -> None:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # Uvicorn shuts down on Ctrl-C, then raises the signal again: that is the way to stop
+        pass
     finally:
         app.state.jobs.stop()
         sock.close()
