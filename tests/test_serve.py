@@ -349,3 +349,40 @@ def test_without_the_serve_extra_the_command_says_how_to_install_it(run_dirs, mo
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == ("lddpm serve: error: lddpm serve needs the serve extra (starlette and "
                                                "uvicorn): pip install 'lddpm[serve]' (make setup installs it)")
+
+
+@pytest.mark.slow
+def test_a_text_run_takes_a_prompt_and_a_negative_prompt(tmp_path):
+    """A tiny text run (frozen MiniLM): the page's prompt fields, and the command with --prompt repeats the grid."""
+    pytest.importorskip("transformers")
+    import test_text_train as text_tests
+    from lddpm.cli import main
+    from lddpm.train import train
+
+    images = tmp_path / "images" / "train"
+    images.mkdir(parents=True)
+    lines = []
+    for i in range(8):
+        kind = "bright" if i % 2 else "dark"
+        Image.fromarray(np.full((16, 16), 230 if kind == "bright" else 90, np.uint8)).save(images / f"{i}.png")
+        lines.append(f'{{"file_name": "{i}.png", "text": "{text_tests.CAPTIONS[kind][0]}"}}')
+    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    train(text_tests.text_config((tmp_path / "images", tmp_path / "cache"), "run.steps=1"), tmp_path / "run",
+          progress=False)
+    app = create_app(load_runs([str(tmp_path / "run")]), allowed_hosts=LOOPBACK)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        run = c.get("/api/runs").json()["runs"][0]
+        assert run["kind"] == "text" and run["classes"] == []
+        assert "write one" in c.post("/api/jobs", json={"run": 0}).json()["error"]
+        assert "takes no class" in c.post("/api/jobs", json={"run": 0, "prompt": "a", "class": 0}).json()["error"]
+        body = {"run": 0, "steps": 2, "num_images": 3, "prompt": "a bright square", "negative_prompt": "a dark square",
+                "guidance_scale": 3}
+        job = wait(c, c.post("/api/jobs", json=body).json()["id"])
+        assert job["status"] == "done" and "--negative-prompt 'a dark square'" in job["command"]
+        argv = shlex.split(job["command"])
+        argv[argv.index("--out") + 1] = str(tmp_path / "again.png")
+        assert main(argv[1:] + ["--quiet"]) == 0
+        assert (tmp_path / "again.png").read_bytes() == c.get(job["grid"]).content
+        long = wait(c, c.post("/api/jobs", json={"run": 0, "prompt": "a very long prompt " * 10}).json()["id"])
+        assert long["status"] == "failed" and "more than the text encoder's max_length 8" in long["error"]
+    app.state.jobs.stop()
