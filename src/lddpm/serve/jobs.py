@@ -157,7 +157,7 @@ def check_request(body: Any, runs: list[ServedRun]) -> JobRequest:
     index = _int("run", raw_run, 0, len(runs) - 1, " (the served runs)")
     run = runs[index]
     sampler = body.get("sampler", "ddim")
-    if sampler not in SAMPLERS:
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise LddpmError(f"sampler = {sampler!r} is not a sampler; choose one of: {', '.join(SAMPLERS)}")
     T = run.num_timesteps
     default_steps = SAMPLERS[sampler].default_steps or T
