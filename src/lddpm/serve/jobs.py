@@ -320,6 +320,8 @@ class JobQueue:
             traceback.print_exc()
             message = " ".join(str(exc).split())[:300] or type(exc).__name__
             job.error, job.status = f"generation failed: {message}", "failed"
+        if job.status == "failed":
+            job.preview = None
         self._forget_old_grids()
 
     def _progress(self, job: Job, run: ServedRun, state: dict[str, Any]) -> None:
