@@ -55,6 +55,7 @@ class ServedRun:
     def __init__(self, index: int, path: str | Path, pipeline: Pipeline, *, device_flag: str | None = None,
                  bf16_flag: str | None = None):
         self.index, self.path, self.pipeline = index, Path(path).resolve(), pipeline
+        self.given = str(path)  # as the user wrote it: the reproducing command runs from the same folder
         self.device_flag, self.bf16_flag = device_flag, bf16_flag  # repeated in the command when not the default
 
     @property
@@ -200,7 +201,7 @@ def check_request(body: Any, runs: list[ServedRun]) -> JobRequest:
 
 def reproduce_command(request: JobRequest, run: ServedRun, out: str = "grid.png") -> str:
     """The `lddpm sample` command that writes the same grid (same pixels) as the job."""
-    args = ["lddpm", "sample", str(run.path), "--sampler", request.sampler, "--steps", str(request.steps),
+    args = ["lddpm", "sample", run.given, "--sampler", request.sampler, "--steps", str(request.steps),
             "--guidance-scale", f"{request.guidance_scale:g}", "--seed", str(request.seed),
             "--num", str(request.num_images)]
     if request.class_index is not None:
