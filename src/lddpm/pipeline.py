@@ -7,7 +7,7 @@ for latent runs, the VAE weights are all inside it). `load_vae` does the same fo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -167,9 +167,9 @@ class Pipeline:
     def generate(self, num: int, spec: SamplingSpec | None = None, *, sampler: str | None = None,
                  num_steps: int | None = None, eta: float | None = None, guidance_scale: float | None = None,
                  labels: int | Sequence[int] | np.ndarray | None = None, seed: int | None = None,
-                 batch_size: int | None = None, progress: bool = True, prompts: str | Sequence[str] | None = None,
-                 negative_prompt: str | None = None, guide_scale: float | None = None,
-                 guidance_interval: tuple[float, float] | None = None,
+                 batch_size: int | None = None, progress: bool | Callable[[dict[str, Any]], Any] = True,
+                 prompts: str | Sequence[str] | None = None, negative_prompt: str | None = None,
+                 guide_scale: float | None = None, guidance_interval: tuple[float, float] | None = None,
                  spacing: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Sample `num` images -> (uint8 (N, H, W, C), int64 labels or None).
 
@@ -183,6 +183,9 @@ class Pipeline:
         depends only on (seed, i), and so does the noise a stochastic sampler draws at each step (one
         generator per image): samples do not depend on batch_size. Latent samples are divided by the VAE's
         scaling factor and decoded.
+        `progress` is True (a bar), False, or a callback that every sampler step calls with its state
+        (lddpm.sampling's: i, total, t, x, denoised; latents for latent runs) plus the batch's place:
+        start (its first image), batch (its size) and num.
         """
         spec = resolve_spec(spec, sampler=sampler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
                             seed=seed, batch_size=batch_size, negative_prompt=negative_prompt,
@@ -202,16 +205,19 @@ class Pipeline:
         if self.guide is not None and spec.guide_scale != 1.0:
             self.guide.eval()
             guide = bf16_network(self.guide, self.device.type) if self.bf16 else self.guide
-        with tqdm(total=num, unit="img", desc=f"sample {spec.sampler}", disable=not progress) as bar:
+        callback = progress if callable(progress) else None
+        with tqdm(total=num, unit="img", desc=f"sample {spec.sampler}", disable=callback is not None or not progress) as bar:
             for start in range(0, num, spec.batch_size):
                 xb = x_T[start:start + spec.batch_size].to(self.device)
                 yb = torch.from_numpy(labels[start:start + spec.batch_size]).to(self.device) if labels is not None else None
                 cb = context[start:start + spec.batch_size] if context is not None else None
                 generator = ([seeding.generator(seeding.image_seed(int(spec.seed), i), self.device)
                               for i in range(start, start + len(xb))] if stochastic else None)
+                steps = (lambda state, start=start, n=len(xb): callback({**state, "start": start, "batch": n, "num": num})
+                         ) if callback is not None else False
                 x = sample(network, self.diffusion, tuple(xb.shape), spec, clip_x0=self.vae is None, y=yb,
                            null_label=self.null_label, context=cb, null_context=null_context, generator=generator,
-                           x_T=xb, device=self.device, progress=False, guide=guide)
+                           x_T=xb, device=self.device, progress=steps, guide=guide)
                 if self.vae is not None:
                     x = self.vae.decode(x.float() / self.vae.scaling_factor)
                 outputs.append(to_uint8(x))
@@ -239,6 +245,9 @@ def check_guide(main: Pipeline, guide: Pipeline, source: str) -> None:
     kind = lambda p: ("text" if p.context_dim else f"{p.num_classes} classes" if p.num_classes else "unconditional")  # noqa: E731
     if (main.num_classes, main.context_dim) != (guide.num_classes, guide.context_dim):
         problems.append(f"conditioning ({kind(main)} vs {kind(guide)})")
+    elif main.context_dim and "scratch" in (_encoder_kind(main), _encoder_kind(guide)):
+        problems.append("text encoder (a scratch encoder trains inside each network, so the guide would read the "
+                        "main encoder's states; autoguidance needs runs on one frozen encoder, e.g. MiniLM)")
     elif main.context_dim and _encoder_identity(main) != _encoder_identity(guide):
         problems.append("text encoder (another encoder or prompt length)")
     if problems:
@@ -266,6 +275,10 @@ def _same_weights(a: nn.Module, b: nn.Module) -> bool:
 def _encoder_identity(p: Pipeline):
     encoder = p.text_encoder
     return encoder.identity() if hasattr(encoder, "identity") else None
+
+
+def _encoder_kind(p: Pipeline) -> str | None:
+    return (_encoder_identity(p) or {}).get("kind")
 
 
 def load_vae(run_or_checkpoint: str | Path, device: str | torch.device = "cpu", *, use_ema: bool = True) -> nn.Module:
@@ -316,7 +329,10 @@ def load_pipeline(run_or_checkpoint: str | Path, device: str | torch.device = "c
     model = model.to(device).eval().requires_grad_(False)
     vae = load_vae(ckpt.path, device) if "vae" in ckpt.groups else None
     config = Config.from_dict(meta["config"], source=str(ckpt.path))
-    text_encoder = load_run_text_encoder(meta, device, str(ckpt.path)) if meta.get("text") else None
+    text_encoder = None
+    if meta.get("text"):    # a scratch encoder trained with the network is part of it (EMA weights included)
+        text_encoder = (model.conditioning.text_encoder if meta["text"].get("encoder") == "scratch"
+                        else load_run_text_encoder(meta, device, str(ckpt.path)))
     pipeline = Pipeline(model, build_diffusion(config.diffusion), vae=vae, config=config, dataset=meta.get("dataset"),
                         device=device, checkpoint=str(ckpt.path), step=int(meta["step"]), bf16=bf16,
                         text_encoder=text_encoder)

@@ -20,6 +20,7 @@ from lddpm.nn import NETWORK_NAMES, network_config
 from lddpm.nn.vae import RECON_LOSSES
 from lddpm.sampling import SAMPLERS
 from lddpm.schedule import SCHEDULES
+from lddpm.tracking import TRACKERS
 from lddpm.train.ema import EMA, power_ema_decay  # noqa: F401  (re-exported for the trainers' imports)
 
 # Config sections whose change alters what a resumed run computes (run.steps/out/logging may change).
@@ -135,6 +136,8 @@ def check_names(config: Config) -> Config:
     check_choice("data.dataset", config.data.dataset, DATASETS)
     check_choice("run.sampler", r.sampler, SAMPLERS)
     check_choice("vae.recon_loss", config.vae.recon_loss, RECON_LOSSES)
+    for tracker in r.trackers:
+        check_choice("run.trackers", tracker, TRACKERS)
     return config
 
 
