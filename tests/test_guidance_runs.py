@@ -239,3 +239,27 @@ def test_bad_guidance_keys_of_a_study_cell(cell, match, tmp_path):
             "cells": [{"name": "c", "run": "net", **cell}]}
     with pytest.raises(LddpmError, match=match):
         study_from_dict(data, base_dir=tmp_path)
+
+
+def test_text_guides_need_one_frozen_encoder():
+    """check_guide on text pipelines (stand-ins with the attributes it reads): a scratch encoder is refused, a
+    frozen encoder must be the same one."""
+    from types import SimpleNamespace
+
+    from lddpm.diffusion import GaussianDiffusion
+    from lddpm.pipeline import check_guide
+    from lddpm.schedule import NoiseSchedule
+
+    def text_pipe(identity):
+        encoder = SimpleNamespace(identity=lambda: identity)
+        return SimpleNamespace(diffusion=GaussianDiffusion(NoiseSchedule.from_name("cosine", 1000)), config=None,
+                               latent_shape=(1, 8, 8), resolution=8, channels=1, vae=None, num_classes=0,
+                               context_dim=16, text_encoder=encoder, checkpoint="main")
+
+    minilm = {"kind": "bert", "weights_sha256": "a", "tokenizer_sha256": "b", "max_length": 24}
+    check_guide(text_pipe(minilm), text_pipe(dict(minilm)), "guide")
+    with pytest.raises(LddpmError, match=r"text encoder \(another encoder"):
+        check_guide(text_pipe(minilm), text_pipe({**minilm, "max_length": 32}), "guide")
+    scratch = {"kind": "scratch", "weights_sha256": None, "tokenizer_sha256": "c", "max_length": 24}
+    with pytest.raises(LddpmError, match="a scratch encoder trains inside each network"):
+        check_guide(text_pipe(scratch), text_pipe(scratch), "guide")
