@@ -384,7 +384,9 @@ def check_sampler_options(sampler: str, sampler_options: SamplerOptions | dict[s
     spec = sampler_spec(sampler)
     options = SamplerOptions.of(sampler_options).check()
     for name in options.given():
-        if name not in spec.options and not (name == "grid" and options.grid == "time"):
+        if name == "grid":
+            continue
+        if name not in spec.options:
             takers = [n for n, sp in SAMPLERS.items() if name in sp.options]
             raise LddpmError(f"{name} does not apply to the {sampler!r} sampler; it applies to {', '.join(takers)}")
     if options.grid is not None and options.grid != "time" and spec.default_grid is None and spec.sigma_fn is None:

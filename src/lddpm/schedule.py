@@ -23,8 +23,8 @@ MAX_BETA = 0.999
 # Step grids of the sigma-space samplers: the schedule's own timesteps ("time", under a SPACING), Karras et al.
 # 2022's rho-polynomial ("karras") and uniform in log-SNR, i.e. in log sigma ("logsnr"); see `sigma_grid`.
 SIGMA_GRIDS = ("time", "karras", "logsnr")
-# alpha_bar floor of the sigma table where the schedule reaches zero terminal SNR (sigma would be infinite); the
-# same floor as diffusers' Euler scheduler (the smallest positive float16 subnormal), i.e. sigma = 4096.
+# alpha_bar used in the sigma table where a schedule reaches zero terminal SNR (alpha_bar = 0, sigma infinite):
+# diffusers' Euler scheduler's value (the smallest positive float16 subnormal), i.e. sigma = 4096.
 ZERO_SNR_ALPHA_BAR = 2.0 ** -24
 
 
@@ -236,7 +236,8 @@ class NoiseSchedule:
     def sigmas(self) -> np.ndarray:
         """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0..T-1, float64, ascending; a zero-terminal-SNR schedule's
         last entry uses alpha_bar = ZERO_SNR_ALPHA_BAR (sigma 4096) instead of infinity."""
-        ac = np.maximum(self.alphas_cumprod.numpy(), ZERO_SNR_ALPHA_BAR)
+        ac = self.alphas_cumprod.numpy()
+        ac = np.where(ac > 0.0, ac, ZERO_SNR_ALPHA_BAR)
         return np.sqrt((1.0 - ac) / ac)
 
     @cached_property
