@@ -583,3 +583,180 @@ def test_options_names_and_grid_listing():
     assert SamplerOptions.of({"grid": "karras"}).given() == {"grid": "karras"}
     kind, levels = sampling_grid("heun", 4, _diffusion("eps"), sampler_options={"grid": "karras", "sigma_max": 80.0})
     assert kind == "sigmas" and levels[0] == pytest.approx(80.0) and len(levels) == 5
+
+
+# ---- diffusers as a test-only oracle ---------------------------------------------------------------------------
+class FloatTModel:
+    """A smooth deterministic 'network' of (x, fractional t) that records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[torch.Tensor, float]] = []
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **_) -> torch.Tensor:
+        t = float(torch.as_tensor(t).reshape(-1)[0])
+        self.calls.append((x.clone(), t))
+        return 0.8 * torch.tanh(x) + 0.1 * torch.cos(3 * x + t / 97.0)
+
+
+PRED = {"eps": "epsilon", "v": "v_prediction"}
+
+
+def _diffusers():
+    return pytest.importorskip("diffusers")
+
+
+def _x(seed: int = 0) -> torch.Tensor:
+    return torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _float64_schedule(sched, d: GaussianDiffusion) -> None:
+    """Our float64 alphas_cumprod in the diffusers scheduler (its grids are then computed from them)."""
+    sched.alphas_cumprod = d.schedule.alphas_cumprod.clone()
+
+
+def _ours(d, sampler, steps, options, x=None, model=None):
+    model = model or FloatTModel()
+    out = sample(model, d, (3, 2, 4, 4), sampler=sampler, num_steps=steps, clip_x0=False,
+                 x_T=_x() if x is None else x, sampler_options=options)
+    return out, model
+
+
+@pytest.mark.parametrize("cls_name,sampler", [("EulerDiscreteScheduler", "euler"), ("HeunDiscreteScheduler", "heun")])
+@pytest.mark.parametrize("grid,flag", [("karras", "use_karras_sigmas"), ("logsnr", "use_exponential_sigmas")])
+@pytest.mark.parametrize("objective", ["eps", "v"])
+def test_euler_and_heun_match_diffusers(cls_name, sampler, grid, flag, objective):
+    """Deterministic Euler / Heun (EDM Algorithm 1) on the Karras and the exponential (= logSNR) grids vs
+    diffusers' Euler/HeunDiscreteScheduler (linspace spacing, so both grids span sigma(0)..sigma(T-1); fractional
+    model timesteps from the same log-sigma interpolation). diffusers steps in float32, hence 1e-5."""
+    diffusers = _diffusers()
+    d = _diffusion(objective, "linear")
+    ref = getattr(diffusers, cls_name)(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing="linspace",
+                                       prediction_type=PRED[objective], **{flag: True})
+    _float64_schedule(ref, d)
+    ref.set_timesteps(9)
+    ours, m_ours = _ours(d, sampler, 9, {"grid": grid})
+    np.testing.assert_allclose(d.schedule.sigma_grid(9, grid), ref.sigmas.double().unique_consecutive().numpy(),
+                               rtol=2e-6)
+    m_ref = FloatTModel()
+    z = _x() * math.sqrt(1 + float(ref.sigmas.max()) ** 2)
+    for t in ref.timesteps:
+        out = m_ref(ref.scale_model_input(z, t), t.reshape(1))
+        z = ref.step(out.to(z.dtype), t, z).prev_sample.double()
+    assert len(m_ours.calls) == len(m_ref.calls) == (17 if sampler == "heun" else 9)
+    for (xa, ta), (xb, tb) in zip(m_ours.calls, m_ref.calls):
+        assert ta == pytest.approx(tb, abs=2e-3)
+        torch.testing.assert_close(xa, xb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, z, rtol=1e-5, atol=1e-5)
+
+
+def test_euler_churn_differs_from_diffusers_on_purpose():
+    """Deliberate: diffusers' Euler step adds the churn noise after the model call (D is taken at x, sigma_hat),
+    while Karras et al.'s Algorithm 2 evaluates D at the churned x_hat, sigma_hat (ours, and the recursion test)."""
+    diffusers = _diffusers()
+    d = _diffusion("eps", "linear")
+    ref = diffusers.EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                           timestep_spacing="linspace", use_karras_sigmas=True)
+    _float64_schedule(ref, d)
+    ref.set_timesteps(6)
+    ours, m_ours = _ours(d, "euler", 6, {"s_churn": 2.0})
+    m_ref, z, g = FloatTModel(), _x() * math.sqrt(1 + float(ref.sigmas.max()) ** 2), torch.Generator().manual_seed(0)
+    for t in ref.timesteps:
+        out = m_ref(ref.scale_model_input(z, t), t.reshape(1))
+        z = ref.step(out.to(z.dtype), t, z, s_churn=2.0, generator=g).prev_sample.double()
+    assert not torch.allclose(m_ours.calls[0][0], m_ref.calls[0][0], atol=1e-3)   # ours: the churned input
+
+
+@pytest.mark.parametrize("objective", ["eps", "v"])
+@pytest.mark.parametrize("steps", [10, 20])
+def test_dpmpp_3m_matches_diffusers(objective, steps):
+    """DPM-Solver++(3M) on our trailing timesteps (the "time" grid, integer t) vs DPMSolverMultistepScheduler
+    (solver_order 3, dpmsolver++, midpoint, lower_order_final, final sigma 0): below 15 steps both lower the
+    second-to-last step to second order. diffusers steps in float32, hence 1e-4 (as for DPM++2M)."""
+    diffusers = _diffusers()
+    d = _diffusion(objective, "cosine")
+    ts = d.schedule.timesteps(steps, "trailing").tolist()
+    ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                                solver_order=3, prediction_type=PRED[objective])
+    _float64_schedule(ref, d)
+    ref.set_timesteps(timesteps=ts)
+    ours, m_ours = _ours(d, "dpm++3m", steps, {"grid": "time"})
+    m_ref, x = FloatTModel(), _x()
+    for t in ref.timesteps:
+        x = ref.step(m_ref(x, t.reshape(1)), t, x).prev_sample.double()
+    assert [t for _, t in m_ours.calls] == [float(t) for t in ts] == [t for _, t in m_ref.calls]
+    for (xa, _), (xb, _) in zip(m_ours.calls, m_ref.calls):
+        torch.testing.assert_close(xa, xb, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["eps", "v"])
+def test_dpmpp_2m_sde_matches_diffusers_with_the_same_noise(objective):
+    """SDE-DPM-Solver++(2M) vs DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order 2),
+    given the noise our generator draws at each step (none at the last, where it is multiplied by sigma = 0)."""
+    diffusers = _diffusers()
+    d = _diffusion(objective, "cosine")
+    steps = 12
+    ts = d.schedule.timesteps(steps, "trailing").tolist()
+    ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                                solver_order=2, algorithm_type="sde-dpmsolver++",
+                                                prediction_type=PRED[objective])
+    _float64_schedule(ref, d)
+    ref.set_timesteps(timesteps=ts)
+    model = FloatTModel()
+    ours = sample(model, d, (3, 2, 4, 4), sampler="dpm++2m-sde", num_steps=steps, clip_x0=False, x_T=_x(),
+                  generator=torch.Generator().manual_seed(9), sampler_options={"grid": "time"})
+    g, m_ref, x = torch.Generator().manual_seed(9), FloatTModel(), _x()
+    for i, t in enumerate(ref.timesteps):
+        noise = torch.randn(x.shape, generator=g, dtype=x.dtype) if i < steps - 1 else torch.zeros_like(x)
+        x = ref.step(m_ref(x, t.reshape(1)), t, x, variance_noise=noise).prev_sample.double()
+    for (xa, _), (xb, _) in zip(model.calls, m_ref.calls):
+        torch.testing.assert_close(xa, xb, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("objective", ["eps", "v"])
+@pytest.mark.parametrize("grid", ["time", "logsnr"])
+def test_unipc_matches_diffusers(order, objective, grid):
+    """UniPC-p bh2 with its corrector vs UniPCMultistepScheduler (predict_x0, bh2, lower_order_final), its sigmas
+    and timesteps replaced by our grid (float64) and the model called at our fractional timesteps."""
+    diffusers = _diffusers()
+    d = _diffusion(objective, "linear")
+    steps = 9
+    sigmas = d.schedule.sigma_grid(steps, grid)
+    ref = diffusers.UniPCMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", solver_order=order,
+                                            solver_type="bh2", prediction_type=PRED[objective])
+    ref.set_timesteps(steps)
+    ref.sigmas = torch.tensor(sigmas, dtype=torch.float64)
+    ref.timesteps = torch.arange(steps)                   # step indices; the model gets our t below
+    ours, m_ours = _ours(d, "unipc", steps, {"grid": grid, "order": order})
+    m_ref, x = FloatTModel(), _x()
+    for i, t in enumerate(ref.timesteps):
+        tt = torch.tensor([d.schedule.sigma_to_t(sigmas[i])], dtype=torch.float64)
+        x = ref.step(m_ref(x, tt), t, x).prev_sample.double()
+    for (xa, ta), (xb, tb) in zip(m_ours.calls, m_ref.calls):
+        assert ta == pytest.approx(tb, abs=1e-9)
+        torch.testing.assert_close(xa, xb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid", ["karras", "time"])
+def test_ipndm_matches_diffusers(grid):
+    """iPNDM vs IPNDMScheduler, whose alphas/betas (its alpha_t, sigma_t) are replaced by those of our grid; it
+    reads the model output as v (eps = sigma x + alpha v), so the model is a v-prediction one."""
+    diffusers = _diffusers()
+    d = _diffusion("v", "linear")
+    steps = 9
+    sigmas = d.schedule.sigma_grid(steps, grid)
+    ref = diffusers.IPNDMScheduler(num_train_timesteps=1000)
+    ref.set_timesteps(steps)
+    ref.alphas = torch.tensor([vp(s)[0] for s in sigmas], dtype=torch.float64)
+    ref.betas = torch.tensor([vp(s)[1] for s in sigmas], dtype=torch.float64)
+    ours, m_ours = _ours(d, "ipndm", steps, {"grid": grid})
+    m_ref, x = FloatTModel(), _x()
+    for i, t in enumerate(ref.timesteps):
+        tt = torch.tensor([d.schedule.sigma_to_t(sigmas[i])], dtype=torch.float64)
+        x = ref.step(m_ref(x, tt), t, x).prev_sample
+    for (xa, _), (xb, _) in zip(m_ours.calls, m_ref.calls):
+        torch.testing.assert_close(xa, xb, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ours, x, rtol=1e-9, atol=1e-9)
