@@ -760,3 +760,65 @@ def test_ipndm_matches_diffusers(grid):
     for (xa, _), (xb, _) in zip(m_ours.calls, m_ref.calls):
         torch.testing.assert_close(xa, xb, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(ours, x, rtol=1e-9, atol=1e-9)
+
+
+# ---- the options through Pipeline.generate, the CLI and study cells ------------------------------------------
+def test_cli_flags_are_the_sampler_options_and_the_sampler_list_is_the_registry():
+    from lddpm.commands.sampler_flags import FLAGS, SAMPLER_NAMES, options_tag
+
+    assert [name for name, _, _ in FLAGS] == list(SamplerOptions.names())
+    assert list(SAMPLER_NAMES) == list(SAMPLERS)
+    assert options_tag({"grid": "karras", "sigma_min": 0.17, "eps_scaling": 1.005}) == "-karras-smin0.17-es1.005"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["sample", "no-such-run", "--sampler", "heun", "--order", "2"], "order does not apply to the 'heun' sampler"),
+    (["eval", "no-such-run", "--sampler", "euler", "--sigma-min", "-1"], "sigma_min must be >= 0"),
+    (["eval", "no-such-run", "--sampler", "ddim", "--grid", "karras"], "runs on the schedule's timesteps"),
+])
+def test_cli_refuses_bad_options_before_loading(argv, match, capsys):
+    import re
+
+    from lddpm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and re.search(match, err[0]), err
+
+
+def test_pipeline_generate_takes_sampler_options_and_churn_keeps_per_image_noise():
+    """A churned Heun draws noise: each image's stream is its own, so the samples do not depend on the batch."""
+    from lddpm.nn import build_network
+    from lddpm.pipeline import Pipeline
+
+    torch.manual_seed(0)
+    net = build_network("unet", "tiny", resolution=8, in_channels=1).eval()
+    pipe = Pipeline(net, _diffusion("v", "cosine", 100), dataset={"name": "toy", "resolution": 8, "channels": 1})
+    kw = dict(sampler="heun", num_steps=3, seed=5, progress=False, sampler_options={"s_churn": 2.0, "grid": "logsnr"})
+    a, _ = pipe.generate(3, batch_size=3, **kw)
+    b, _ = pipe.generate(3, batch_size=1, **kw)
+    c, _ = pipe.generate(3, batch_size=3, **{**kw, "sampler_options": {"grid": "logsnr"}})
+    assert a.shape == (3, 8, 8, 1) and np.array_equal(a, b) and not np.array_equal(a, c)
+    with pytest.raises(LddpmError, match="s_churn does not apply"):
+        pipe.generate(1, sampler="unipc", progress=False, sampler_options={"s_churn": 1.0})
+
+
+def test_study_cells_take_sampler_options_as_fields_and_list_axes():
+    from lddpm.study.schema import base_row, study_from_dict
+
+    data = {"study": {"fid_n": 8}, "runs": {"r": {"config": "fashion-quick"}},
+            "cells": [{"name": "ddim-{steps}-floor{sigma_min:g}", "run": "r", "sampler": "ddim", "steps": [10, 200],
+                       "sigma_min": [0.0, 0.17]},
+                      {"name": "heun", "run": "r", "sampler": "heun", "steps": 9, "grid": "karras", "s_churn": 5.0}]}
+    study = study_from_dict(data)
+    names = [c.name for c in study.cells]
+    assert names == ["ddim-10-floor0", "ddim-10-floor0.17", "ddim-200-floor0", "ddim-200-floor0.17", "heun"]
+    assert study.cells[1].sampler_options() == {"sigma_min": 0.17}
+    assert study.cells[4].sampler_options() == {"grid": "karras", "s_churn": 5.0}
+    assert base_row(study.cells[4], study, "ok")["sampler_options"] == "grid=karras, s_churn=5"
+    assert "sampler_options" not in base_row(study.cells[0], study, "ok") or \
+        base_row(study.cells[0], study, "ok")["sampler_options"] == "sigma_min=0"
+    bad = dict(data, cells=[{"name": "x", "run": "r", "sampler": "unipc", "order": 7}])
+    with pytest.raises(LddpmError, match="cell 'x': order 7 is too high for 'unipc'"):
+        study_from_dict(bad)
