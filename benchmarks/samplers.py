@@ -4,7 +4,7 @@
     python benchmarks/samplers.py nfe runs/fashion-30min --num 2000 --out benchmarks/results/samplers/fashion-30min
     # DDIM 10-200 steps, plain, with a sigma floor and with epsilon scaling (+ DDPM-1000) (section 1):
     python benchmarks/samplers.py steps runs/fashion-30min --num 2000 --ddpm \
-        --sigma-mins 0.17 --eps-scalings 1.005 1.01 --out benchmarks/results/samplers/fashion-30min
+        --floor-timesteps 99 --eps-scalings 1.005 1.01 --out benchmarks/results/samplers/fashion-30min
 
 Each point is one `lddpm.evaluate.evaluate_checkpoint` run (the same protocol as `lddpm eval RUN --num N
 --reference DATASET:test --ref-num N --bf16 auto`: N images against N test images, classes balanced for a
@@ -63,7 +63,7 @@ def git_commit() -> str | None:
 
 
 def _point_name(sampler: str, steps: int, options: dict) -> str:
-    parts = [sampler, f"k{steps}"] + [f"{k}{v:g}" if isinstance(v, (int, float)) else f"{k}-{v}"
+    parts = [sampler, f"k{steps}"] + [f"{k}{v:.4g}" if isinstance(v, (int, float)) else f"{k}-{v}"
                                       for k, v in options.items()]
     return "-".join(parts)
 
@@ -126,6 +126,8 @@ def run_nfe(bench: Bench, args: argparse.Namespace) -> dict:
 
 
 def run_steps(bench: Bench, args: argparse.Namespace) -> dict:
+    sigmas = bench.pipeline.diffusion.schedule.sigmas
+    args.sigma_mins = [float(sigmas[t]) for t in args.floor_timesteps] + list(args.sigma_mins)
     variants = [("ddim", {})] + [("ddim", {"sigma_min": s}) for s in args.sigma_mins] + \
         [("ddim", {"eps_scaling": e}) for e in args.eps_scalings] + \
         [("ddim", {"sigma_min": s, "eps_scaling": e}) for s in args.sigma_mins for e in args.eps_scalings]
@@ -143,7 +145,7 @@ def run_steps(bench: Bench, args: argparse.Namespace) -> dict:
 
 
 def _variant_label(sampler: str, options: dict) -> str:
-    return sampler + "".join(f", {k}={v:g}" for k, v in options.items())
+    return sampler + "".join(f", {k}={v:.4g}" for k, v in options.items())
 
 
 def render_table(mode: str, data: dict) -> str:
@@ -212,8 +214,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--nfes", type=int, nargs="+", default=list(NFES))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="SAMPLER:GRID for the nfe mode")
     parser.add_argument("--steps", type=int, nargs="+", default=list(DDIM_STEPS), help="DDIM steps for the steps mode")
-    parser.add_argument("--sigma-mins", type=float, nargs="*", default=[0.17],
-                        help="sigma floors for the DDIM sweep (0.17 ~ t = 99 of the cosine schedule)")
+    parser.add_argument("--floor-timesteps", type=int, nargs="*", default=[99],
+                        help="sigma floors for the DDIM sweep, as timesteps t: sigma_min = sigma(t) of the run's "
+                             "schedule (99: the lowest timestep 10-step trailing DDIM visits)")
+    parser.add_argument("--sigma-mins", type=float, nargs="*", default=[], help="more sigma floors, as sigmas")
     parser.add_argument("--eps-scalings", type=float, nargs="*", default=[1.005],
                         help="constant epsilon scalings for the DDIM sweep")
     parser.add_argument("--ddpm", action="store_true", help="steps mode: also DDPM over all T steps")

@@ -282,9 +282,9 @@ def sample_dpmpp_2m_sde(denoiser, x: torch.Tensor, sigmas: Sequence[float], *, g
 
 
 def _unipc_b(order: int, h: float) -> list[float]:
-    """UniPC's right-hand side with B(h) = e^{-h} - 1 ("bh2"; Zhao et al. 2023, Eq. for the B(h) variant):
-    b_k = k! phi_{k+1}(-h) (-h)^k... computed by the recursion g_1 = (e^{hh} - 1)/hh - 1,
-    g_{k+1} = g_k / hh - 1/(k+1)!, b_k = g_k k! / B(h), with hh = -h (data prediction)."""
+    """UniPC's right-hand side b_k = k! hh phi_{k+1}(hh) / B(h), k = 1..order, for data prediction (hh = -h) and
+    B(h) = e^{hh} - 1 ("bh2"; Zhao et al. 2023). phi_{k+1}(hh) hh comes from the recursion g_1 = (e^{hh} - 1)/hh - 1,
+    g_{k+1} = g_k / hh - 1/(k+1)! (the phi functions of exponential integrators)."""
     hh = -h
     b_h = math.expm1(hh)
     g, fact, out = math.expm1(hh) / hh - 1.0, 1, []

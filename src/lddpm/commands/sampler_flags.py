@@ -16,7 +16,7 @@ FLAGS: tuple[tuple[str, type, str], ...] = (
     ("grid", str, "step grid of the sigma-space samplers (and dpm++2m): time, karras or logsnr "
                   "(default: the sampler's own; docs/samplers.md)"),
     ("sigma_min", float, "lowest noise level the network is evaluated at; the last step jumps from it to x0 "
-                         "(0: the schedule's sigma(t=0); e.g. 0.17 ~ t = 99 of the cosine schedule)"),
+                         "(0: the schedule's sigma(t=0); sigma(t=99) of the cosine schedule is 0.1694)"),
     ("sigma_max", float, "highest noise level, where sampling starts (0: the schedule's sigma(T-1))"),
     ("rho", float, "exponent of the Karras grid (default 7)"),
     ("eps_scaling", float, "epsilon scaling (Ning et al. 2023): divide the predicted eps by b + k t; this is b "
