@@ -822,3 +822,32 @@ def test_study_cells_take_sampler_options_as_fields_and_list_axes():
     bad = dict(data, cells=[{"name": "x", "run": "r", "sampler": "unipc", "order": 7}])
     with pytest.raises(LddpmError, match="cell 'x': order 7 is too high for 'unipc'"):
         study_from_dict(bad)
+
+
+def test_benchmark_maps_nfe_to_steps_and_renders_its_tables(tmp_path):
+    """benchmarks/samplers.py: Heun gets (NFE + 1) // 2 steps; the tables and plots come from the points alone."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("matplotlib")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "samplers.py"
+    spec = importlib.util.spec_from_file_location("bench_samplers", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert [bench.steps_for_nfe("heun", n) for n in (5, 8, 10)] == [3, 4, 5]
+    assert bench.steps_for_nfe("unipc", 8) == 8
+    result = {"num_images": 16}
+    nfe = {"floor": {"fid": 1.5}, "points": [
+        {"config": "heun:karras", "sampler": "heun", "nfe_target": 8, "nfe": 7, "fid": 9.0, "result": result},
+        {"config": "unipc:logsnr", "sampler": "unipc", "nfe_target": 8, "nfe": 8, "fid": 7.25, "result": result}]}
+    table = bench.render_table("nfe", nfe)
+    assert "| heun:karras | 9.00 (7) |" in table and "| unipc:logsnr | 7.25 |" in table and "floor 1.50" in table
+    steps = {"floor": {"fid": 1.5}, "points": [
+        {"variant": "ddim", "sampler": "ddim", "steps": 10, "nfe": 10, "fid": 8.0, "result": result},
+        {"variant": "ddim, sigma_min=0.1694", "sampler": "ddim", "steps": 200, "nfe": 181, "fid": 7.0, "result": result},
+        {"variant": "ddpm", "sampler": "ddpm", "steps": 1000, "nfe": 1000, "fid": 20.0, "result": result}]}
+    table = bench.render_table("steps", steps)
+    assert "| ddim, sigma_min=0.1694 |  | 7.00 (181) |" in table and "20.00 (1000 steps)" in table
+    bench.plot("nfe", nfe, tmp_path / "nfe.png")
+    bench.plot("steps", steps, tmp_path / "steps.png")
+    assert (tmp_path / "nfe.png").stat().st_size > 0 and (tmp_path / "steps.png").stat().st_size > 0
