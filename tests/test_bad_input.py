@@ -423,7 +423,7 @@ CASES = [
     ("sample-batch-size-0", lambda w, t: _sample(w, t, "--batch-size", "0"), r"--batch-size = 0 is out of range"),
     ("sample-class-out-of-range", lambda w, t: _sample(w, t, "--class", "99"), r"--class 99 is out of range"),
     ("sample-unknown-class-name", lambda w, t: _sample(w, t, "--class-name", "Unicorn"), r"unknown class"),
-    ("sample-unknown-sampler", lambda w, t: _sample(w, t, "--sampler", "euler"), r"unknown sampler"),
+    ("sample-unknown-sampler", lambda w, t: _sample(w, t, "--sampler", "lms"), r"unknown sampler"),
     ("sample-nan-checkpoint", lambda w, t: _sample(w, t, run=copy_checkpoint(w, t, tensors=nan_weights)), r"bad\.safetensors: tensor .* contains NaN"),
     ("sample-inf-checkpoint", lambda w, t: _sample(w, t, run=copy_checkpoint(w, t, tensors=inf_weight)), r"contains NaN or infinity"),
     ("sample-float16-checkpoint", lambda w, t: _sample(w, t, run=copy_checkpoint(w, t, tensors=half_weights)), r"is float16"),

@@ -1,5 +1,5 @@
-"""The import graph runs one way: cli/commands -> study -> train/evaluate -> pipeline -> sampling -> diffusion
--> schedule, with nn, data, metrics and config as leaves (metrics may read data caches)."""
+"""The import graph runs one way: cli/commands -> study -> train/evaluate -> pipeline -> sampling -> solvers
+-> diffusion -> schedule, with nn, data, metrics and config as leaves (metrics may read data caches)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ RANK = {
     "checks": 0, "io": 0, "seeding": 0, "datasets": 0, "progress": 0,
     "config": 1, "schedule": 1, "nn": 1, "data": 1, "grid": 1, "checkpoint": 1,
     "metrics": 2, "distributed": 2, "diffusion": 2, "tracking": 2,
+    "solvers": 2.5,  # the sigma-space samplers: below the registry in sampling, above diffusion (noise) and schedule
     "sampling": 3,
     "pipeline": 4,
     "train": 5, "evaluate": 5, "convert": 5,

@@ -22,7 +22,7 @@ from lddpm.diffusion import build_diffusion
 from lddpm.distributed import use_bf16
 from lddpm.errors import LddpmError
 from lddpm.nn import network_from_config
-from lddpm.sampling import is_stochastic, sample
+from lddpm.sampling import check_sampler_options, is_stochastic, sample
 
 
 def bf16_network(model: nn.Module, device_type: str):
@@ -153,8 +153,8 @@ class Pipeline:
     def generate(self, num: int, *, sampler: str = "ddim", num_steps: int | None = None, eta: float = 0.0,
                  guidance_scale: float = 1.0, labels: int | Sequence[int] | np.ndarray | None = None, seed: int = 0,
                  batch_size: int = 64, progress: bool | Callable[[dict[str, Any]], Any] = True,
-                 prompts: str | Sequence[str] | None = None,
-                 negative_prompt: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                 prompts: str | Sequence[str] | None = None, negative_prompt: str | None = None,
+                 sampler_options: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Sample `num` images -> (uint8 (N, H, W, C), int64 labels or None).
 
         Conditional models get `labels` (default: classes in turn, 0, 1, ..., so counts are
@@ -164,9 +164,11 @@ class Pipeline:
         batch_size. Latent samples are divided by the VAE's scaling factor and decoded.
         `progress` is True (a bar), False, or a callback that every sampler step calls with its state
         (lddpm.sampling's: i, total, t, x, denoised; latents for latent runs) plus the batch's place:
-        start (its first image), batch (its size) and num.
+        start (its first image), batch (its size) and num. `sampler_options`: the step grid, sigma_min,
+        epsilon scaling, churn, order (`lddpm.sampling.sample`, docs/samplers.md).
         """
-        stochastic = is_stochastic(sampler, eta)     # also rejects an unknown sampler or a bad eta
+        stochastic = is_stochastic(sampler, eta, sampler_options)     # also rejects an unknown sampler or a bad eta
+        check_sampler_options(sampler, sampler_options)
         if num < 0 or batch_size < 1:
             raise LddpmError(f"num ({num}) must be >= 0 and batch_size ({batch_size}) >= 1")
         labels = self._labels(num, labels)
@@ -187,7 +189,8 @@ class Pipeline:
                          ) if callback is not None else False
                 x = sample(network, self.diffusion, tuple(xb.shape), sampler=sampler, num_steps=num_steps, eta=eta,
                            clip_x0=self.vae is None, y=yb, guidance_scale=guidance_scale, null_label=self.null_label,
-                           context=cb, null_context=null_context, generator=generator, x_T=xb, device=self.device, progress=steps)
+                           context=cb, null_context=null_context, generator=generator, x_T=xb, device=self.device, progress=steps,
+                           sampler_options=sampler_options)
                 if self.vae is not None:
                     x = self.vae.decode(x.float() / self.vae.scaling_factor)
                 outputs.append(to_uint8(x))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lddpm.commands.sampler_flags import SAMPLER_NAMES, add_sampler_flags, options_tag, sampler_options
 from lddpm.commands.train import add_bf16_argument
 from lddpm.datasets import DATASETS
 
@@ -37,8 +38,9 @@ def register(subparsers) -> None:
     e.add_argument("--images", default=None, metavar="DIR_OR_NPZ", help="score these images (PNG folder or npz with `images` [and `labels`])")
     e.add_argument("--vae", default=None, metavar="RUN", help="score reconstructions of the test split by this VAE run")
     e.add_argument("--num", type=int, default=1000, help="images to sample/score (default 1000; FID needs > 2048 for a full-rank covariance)")
-    e.add_argument("--sampler", default="ddim", help="sampler name (ddpm, ddim, dpm++2m)")
-    e.add_argument("--steps", type=int, default=None, help="sampling steps (default: ddpm T, ddim 50, dpm++2m 20)")
+    e.add_argument("--sampler", default="ddim", help=f"sampler name ({', '.join(SAMPLER_NAMES)})")
+    e.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: ddpm T, ddim / euler 50, heun 18, dpm++2m-sde 25, others 20)")
     e.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     e.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale s (1 = none)")
     e.add_argument("--labels", choices=("balanced", "none"), default="balanced",
@@ -62,6 +64,7 @@ def register(subparsers) -> None:
     e.add_argument("--out", default=None, metavar="JSON", help="results file (default: <run>/eval/<settings>.json)")
     add_bf16_argument(e)
     _network_args(e)
+    add_sampler_flags(e)
     e.set_defaults(func=run_eval)
 
     r = subparsers.add_parser(
@@ -124,6 +127,10 @@ def run_eval(args: argparse.Namespace) -> int:
             checks.int_in_range(flag, value, 1)
     if args.ref_num is not None:
         checks.int_in_range("--ref-num", args.ref_num, 0)
+    if args.run:
+        from lddpm.sampling import check_sampler_options
+
+        check_sampler_options(args.sampler, sampler_options(args))  # before loading anything
     if args.resolution is not None:
         checks.resolution("--resolution", args.resolution)
     progress = not args.quiet
@@ -169,7 +176,7 @@ def _run_eval(args: argparse.Namespace, progress: bool) -> int:
                 partial_dir=out.with_suffix(".samples"), extractor=extractor, classifier=args.classifier,
                 is_network=args.is_network, is_network_sha1=args.is_network_sha1, cache_dir=args.cache_dir,
                 data_root=args.root, bf16=bf16, progress=progress, prompts=args.prompts,
-                negative_prompt=args.negative_prompt,
+                negative_prompt=args.negative_prompt, sampler_options=sampler_options(args),
             )
     for note in result.get("notes", []):
         print(f"note: {note}")
@@ -207,7 +214,8 @@ def _default_out(args: argparse.Namespace) -> Path:
     eta = f"-eta{args.eta:g}" if args.eta else ""
     steps = f"-k{args.steps}" if args.steps else ""
     prompts = f"-{Path(args.prompts).stem}" if getattr(args, "prompts", None) else ""
-    return folder / f"{args.sampler}{steps}{eta}{guidance}{prompts}-n{args.num}-seed{args.seed}.json"
+    options = options_tag(sampler_options(args))
+    return folder / f"{args.sampler}{steps}{eta}{options}{guidance}{prompts}-n{args.num}-seed{args.seed}.json"
 
 
 def _eval_vae(args: argparse.Namespace, extractor, progress: bool):

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from lddpm.commands.sampler_flags import SAMPLER_NAMES, add_sampler_flags, sampler_options
 from lddpm.errors import LddpmError
 
 
@@ -43,8 +44,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("sample", help="generate images from a trained run",
                               description="Generate images from a run folder or checkpoint (EMA weights).")
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT")
-    p.add_argument("--sampler", default="ddim", help="ddpm, ddim or dpm++2m (default ddim)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: ddpm T, ddim 50, dpm++2m 20)")
+    p.add_argument("--sampler", default="ddim", help=f"{', '.join(SAMPLER_NAMES)} (default ddim; docs/samplers.md)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: ddpm T, ddim / euler 50, heun 18, dpm++2m-sde 25, others 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance scale s in eps_u + s (eps_c - eps_u); 1 = none")
@@ -68,6 +70,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_bf16_argument(p)
     p.add_argument("--quiet", action="store_true")
+    add_sampler_flags(p)
     p.set_defaults(func=_sample)
 
 
@@ -175,6 +178,10 @@ def _sample(args: argparse.Namespace) -> int:
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--nrow", args.nrow)):
         if value is not None:
             checks.int_in_range(flag, value, 1)
+    from lddpm.sampling import check_sampler_options
+
+    options = sampler_options(args)
+    check_sampler_options(args.sampler, options)  # before loading anything
     device = resolve_device(args.device)
     pipeline = load_pipeline(args.run, device=device, use_ema=not args.no_ema, bf16=bf16_flag(args.bf16))
     _check_sample_space(args, pipeline)
@@ -196,7 +203,7 @@ def _sample(args: argparse.Namespace) -> int:
     images, out_labels = pipeline.generate(
         len(prompts) if prompts else args.num, sampler=args.sampler, num_steps=args.steps, eta=args.eta,
         guidance_scale=args.guidance_scale, labels=labels, seed=args.seed, batch_size=args.batch_size,
-        progress=not args.quiet, prompts=prompts, negative_prompt=args.negative_prompt)
+        progress=not args.quiet, prompts=prompts, negative_prompt=args.negative_prompt, sampler_options=options)
     took = time.time() - start
     written = []
     out = args.out if args.out or args.out_dir else "samples.png"

@@ -24,7 +24,7 @@ from lddpm.metrics import (FeatureExtractor, FeatureStats, ReferenceStats, check
 from lddpm.metrics.classifier import default_classifier_dir
 from lddpm.metrics.kid import kernel_inception_distance
 from lddpm.pipeline import load_pipeline
-from lddpm.sampling import default_num_steps
+from lddpm.sampling import check_sampler_options, count_model_evaluations, default_num_steps
 
 
 def evaluate_generated(
@@ -267,6 +267,7 @@ def evaluate_checkpoint(
     progress: bool = True,
     prompts: str | Path | list[dict] | None = None,
     negative_prompt: str | None = None,
+    sampler_options: dict | None = None,
 ) -> dict:
     """Sample `num` images from a run or checkpoint (resumable), score them and measure the sampling cost.
 
@@ -275,6 +276,9 @@ def evaluate_checkpoint(
     Records that describe benchmark scenes (`objects`, as `lddpm.data.scenes.write_prompt_set` writes)
     are also scored for prompt faithfulness by lddpm.metrics.faithfulness, with the checker's score on
     real rendered test scenes for the same prompts as the ceiling.
+
+    `sampler_options` (the step grid, sigma_min, epsilon scaling, churn, order; `lddpm.sampling.sample`) go
+    to every batch and, when given, into the settings (and so into the partial folder's check).
 
     `pipeline` may be given directly (anything with `.generate`, `.num_classes`, `.resolution`,
     `.dataset`); otherwise `lddpm.pipeline.load_pipeline(path, device, bf16=bf16)` is used (`bf16`:
@@ -287,6 +291,8 @@ def evaluate_checkpoint(
         check_partial_space(partial_dir, num, batch_size, int(pipeline.resolution) ** 2 * int(getattr(pipeline, "channels", 3)))
     if num_steps is None and hasattr(pipeline, "diffusion"):  # the sampler's default (all T for ddpm), as `lddpm sample`
         num_steps = default_num_steps(sampler, pipeline.diffusion.num_timesteps)
+    options = check_sampler_options(sampler, sampler_options).given()
+    gen_options = {"sampler_options": options} if options else {}  # a plain pipeline need not take the keyword
     num_classes = int(getattr(pipeline, "num_classes", 0) or 0)
     if labels not in ("balanced", "none"):
         raise LddpmError(f"--labels must be 'balanced' or 'none', got {labels!r}")
@@ -322,6 +328,8 @@ def evaluate_checkpoint(
         "batch_size": batch_size,
         "bf16": bool(getattr(pipeline, "bf16", False)),
     }
+    if options:  # only when given: settings (and partial folders) of runs without options stay as they were
+        settings["sampler_options"] = options
     if records is not None:
         settings["labels"] = "prompts"
         settings["prompts"] = str(prompts) if isinstance(prompts, (str, Path)) else f"{len(records)} records"
@@ -337,11 +345,11 @@ def evaluate_checkpoint(
             images, _ = pipeline.generate(
                 n, sampler=sampler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale, seed=batch_seed_,
                 batch_size=n, progress=False, prompts=[records[int(i)]["prompt"] for i in batch_labels],
-                negative_prompt=negative_prompt)
+                negative_prompt=negative_prompt, **gen_options)
             return images, batch_labels
         return pipeline.generate(
             n, sampler=sampler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
-            labels=batch_labels, seed=batch_seed_, batch_size=n, progress=False,
+            labels=batch_labels, seed=batch_seed_, batch_size=n, progress=False, **gen_options,
         )
 
     try:
@@ -364,6 +372,9 @@ def evaluate_checkpoint(
     else:
         cost.update(model_calls=None, model_calls_per_batch=None, network_evaluations_per_image=None,
                     network_evaluations_per_image_step=None)
+    if hasattr(pipeline, "diffusion") and num_steps:  # what the sampler should cost (Heun: 2N - 1), from its grid
+        cost["nfe_expected"] = count_model_evaluations(sampler, num_steps, pipeline.diffusion,
+                                                       sampler_options=options)
     if records is not None:  # prompts, not classes: no class accuracy; faithfulness where the records allow it
         clf, clf_meta, note = None, None, None
     else:

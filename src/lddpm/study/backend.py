@@ -185,13 +185,14 @@ class StudyBackend:
             extractor=self._extractor(study),
             classifier=None if records is not None else str(self._classifier_folder(study)),  # prompts: no classes
             cache_dir=s.cache_dir, data_root=s.data_root, bf16=s.bf16, progress=self.progress,
-            prompts=records, negative_prompt=cell.negative_prompt,
+            prompts=records, negative_prompt=cell.negative_prompt, sampler_options=cell.sampler_options(),
         )
         images, labels = _read_partial(partial)
         cost = result.get("cost") or {}
         evals = cost.get("network_evaluations_per_image")
-        if evals is None:  # every batch was resumed from disk: count from the settings
-            evals = cell.steps * (2 if cell.guidance_scale != 1.0 else 1)
+        if evals is None:  # every batch was resumed from disk: count from the settings (Heun: 2N - 1)
+            evals = cost.get("nfe_expected") or cell.steps
+            evals *= 2 if cell.guidance_scale != 1.0 else 1
         row = {
             "fid": result["fid"], "fid_n": result["num_images"], "kid": result.get("kid"), "kid_std": result.get("kid_std"),
             "classifier_score": result.get("classifier_score"),

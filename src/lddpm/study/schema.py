@@ -9,8 +9,9 @@ A study file (TOML) has three parts:
     [[cells]]          evaluation cells: run, sampler, steps, eta, guidance scale, labels (class runs) or
                        prompts + negative_prompt (text runs)
 
-A cell's `run`, `sampler`, `steps`, `guidance_scale`, `eta` and `at_step` may be lists; the cell is then expanded into one
-cell per combination and its `name` is a template (`"ddim-{steps}"`, `"cfg-s{guidance_scale:g}"`).
+A cell's `run`, `sampler`, `steps`, `guidance_scale`, `eta`, `at_step` and sampler options (`grid`, `sigma_min`,
+`eps_scaling`, `s_churn`, ...: `lddpm.solvers.SamplerOptions`, docs/samplers.md) may be lists; the cell is then
+expanded into one cell per combination and its `name` is a template (`"ddim-{steps}"`, `"cfg-s{guidance_scale:g}"`).
 
 `run_study` is resumable: each finished cell is stored atomically in `cells/<name>.json` and
 skipped on the next run; a training run is reused when its final checkpoint exists (and resumed
@@ -31,6 +32,8 @@ from lddpm.config import read_toml
 from lddpm.distributed import check_bf16
 from lddpm.errors import LddpmError
 from lddpm.metrics.onnx_backend import FEATURE_BACKENDS
+from lddpm.sampling import SAMPLERS, check_sampler_options
+from lddpm.solvers import SamplerOptions
 
 CELL_KINDS = ("sample", "vae")
 RUN_KINDS = ("diffusion", "vae")
@@ -115,6 +118,22 @@ class CellSpec:
     # scene set "fashion-pairs:N" / "fashion-text:N[:both|seen|only]" (held-out prompts: half, none, only them)
     prompts: str = ""
     negative_prompt: str | None = None  # replaces the null prompt "" of guidance
+    # Sampler options (lddpm.solvers.SamplerOptions, docs/samplers.md); unset: the sampler's own defaults
+    grid: str | None = None
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    rho: float | None = None
+    eps_scaling: float | None = None
+    eps_scaling_k: float | None = None
+    s_churn: float | None = None
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    s_noise: float | None = None
+    order: int | None = None
+
+    def sampler_options(self) -> dict[str, Any]:
+        """The sampler options this cell sets (SamplerOptions' names), as `sampler_options` for lddpm.evaluate."""
+        return {k: getattr(self, k) for k in SamplerOptions.names() if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
@@ -167,7 +186,7 @@ def _expand_cell(raw: dict, index: int) -> list[CellSpec]:
     """Expand list-valued run/sampler/steps/guidance_scale/eta/at_step into one cell per combination."""
     if "name" not in raw or "run" not in raw:
         raise LddpmError(f"cells[{index}]: every cell needs `name` and `run` (got keys {sorted(raw)})")
-    axes = {k: raw[k] for k in ("run", "sampler", "steps", "guidance_scale", "eta", "at_step")
+    axes = {k: raw[k] for k in ("run", "sampler", "steps", "guidance_scale", "eta", "at_step", *SamplerOptions.names())
             if isinstance(raw.get(k), list)}
     if not axes:
         return [_from_dict(CellSpec, raw, f"cells[{index}]")]
@@ -279,6 +298,11 @@ def study_from_dict(data: dict, base_dir: str | Path = ".") -> Study:
         checks.finite_number(f"cell {cell.name!r}: guidance_scale", cell.guidance_scale)
         checks.finite_number(f"cell {cell.name!r}: eta", cell.eta)
         checks.int_in_range(f"cell {cell.name!r}: steps", cell.steps, 1)
+        if cell.kind == "sample" and cell.sampler in SAMPLERS:  # an unknown sampler fails when the cell is scored
+            try:
+                check_sampler_options(cell.sampler, cell.sampler_options())
+            except LddpmError as exc:
+                raise LddpmError(f"cell {cell.name!r}: {exc}") from None
         if cell.at_step is not None:
             checks.int_in_range(f"cell {cell.name!r}: at_step", cell.at_step, 1)
             run_steps = runs[cell.run].steps
@@ -337,6 +361,9 @@ def base_row(cell: CellSpec, study: Study, status: str) -> dict:
     )
     if cell.prompts:  # text cells only: the rows of class cells keep their fields
         row.update(prompts=cell.prompts, negative_prompt=cell.negative_prompt)
+    if cell.kind == "sample" and cell.sampler_options():  # only cells that set sampler options carry the field
+        row["sampler_options"] = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                           for k, v in cell.sampler_options().items())
     return row
 
 
