@@ -21,6 +21,9 @@ each writes its own JSON, skipped on a re-run unless --force; `results.md` is re
   estimate's relative error.
 - edit.json: SDEdit at strengths 0.25-1 (DDIM 50 steps): class accuracy against the input's label, RMSE
   to the input (8-bit), FID.
+- gaussian.json (no run needed, seconds): RePaint and denoising with the exact denoiser of Gaussian data
+  against the closed-form conditional and posterior, at N = 20,000 (tests/test_editing.py checks the same
+  at N = 4,000).
 
 Grids (first 8 images, one row each) go beside the JSON files. Every JSON holds the full settings, the
 environment, the lddpm version and git commit.
@@ -283,6 +286,72 @@ def edit_section(bench: Bench, args) -> dict:
             "grids": ["edit.png"], "grid_columns": ["input", *[f"strength {s:g}" for s in args.strengths]]}
 
 
+def gaussian_section(args) -> dict:
+    """No run needed: the methods with the exact denoiser of Gaussian data x0 ~ N(mu, Sigma) on 2x2 images (4
+    correlated pixels), against the closed forms (as tests/test_editing.py, at a larger N)."""
+    from lddpm import editing
+    from lddpm.diffusion import GaussianDiffusion
+    from lddpm.schedule import NoiseSchedule
+
+    n, d = args.gaussian_num, 4
+    i = torch.arange(d, dtype=torch.float64)
+    cov = 0.09 * 0.9 ** (i[:, None] - i[None]).abs()
+    mu = torch.tensor([0.1, 0.2, -0.1, 0.0], dtype=torch.float64)
+    kept, hole = [0, 1], [2, 3]
+    x_kept = torch.tensor([0.5, 0.4], dtype=torch.float64)
+    diffusion = GaussianDiffusion(NoiseSchedule.from_name("cosine", 1000))
+    ac = diffusion.schedule.alphas_cumprod
+
+    def model(x, t, y=None):
+        a = float(ac[int(t[0])])
+        xf = x.reshape(x.shape[0], d)
+        r = torch.linalg.solve(a * cov + (1 - a) * torch.eye(d, dtype=torch.float64), (xf - math.sqrt(a) * mu).T).T
+        x0 = mu + math.sqrt(a) * r @ cov
+        return ((xf - math.sqrt(a) * x0) / math.sqrt(1 - a)).reshape(x.shape)
+
+    skk, suk = cov[kept][:, kept], cov[hole][:, kept]
+    cond_mean = mu[hole] + suk @ torch.linalg.solve(skk, x_kept - mu[kept])
+    cond_cov = cov[hole][:, hole] - suk @ torch.linalg.solve(skk, suk.T)
+    x0 = torch.zeros(n, 1, 2, 2, dtype=torch.float64)
+    x0.view(n, d)[:, kept] = x_kept
+    mask = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64).view(1, 1, 2, 2)
+    se = float((cond_cov.diagonal() / n).sqrt().max())
+    rows = []
+    for steps, jump, r in ((50, 5, 1), (50, 5, 2), (50, 5, 5), (50, 5, 10), (250, 10, 1), (250, 10, 10)):
+        start = time.perf_counter()
+        out = editing.repaint(model, diffusion, x0, mask, num_steps=steps, jump_length=jump, resamplings=r,
+                              clip_x0=False, generator=torch.Generator().manual_seed(args.seed))
+        h = out.reshape(n, d)[:, hole]
+        rows.append({"num_steps": steps, "jump_length": jump, "resamplings": r,
+                     "network_evaluations": sum(b < a for a, b in zip(*(lambda p: (p, p[1:]))(
+                         editing.repaint_schedule(steps, jump, r)))),
+                     "mean_error": float((h.mean(0) - cond_mean).abs().max()),
+                     "cov_error": float((torch.cov(h.T) - cond_cov).abs().max()),
+                     "seconds": time.perf_counter() - start})
+    sigma, y = 0.2, torch.tensor([0.4, 0.1, 0.3, -0.2], dtype=torch.float64)
+    gain = cov @ torch.linalg.inv(cov + sigma ** 2 * torch.eye(d, dtype=torch.float64))
+    post_mean, post_cov = mu + gain @ (y - mu), cov - gain @ cov
+    noisy = y.view(1, 1, 2, 2).expand(n, 1, 2, 2).clone()
+    denoise_rows = []
+    for method, steps in (("sample", None), ("sample", 100), ("mean", None)):
+        out = editing.denoise(model, diffusion, noisy, sigma, method=method, num_steps=steps, clip_x0=False,
+                              generator=torch.Generator().manual_seed(args.seed)).reshape(n, d)
+        denoise_rows.append({"method": method, "sampler": "ddpm", "num_steps": steps or 1000,
+                             "mean_error": float((out.mean(0) - post_mean).abs().max()),
+                             "standard_error_of_mean": float((post_cov.diagonal() / n).sqrt().max()),
+                             # the posterior mean is one point per image: its spread is not the posterior's
+                             "cov_error": float((torch.cov(out.T) - post_cov).abs().max()) if method == "sample" else None})
+    return {"benchmark": "restoration", "section": "gaussian", "lddpm_version": __version__, "git_commit": git_commit(),
+            "environment": environment(), "command": " ".join(sys.argv),
+            "settings": {"num": n, "schedule": "cosine, T = 1000", "mu": mu.tolist(), "Sigma": "0.09 * 0.9^|i-j|",
+                         "kept_pixels": kept, "kept_values": x_kept.tolist(), "seed": args.seed,
+                         "denoise": {"sigma": sigma, "y": y.tolist()}},
+            "conditional": {"mean": cond_mean.tolist(), "cov": cond_cov.tolist(),
+                            "unconditional_mean": mu[hole].tolist(),
+                            "shift": float((cond_mean - mu[hole]).abs().max())},
+            "standard_error_of_mean": se, "repaint": rows, "denoise": denoise_rows}
+
+
 # ------------------------------------------------------------------------------------------------ tables
 
 
@@ -303,6 +372,22 @@ def render(out: Path) -> str:
     parts = ["# Restoration benchmark", "", "Rendered by `benchmarks/restoration.py` from the JSON files beside this "
              "file; see docs/editing.md for the methods.", ""]
     files = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+    if "gaussian" in files:
+        r = files["gaussian"]
+        parts += [f"## Exact Gaussian data: RePaint against the conditional Gaussian (N = {r['settings']['num']}; "
+                  "`gaussian.json`)", "",
+                  f"Largest error of the completions' mean and covariance (the conditional mean lies "
+                  f"{r['conditional']['shift']:.3f} from the unconditional one; standard error of a mean "
+                  f"{r['standard_error_of_mean']:.4f}).", ""]
+        parts += _table(["steps", "jump", "resamplings", "network evaluations", "mean error", "covariance error"],
+                        [[str(x["num_steps"]), str(x["jump_length"]), str(x["resamplings"]),
+                          str(x["network_evaluations"]), _f(x["mean_error"], 4), _f(x["cov_error"], 4)]
+                         for x in r["repaint"]])
+        parts += ["", "Denoising (sigma 0.2) against the Gaussian posterior:", ""]
+        parts += _table(["method", "DDPM grid", "mean error", "standard error", "covariance error"],
+                        [[x["method"], str(x["num_steps"]), _f(x["mean_error"], 4),
+                          _f(x.get("standard_error_of_mean"), 4), _f(x["cov_error"], 4)] for x in r["denoise"]])
+        parts.append("")
     if "inpaint" in files:
         r = files["inpaint"]
         n = r["inputs"]["num"]
@@ -363,8 +448,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="grid of the denoising draw: DDPM steps over the whole schedule, those below the level run")
     p.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS))
     p.add_argument("--strengths", type=float, nargs="+", default=list(STRENGTHS))
-    p.add_argument("--sections", nargs="+", default=["inpaint", "sr", "denoise", "edit"],
-                   choices=["inpaint", "sr", "denoise", "edit"])
+    p.add_argument("--sections", nargs="+", default=["gaussian", "inpaint", "sr", "denoise", "edit"],
+                   choices=["gaussian", "inpaint", "sr", "denoise", "edit"])
+    p.add_argument("--gaussian-num", type=int, default=20000, help="samples of the Gaussian section (default 20000)")
     p.add_argument("--classifier", default="auto", help="auto (lddpm train-classifier's folder), a folder, or none")
     p.add_argument("--inception", default=None, help="a TorchScript feature network instead of the pinned one")
     p.add_argument("--cache-dir", default=None)
@@ -380,15 +466,22 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if not args.report_only:
         any_run = args.generate_run or args.inpaint_run or args.sr_run
-        if not any_run:
-            p.error("give at least one of --generate-run, --inpaint-run, --sr-run")
-        first = load_pipeline(any_run)
-        bench = Bench(args, first.dataset, first.resolution)
-        jobs = {"inpaint": (inpaint_section, args.generate_run or args.inpaint_run),
+        if not any_run and args.sections != ["gaussian"]:
+            p.error("give at least one of --generate-run, --inpaint-run, --sr-run (or --sections gaussian)")
+        if "gaussian" in args.sections and (args.force or not (out / "gaussian.json").is_file()):
+            start = time.time()
+            result = gaussian_section(args)
+            result["section_seconds"] = time.time() - start
+            write_json(result, out / "gaussian.json")
+        first = load_pipeline(any_run) if any_run else None
+        bench = Bench(args, first.dataset, first.resolution) if first is not None else None
+        jobs = {"gaussian": (None, None), "inpaint": (inpaint_section, args.generate_run or args.inpaint_run),
                 "sr": (sr_section, args.sr_run), "denoise": (denoise_section, args.generate_run),
                 "edit": (edit_section, args.generate_run)}
         for name in args.sections:
             fn, needed = jobs[name]
+            if name == "gaussian":
+                continue
             if not needed:
                 print(f"{name}: skipped (its run is not given)")
                 continue
