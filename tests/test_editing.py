@@ -441,3 +441,56 @@ def test_resume_of_a_checkpoint_without_a_task_section():
     assert resume_differences(saved, now) == []
     changed = dict(now, task=dict(now["task"], kind="inpaint"))
     assert resume_differences(saved, changed) == ["task.kind"]
+
+
+def test_latent_runs_edit_and_repaint_their_latents(task_runs):
+    """A latent run: SDEdit and RePaint work on the VAE latents (kept pixels pasted back exactly); denoising and
+    task networks are refused (pixel noise is not latent noise; task channels are built from pixels)."""
+    import json
+
+    from lddpm.config import validate
+    from lddpm.pipeline import load_pipeline
+    from lddpm.train import train, train_vae
+    from test_train import tiny_config
+
+    dirs = (task_runs / "idx", task_runs / "cache")
+    train_vae(tiny_config(dirs, "run.steps=1", "run.num_sample_images=4", preset="vae-fashion-quick"),
+              task_runs / "vae", progress=False)
+    latent = tiny_config(dirs, "run.steps=1", f"data.latent={json.dumps(str(task_runs / 'vae'))}",
+                         "model.overrides.attention_resolutions=[2]")
+    train(latent, task_runs / "ldm", progress=False)
+    pipe = load_pipeline(task_runs / "ldm")
+    images = np.random.default_rng(2).integers(0, 256, (2, 16, 16, 1), dtype=np.uint8)
+    mask = np.zeros((16, 16), bool)
+    mask[:, 8:] = True
+    assert np.array_equal(pipe.edit(images, 0.0, progress=False), images)
+    assert pipe.edit(images, 0.5, num_steps=4, progress=False).shape == images.shape
+    out = pipe.inpaint(images, mask, num_steps=4, jump_length=2, resamplings=2, progress=False)
+    assert np.array_equal(out[:, ~mask], images[:, ~mask])
+    with pytest.raises(LddpmError, match="denoising needs a pixel-space run"):
+        pipe.denoise(images, 0.1, progress=False)
+    from lddpm.config import apply_overrides
+
+    with pytest.raises(LddpmError, match="task.kind = 'inpaint' trains a pixel-space model.*drop data.latent"):
+        validate(apply_overrides(latent, ['task.kind="inpaint"']))
+
+
+def test_an_inpainting_run_resumes_exactly(task_runs, tmp_path):
+    """The random masks are drawn from each micro-batch's generator: a stopped and resumed run ends with the
+    weights of an uninterrupted one; changing the task on resume is refused."""
+    from lddpm.config import apply_overrides
+    from lddpm.checkpoint import load_checkpoint
+    from lddpm.train import train
+    from test_train import tiny_config
+
+    config = tiny_config((task_runs / "idx", task_runs / "cache"), "run.steps=3", 'task.kind="inpaint"',
+                         'task.masks=["strokes", "box"]')
+    train(config, tmp_path / "full", progress=False)
+    train(config, tmp_path / "part", progress=False, stop_at=1)
+    with pytest.raises(LddpmError, match="task.masks changed"):
+        train(apply_overrides(config, ['task.masks=["half"]']), tmp_path / "part", resume=True, progress=False)
+    with pytest.raises(LddpmError, match="the network shape changed \\(cond_channels: checkpoint 2, config 1\\)"):
+        train(apply_overrides(config, ['task.kind="super-resolution"']), tmp_path / "part", resume=True, progress=False)
+    train(config, tmp_path / "part", resume=True, progress=False)
+    a, b = load_checkpoint(tmp_path / "full").load("model"), load_checkpoint(tmp_path / "part").load("model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
