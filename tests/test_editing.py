@@ -494,3 +494,38 @@ def test_an_inpainting_run_resumes_exactly(task_runs, tmp_path):
     train(config, tmp_path / "part", resume=True, progress=False)
     a, b = load_checkpoint(tmp_path / "full").load("model"), load_checkpoint(tmp_path / "part").load("model")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_commands_write_one_png_per_image_and_a_grid(task_runs, tmp_path, capsys):
+    from PIL import Image
+
+    from lddpm.cli import main
+    from lddpm.convert.runs import export_diffusers
+
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / f"in{i}.png")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "low.png")
+    noisy = rng.standard_normal((2, 16, 16)).astype(np.float32) * 0.2
+    np.savez(tmp_path / "noisy.npz", images=noisy)
+    common = ["--steps", "2", "--device", "cpu", "--quiet"]
+    calls = [
+        (["inpaint", task_runs / "inpaint", tmp_path / "in0.png", tmp_path / "in1.png", "--mask", tmp_path / "mask.png"],
+         2, (2 * (16 * 4 + 2) + 2, 3 * (16 * 4 + 2) + 2)),
+        (["upscale", task_runs / "sr", tmp_path / "low.png"], 1, (16 * 4 + 4, 3 * (16 * 4 + 2) + 2)),
+        (["denoise", task_runs / "gen", tmp_path / "noisy.npz", "--method", "mean"], 2, (2 * (16 * 4 + 2) + 2, 2 * 66 + 2)),
+        (["edit", task_runs / "gen", tmp_path / "in0.png", "--strength", "0.3", "--class-name", "Trouser"], 1, None),
+    ]
+    for k, (argv, count, grid_shape) in enumerate(calls):
+        out = tmp_path / f"out{k}"
+        assert main([str(a) for a in argv] + common + ["--out-dir", str(out)]) == 0
+        assert sorted(p.name for p in out.iterdir()) == [f"{i:05d}.png" for i in range(count)] + ["grid.png"]
+        assert np.asarray(Image.open(out / "00000.png")).shape == (16, 16)
+        if grid_shape:
+            assert np.asarray(Image.open(out / "grid.png")).shape[:2] == grid_shape
+    assert "estimated noise std" in capsys.readouterr().out
+    with pytest.raises(LddpmError, match="trained for task 'inpaint'.*not supported"):
+        export_diffusers(task_runs / "inpaint", tmp_path / "hf")
