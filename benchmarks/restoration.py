@@ -367,72 +367,87 @@ def _table(head: list[str], lines: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(x) + " |" for x in lines)]
 
 
+def render_gaussian(r: dict, prefix: str = "") -> str:
+    """The exact-Gaussian section's tables (gaussian.json)."""
+    parts = [f"RePaint's completions against the conditional Gaussian (N = {r['settings']['num']}): the largest error "
+             f"of their mean and covariance (the conditional mean lies {r['conditional']['shift']:.3f} from the "
+             f"unconditional one; standard error of a mean {r['standard_error_of_mean']:.4f}).", ""]
+    parts += _table(["steps", "jump", "resamplings", "network evaluations", "mean error", "covariance error"],
+                    [[str(x["num_steps"]), str(x["jump_length"]), str(x["resamplings"]),
+                      str(x["network_evaluations"]), _f(x["mean_error"], 4), _f(x["cov_error"], 4)]
+                     for x in r["repaint"]])
+    parts += ["", f"Denoising (sigma {r['settings']['denoise']['sigma']:g}) against the Gaussian posterior:", ""]
+    parts += _table(["method", "DDPM grid", "mean error", "standard error", "covariance error"],
+                    [[x["method"], str(x["num_steps"]), _f(x["mean_error"], 4),
+                      _f(x.get("standard_error_of_mean"), 4), _f(x["cov_error"], 4)] for x in r["denoise"]])
+    return "\n".join(parts) + "\n"
+
+
+def render_inpaint(r: dict, prefix: str = "") -> str:
+    """The inpainting tables and grids (inpaint.json); grid links start with `prefix`."""
+    n, parts = r["inputs"]["num"], []
+    for k, (mask, rows) in enumerate(r["results"].items()):
+        parts += [f"{mask} mask ({r['settings']['masks'][mask]}), N = {n}:", ""]
+        parts += _table(["method", f"FID (N={n})", "class accuracy", "s / image", "network evaluations / image"],
+                        [[x["method"], _f(x["fid"]), _f(x["class_accuracy"], 3), _f(x["seconds_per_image"], 3),
+                          _f(x["network_evaluations_per_image"], 0)] for x in rows])
+        parts += ["", f"![{mask} mask]({prefix}{r['grids'][k]})", ""]
+    parts.append(f"Grid columns: {' | '.join(r['grid_columns'])}.")
+    return "\n".join(parts) + "\n"
+
+
+def render_sr(r: dict, prefix: str = "") -> str:
+    """The super-resolution table and grid (sr.json)."""
+    n, parts = r["inputs"]["num"], []
+    for key, rows in r["results"].items():
+        parts += [f"{key}: {r['settings']['low_resolution']}px -> {r['inputs']['resolution']}px, N = {n}:", ""]
+        parts += _table(["method", "PSNR (dB)", f"FID (N={n})", "class accuracy", "s / image"],
+                        [[x["method"], _f(x.get("psnr")), _f(x["fid"]), _f(x["class_accuracy"], 3),
+                          _f(x["seconds_per_image"], 3)] for x in rows])
+    parts += ["", f"![super-resolution]({prefix}sr.png)", "", f"Grid columns: {' | '.join(r['grid_columns'])}."]
+    return "\n".join(parts) + "\n"
+
+
+def render_denoise(r: dict, prefix: str = "") -> str:
+    """The denoising table (PSNR at each sigma) and grids (denoise.json)."""
+    sigmas = list(r["results"])
+    methods = [x["method"] for x in r["results"][sigmas[0]]["rows"]]
+    head = ["method", *[f"sigma {s} ({r['results'][s]['sigma_8bit']:.1f}/255)" for s in sigmas], "s / image"]
+    lines = [[m, *[_f(r["results"][s]["rows"][k]["psnr"]) for s in sigmas],
+              _f(r["results"][sigmas[-1]]["rows"][k]["seconds_per_image"], 3)] for k, m in enumerate(methods)]
+    lines.append(["noise estimate: mean relative error",
+                  *[_f(r["results"][s]["estimated_sigma"]["mean_relative_error"], 3) for s in sigmas], "-"])
+    parts = [f"PSNR (dB) against the originals, N = {r['inputs']['num']}:", "", *_table(head, lines), ""]
+    parts += [f"![denoising, sigma {g[len('denoise-'):-len('.png')]}]({prefix}{g})" for g in r["grids"]]
+    parts += ["", f"Grid columns: {' | '.join(r['grid_columns'])}."]
+    return "\n".join(parts) + "\n"
+
+
+def render_edit(r: dict, prefix: str = "") -> str:
+    """The SDEdit strength table and grid (edit.json)."""
+    n = r["inputs"]["num"]
+    rows = [r["results"]["originals"], *r["results"]["rows"]]
+    parts = _table(["strength", "class accuracy (input's label)", "RMSE to input (8-bit)", f"FID (N={n})",
+                    "s / image"],
+                   [[_f(x["strength"]), _f(x["class_accuracy"], 3), _f(x["rmse_to_input"], 1), _f(x["fid"]),
+                     _f(x["seconds_per_image"], 3)] for x in rows])
+    parts += ["", f"![image-to-image]({prefix}edit.png)", "", f"Grid columns: {' | '.join(r['grid_columns'])}."]
+    return "\n".join(parts) + "\n"
+
+
+SECTIONS = {"gaussian": ("Exact Gaussian data", render_gaussian), "inpaint": ("Inpainting", render_inpaint),
+            "sr": ("Super-resolution", render_sr), "denoise": ("Denoising", render_denoise),
+            "edit": ("Image-to-image (SDEdit)", render_edit)}
+
+
 def render(out: Path) -> str:
     """results.md: every table from the section JSON files in `out` (nothing typed by hand)."""
     parts = ["# Restoration benchmark", "", "Rendered by `benchmarks/restoration.py` from the JSON files beside this "
-             "file; see docs/editing.md for the methods.", ""]
-    files = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
-    if "gaussian" in files:
-        r = files["gaussian"]
-        parts += [f"## Exact Gaussian data: RePaint against the conditional Gaussian (N = {r['settings']['num']}; "
-                  "`gaussian.json`)", "",
-                  f"Largest error of the completions' mean and covariance (the conditional mean lies "
-                  f"{r['conditional']['shift']:.3f} from the unconditional one; standard error of a mean "
-                  f"{r['standard_error_of_mean']:.4f}).", ""]
-        parts += _table(["steps", "jump", "resamplings", "network evaluations", "mean error", "covariance error"],
-                        [[str(x["num_steps"]), str(x["jump_length"]), str(x["resamplings"]),
-                          str(x["network_evaluations"]), _f(x["mean_error"], 4), _f(x["cov_error"], 4)]
-                         for x in r["repaint"]])
-        parts += ["", "Denoising (sigma 0.2) against the Gaussian posterior:", ""]
-        parts += _table(["method", "DDPM grid", "mean error", "standard error", "covariance error"],
-                        [[x["method"], str(x["num_steps"]), _f(x["mean_error"], 4),
-                          _f(x.get("standard_error_of_mean"), 4), _f(x["cov_error"], 4)] for x in r["denoise"]])
-        parts.append("")
-    if "inpaint" in files:
-        r = files["inpaint"]
-        n = r["inputs"]["num"]
-        parts += [f"## Inpainting (N = {n} test images; `inpaint.json`)", ""]
-        for mask, rows in r["results"].items():
-            parts += [f"{mask} mask ({r['settings']['masks'][mask]}):", ""]
-            parts += _table(["method", f"FID (N={n})", "class accuracy", "s / image", "network evaluations / image"],
-                            [[x["method"], _f(x["fid"]), _f(x["class_accuracy"], 3), _f(x["seconds_per_image"], 3),
-                              _f(x["network_evaluations_per_image"], 0)] for x in rows])
-            parts += ["", f"![{mask}]({r['grids'][list(r['results']).index(mask)]}) "
-                      f"columns: {' | '.join(r['grid_columns'])}", ""]
-    if "sr" in files:
-        r = files["sr"]
-        n = r["inputs"]["num"]
-        for key, rows in r["results"].items():
-            parts += [f"## Super-resolution {key}: {r['settings']['low_resolution']}px -> {r['inputs']['resolution']}px "
-                      f"(N = {n}; `sr.json`)", ""]
-            parts += _table(["method", "PSNR (dB)", f"FID (N={n})", "class accuracy", "s / image"],
-                            [[x["method"], _f(x.get("psnr")), _f(x["fid"]), _f(x["class_accuracy"], 3),
-                              _f(x["seconds_per_image"], 3)] for x in rows])
-            parts += ["", f"![sr](sr.png) columns: {' | '.join(r['grid_columns'])}", ""]
-    if "denoise" in files:
-        r = files["denoise"]
-        parts += [f"## Denoising: PSNR (dB) at each noise std (N = {r['inputs']['num']}; `denoise.json`)", ""]
-        sigmas = list(r["results"])
-        methods = [x["method"] for x in r["results"][sigmas[0]]["rows"]]
-        head = ["method", *[f"sigma {s} ({r['results'][s]['sigma_8bit']:.1f}/255)" for s in sigmas], "s / image"]
-        lines = []
-        for k, m in enumerate(methods):
-            cells = [_f(r["results"][s]["rows"][k]["psnr"]) for s in sigmas]
-            lines.append([m, *cells, _f(r["results"][sigmas[-1]]["rows"][k]["seconds_per_image"], 3)])
-        lines.append(["noise estimate: mean relative error", *[_f(r["results"][s]["estimated_sigma"]["mean_relative_error"], 3)
-                                                              for s in sigmas], "-"])
-        parts += _table(head, lines)
-        parts += ["", *[f"![{g}]({g})" for g in r["grids"]], f"columns: {' | '.join(r['grid_columns'])}", ""]
-    if "edit" in files:
-        r = files["edit"]
-        n = r["inputs"]["num"]
-        parts += [f"## Image-to-image (SDEdit, N = {n}; `edit.json`)", ""]
-        rows = [r["results"]["originals"], *r["results"]["rows"]]
-        parts += _table(["strength", "class accuracy (input's label)", "RMSE to input (8-bit)", f"FID (N={n})",
-                         "s / image"],
-                        [[_f(x["strength"]), _f(x["class_accuracy"], 3), _f(x["rmse_to_input"], 1), _f(x["fid"]),
-                          _f(x["seconds_per_image"], 3)] for x in rows])
-        parts += ["", f"![edit](edit.png) columns: {' | '.join(r['grid_columns'])}", ""]
+             "file; docs/editing.md describes the methods.", ""]
+    for name, (title, fn) in SECTIONS.items():
+        path = out / f"{name}.json"
+        if path.is_file():
+            parts += [f"## {title} (`{name}.json`)", "", fn(json.loads(path.read_text()))]
     return "\n".join(parts)
 
 

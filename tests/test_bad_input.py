@@ -300,6 +300,20 @@ def _train(w, t, *sets, cmd="train"):
     return argv
 
 
+_HELD_SOCKETS = []  # listening sockets the serve-port-in-use case keeps open
+
+
+def _busy_port() -> int:
+    """A loopback port some socket is listening on."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    _HELD_SOCKETS.append(sock)
+    return sock.getsockname()[1]
+
+
 def _sample(w, t, *extra, run=None):
     return ["sample", run or w.run, "--out", t / "grid.png", "--num", "2", "--steps", "2", "--device", "cpu", "--quiet", *extra]
 
@@ -542,6 +556,19 @@ CASES = [
      r"argument --weights: invalid choice: 'raw'"),
     ("export-out-not-empty", lambda w, t: (file_blocker(t), ["export", w.run, "--out", t])[-1],
      r"already exists and is not empty"),
+    # ---- serve (each refused before the server starts)
+    ("serve-no-run", lambda w, t: ["serve"], r"the following arguments are required: RUN"),
+    ("serve-missing-run", lambda w, t: ["serve", t / "no-run", "--port", "0"], r"no-run does not exist"),
+    ("serve-not-a-checkpoint", lambda w, t: ["serve", file_blocker(t), "--port", "0"],
+     r"blocker is not a readable lddpm checkpoint"),
+    ("serve-port-out-of-range", lambda w, t: ["serve", w.run, "--port", "70000"],
+     r"--port = 70000 is out of range: expected an integer between 0 and 65535"),
+    ("serve-port-type", lambda w, t: ["serve", w.run, "--port", "http"], r"argument --port: invalid int value: 'http'"),
+    ("serve-port-in-use", lambda w, t: ["serve", w.run, "--port", _busy_port()],
+     r"port \d+ on 127.0.0.1 is already in use; choose another --port"),
+    ("serve-unknown-host", lambda w, t: ["serve", w.run, "--port", "0", "--host", "no-such-host.invalid"],
+     r"--host 'no-such-host.invalid' is not an address or a known host name"),
+    ("serve-bf16", lambda w, t: ["serve", w.run, "--bf16", "maybe"], r"--bf16 must be true, false or auto"),
 ]
 
 

@@ -14,7 +14,7 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
 COMMANDS = tuple(_subparsers())  # every registered command
 # The commands README and docs describe: each must stay registered.
 DOCUMENTED = ("prepare", "train", "train-vae", "sample", "eval", "fid-ref", "train-classifier", "study", "demo",
-              "import", "export", "verify-cache")
+              "import", "export", "verify-cache", "serve")
 
 
 def test_help_lists_every_command():

@@ -15,13 +15,13 @@ RANK = {
     "errors": -1,
     "checks": 0, "io": 0, "seeding": 0, "datasets": 0, "progress": 0,
     "config": 1, "schedule": 1, "nn": 1, "data": 1, "grid": 1, "checkpoint": 1, "tasks": 1,
-    "metrics": 2, "distributed": 2, "diffusion": 2,
+    "metrics": 2, "distributed": 2, "diffusion": 2, "tracking": 2,
     "sampling": 3,
     "editing": 3.5,  # SDEdit, RePaint, task networks, denoising over the samplers; pipeline's methods call it
     "pipeline": 4,
     "train": 5, "evaluate": 5, "convert": 5,
     "report": 6,
-    "study": 7,
+    "study": 7, "serve": 7,
     "commands": 8, "cli": 9, "__main__": 10,
 }
 ALLOWED_UPWARD = {("report", "study.schema")}  # the report reads the row fields from the study file's schema

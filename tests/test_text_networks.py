@@ -8,6 +8,7 @@ and Transformer2DModel (adaLN-Zero with cross-attention) as independent referenc
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -305,3 +306,45 @@ def test_exporting_a_text_network_as_a_plain_diffusers_class_is_refused():
         unet_config_to_diffusers(unet().config)
     with pytest.raises(LddpmError, match="no cross-attention"):
         dit_config_to_diffusers(dit(num_classes=3, freq_shift=1.0).config)
+
+
+# ----------------------------------------------------------------------------- transformer positions
+
+
+def test_sincos_table_is_the_closed_form_and_rectangular_grids_are_row_major():
+    from lddpm.nn.layers import sincos_position_embedding
+    dim, rows, cols = 8, 3, 5
+    table = sincos_position_embedding(dim, rows, cols)
+    assert table.shape == (rows * cols, dim)
+    r, c = 2, 4
+    freqs = [1.0, 0.01]                                 # 10000^(-i / (dim/4)), i = 0, 1
+    want = ([math.sin(c * f) for f in freqs] + [math.cos(c * f) for f in freqs]
+            + [math.sin(r * f) for f in freqs] + [math.cos(r * f) for f in freqs])
+    assert torch.allclose(table[r * cols + c], torch.tensor(want), atol=1e-6)
+    assert torch.equal(sincos_position_embedding(dim, 4), sincos_position_embedding(dim, 4, 4))
+
+
+def test_transformer_positions_break_left_right_symmetry_and_nothing_else_changes():
+    torch.manual_seed(0)
+    plain = randomize_zero_init(unet())
+    placed = unet(transformer_pos_embed=True)
+    placed.load_state_dict(plain.state_dict())          # same weights: the table is a fixed buffer-free term
+    x, t, ctx = batch(plain)
+    x = x + x.flip(-1)                                  # a left-right symmetric input
+    with torch.no_grad():
+        a, b = plain(x, t, context=ctx), placed(x, t, context=ctx)
+    assert not torch.allclose(a, b, atol=1e-4)
+    # a fresh network (zero-initialised transformer outputs) is the same function with or without positions
+    fresh = unet()
+    fresh_placed = unet(transformer_pos_embed=True)
+    fresh_placed.load_state_dict(fresh.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x, t, context=ctx), fresh_placed(x, t, context=ctx))
+
+
+def test_transformer_positions_need_prompts_and_cannot_be_exported():
+    from lddpm.convert.diffusers import unet_cond_config_to_diffusers
+    with pytest.raises(LddpmError, match="needs context_dim"):
+        unet(context_dim=0, transformer_pos_embed=True)
+    with pytest.raises(LddpmError, match="no position embedding"):
+        unet_cond_config_to_diffusers(unet(transformer_pos_embed=True).config)

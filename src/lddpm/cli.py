@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "lddpm.commands.study",  # study, demo
     "lddpm.commands.hub",  # import, export (diffusers folders)
     "lddpm.commands.verify",  # verify-cache
+    "lddpm.commands.serve",  # serve (the local web page)
 )
 
 

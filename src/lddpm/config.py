@@ -107,6 +107,9 @@ class RunConfig:
     sampler: str = "ddim"
     sample_steps: int = 20
     guidance_scale: float = 1.0
+    # Where training is logged: "jsonl" (log.jsonl, always written) and "tensorboard" (event files in the run
+    # folder; needs the tensorboard package, `lddpm[tensorboard]`). See docs/serving.md and lddpm.tracking.
+    trackers: list[str] = field(default_factory=lambda: ["jsonl"])
 
 
 @dataclass

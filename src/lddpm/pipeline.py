@@ -10,7 +10,7 @@ for autoencoders.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -161,7 +161,8 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, num: int, *, sampler: str = "ddim", num_steps: int | None = None, eta: float = 0.0,
                  guidance_scale: float = 1.0, labels: int | Sequence[int] | np.ndarray | None = None, seed: int = 0,
-                 batch_size: int = 64, progress: bool = True, prompts: str | Sequence[str] | None = None,
+                 batch_size: int = 64, progress: bool | Callable[[dict[str, Any]], Any] = True,
+                 prompts: str | Sequence[str] | None = None,
                  negative_prompt: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Sample `num` images -> (uint8 (N, H, W, C), int64 labels or None).
 
@@ -170,6 +171,9 @@ class Pipeline:
         `negative_prompt` that replaces the null prompt in guidance. The starting noise of image i depends only on (seed, i), and so does the noise a
         stochastic sampler draws at each step (one generator per image): samples do not depend on
         batch_size. Latent samples are divided by the VAE's scaling factor and decoded.
+        `progress` is True (a bar), False, or a callback that every sampler step calls with its state
+        (lddpm.sampling's: i, total, t, x, denoised; latents for latent runs) plus the batch's place:
+        start (its first image), batch (its size) and num.
         """
         stochastic = is_stochastic(sampler, eta)     # also rejects an unknown sampler or a bad eta
         self.require_task("generate", "generate images from noise alone (lddpm sample)")
@@ -181,23 +185,25 @@ class Pipeline:
         outputs = []
         self.model.eval()
         network = bf16_network(self.model, self.device.type) if self.bf16 else self.model
-        with tqdm(total=num, unit="img", desc=f"sample {sampler}", disable=not progress) as bar:
+        callback = progress if callable(progress) else None
+        with tqdm(total=num, unit="img", desc=f"sample {sampler}", disable=callback is not None or not progress) as bar:
             for start in range(0, num, batch_size):
                 xb = x_T[start:start + batch_size].to(self.device)
                 yb = torch.from_numpy(labels[start:start + batch_size]).to(self.device) if labels is not None else None
                 cb = context[start:start + batch_size] if context is not None else None
                 generator = ([seeding.generator(seeding.image_seed(int(seed), i), self.device)
                               for i in range(start, start + len(xb))] if stochastic else None)
+                steps = (lambda state, start=start, n=len(xb): callback({**state, "start": start, "batch": n, "num": num})
+                         ) if callback is not None else False
                 x = sample(network, self.diffusion, tuple(xb.shape), sampler=sampler, num_steps=num_steps, eta=eta,
                            clip_x0=self.vae is None, y=yb, guidance_scale=guidance_scale, null_label=self.null_label,
-                           context=cb, null_context=null_context, generator=generator, x_T=xb, device=self.device, progress=False)
+                           context=cb, null_context=null_context, generator=generator, x_T=xb, device=self.device, progress=steps)
                 if self.vae is not None:
                     x = self.vae.decode(x.float() / self.vae.scaling_factor)
                 outputs.append(to_uint8(x))
                 bar.update(len(xb))
         images = np.concatenate(outputs) if outputs else np.zeros((0, self.resolution, self.resolution, self.channels), np.uint8)
         return images, labels
-
 
     # ---------------------------------------------------------------------------------------- editing and restoration
 
@@ -517,7 +523,10 @@ def load_pipeline(run_or_checkpoint: str | Path, device: str | torch.device = "c
     model = model.to(device).eval().requires_grad_(False)
     vae = load_vae(ckpt.path, device) if "vae" in ckpt.groups else None
     config = Config.from_dict(meta["config"], source=str(ckpt.path))
-    text_encoder = load_run_text_encoder(meta, device, str(ckpt.path)) if meta.get("text") else None
+    text_encoder = None
+    if meta.get("text"):    # a scratch encoder trained with the network is part of it (EMA weights included)
+        text_encoder = (model.conditioning.text_encoder if meta["text"].get("encoder") == "scratch"
+                        else load_run_text_encoder(meta, device, str(ckpt.path)))
     task = meta.get("task") or {"kind": config.task.kind, "factor": config.task.factor, "masks": list(config.task.masks)}
     return Pipeline(model, build_diffusion(config.diffusion), vae=vae, config=config, dataset=meta.get("dataset"),
                     device=device, checkpoint=str(ckpt.path), step=int(meta["step"]), bf16=bf16,

@@ -126,8 +126,18 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return headings, body
 
 
-def to_markdown(study: Study, rows: list[dict], floor: dict | None = None) -> str:
-    """results.md: settings line, the real-data floor, the table, and notes on reconstruction cells and failures."""
+def timing_text(timing: dict | None) -> str | None:
+    """One sentence on the study's time record (runner.read_timing): total seconds, sessions, first start, last end."""
+    if not timing or not timing.get("sessions"):
+        return None
+    n = len(timing["sessions"])
+    end = f"finished {timing['finished']}" if timing.get("finished") else "not finished (running, or killed)"
+    return (f"Time: {timing['seconds']:.0f} s ({timing['seconds'] / 60:.1f} min) in {n} session{'s' if n > 1 else ''}; "
+            f"started {timing['started']}, {end}.")
+
+
+def to_markdown(study: Study, rows: list[dict], floor: dict | None = None, timing: dict | None = None) -> str:
+    """results.md: settings line, the real-data floor, the time record, the table, and notes on reconstruction cells."""
     s = study.settings
     headings, body = table(rows)
     lines = [
@@ -139,6 +149,8 @@ def to_markdown(study: Study, rows: list[dict], floor: dict | None = None) -> st
     ]
     if floor_text(floor):
         lines += [floor_text(floor), ""]
+    if timing_text(timing):
+        lines += [timing_text(timing), ""]
     lines += [
         "| " + " | ".join(headings) + " |",
         "|" + "|".join("---" for _ in headings) + "|",

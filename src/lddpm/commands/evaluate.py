@@ -179,7 +179,25 @@ def _run_eval(args: argparse.Namespace, progress: bool) -> int:
     ev.write_result(result, out)
     print(ev.summary_line(result))
     print(f"results: {out}")
+    if args.run or args.vae:
+        _track(args.run or args.vae, result, out)
     return 0
+
+
+def _track(run: str, result: dict, out: Path) -> None:
+    """The numbers also go to the run's trackers (run.trackers, e.g. TensorBoard) as eval/<results name>/<metric>."""
+    from lddpm.checkpoint import resolve_checkpoint
+    from lddpm.errors import LddpmError
+    from lddpm.tracking import log_evaluation
+
+    try:
+        checkpoint = resolve_checkpoint((result.get("settings") or {}).get("checkpoint") or run)
+        logged = log_evaluation(checkpoint, "eval", out.stem, result)
+    except (LddpmError, OSError) as exc:  # the results file is written; a tracker that cannot write is only a note
+        print(f"note: not logged to the run's trackers: {exc}")
+        return
+    if logged is not None:
+        print(f"logged to the trackers of {logged} as eval/{out.stem}/...")
 
 
 def _default_out(args: argparse.Namespace) -> Path:

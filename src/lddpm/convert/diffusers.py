@@ -443,6 +443,12 @@ def unet_cond_config_from_diffusers(config: dict[str, Any], where: str = "UNet2D
 def unet_cond_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
     """A text UNetConfig -> a complete UNet2DConditionModel config (use_linear_projection, attention_head_dim =
     the number of heads); refuses a U-Net that class would compute differently."""
+    if config.scratch_vocab:
+        raise LddpmError("text.encoder = 'scratch': the encoder trained inside this U-Net has no Hugging Face model "
+                         "class for diffusers to load; nothing was written")
+    if config.transformer_pos_embed:
+        raise LddpmError("transformer_pos_embed = true: UNet2DConditionModel has no position embedding in its "
+                         "transformers, so diffusers could not load this U-Net; nothing was written")
     if not config.context_dim:
         raise LddpmError("context_dim=0: a U-Net without prompts is a UNet2DModel in diffusers")
     if not config.mid_attention:

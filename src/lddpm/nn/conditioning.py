@@ -65,6 +65,9 @@ class Conditioning(nn.Module):
       `context_proj_dim` = 0 it passes through unchanged (Stable Diffusion's U-Net); otherwise `context_embed`,
       an MLP Linear(context_dim, proj) -> GELU(tanh) -> Linear(proj, proj), projects it (PixArt-alpha's caption
       embedder). A text network (context_dim > 0) needs a context; any other refuses one.
+    - A network trained with its own text encoder (`scratch_vocab`, lddpm.nn.text.ScratchTextEncoder of width
+      context_dim, registered as `text_encoder`) also takes the prompts' token ids (B, L) as `context` and
+      encodes them itself, so the encoder trains with the network (and under DDP and the EMA with it).
 
     Returns (SiLU(timestep + label embedding), context): every consumer of the embedding (ResBlock projection,
     adaLN) starts with SiLU, so it is applied once here. The module holds no state besides its parts and
@@ -73,7 +76,7 @@ class Conditioning(nn.Module):
 
     def __init__(self, *, frequencies: int, dim: int, num_classes: int = 0, context_dim: int = 0,
                  context_proj_dim: int = 0, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
-                 network: str = "network"):
+                 network: str = "network", scratch_vocab: tuple[str, ...] = (), scratch_max_length: int = 32):
         super().__init__()
         self.frequencies, self.dim = frequencies, dim
         self.num_classes, self.context_dim = num_classes, context_dim
@@ -85,10 +88,18 @@ class Conditioning(nn.Module):
         if context_dim > 0 and context_proj_dim > 0:
             self.context_embed = nn.Sequential(nn.Linear(context_dim, context_proj_dim), nn.GELU(approximate="tanh"),
                                                nn.Linear(context_proj_dim, context_proj_dim))
+        self.text_encoder = None
+        if scratch_vocab:
+            from lddpm.nn.text import ScratchTextEncoder
+            if context_dim <= 0:
+                raise LddpmError(f"scratch_vocab is set but context_dim={context_dim}: a {network} with its own text "
+                                 "encoder needs context_dim = the encoder's width")
+            self.text_encoder = ScratchTextEncoder(list(scratch_vocab), scratch_max_length, dim=context_dim)
 
     def parts(self) -> dict[str, nn.Module | None]:
         """The submodules under the names a network registers them (None where absent)."""
-        return {"time_embed": self.time_embed, "label_embed": self.label_embed, "context_embed": self.context_embed}
+        return {"time_embed": self.time_embed, "label_embed": self.label_embed, "context_embed": self.context_embed,
+                "text_encoder": self.text_encoder}
 
     def embedding(self, t: torch.Tensor, y, batch: int, device: torch.device) -> torch.Tensor:
         """timestep + label embedding (B, dim), before the SiLU."""
@@ -115,6 +126,13 @@ class Conditioning(nn.Module):
             raise LddpmError(f"this {self.network} takes prompts: pass context, the text encoder's token states "
                              f"(B, L, {self.context_dim}) (the null prompt's states for an unconditional sample)")
         context = torch.as_tensor(context)
+        if not context.is_floating_point():
+            if self.text_encoder is None:
+                raise LddpmError(f"context holds integers (token ids?), but this {self.network} reads token states "
+                                 f"(B, L, {self.context_dim}) from a frozen text encoder: encode the prompts first")
+            if context.dim() != 2:
+                raise LddpmError(f"token ids must have shape (B, L), got {tuple(context.shape)}")
+            context = self.text_encoder(context.to(device))
         if context.dim() != 3:
             raise LddpmError(f"context must be the text encoder's token states (B, L, {self.context_dim}), "
                              f"got shape {tuple(context.shape)}")

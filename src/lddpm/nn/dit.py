@@ -16,7 +16,7 @@ from torch import nn
 
 from lddpm.errors import LddpmError
 from lddpm.nn.conditioning import Conditioning, attach, concat_condition
-from lddpm.nn.layers import CrossAttention, NetworkConfig, run_block
+from lddpm.nn.layers import CrossAttention, NetworkConfig, run_block, sincos_position_embedding
 
 TIMESTEP_FREQUENCIES = 256  # size of the sinusoidal timestep embedding fed to the MLP (the paper's code)
 
@@ -40,6 +40,10 @@ class DiTConfig(NetworkConfig):
     freq_shift: float = 0.0
     mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before each MLP (1e-6 in the paper's code, diffusers' norm_eps)
     context_dim: int = 0  # > 0: text prompts of this width, read by a cross-attention in every block
+    # text.encoder = "scratch": the vocabulary of the text encoder trained with the network (empty = none) and its
+    # token length; the network then also takes token ids as `context` (its width is context_dim).
+    scratch_vocab: tuple[str, ...] = ()
+    scratch_max_length: int = 32
     cond_channels: int = 0  # > 0: a conditioning image of this many channels, concatenated with x before patchify
 
     def validate(self) -> None:
@@ -67,22 +71,6 @@ class DiTConfig(NetworkConfig):
         if not 0 <= self.freq_shift < TIMESTEP_FREQUENCIES // 2 or not self.mlp_norm_eps > 0:
             raise LddpmError(f"freq_shift={self.freq_shift} must be in [0, {TIMESTEP_FREQUENCIES // 2}) and "
                              f"mlp_norm_eps={self.mlp_norm_eps} positive")
-
-
-def sincos_position_embedding(dim: int, grid_size: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding (grid_size^2, dim), row-major over the patch grid.
-
-    The first dim/2 channels encode the column, the last dim/2 the row, each as [sin, cos] of
-    pos * 10000^(-i / (dim/4)) (ViT/MAE's 2-D version of Vaswani et al. 2017, as in DiT's code).
-    """
-    quarter = dim // 4
-    freqs = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    pos = torch.arange(grid_size, dtype=torch.float64)
-    axis = torch.outer(pos, freqs)
-    axis = torch.cat([torch.sin(axis), torch.cos(axis)], dim=1)  # (grid, dim/2)
-    rows = axis[:, None, :].expand(grid_size, grid_size, dim // 2)
-    cols = axis[None, :, :].expand(grid_size, grid_size, dim // 2)
-    return torch.cat([cols, rows], dim=-1).reshape(grid_size * grid_size, dim).float()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -186,7 +174,8 @@ class DiT(nn.Module):
         # registers time_embed (Linear(256, dim) -> SiLU -> Linear), label_embed and, for text, context_embed
         attach(self, Conditioning(frequencies=TIMESTEP_FREQUENCIES, dim=dim, num_classes=c.num_classes,
                                   context_dim=c.context_dim, context_proj_dim=dim, freq_shift=c.freq_shift,
-                                  network="DiT"))
+                                  network="DiT", scratch_vocab=c.scratch_vocab,
+                                  scratch_max_length=c.scratch_max_length))
         self.blocks = nn.ModuleList(DiTBlock(dim, c.num_heads, c.mlp_ratio, c.mlp_norm_eps, c.context_dim > 0)
                                     for _ in range(c.depth))
         self.final_layer = FinalLayer(dim, p * p * self.out_channels)

@@ -181,6 +181,32 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def sincos_position_embedding(dim: int, grid_size: int, cols: int | None = None) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (rows * cols, dim), row-major over the grid (cols = rows by default).
+
+    The first dim/2 channels encode the column, the last dim/2 the row, each as [sin, cos] of
+    pos * 10000^(-i / (dim/4)) (ViT/MAE's 2-D version of Vaswani et al. 2017, as in DiT's code).
+    """
+    cols = grid_size if cols is None else cols
+    quarter = dim // 4
+    freqs = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+
+    def axis(n: int) -> torch.Tensor:
+        a = torch.outer(torch.arange(n, dtype=torch.float64), freqs)
+        return torch.cat([torch.sin(a), torch.cos(a)], dim=1)  # (n, dim/2)
+
+    rows = axis(grid_size)[:, None, :].expand(grid_size, cols, dim // 2)
+    colv = axis(cols)[None, :, :].expand(grid_size, cols, dim // 2)
+    return torch.cat([colv, rows], dim=-1).reshape(grid_size * cols, dim).float()
+
+
+def position_table(dim: int, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """sincos_position_embedding (1, rows * cols, dim) padded to `dim` channels, on like's device and dtype."""
+    table = sincos_position_embedding(dim - dim % 4, rows, cols)
+    table = torch.nn.functional.pad(table, (0, dim % 4))
+    return table[None].to(device=like.device, dtype=like.dtype)
+
+
 class SpatialTransformer(nn.Module):
     """Stable Diffusion's spatial transformer over the H*W positions of a feature map, linear projections.
 
@@ -190,8 +216,9 @@ class SpatialTransformer(nn.Module):
     """
 
     def __init__(self, channels: int, num_heads: int, context_dim: int, *, depth: int = 1, norm_groups: int = 32,
-                 zero_init: bool = True):
+                 zero_init: bool = True, pos_embed: bool = False):
         super().__init__()
+        self.pos_embed = pos_embed
         self.norm = GroupNorm(norm_groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, num_heads, context_dim)
@@ -202,9 +229,15 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None,
                 context: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W), context (B, L, context_dim) -> x + transformer(x); `emb` is ignored."""
+        """x (B, C, H, W), context (B, L, context_dim) -> x + transformer(x); `emb` is ignored.
+
+        With pos_embed the tokens get fixed 2-D sin-cos positions after proj_in (not in diffusers' layout), so
+        that cross-attention can tie a phrase like "on the left" to where a token is.
+        """
         b, c, hgt, wid = x.shape
         h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(b, hgt * wid, c))  # (B, L, C)
+        if self.pos_embed:
+            h = h + position_table(c, hgt, wid, h)
         for block in self.transformer_blocks:
             h = block(h, context)
         h = self.proj_out(h).reshape(b, hgt, wid, c).permute(0, 3, 1, 2)

@@ -45,6 +45,13 @@ class UNetConfig(NetworkConfig):
     # is then a spatial transformer with `transformer_depth` blocks of self-attention, cross-attention, GEGLU FF.
     context_dim: int = 0
     transformer_depth: int = 1
+    # text.encoder = "scratch": the vocabulary of the text encoder trained with the network (empty = none) and its
+    # token length; the network then also takes token ids as `context` (its width is context_dim).
+    scratch_vocab: tuple[str, ...] = ()
+    scratch_max_length: int = 32
+    # Fixed 2-D sin-cos positions added to the spatial transformers' tokens (not part of diffusers' layout):
+    # tells cross-attention where each token is, for prompts that place things ("on the left").
+    transformer_pos_embed: bool = False
     # Restoration tasks (lddpm.tasks): > 0 = extra input channels (a mask and masked image, or an upsampled
     # low-resolution image) concatenated with x before the first conv; the output keeps in_channels.
     cond_channels: int = 0
@@ -73,6 +80,9 @@ class UNetConfig(NetworkConfig):
         if self.context_dim < 0 or self.transformer_depth < 1:
             raise LddpmError(f"context_dim={self.context_dim} must be >= 0 (0 = no text prompts) and "
                              f"transformer_depth={self.transformer_depth} >= 1")
+        if self.transformer_pos_embed and not self.context_dim:
+            raise LddpmError("transformer_pos_embed = true needs context_dim > 0 (it applies to the spatial "
+                             "transformers of a U-Net that reads prompts)")
         if self.context_dim and not (self.attention_resolutions or self.mid_attention):
             raise LddpmError(f"context_dim={self.context_dim} but this U-Net has no attention block to read the "
                              "prompt: set attention_resolutions or mid_attention = true")
@@ -137,13 +147,14 @@ class UNet(nn.Module):
 
         # registers time_embed (Linear(ch, 4ch) -> SiLU -> Linear) and label_embed, as before the shared module
         attach(self, Conditioning(frequencies=ch, dim=emb_dim, num_classes=c.num_classes, context_dim=c.context_dim,
-                                  flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift, network="U-Net"))
+                                  flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift, network="U-Net",
+                                  scratch_vocab=c.scratch_vocab, scratch_max_length=c.scratch_max_length))
         block = dict(dropout=c.dropout, norm_groups=c.norm_groups, scale_shift=c.use_scale_shift_norm, eps=c.norm_eps)
 
         def attention(channels: int) -> nn.Module:
             if c.context_dim:
                 return SpatialTransformer(channels, c.heads_for(channels), c.context_dim, depth=c.transformer_depth,
-                                          norm_groups=c.norm_groups)
+                                          norm_groups=c.norm_groups, pos_embed=c.transformer_pos_embed)
             return AttentionBlock(channels, c.heads_for(channels), norm_groups=c.norm_groups, eps=c.norm_eps)
 
         self.conv_in = nn.Conv2d(c.in_channels + c.cond_channels, ch, 3, padding=1)

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from lddpm.checkpoint import checkpoint_name, checkpoint_step, final_checkpoint, list_checkpoints, load_checkpoint
+from lddpm.checkpoint import (checkpoint_name, checkpoint_step, final_checkpoint, list_checkpoints, load_checkpoint,
+                              resolve_checkpoint)
 from lddpm.config import load_config, save_config
 from lddpm.data import open_cache, prepare, test_split
 from lddpm.distributed import resolve_device
@@ -207,6 +208,7 @@ class StudyBackend:
             if result.get("faithfulness"):
                 row.update(faithfulness_fields(result["faithfulness"]))
                 row["extra"]["faithfulness"] = result["faithfulness"]
+        track_cell(source, cell, row)
         return row
 
     def _vae_cell(self, cell: CellSpec, info: dict, study: Study) -> dict:
@@ -227,12 +229,24 @@ class StudyBackend:
         originals = np.asarray(cache.images[:32])
         recon = vae_reconstructions(vae, originals, batch_size=32, device=device)
         pairs = np.stack([originals, recon], axis=1).reshape(-1, *originals.shape[1:])
+        track_cell(source, cell, {**result, "seconds_per_image": seconds / max(1, result["num_images"])})
         return {
             "fid": result["fid"], "fid_n": result["num_images"], "kid": result.get("kid"), "kid_std": result.get("kid_std"),
             "precision": result.get("precision"),
             "recall": result.get("recall"), "seconds_per_image": seconds / max(1, result["num_images"]),
             "model_evals": 1, "psnr": result["psnr"], "mse": result["mse"], "images": pairs, "labels": None, **trained,
         }
+
+
+def track_cell(source: Path, cell: CellSpec, numbers: dict) -> None:
+    """A cell's numbers to its run's trackers (run.trackers, e.g. TensorBoard) as study/<cell>/<metric>, at the step
+    of the checkpoint it scored; the row in results.json is the record, so a tracker failure is only printed."""
+    from lddpm.tracking import log_evaluation
+
+    try:
+        log_evaluation(resolve_checkpoint(source), "study", cell.name, numbers)
+    except (LddpmError, OSError) as exc:
+        print(f"[study] cell {cell.name}: not logged to the run's trackers: {exc}", flush=True)
 
 
 def check_cell_fits_run(cell: CellSpec, info: dict, spec: PromptSpec | None) -> None:

@@ -4,7 +4,9 @@
 skipped on the next run; a training run is reused when its final checkpoint exists (and resumed
 from its last checkpoint otherwise). A cell that raises is recorded as `failed: <message>` and the
 rest of the grid goes on. How a run is trained and a cell is scored is injectable (`train_fn`,
-`cell_fn`), so the runner and the report are testable with toy functions.
+`cell_fn`), so the runner and the report are testable with toy functions. Each session (one call;
+a resumed study has several) records its start, end and seconds in `timing.json`, and results.json
+carries them with their total, so a study's cost is in its file.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import time
 import traceback
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +22,7 @@ from lddpm import report
 from lddpm.grid import labelled_grid, prompt_grid
 from lddpm.io import finite_or_none, folder_lock, read_json_object, remove_stale_temp_files, to_json, write_png, write_text
 from lddpm.study.backend import StudyBackend
-from lddpm.study.schema import REAL_FLOOR_FILE, CellSpec, RunSpec, Study, base_row, log
+from lddpm.study.schema import REAL_FLOOR_FILE, TIMING_FILE, CellSpec, RunSpec, Study, base_row, log
 
 TrainFn = Callable[[RunSpec, Path, "Study", dict], dict]
 CellFn = Callable[[CellSpec, dict, "Study", Path], dict]
@@ -58,6 +61,7 @@ def _run_study(study: Study, out: Path, *, train_fn, cell_fn, floor_fn, only, re
     (out / "cells").mkdir(parents=True, exist_ok=True)
     for folder in (out, out / "cells", out / "grids", out / "plots"):
         remove_stale_temp_files(folder)  # a killed study's half-written files
+    session = Session(out)
     if train_fn is None or cell_fn is None:
         backend = StudyBackend(progress=progress)
         train_fn = train_fn or backend.train
@@ -122,11 +126,56 @@ def _run_study(study: Study, out: Path, *, train_fn, cell_fn, floor_fn, only, re
         row = {k: finite_or_none(v) for k, v in row.items()}
         write_text(path, to_json(row).rstrip("\n"))
         rows.append(row)
+        session.save()
         pending = [base_row(c, study, "pending") for c in study.cells[len(rows):]]
         write_report(study, rows + pending, out, plots=False)  # the table so far; plots at the end
     write_report(study, rows, out, run_dirs={n: i["run_dir"] for n, i in infos.items() if isinstance(i, dict)})
-    log(progress, f"[study] results in {out / 'index.html'}")
+    session.save(finished=True)
+    floor = write_results_json(study, rows, out)  # with this session's end
+    write_text(out / "results.md", report.to_markdown(study, rows, floor, timing=read_timing(out)))
+    total = read_timing(out)
+    log(progress, f"[study] {session.entry['seconds']:.0f} s in this session, {total['seconds']:.0f} s in "
+                  f"{len(total['sessions'])} session(s); results in {out / 'index.html'}")
     return rows
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Session:
+    """This call of the study: its start (UTC), end and seconds, appended to the sessions of `timing.json`.
+
+    `save()` updates the seconds (after each cell, so a killed session keeps the time up to its last cell);
+    `save(finished=True)` also records the end. A session without an end was killed (or is still running).
+    """
+
+    def __init__(self, out: Path):
+        self.path = out / TIMING_FILE
+        old = read_json_object(self.path, "delete it to start the study's time record again") if self.path.is_file() else {}
+        self.sessions = [s for s in old.get("sessions", []) if isinstance(s, dict)]
+        self.entry = {"started": _now(), "finished": None, "seconds": 0.0}
+        self.sessions.append(self.entry)
+        self._start = time.perf_counter()
+        self.save()
+
+    def save(self, *, finished: bool = False) -> None:
+        self.entry["seconds"] = round(time.perf_counter() - self._start, 3)
+        if finished:
+            self.entry["finished"] = _now()
+        write_text(self.path, to_json({"sessions": self.sessions}).rstrip("\n"))
+
+
+def read_timing(out_dir: str | Path) -> dict | None:
+    """The study's time record: first start, last end (None while unfinished), total seconds, the sessions."""
+    path = Path(out_dir) / TIMING_FILE
+    if not path.is_file():
+        return None
+    sessions = read_json_object(path, "delete it to start the study's time record again").get("sessions") or []
+    if not sessions:
+        return None
+    return {"started": sessions[0].get("started"), "finished": sessions[-1].get("finished"),
+            "seconds": round(sum(float(s.get("seconds") or 0.0) for s in sessions), 3), "sessions": sessions}
 
 
 def first_prompts_grid(images, prompts: list[str], *, rows: int, per_prompt: int):
@@ -184,15 +233,21 @@ def write_report(study: Study, rows: list[dict], out_dir: str | Path, run_dirs: 
     run_dirs = dict(run_dirs or {})
     for name in study.runs:
         run_dirs.setdefault(name, out / "runs" / name)
-    floor_path = out / REAL_FLOOR_FILE
-    floor = read_json_object(floor_path, "delete it to measure the floor again") if floor_path.is_file() else None
-    payload = {"study": asdict(study.settings), "runs": {n: asdict(r) for n, r in study.runs.items()}, "rows": rows,
-               "real_floor": floor}
-    write_text(out / "results.json", to_json(payload).rstrip("\n"))
+    floor = write_results_json(study, rows, out)
     write_text(out / "results.csv", report.to_csv(rows))
-    write_text(out / "results.md", report.to_markdown(study, rows, floor))
+    write_text(out / "results.md", report.to_markdown(study, rows, floor, timing=read_timing(out)))
     if plots:
         made = report.write_plots(rows, {n: Path(d) for n, d in run_dirs.items()}, out / "plots")
     else:  # keep linking the plots of the last full report
         made = [(p.stem.replace("_", " "), f"plots/{p.name}") for p in sorted((out / "plots").glob("*.png")) if not p.name.startswith(".")]
     write_text(out / "index.html", report.to_html(study, rows, made, floor))
+
+
+def write_results_json(study: Study, rows: list[dict], out: Path) -> dict | None:
+    """results.json: settings, runs, rows, the real-data floor and the time record; returns the floor."""
+    floor_path = out / REAL_FLOOR_FILE
+    floor = read_json_object(floor_path, "delete it to measure the floor again") if floor_path.is_file() else None
+    payload = {"study": asdict(study.settings), "runs": {n: asdict(r) for n, r in study.runs.items()}, "rows": rows,
+               "real_floor": floor, "timing": read_timing(out)}
+    write_text(out / "results.json", to_json(payload).rstrip("\n"))
+    return floor

@@ -36,6 +36,7 @@ CELL_KINDS = ("sample", "vae")
 RUN_KINDS = ("diffusion", "vae")
 LABEL_MODES = ("balanced", "none")
 REAL_FLOOR_FILE = "real_floor.json"
+TIMING_FILE = "timing.json"  # each session of a study (a resumed study has several): start, end, seconds
 PLOT_GROUPS = ("samplers", "guidance", "schedules", "vae", "architecture", "training", "other")
 PROMPTS_FOLDER = "prompts"  # built-in prompt sets are written here, in the study's output folder
 PROMPT_SET_SEED = 0  # a built-in spec names its file completely: the same prompts in every study

@@ -29,6 +29,7 @@ class DiffusionTrainer(TrainingLoop):
     """Trains a noise predictor on images or on a VAE's latents (data.latent)."""
 
     kind = "diffusion"
+    LOSS_BANDS = 4  # the loss is logged by quarter of the timestep range (fewer when T < 4)
 
     def build(self) -> None:
         """Data (and latent cache), network, EMA, diffusion, optimizer."""
@@ -72,38 +73,50 @@ class DiffusionTrainer(TrainingLoop):
         self.grid_images = np.asarray(cache.images[:8]) if c.task.kind != "generate" else None
         self.captions, self.caption_states, self.text_meta = None, None, None
         if c.text.encoder:
-            derived["context_dim"] = self._encode_captions(cache)
+            self._encode_captions(cache, derived)
         self.model = build_network(c.model.kind, c.model.name, **network_overrides(c, derived)).to(self.device)
         self.model.train()
         self.ema = EMA(self.model, c.optim.ema_decay, c.optim.ema_warmup, c.optim.ema_gamma)
         self.diffusion = build_diffusion(c.diffusion)
+        # The loss by noise level, for the log and the trackers: quarters of the timestep range 0..T-1.
+        T = self.diffusion.num_timesteps
+        self.band_edges = [T * k // self.LOSS_BANDS for k in range(self.LOSS_BANDS + 1)]
+        self.loss_bands = [f"{lo:03d}-{hi - 1:03d}" for lo, hi in zip(self.band_edges, self.band_edges[1:]) if hi > lo]
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.forward_model = self.wrap_ddp(self.model)
         self.null_label = self.model.null_label if num_classes else None
-        text = PromptStates(self.captions.texts, self.caption_states) if self.captions is not None else None
+        text = None
+        if self.captions is not None:   # the grid's prompts: the cached states, or the EMA network's own encoder
+            text = (self.ema.model.conditioning.text_encoder if c.text.encoder == "scratch"
+                    else PromptStates(self.captions.texts, self.caption_states))
         self.grid_pipeline = Pipeline(self.ema.model, self.diffusion, vae=self.vae, config=c,
                                       dataset=self.dataset_info, device=self.device, text_encoder=text, task=self.task)
 
-    def _encode_captions(self, cache) -> int:
-        """Encode each distinct caption of the cache once with the frozen text encoder (rank 0 first,
-        cached on disk by the encoder's identity); return the context width."""
-        from lddpm.nn.text import encode_captions_cached, load_text_encoder
+    def _encode_captions(self, cache, derived: dict) -> None:
+        """Prepare the prompts' conditioning: each distinct caption encoded once with the frozen text encoder
+        (rank 0 first, cached on disk by the encoder's identity), or, for text.encoder = "scratch", tokenized for
+        the encoder that trains inside the network (its vocabulary: the words of the training captions).
+        Sets derived["context_dim"] (and the scratch encoder's fields)."""
+        from lddpm.nn.text import ScratchTextEncoder, encode_captions_cached, load_text_encoder
 
         c = self.config
-        if c.text.encoder == "scratch":
-            raise LddpmError("text.encoder = 'scratch': the trainable encoder (lddpm.nn.text.ScratchTextEncoder) "
-                             "is not trained by lddpm train yet; use 'minilm' or a local Hugging Face encoder folder")
         self.captions = cache.captions
-        encoder = load_text_encoder(c.text.encoder, c.text.max_length)
-        root = (Path(c.data.cache_dir) if c.data.cache_dir else default_cache_dir()) / "text"
-        if self.info.is_main:
-            self.caption_states = encode_captions_cached(encoder, self.captions.texts, root)
-        distributed.barrier(self.info)
-        if not self.info.is_main:
-            self.caption_states = encode_captions_cached(encoder, self.captions.texts, root)
+        if c.text.encoder == "scratch":
+            encoder = ScratchTextEncoder.from_captions(self.captions.texts[1:], max_length=c.text.max_length)
+            self.caption_states = encoder.tokenize(self.captions.texts)  # token ids (N, L), encoded in the network
+            derived.update(context_dim=encoder.dim, scratch_vocab=list(encoder.vocab),
+                           scratch_max_length=encoder.max_length)
+        else:
+            encoder = load_text_encoder(c.text.encoder, c.text.max_length)
+            root = (Path(c.data.cache_dir) if c.data.cache_dir else default_cache_dir()) / "text"
+            if self.info.is_main:
+                self.caption_states = encode_captions_cached(encoder, self.captions.texts, root)
+            distributed.barrier(self.info)
+            if not self.info.is_main:
+                self.caption_states = encode_captions_cached(encoder, self.captions.texts, root)
+            derived["context_dim"] = encoder.dim
         self.text_meta = {"encoder": c.text.encoder, "identity": encoder.identity(), "max_length": c.text.max_length,
                           "caption_dropout": c.text.caption_dropout, "num_captions": len(self.captions.texts)}
-        return encoder.dim
 
     def _load_vae(self, cache):
         """The VAE run named by data.latent; refuse one trained on other data or resolution."""
@@ -157,7 +170,9 @@ class DiffusionTrainer(TrainingLoop):
             # null prompt "" (row 0), which trains the unconditional branch of guidance.
             chosen = self.captions.choose(self.loaders[shard].indices(self.step), self.config.run.seed, self.step,
                                           null_prob=self.config.text.caption_dropout)
-            context = self.caption_states[torch.from_numpy(chosen)].to(self.device, torch.float32)
+            context = self.caption_states[torch.from_numpy(chosen)].to(self.device)
+            if context.is_floating_point():
+                context = context.float()             # fp16 cached states; a scratch run's token ids stay int64
             y = None
         elif self.null_label is not None:
             y = y.to(self.device)
@@ -171,6 +186,9 @@ class DiffusionTrainer(TrainingLoop):
         with self.autocast():
             out = self.diffusion.training_losses(self.forward_model, x, y=y, context=context, cond_image=cond_image,
                                                  generator=generator)
+        unweighted = out.get("loss_unweighted", out["loss"]).float()
+        edges = torch.tensor(sorted(set(self.band_edges))[1:-1], device=out["t"].device, dtype=out["t"].dtype)
+        self.add_band_losses(torch.bucketize(out["t"], edges, right=True), unweighted)
         per_sample = {}
         if self.diffusion.timestep_sampling == "adaptive":
             per_sample = {"t": out["t"], "loss": out.get("loss_unweighted", out["loss"]).float()}

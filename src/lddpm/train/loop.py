@@ -34,6 +34,7 @@ from lddpm.config import Config, save_config, validate
 from lddpm.errors import LddpmError
 from lddpm.io import folder_lock, os_error, write_text
 from lddpm.seeding import step_seed
+from lddpm.tracking import Tracker, check_trackers
 from lddpm.train.utils import (StopSignal, check_names, check_run_dir, lr_at, resume_differences,
                                use_deterministic_kernels)
 
@@ -46,6 +47,7 @@ class TrainingLoop:
     def __init__(self, config: Config, run_dir: str | Path | None = None, *, resume: bool = False,
                  progress: bool = True, stop_at: int | None = None):
         self.config = check_names(validate(config.copy()))
+        check_trackers(self.config.run.trackers)  # e.g. tensorboard asked for but not installed: before any work
         self.run_dir = Path(run_dir if run_dir is not None else config.run.out)
         self.config.run.out = str(self.run_dir)
         self.resume, self.progress, self.stop_at = resume, progress, stop_at
@@ -63,6 +65,13 @@ class TrainingLoop:
         self.step = 0
         self.wall_offset = 0.0
         self.loss_sum, self.loss_count = 0.0, 0  # the losses of the steps since the last log record
+        # Loss by noise level (diffusion runs): the subclass names its bands and adds each micro-batch's
+        # per-sample losses with add_band_losses; sums and counts over the steps since the last record.
+        self.loss_bands: list[str] = []
+        self.band_sum: list[float] = []
+        self.band_count: list[float] = []
+        self.tracker = Tracker(self.run_dir)  # jsonl only until _train opens the run's trackers on rank 0
+        self._config_tracked = False
         self.resumed_finished = False
 
     # ----------------------------------------------------------------- hooks for subclasses
@@ -94,6 +103,17 @@ class TrainingLoop:
 
     def finish(self) -> None:
         """Work after the last step, before the final checkpoint."""
+
+    def add_band_losses(self, band: torch.Tensor, loss: torch.Tensor) -> None:
+        """Add one micro-batch's per-sample losses to their bands (band index per sample, 0..len(loss_bands)-1)."""
+        # one_hot, not bincount/scatter_add: those have no deterministic CUDA kernel
+        onehot = torch.nn.functional.one_hot(band.detach().long(), len(self.loss_bands)).double()
+        self._band_step[0] += onehot.T @ loss.detach().double()
+        self._band_step[1] += onehot.sum(0)
+
+    def tracker_scalars(self) -> dict[str, float]:
+        """Extra scalars for the trackers at each log record (the EMA's decay; subclasses may add)."""
+        return {"ema_decay": self.ema.decay_at(max(self.step - 1, 0))}
 
     # ----------------------------------------------------------------- shared machinery
     def autocast(self):
@@ -134,7 +154,8 @@ class TrainingLoop:
             "wall_time": self.wall_time(),
             "bf16": self.bf16,
             "finished": self.finished,
-            "log_window": {"loss_sum": self.loss_sum, "loss_count": self.loss_count},
+            "log_window": {"loss_sum": self.loss_sum, "loss_count": self.loss_count,
+                           "band_sum": self.band_sum, "band_count": self.band_count},
             "torchelastic_run_id": distributed.elastic_run_id(),
             "config": self.config.to_dict(),
             "network": {"kind": self.config.model.kind, "config": self.model.config.to_dict()},
@@ -199,6 +220,9 @@ class TrainingLoop:
             self.wall_offset = float(ckpt.meta.get("wall_time", 0.0))
             window = ckpt.meta.get("log_window") or {}
             self.loss_sum, self.loss_count = float(window.get("loss_sum", 0.0)), int(window.get("loss_count", 0))
+            if len(window.get("band_sum") or []) == len(self.loss_bands):
+                self.band_sum = [float(v) for v in window["band_sum"]]
+                self.band_count = [float(v) for v in window["band_count"]]
             self.resumed_finished = bool(ckpt.meta.get("finished"))
         if self.info.is_main:
             save_config(self.config, self.run_dir)
@@ -261,7 +285,16 @@ class TrainingLoop:
         c = self.config
         torch.manual_seed(c.run.seed)  # identical initial weights on every rank
         self.build()
+        self.band_sum, self.band_count = [0.0] * len(self.loss_bands), [0.0] * len(self.loss_bands)
+        self._band_step = torch.zeros(2, len(self.loss_bands), dtype=torch.float64, device=self.device)
         self._prepare_run_dir()
+        try:
+            return self._train_steps()
+        finally:
+            self.tracker.close()
+
+    def _train_steps(self) -> dict[str, Any]:
+        c = self.config
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         total = c.run.steps
         if self.resumed_finished and (self.step >= total or self.out_of_time()):
@@ -269,6 +302,8 @@ class TrainingLoop:
             return {"run_dir": str(self.run_dir), "step": self.step, "stopped": False, "loss": float("nan"),
                     "checkpoint": str(load_checkpoint(self.run_dir).path), "wall_time": self.wall_offset,
                     "already_finished": True}
+        if self.info.is_main:  # one writer (rank 0); a resume drops what a killed attempt logged after its checkpoint
+            self.tracker = Tracker(self.run_dir, c.run.trackers, purge_step=self.step + 1)
         bar = tqdm(total=total, initial=min(self.step, total), unit="step", desc=self.kind,
                    disable=not (self.progress and self.info.is_main), dynamic_ncols=True)
         stopped, last_loss = False, float("nan")
@@ -295,13 +330,18 @@ class TrainingLoop:
                             "images_per_s": images / max(step_time, 1e-9),
                             "wall_time": self.wall_time(),
                         }
+                        if self.loss_bands:  # unweighted loss by noise level; None for a band no sample fell in
+                            record["loss_t"] = {name: (s / n if n else None) for name, s, n
+                                                in zip(self.loss_bands, self.band_sum, self.band_count)}
                         self._log(record)
+                        self._track(record)
                         bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
                         step_time, images = 0.0, 0
                 if log_now:
                     self.loss_sum, self.loss_count = 0.0, 0
+                    self.band_sum, self.band_count = [0.0] * len(self.loss_bands), [0.0] * len(self.loss_bands)
                 if self.info.is_main and c.run.sample_every and self.step % c.run.sample_every == 0 and self.step < total:
-                    self.write_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
+                    self._grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
                 if stop_now or (self.stop_at is not None and self.step >= self.stop_at):
                     stopped = self.step < total
                     break
@@ -312,10 +352,29 @@ class TrainingLoop:
             self.finished = True
             self.finish()
             if self.info.is_main:
-                self.write_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
+                self._grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
         path = self.save()
         return {"run_dir": str(self.run_dir), "step": self.step, "stopped": stopped, "loss": last_loss,
                 "checkpoint": str(path) if path else None, "wall_time": self.wall_time()}
+
+    def _grid(self, path: Path) -> None:
+        """Write the sample grid and give it to the trackers."""
+        self.write_grid(path)
+        self.tracker.image_file("samples", self.step, path)
+        self.tracker.flush()
+
+    def _track(self, record: dict[str, Any]) -> None:
+        """A log record (and the config, at a run's first record) to the trackers besides log.jsonl."""
+        if not self.tracker.enabled:
+            return
+        if not self._config_tracked:
+            from lddpm.config import to_toml
+
+            self.tracker.text("config", self.step, "```toml\n" + to_toml(self.config) + "\n```")
+            self._config_tracked = True
+        values = {k: v for k, v in record.items() if k not in ("step", "loss_t", "wall_time")}
+        self.tracker.scalars(self.step, {**values, **self.tracker_scalars()}, prefix="train/")
+        self.tracker.scalars(self.step, record.get("loss_t") or {}, prefix="train/loss_t/")
 
     def _train_step(self, stop_requested: bool) -> tuple[float, float, bool]:
         """One optimizer step over grad_accum micro-batches; returns (loss, grad_norm, stop)."""
@@ -323,6 +382,7 @@ class TrainingLoop:
         accum = c.optim.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
         loss_total = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._band_step.zero_()
         gathered: dict[str, list[torch.Tensor]] = {}
         for i in range(accum):
             shard = self.info.rank * accum + i
@@ -338,10 +398,14 @@ class TrainingLoop:
             loss_total += loss.detach().double() / accum
             for key, value in per_sample.items():
                 gathered.setdefault(key, []).append(value.detach())
-        # One collective for the mean loss over ranks and the stop flag; all ranks then agree.
-        status = torch.stack([loss_total, torch.tensor(float(stop_requested), device=self.device, dtype=torch.float64)])
+        # One collective for the mean loss over ranks, the stop flag and the loss bands; all ranks then agree.
+        status = torch.cat([torch.stack([loss_total, torch.tensor(float(stop_requested), device=self.device,
+                                                                   dtype=torch.float64)]), self._band_step.flatten()])
         distributed.all_reduce_sum(status, self.info)
         loss_value = float(status[0]) / self.info.world_size
+        bands = status[2:].view(2, -1).tolist()
+        self.band_sum = [a + b for a, b in zip(self.band_sum, bands[0])]
+        self.band_count = [a + b for a, b in zip(self.band_count, bands[1])]
         if not math.isfinite(loss_value):
             last = list_checkpoints(self.run_dir / "checkpoints")
             where = f"the last good checkpoint {last[-1]} is intact" if last else "no checkpoint was written yet"

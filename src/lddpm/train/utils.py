@@ -21,6 +21,7 @@ from lddpm.nn.vae import RECON_LOSSES
 from lddpm.sampling import SAMPLERS
 from lddpm.schedule import SCHEDULES
 from lddpm.tasks import MASK_KINDS, TASKS
+from lddpm.tracking import TRACKERS
 from lddpm.train.ema import EMA, power_ema_decay  # noqa: F401  (re-exported for the trainers' imports)
 
 # Config sections whose change alters what a resumed run computes (run.steps/out/logging may change).
@@ -139,6 +140,8 @@ def check_names(config: Config) -> Config:
     check_choice("task.kind", config.task.kind, TASKS)
     for kind in config.task.masks:
         check_choice("task.masks", kind, MASK_KINDS)
+    for tracker in r.trackers:
+        check_choice("run.trackers", tracker, TRACKERS)
     return config
 
 

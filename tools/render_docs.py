@@ -1,0 +1,647 @@
+"""Render every table of results in README.md and docs/*.md from the committed result files.
+
+    python tools/render_docs.py            # rewrite the tables (and the derived tables beside result files)
+    python tools/render_docs.py --check    # exit 1, with a diff, when a table differs from what its files give
+
+A table sits between two markers; the first names the table's renderer below and its files:
+
+    <!-- table: quick-study (from docs/study-quick/results.json) -->
+    | Cell | ... |
+    <!-- end table -->
+
+The files a marker names must be the files its renderer reads (a pattern like `s*.json` stands for every
+match), so a reader sees where each number comes from. Result files are the tools' own outputs: study
+results.json (`lddpm study`, `lddpm demo`), benchmark JSON (`benchmarks/*.py`), `lddpm eval` JSON. A file
+that is not in the repository renders as a one-line note saying so. The check also compares the Markdown
+tables the benchmark scripts write beside their JSON (benchmarks/results/peers.md, text/*/table.md) with
+what those scripts render from it. tests/test_docs_tables.py runs the check in the default suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import glob
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's lddpm, also when another one is installed
+
+from lddpm import report  # noqa: E402
+
+MARKER = re.compile(r"<!-- table: (?P<name>[a-z0-9-]+) \(from (?P<files>[^)]*)\) -->\n(?P<body>.*?)<!-- end table -->",
+                    re.S)
+DASH = "–"
+
+
+class Missing(Exception):
+    """A result file a table needs is not in the repository."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def load(path: str) -> Any:
+    """A JSON result file, relative to the repository root."""
+    file = ROOT / path
+    if not file.is_file():
+        raise Missing(path)
+    return json.loads(file.read_text())
+
+
+def fmt(value, spec: str = "{}") -> str:
+    """One cell: None or NaN as an en dash, else `spec.format(value)`."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return DASH
+    return spec.format(value)
+
+
+def md_table(headings: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
+    """A Markdown table; `align` holds '---' or '---:' per column."""
+    align = align or ["---"] * len(headings)
+    lines = ["| " + " | ".join(headings) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def x1e3(value) -> float | None:
+    return None if value is None else value * 1e3
+
+
+def kid_text(row: dict) -> str:
+    """KID x10^3 with its spread over subsets, as the study report writes it."""
+    return report._kid_text(row)
+
+
+def ratio(a, b) -> str:
+    return f"{a / b:.2f}x"
+
+
+# ----------------------------------------------------------------------------- study results.json
+
+# Row fields the study report has no column for (heading, format).
+EXTRA_STUDY_COLUMNS = {"psnr": ("PSNR", "{:.1f} dB"), "cell_seconds": ("Cell time", "seconds")}
+
+
+def study_rows(payload: dict, names: list[str] | None = None) -> list[dict]:
+    """The rows of a study's results.json, or the named ones in that order."""
+    rows = payload["rows"]
+    if names is None:
+        return rows
+    by_name = {r["name"]: r for r in rows}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise KeyError(f"cells {missing} are not in the study's rows")
+    return [by_name[n] for n in names]
+
+
+def study_table(rows: list[dict], keys: list[str]) -> str:
+    """The study report's own cells (report.table) for the columns `keys`, plus EXTRA_STUDY_COLUMNS."""
+    columns = report.table_columns(rows)
+    headings, body = report.table(rows)
+    where = {key: i for i, (_, key, _) in enumerate(columns)}
+    heads, cells = [], [[] for _ in rows]
+    for key in keys:
+        if key in where:
+            heads.append(headings[where[key]])
+            for out, line in zip(cells, body):
+                out.append(line[where[key]])
+        else:
+            head, spec = EXTRA_STUDY_COLUMNS[key]
+            heads.append(head)
+            for out, row in zip(cells, rows):
+                out.append(report._fmt(row.get(key), spec))
+    return md_table(heads, cells)
+
+
+def study_block(path: str, keys: list[str], names: list[str] | None = None, *, floor: bool = True) -> str:
+    """The real-data floor sentence (as results.md writes it) and the table."""
+    payload = load(path)
+    text = ""
+    if floor and report.floor_text(payload.get("real_floor")):
+        text += report.floor_text(payload["real_floor"]) + "\n\n"
+    return text + study_table(study_rows(payload, names), keys)
+
+
+def cost_text(payload: dict) -> str:
+    """The study's total time from its record, or what its file holds instead (studies before timing.json)."""
+    timing = report.timing_text(payload.get("timing"))
+    if timing:
+        return timing
+    cells = sum(r.get("cell_seconds") or 0.0 for r in payload["rows"])
+    return (f"This file records no total time (it predates the study's time record); its cells' own times "
+            f"(`cell_seconds`: sampling and scoring, and the training of the runs the first cell of each needed) "
+            f"sum to {cells:,.0f} s ({cells / 60:.0f} min).")
+
+
+# ----------------------------------------------------------------------------- the registry
+
+TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str], str]] = {}
+
+
+def table(name: str, *files: str, missing: str = ""):
+    """Register `fn() -> Markdown` (or `fn(doc_dir)`, for links relative to the document) as the table `name`,
+    reading `files`; `missing` says how to make a file that is absent."""
+    def register(fn):
+        TABLES[name] = (files, fn, missing)
+        return fn
+    return register
+
+
+def render(name: str, doc_dir: Path = ROOT) -> str:
+    """The table `name` as it goes into a document in `doc_dir`; an absent file gives a one-line note."""
+    files, fn, missing = TABLES[name]
+    try:
+        return fn(doc_dir) if fn.__code__.co_argcount else fn()
+    except Missing as exc:
+        return f"*Not in the repository yet: `{exc.args[0]}`.{' ' + missing if missing else ''}*\n"
+
+
+def link(doc_dir: Path, path: str) -> str:
+    """`path` (relative to the repository root) as a link from a document in `doc_dir`."""
+    return os.path.relpath(ROOT / path, doc_dir)
+
+
+# ----------------------------------------------------------------------------- the demos
+
+DEMO_KEYS = ["name", "sampler", "steps", "guidance_scale", "fid", "kid", "classifier_score", "class_accuracy",
+             "precision", "recall", "seconds_per_image", "model_evals", "train_images", "train_seconds"]
+
+
+def demo_block(path: str, doc_dir: Path) -> str:
+    """A demo's study: floor, table, its total time, the grid of its first guided cell, a link to its files."""
+    payload = load(path)
+    folder = str(Path(path).parent)
+    text = study_block(path, DEMO_KEYS)
+    text += "\n" + cost_text(payload) + "\n"
+    guided = [r for r in payload["rows"] if r.get("grid") and (r.get("guidance_scale") or 1) > 1]
+    if guided:
+        row = guided[0]
+        text += (f"\nThe grid of `{row['name']}` (guidance s = {row['guidance_scale']:g}):\n\n"
+                 f"![{row['name']} samples]({link(doc_dir, folder + '/' + row['grid'])})\n")
+    text += f"\nIts files, as `lddpm demo` wrote them: [{folder}/]({link(doc_dir, folder + '/results.md')}).\n"
+    return text
+
+
+@table("demo", "docs/demo/results.json", missing="`make demo` writes it (as demo-output/results.json).")
+def demo(doc_dir: Path) -> str:
+    return demo_block("docs/demo/results.json", doc_dir)
+
+
+@table("demo-text", "docs/demo-text/results.json")
+def demo_text() -> str:
+    path = "docs/demo-text/results.json"
+    text = study_block(path, ["name", "guidance_scale", "fid", "kid", "faithfulness", "faithfulness_ceiling",
+                              "faithfulness_seen", "faithfulness_heldout", "slot_accuracy", "swap_rate",
+                              "seconds_per_image", "train_images", "train_seconds"])
+    return text + "\n" + cost_text(load(path)) + "\n"
+
+
+# ----------------------------------------------------------------------------- the quick study
+
+QUICK = "docs/study-quick/results.json"
+QUICK_KEYS = ["name", "model", "sampler", "steps", "guidance_scale", "schedule", "fid", "kid", "classifier_score",
+              "class_accuracy", "precision", "recall", "seconds_per_image", "model_evals", "train_images",
+              "train_seconds"]
+
+
+@table("quick-study", QUICK)
+def quick_study() -> str:
+    return study_block(QUICK, QUICK_KEYS) + "\n" + cost_text(load(QUICK)) + "\n"
+
+
+@table("quick-study-summary", QUICK)
+def quick_study_summary() -> str:
+    names = ["ddpm-1000", "ddim-10", "ddim-20", "ddim-50", "ddim-200", "dpm++2m-20", "cfg-s1", "cfg-s3", "cfg-s6",
+             "vae-recon", "ldm-cfg-s1", "ldm-cfg-s3"]
+    return study_block(QUICK, ["name", "model", "sampler", "steps", "guidance_scale", "fid", "kid", "class_accuracy",
+                               "seconds_per_image", "train_images", "train_seconds"], names)
+
+
+@table("quick-study-checks", QUICK)
+def quick_study_checks() -> str:
+    payload = load(QUICK)
+    row = {r["name"]: r for r in payload["rows"]}
+    fid = {n: r.get("fid") for n, r in row.items()}
+    floor = payload["real_floor"]["fid"]
+
+    def yes(holds: bool, why: str = "") -> str:
+        return "yes" if holds else "**no**" + (f": {why}" if why else "")
+
+    ddim = [f"ddim-{s}" for s in (10, 20, 50, 100, 200)]
+    series = [fid[n] for n in ddim]
+    best = ddim[series.index(min(series))].split("-")[1]
+    acc = [row[f"cfg-s{s}"]["class_accuracy"] for s in (1, 3, 6)]
+    ldm = [row[f"ldm-cfg-s{s}"]["class_accuracy"] for s in (1, 3, 6)]
+    vae = fid["vae-recon"]
+    lines = [
+        ["DDIM FID non-increasing from 10 to 200 steps", "Song et al. 2021, Table 1",
+         ", ".join(f"{v:.1f}" for v in series) + " (KID x10^3 " + ", ".join(kid_text(row[n]) for n in ddim) + ")",
+         yes(all(b <= a for a, b in zip(series, series[1:])), f"lowest at {best} steps")],
+        ["DDIM-100 within 1.5x of DDPM-1000", "4.16 vs 3.17 (1.31x), Song et al. 2021",
+         f"{fid['ddim-100']:.1f} vs {fid['ddpm-1000']:.1f} ({ratio(fid['ddim-100'], fid['ddpm-1000'])})",
+         yes(fid["ddim-100"] <= 1.5 * fid["ddpm-1000"])],
+        ["DPM-Solver++(2M)-20 no worse than DDIM-50", "Lu et al. 2022",
+         f"{fid['dpm++2m-20']:.1f} vs {fid['ddim-50']:.1f}", yes(fid["dpm++2m-20"] <= fid["ddim-50"])],
+        ["class accuracy rises with the guidance scale", "Ho & Salimans 2022",
+         " -> ".join(f"{a:.1%}" for a in acc) + " (s = 1, 3, 6); latent " + " -> ".join(f"{a:.1%}" for a in ldm),
+         yes(all(b > a for a, b in zip(acc, acc[1:])) and all(b > a for a, b in zip(ldm, ldm[1:])))],
+        ["VAE rFID within 1.5x of the real-data floor", "",
+         f"{vae:.1f} vs {floor:.2f} ({ratio(vae, floor)}; PSNR {row['vae-recon']['psnr']:.1f} dB)" if row["vae-recon"].get("psnr")
+         else f"{vae:.1f} vs {floor:.2f} ({ratio(vae, floor)})", yes(vae <= 1.5 * floor)],
+    ]
+    return md_table(["Check", "Literature", "Here", "Holds?"], lines)
+
+
+@table("quick-study-latent-channels", QUICK, "docs/study-vae/quick-study-c8.json")
+def latent_channels() -> str:
+    four = {r["name"]: r for r in load(QUICK)["rows"]}
+    eight = {r["name"]: r for r in load("docs/study-vae/quick-study-c8.json")["rows"]}
+    rows = []
+    for name in ("vae-recon", "ldm-cfg-s1", "ldm-cfg-s3", "ldm-cfg-s6"):
+        a, b = four[name], eight[name]
+        rows.append([name, fmt(a.get("fid"), "{:.2f}"), kid_text(a), fmt(b.get("fid"), "{:.2f}"), kid_text(b)])
+    return md_table(["Cell", "FID, 4 channels", "KID x10^3, 4 channels", "FID, 8 channels", "KID x10^3, 8 channels"],
+                    rows)
+
+
+# ----------------------------------------------------------------------------- the other studies
+
+
+@table("study-arch", "docs/study-arch/results.json")
+def study_arch() -> str:
+    path = "docs/study-arch/results.json"
+    return study_block(path, ["name", "model", "guidance_scale", "fid", "kid", "classifier_score", "class_accuracy",
+                              "train_images", "train_seconds"])
+
+
+VAE_KEYS = ["name", "model", "fid", "kid", "psnr", "precision", "recall", "train_images", "train_seconds"]
+
+
+@table("study-vae", "docs/study-vae/results.json")
+def study_vae() -> str:
+    return study_block("docs/study-vae/results.json", VAE_KEYS)
+
+
+@table("study-vae-long", "docs/study-vae-long/results.json")
+def study_vae_long() -> str:
+    return study_block("docs/study-vae-long/results.json", VAE_KEYS)
+
+
+def _changes(payload: dict, run: str, base: str) -> str:
+    """What a run of a study sets beyond its base run (its `set` list, without the bookkeeping keys)."""
+    runs = payload["runs"]
+    extra = [s for s in runs[run]["set"] if s not in runs[base]["set"]]
+    if runs[run]["steps"] != runs[base]["steps"]:
+        extra.append(f"{runs[run]['steps']} steps")
+    return ", ".join(f"`{s}`" if "=" in s else s for s in extra) or "(the base run)"
+
+
+@table("study-recipe", "docs/study-recipe/results.json")
+def study_recipe() -> str:
+    path = "docs/study-recipe/results.json"
+    payload = load(path)
+    rows = payload["rows"]
+    body = study_table(rows, ["name", "sampler", "steps", "fid", "kid", "class_accuracy", "precision", "recall",
+                              "train_images", "train_seconds"])
+    changes = md_table(["Run", "Steps", "Set beyond `fashion-quick`'s base run"],
+                       [[run, str(payload["runs"][run]["steps"]), _changes(payload, run, "base")]
+                        for run in payload["runs"]])
+    return report.floor_text(payload["real_floor"]) + "\n\n" + body + "\n" + changes
+
+
+@table("study-weights", "docs/study-weights/results.json")
+def study_weights() -> str:
+    payload = load("docs/study-weights/results.json")
+    row = {r["name"]: r for r in payload["rows"]}
+    steps = (10, 20, 50, 100, 200)
+    lines = []
+    for run, prefix in (("min-SNR-5 (the recipe)", "ddim"), ("uniform", "uniform-ddim")):
+        cells = [row[f"{prefix}-{s}"] for s in steps]
+        lines.append([f"{run}: FID", *[fmt(c.get("fid"), "{:.2f}") for c in cells]])
+        lines.append([f"{run}: KID x10^3", *[kid_text(c) for c in cells]])
+        lines.append([f"{run}: precision", *[fmt(c.get("precision"), "{:.3f}") for c in cells]])
+        lines.append([f"{run}: class acc.", *[fmt(c.get("class_accuracy"), "{:.1%}") for c in cells]])
+    return md_table(["DDIM steps", *map(str, steps)], lines, ["---"] + ["---:"] * len(steps))
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+RECIPE_N2000 = "benchmarks/results/recipe-steps-n2000.json"
+
+
+@table("recipe-hour", RECIPE_N2000)
+def recipe_hour() -> str:
+    payload = load(RECIPE_N2000)
+    rows = [r for r in payload["rows"] if (r["sampler"], r["steps"], r["guidance_scale"]) == ("dpm++2m", 25, 1.0)]
+    lines = [[r["run"], fmt(r.get("fid"), "{:.2f}"), kid_text(r), fmt(r.get("class_accuracy"), "{:.1%}"),
+              fmt(r.get("precision"), "{:.3f}"), fmt(r.get("recall"), "{:.3f}")] for r in rows]
+    return md_table(["Run", f"FID (N={rows[0]['num']})", "KID x10^3", "Class acc.", "Precision", "Recall"], lines,
+                    ["---"] + ["---:"] * 5)
+
+
+@table("recipe-n2000", RECIPE_N2000)
+def recipe_n2000() -> str:
+    payload = load(RECIPE_N2000)
+    lines = []
+    for r in payload["rows"]:
+        lines.append([r["run"], r["sampler"], str(r["steps"]), f"{r['guidance_scale']:g}", fmt(r.get("fid"), "{:.2f}"),
+                      kid_text(r), fmt(r.get("class_accuracy"), "{:.1%}"), fmt(r.get("precision"), "{:.3f}"),
+                      fmt(r.get("recall"), "{:.3f}"), fmt(r.get("seconds_per_image"), "{:.3f}")])
+    n = {r["num"] for r in payload["rows"]}
+    return md_table(["Run", "Sampler", "Steps", "Guidance s", f"FID (N={n.pop() if len(n) == 1 else '?'})",
+                     "KID x10^3", "Class acc.", "Precision", "Recall", "s / image"], lines,
+                    ["---"] * 4 + ["---:"] * 6)
+
+
+NETWORKS = "benchmarks/results/networks.json"
+
+
+def _network_rows(payload: dict, recipe: bool) -> list[dict]:
+    is_recipe = lambda r: r.get("overrides") == {"in_channels": 1, "num_classes": 10}  # noqa: E731
+    return [r for r in payload["results"] if is_recipe(r) == recipe]
+
+
+@table("recipe-network-speed", NETWORKS)
+def recipe_network_speed() -> str:
+    lines = []
+    for r in _network_rows(load(NETWORKS), recipe=True):
+        same = r.get("train_speedup_vs_diffusers")
+        fp32 = r.get("train_speedup_vs_diffusers_fp32")
+        lines.append([r["impl"], r["mode"], f"{r['train_img_s']:.1f}", f"{r['fwd_img_s']:.1f}",
+                      fmt(same, "{:.2f}x"), fmt(fp32, "{:.2f}x")])
+    return md_table(["Implementation", "Mode", "Train images/s", "Forward images/s", "Train vs diffusers, same mode",
+                     "Train vs diffusers fp32"], lines, ["---", "---"] + ["---:"] * 4)
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+@table("networks", NETWORKS)
+def networks() -> str:
+    payload = load(NETWORKS)
+    lines = []
+    for r in _network_rows(payload, recipe=False):
+        shape = ", ".join(f"{k}={v}" for k, v in (r.get("overrides") or {}).items())
+        lines.append([r["kind"], r["config"] + (f" ({shape})" if shape else ""), r["impl"], r["mode"], str(r["batch"]),
+                      f"{r['params']:,}", f"{r['train_img_s']:.1f}", f"{r['fwd_img_s']:.1f}",
+                      fmt(r.get("train_speedup_vs_diffusers_interleaved", r.get("train_speedup_vs_diffusers")), "{:.2f}x"),
+                      fmt(r.get("fwd_speedup_vs_diffusers_interleaved", r.get("fwd_speedup_vs_diffusers")), "{:.2f}x")])
+    text = md_table(["Kind", "Config", "Implementation", "Mode", "Batch", "Parameters", "Train images/s",
+                     "Forward images/s", "Train vs diffusers", "Forward vs diffusers"], lines,
+                    ["---"] * 4 + ["---:"] * 6)
+    latent = payload.get("latent_dit_vs_unet")
+    if latent:
+        speeds = latent["train_img_s_cpu_time"]
+        text += ("\nLatent 8x8x4, batch " + str(latent["batch"]) + f", {latent['rounds']} interleaved rounds (CPU time): "
+                 + ", ".join(f"{k} {v:.1f} train images/s" for k, v in speeds.items())
+                 + f"; the DiT at {latent['dit_over_unet']:.2f}x the U-Net.\n")
+    return text
+
+
+@table("bf16-sampling", "benchmarks/results/bf16_sampling.json")
+def bf16_sampling() -> str:
+    payload = load("benchmarks/results/bf16_sampling.json")
+    lines = [[r["sampler"], str(r["steps"]), str(r["num"]), "bf16" if r["bf16"] else "fp32",
+              "channels-last" if r["channels_last"] else "contiguous", f"{r['mean_abs_diff']:.3f}",
+              f"{r['p99_abs_diff']:g}", str(r["max_abs_diff"]), f"{r['seconds_per_image']:.3f}", f"{r['speedup']:.2f}x"]
+             for r in payload["rows"]]
+    return md_table(["Sampler", "Steps", "Images", "Precision", "Layout", "Mean abs. diff. (grey levels)", "99th pct.",
+                     "Max", "s / image", "vs fp32 contiguous"], lines, ["---"] * 5 + ["---:"] * 5)
+
+
+@table("train-overhead", "benchmarks/results/train.json")
+def train_overhead() -> str:
+    r = load("benchmarks/results/train.json")
+    return md_table(["Config", "Batch", "Bare loop images/s", "Full trainer images/s", "Overhead"],
+                    [[f"`{r['config']}`", str(r["batch_size"]), f"{r['bare_images_per_s']:.1f}",
+                      f"{r['trainer_images_per_s']:.1f}", f"{r['overhead']:.1%}"]], ["---"] + ["---:"] * 4)
+
+
+@table("data-loader", "benchmarks/results/data.json")
+def data_loader() -> str:
+    payload = load("benchmarks/results/data.json")
+    lines = [[r["cache"], str(r["batch_size"]), "yes" if r["hflip"] else "no", str(r["prefetch"]),
+              f"{r['images_per_s'] / 1e6:.2f}M"] for r in payload["rows"]]
+    return md_table(["Cache", "Batch", "Random flips", "Prefetch", "Images/s"], lines, ["---"] * 4 + ["---:"])
+
+
+FID = "benchmarks/results/fid.json"
+
+
+@table("fid-backends", FID)
+def fid_backends() -> str:
+    payload = load(FID)
+    lines = []
+    for r in payload["rows"]:
+        if "skipped" in r:
+            lines.append([r["backend"], DASH, DASH, DASH, r["skipped"]])
+            continue
+        lines.append([r["backend"], f"{r['images_per_s']:.1f}", f"{1000 / r['images_per_s']:.1f}",
+                      f"{r['speedup_vs_torch_fp32']:.2f}x", f"{r['max_rel_feature_error']:.1e}"])
+    text = (f"Batch {payload['batch_size']}, {payload['threads']} threads, "
+            f"{'tcmalloc preloaded' if 'tcmalloc' in (payload.get('ld_preload') or '') else 'glibc malloc'}, "
+            f"torch {payload['torch']}, ONNX Runtime {payload.get('onnxruntime')}:\n\n")
+    text += md_table(["Backend", "Images/s", "ms / image", "vs PyTorch fp32", "Max rel. feature error"], lines,
+                     ["---"] + ["---:"] * 3 + ["---"])
+    f = payload.get("frechet_distance") or {}
+    cached = f.get("reference_cached_seconds")
+    first = f.get("reference_first_seconds")
+    text += (f"\nOne Frechet distance at D = {f.get('dim')}: `scipy.linalg.sqrtm` of the product {fmt(f.get('seconds'), '{:.2f}')} s; "
+             + (f"against reference statistics {fmt(first, '{:.3g}')} s the first time (the reference's square root "
+                f"computed), {cached:.3g} s after (relative difference {f.get('relative_difference', float('nan')):.1e})."
+                if cached is not None else
+                "the time against reference statistics with the cached square root is not in this file "
+                "(it predates that measurement; `python benchmarks/fid.py` measures it).") + "\n")
+    return text
+
+
+@table("fid-agreement", "benchmarks/results/fid_agreement.json")
+def fid_agreement() -> str:
+    payload = load("benchmarks/results/fid_agreement.json")
+    lines = [[r["backend"], str(r["num"]), f"{r['fid']:.6f}", kid_text(r), f"{r['images_per_s']:.1f}",
+              f"{r['max_rel_feature_error']:.1e}", f"{r['fid_rel_diff']:.1e}"] for r in payload["rows"]]
+    return md_table(["Backend", "N per split", "FID", "KID x10^3", "Images/s", "Max rel. feature error",
+                     "FID rel. difference"], lines, ["---"] + ["---:"] * 6)
+
+
+@table("diffusers-parity", "benchmarks/results/diffusers_parity.json")
+def diffusers_parity() -> str:
+    payload = load("benchmarks/results/diffusers_parity.json")
+    lines = [[r["model"], f"{r['params']:,}", r["output"], f"{r['max_abs_diff']:.1e}",
+              "yes" if r["round_trip_bitwise"] else "no"] for r in payload["rows"]]
+    return md_table(["Model", "Parameters", "Output compared", "Max abs. difference", "Round trip bitwise"], lines)
+
+
+PEERS = "benchmarks/results/peers.json"
+
+
+@table("peers", PEERS)
+def peers() -> str:
+    payload = load(PEERS)
+    lines = []
+    for r in payload["rows"]:
+        if "error" in r:
+            lines.append([r["system"], r["variant"], f"failed: {r['error']}"] + [""] * 8)
+            continue
+        lines.append([r["system"], r["variant"], f"{r['mark_minutes']:g} min", f"{r['params']:,}",
+                      fmt(r.get("train_images_per_s"), "{:.1f}"), f"{r['images_seen']:,}",
+                      f"{r['sampler']} ({fmt(r.get('nfe_per_image'), '{:.0f}')} NFE)",
+                      fmt(r.get("seconds_per_image"), "{:.3f}"), fmt(r.get("fid"), "{:.2f}"),
+                      fmt(r.get("kid_x1e3"), "{:.2f}")])
+    floor = payload.get("real_data_floor") or {}
+    if floor:
+        lines.append([f"real {floor.get('split')} images (floor)", "", "", "", "", "", "", "",
+                      fmt(floor.get("fid"), "{:.2f}"), fmt(x1e3(floor.get("kid")), "{:.2f}")])
+    return md_table(["System", "Variant", "Training", "Params", "Train img/s", "Images seen", "Sampler", "s / image",
+                     f"FID (N={payload['num']})", "KID x10^3"], lines, ["---"] * 3 + ["---:"] * 3 + ["---"] + ["---:"] * 3)
+
+
+# ----------------------------------------------------------------------------- text-to-image
+
+TEXT_PAIRS = "benchmarks/results/text/fashion-pairs-30min"
+
+
+def _bench_module(name: str):
+    """A benchmark script as a module (benchmarks/ is not a package)."""
+    path = ROOT / "benchmarks" / f"{name}.py"
+    if str(path.parent) not in sys.path:  # the scripts import their neighbour `common`
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@table("text-pairs", f"{TEXT_PAIRS}/s*.json", f"{TEXT_PAIRS}/floor.json")
+def text_pairs() -> str:
+    for pattern in TABLES["text-pairs"][0]:
+        if not glob.glob(str(ROOT / pattern)):
+            raise Missing(pattern)
+    return _bench_module("text").render_table(ROOT / TEXT_PAIRS)
+
+
+# ----------------------------------------------------------------------------- editing and restoration
+
+RESTORATION = "benchmarks/results/restoration"
+RESTORATION_MISSING = ("`python benchmarks/restoration.py` writes it from trained runs (the commands are in "
+                       "docs/editing.md).")
+
+
+def _restoration(section: str):
+    """Register the restoration benchmark's `section` table, rendered by benchmarks/restoration.py."""
+    @table(f"restoration-{section}", f"{RESTORATION}/{section}.json", missing=RESTORATION_MISSING)
+    def render_section(doc_dir: Path) -> str:
+        payload = load(f"{RESTORATION}/{section}.json")
+        renderer = _bench_module("restoration").SECTIONS[section][1]
+        return renderer(payload, link(doc_dir, RESTORATION) + "/")
+    return render_section
+
+
+for _section in ("gaussian", "inpaint", "sr", "denoise", "edit"):
+    _restoration(_section)
+
+
+# ----------------------------------------------------------------------------- derived files beside results
+
+
+def derived_files() -> dict[str, Callable[[], str]]:
+    """Markdown files the benchmark scripts render from their JSON: path -> what the script renders now."""
+    out: dict[str, Callable[[], str]] = {}
+    if (ROOT / "benchmarks/results/peers.md").is_file():
+        out["benchmarks/results/peers.md"] = lambda: _bench_module("peers").markdown(load(PEERS))
+    if (ROOT / RESTORATION / "results.md").is_file():
+        out[f"{RESTORATION}/results.md"] = lambda: _bench_module("restoration").render(ROOT / RESTORATION) + "\n"
+    for folder in sorted((ROOT / "benchmarks/results/text").glob("*/")):
+        if (folder / "table.md").is_file():
+            out[str((folder / "table.md").relative_to(ROOT))] = lambda f=folder: _bench_module("text").render_table(f)
+    return out
+
+
+# ----------------------------------------------------------------------------- the documents
+
+
+def documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def render_document(path: Path, problems: list[str]) -> str:
+    """The document with every marked table rendered; unknown names and wrong file lists go into `problems`."""
+    text = path.read_text()
+    rel = path.relative_to(ROOT)
+
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in TABLES:
+            problems.append(f"{rel}: unknown table {name!r} (known: {', '.join(sorted(TABLES))})")
+            return match[0]
+        files = tuple(f.strip() for f in match["files"].split(","))
+        if files != TABLES[name][0]:
+            problems.append(f"{rel}: table {name!r} names {', '.join(files)}; it is rendered from "
+                            f"{', '.join(TABLES[name][0])}")
+            return match[0]
+        head = match[0][: match.start("body") - match.start()]
+        return head + render(name, path.parent) + "<!-- end table -->"
+
+    return MARKER.sub(replace, text)
+
+
+def used_tables() -> set[str]:
+    return {m["name"] for doc in documents() for m in MARKER.finditer(doc.read_text())}
+
+
+def check_all() -> tuple[list[tuple[str, str, str]], list[str]]:
+    """Every document and derived file rendered: (path, committed text, rendered text) of those that differ,
+    and the problems found (unknown tables, wrong file lists, tables no document uses)."""
+    problems: list[str] = []
+    changed: list[tuple[str, str, str]] = []
+    for doc in documents():
+        old = doc.read_text()
+        new = render_document(doc, problems)
+        if new != old:
+            changed.append((str(doc.relative_to(ROOT)), old, new))
+    for rel, render_fn in derived_files().items():
+        old = (ROOT / rel).read_text()
+        new = render_fn()
+        if new != old:
+            changed.append((rel, old, new))
+    unused = sorted(set(TABLES) - used_tables())
+    if unused:
+        problems.append(f"tables registered but in no document: {', '.join(unused)}")
+    return changed, problems
+
+
+def diff(changed: list[tuple[str, str, str]]) -> str:
+    """A unified diff of each changed file: committed against rendered."""
+    return "".join("".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"{rel} (committed)",
+                                                f"{rel} (rendered from its files)")) for rel, old, new in changed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 with a diff when a table differs")
+    args = parser.parse_args(argv)
+    changed, problems = check_all()
+    for problem in problems:
+        print(f"render_docs: {problem}", file=sys.stderr)
+    if args.check:
+        sys.stdout.write(diff(changed))
+        if changed:
+            print(f"render_docs: {len(changed)} file(s) differ from their result files; run "
+                  f"`python tools/render_docs.py` and commit", file=sys.stderr)
+        return 1 if changed or problems else 0
+    for rel, _, new in changed:
+        (ROOT / rel).write_text(new)
+        print(f"rendered {rel}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
