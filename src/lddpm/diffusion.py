@@ -331,11 +331,12 @@ class GaussianDiffusion:
 
     def training_losses(self, model: Callable[..., torch.Tensor], x0: torch.Tensor, *,
                         y: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                        cond_image: torch.Tensor | None = None,
                         generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Per-sample losses for one batch; t and noise come from `generator` (reproducible).
 
-        The model is called as model(x_t, t, y=y, context=context), each only when given (labels;
-        a prompt's token states).
+        The model is called as model(x_t, t, y=y, context=context, cond_image=cond_image), each only when
+        given (labels; a prompt's token states; a restoration task's conditioning channels, lddpm.tasks).
 
         Returns "loss" (B,) = importance_weight * (weight(t) * mse + vlb_weight * T * vlb),
         "loss_unweighted" (the same without the importance weight: pass it to update_timestep_sampler),
@@ -346,7 +347,7 @@ class GaussianDiffusion:
         t, imp_weights = self.sample_timesteps(B, generator, x0.device)
         noise = randn(tuple(x0.shape), generator, x0.device, x0.dtype)
         x_t = self.q_sample(x0, t, noise)
-        cond = {k: v for k, v in (("y", y), ("context", context)) if v is not None}
+        cond = {k: v for k, v in (("y", y), ("context", context), ("cond_image", cond_image)) if v is not None}
         model_output = model(x_t, t, **cond)
         pred, var_out = self.split_output(model_output, x_t)
         target = self.output_from_x0_eps(x0, noise, t)

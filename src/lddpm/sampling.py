@@ -72,7 +72,8 @@ class ClassifierFreeGuidance:
     x_t and t, eps, x0 and v are affine maps of each other with the same coefficients for both
     branches, and an affine map commutes with out_u + s (out_c - out_u), so guiding v or x0 equals
     guiding eps. With a learned variance (2C output channels) only the first C channels are guided;
-    the variance channels come from the conditional branch.
+    the variance channels come from the conditional branch. A restoration task's conditioning image
+    (`cond_image`, lddpm.tasks) is given to both branches: guidance is over the label or prompt only.
     """
 
     def __init__(self, model: Model, guidance_scale: float, null_label: int | None = None, *,
@@ -112,7 +113,10 @@ class ClassifierFreeGuidance:
                              f"({'the null label' if 'y' in missing else 'the null prompt states'})")
         both = {k: torch.cat([cond[k], null[k]]) for k in cond}
         both.update({k: torch.cat([v, v]) for k, v in null.items() if k not in cond})
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]), **both, **kwargs)
+        # other per-image inputs (a task's conditioning image) are the same in both branches
+        both.update({k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == x.shape[:1] else v
+                     for k, v in kwargs.items()})
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), **both)
         out_c, out_u = out.chunk(2)
         C = x.shape[1]
         if out.shape[1] == 2 * C:                    # learned variance: guide the mean channels only
@@ -225,14 +229,25 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor | l
     rd = denoiser.diffusion.respace(ts)              # index j of rd <-> original timestep ts[S-1-j]
     S = len(ts)
     for i in _steps(S, progress, "ddpm"):
-        j = S - 1 - i
-        out = denoiser(x, ts[i])
-        pm = rd.p_mean_variance(out, x, denoiser.timestep(x, j), clip_x0=denoiser.clip_x0, variance=variance)
-        _report(progress, i=i, total=S, t=ts[i], x=x, denoised=pm["x0"])
-        x = pm["mean"]
-        if j > 0:                                    # x_{t-1} = mu + sigma z; no noise at the last step
-            x = x + torch.exp(0.5 * pm["log_variance"]) * randn(tuple(x.shape), generator, x.device, x.dtype)
+        x_prev, x0 = ddpm_step(denoiser, rd, x, ts[i], S - 1 - i, variance=variance, generator=generator)
+        _report(progress, i=i, total=S, t=ts[i], x=x, denoised=x0)
+        x = x_prev
     return x
+
+
+def ddpm_step(denoiser: Denoiser, respaced: GaussianDiffusion, x: torch.Tensor, t: int, j: int, *,
+              variance: str = "small", generator: Generator = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ancestral step x_t -> x_{t_prev} (Algorithm 2 of Ho et al. 2020) on a respaced diffusion: the
+    model sees the original timestep t, the posterior uses step j of `respaced`; returns (x_prev, x0 prediction).
+
+    Shared by `sample_ddpm` and RePaint (lddpm.editing), whose reverse step is this one.
+    """
+    out = denoiser(x, t)
+    pm = respaced.p_mean_variance(out, x, denoiser.timestep(x, j), clip_x0=denoiser.clip_x0, variance=variance)
+    x_prev = pm["mean"]
+    if j > 0:                                        # x_{t-1} = mu + sigma z; no noise at the last step
+        x_prev = x_prev + torch.exp(0.5 * pm["log_variance"]) * randn(tuple(x.shape), generator, x.device, x.dtype)
+    return x_prev, pm["x0"]
 
 
 @torch.no_grad()
