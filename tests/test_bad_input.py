@@ -219,6 +219,21 @@ def png_folder(tmp: Path, bad: bool) -> Path:
     return folder
 
 
+def png_file(tmp: Path, name: str = "in.png", size: int = 16, mode: str = "L", value: int | None = None) -> Path:
+    """One PNG image (random pixels, or all `value`) for the editing commands."""
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8) if value is None else \
+        np.full(shape, value, np.uint8)
+    path = tmp / name
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _edit(w, t, cmd, *extra, inputs=None):
+    return [cmd, w.run, *(inputs or [png_file(t)]), "--out-dir", t / "out", "--steps", "2", "--device", "cpu",
+            "--quiet", *extra]
+
+
 def idx_copy(world: World, tmp: Path, images: bytes) -> Path:
     """A copy of the IDX folder whose train images file is replaced by `images` (gzipped)."""
     shutil.copytree(world.idx, tmp / "idx")
@@ -412,6 +427,44 @@ CASES = [
     ("train-vae-unknown-preset", lambda w, t: ["train-vae", "vae-nope", "--quiet"], r"unknown preset 'vae-nope'"),
     # ---- sample
     ("sample-missing-run", lambda w, t: _sample(w, t, run=t / "no-run"), r"does not exist"),
+    # ---- edit / inpaint / upscale / denoise (docs/editing.md)
+    ("edit-strength-above-1", lambda w, t: _edit(w, t, "edit", "--strength", "1.5"), r"--strength 1.5 is outside \[0, 1\]"),
+    ("edit-strength-negative", lambda w, t: _edit(w, t, "edit", "--strength=-0.2"), r"--strength -0.2 is outside \[0, 1\]"),
+    ("edit-strength-nan", lambda w, t: _edit(w, t, "edit", "--strength", "nan"), r"--strength nan is outside \[0, 1\]"),
+    ("edit-no-strength", lambda w, t: _edit(w, t, "edit"), r"the following arguments are required: --strength"),
+    ("edit-missing-image", lambda w, t: _edit(w, t, "edit", "--strength", "0.5", inputs=[t / "nowhere.png"]),
+     r"image .*nowhere\.png does not exist"),
+    ("edit-wrong-size", lambda w, t: _edit(w, t, "edit", "--strength", "0.5", inputs=[png_file(t, size=28)]),
+     r"images are 28x28 pixels, but this run takes 16x16; resize or pad them"),
+    ("edit-wrong-channels", lambda w, t: _edit(w, t, "edit", "--strength", "0.5", inputs=[png_file(t, mode="RGB")]),
+     r"images have 3 channels, but this run's images have 1 \(grey\)"),
+    ("edit-not-an-image", lambda w, t: _edit(w, t, "edit", "--strength", "0.5",
+                                             inputs=[(t / "x.png").write_text("text") and t / "x.png"]),
+     r"x\.png is not a readable image"),
+    ("edit-npz-without-images", lambda w, t: _edit(w, t, "edit", "--strength", "0.5", inputs=[
+        (np.savez(t / "in.npz", a=np.zeros((1, 16, 16), np.uint8), b=np.zeros(3)), t / "in.npz")[1]]),
+     r"in\.npz has no `images` array \(found: a, b\)"),
+    ("inpaint-missing-mask", lambda w, t: _edit(w, t, "inpaint", "--mask", t / "nomask.png"), r"mask .*nomask\.png does not exist"),
+    ("inpaint-mask-size", lambda w, t: _edit(w, t, "inpaint", "--mask", png_file(t, "m.png", size=8, value=0)),
+     r"the mask is 8x8 pixels but the images are 16x16"),
+    ("inpaint-mask-not-binary", lambda w, t: _edit(w, t, "inpaint", "--mask", png_file(t, "m.png")),
+     r"the mask is not binary: it holds the value \d+ besides 0 and 255.*white = regenerate"),
+    ("inpaint-mask-count", lambda w, t: _edit(w, t, "inpaint", "--mask", png_file(t, "m1.png", value=0),
+                                              png_file(t, "m2.png", value=255)), r"2 masks for 1 images"),
+    ("inpaint-model-on-a-generating-run", lambda w, t: _edit(w, t, "inpaint", "--mask", png_file(t, "m.png", value=0),
+                                                             "--method", "model"),
+     r"trained for task 'generate', not 'inpaint'"),
+    ("inpaint-resamplings-0", lambda w, t: _edit(w, t, "inpaint", "--mask", png_file(t, "m.png", value=0), "--resamplings", "0"),
+     r"--resamplings = 0 is out of range"),
+    ("upscale-not-trained-for-it", lambda w, t: _edit(w, t, "upscale", inputs=[png_file(t, size=4)]),
+     r"trained for task 'generate', not 'super-resolution'.*task.kind = 'super-resolution'"),
+    ("upscale-missing-run", lambda w, t: ["upscale", t / "no-run", png_file(t, size=4), "--out-dir", t / "o", "--quiet"],
+     r"does not exist"),
+    ("denoise-negative-sigma", lambda w, t: _edit(w, t, "denoise", "--sigma=-0.1"), r"--sigma -0.1 must be a noise std >= 0"),
+    ("denoise-sigma-beyond-schedule", lambda w, t: _edit(w, t, "denoise", "--sigma", "1e9"),
+     r"beyond this schedule's largest level"),
+    ("denoise-wrong-size", lambda w, t: _edit(w, t, "denoise", "--sigma", "0.1", inputs=[png_file(t, size=32)]),
+     r"noisy images are 32x32 pixels, but this run takes 16x16"),
     ("sample-guidance-nan", lambda w, t: _sample(w, t, "--guidance-scale", "nan"), r"--guidance-scale = nan: expected a finite number"),
     ("sample-guidance-inf", lambda w, t: _sample(w, t, "--guidance-scale", "inf"), r"--guidance-scale = inf"),
     ("sample-guidance-minus-inf", lambda w, t: _sample(w, t, "--guidance-scale=-inf"), r"--guidance-scale = -inf"),
@@ -423,7 +476,7 @@ CASES = [
     ("sample-batch-size-0", lambda w, t: _sample(w, t, "--batch-size", "0"), r"--batch-size = 0 is out of range"),
     ("sample-class-out-of-range", lambda w, t: _sample(w, t, "--class", "99"), r"--class 99 is out of range"),
     ("sample-unknown-class-name", lambda w, t: _sample(w, t, "--class-name", "Unicorn"), r"unknown class"),
-    ("sample-unknown-sampler", lambda w, t: _sample(w, t, "--sampler", "euler"), r"unknown sampler"),
+    ("sample-unknown-sampler", lambda w, t: _sample(w, t, "--sampler", "lms"), r"unknown sampler"),
     ("sample-nan-checkpoint", lambda w, t: _sample(w, t, run=copy_checkpoint(w, t, tensors=nan_weights)), r"bad\.safetensors: tensor .* contains NaN"),
     ("sample-inf-checkpoint", lambda w, t: _sample(w, t, run=copy_checkpoint(w, t, tensors=inf_weight)), r"contains NaN or infinity"),
     ("sample-float16-checkpoint", lambda w, t: _sample(w, t, run=copy_checkpoint(w, t, tensors=half_weights)), r"is float16"),

@@ -249,7 +249,7 @@ def test_sample_with_a_spec_equals_the_keyword_form():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(sampler="euler"), "unknown sampler"), (dict(eta=0.5, sampler="dpm++2m"), "applies only to the 'ddim'"),
+    (dict(sampler="lms"), "unknown sampler"), (dict(eta=0.5, sampler="dpm++2m"), "applies only to the 'ddim'"),
     (dict(labels="some"), "labels must be one of"), (dict(batch_size=0), "batch_size must be an integer >= 1"),
     (dict(seed=-1), "seed must be"), (dict(bf16="maybe"), "use true, false"), (dict(guide_scale=math.inf), "finite"),
     (dict(variance="huge"), "variance must be"), (dict(guidance_interval=(3, 1)), "sigma_lo <= sigma_hi"),

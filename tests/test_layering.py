@@ -1,5 +1,5 @@
-"""The import graph runs one way: cli/commands -> study -> train/evaluate -> pipeline -> sampling -> diffusion
--> schedule, with nn, data, metrics and config as leaves (metrics may read data caches)."""
+"""The import graph runs one way: cli/commands -> study -> train/evaluate -> pipeline -> sampling -> solvers
+-> diffusion -> schedule, with nn, data, metrics and config as leaves (metrics may read data caches)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lddpm"
 RANK = {
     "errors": -1,
     "checks": 0, "io": 0, "seeding": 0, "datasets": 0, "progress": 0,
-    "config": 1, "schedule": 1, "nn": 1, "data": 1, "grid": 1, "checkpoint": 1,
+    "config": 1, "schedule": 1, "nn": 1, "data": 1, "grid": 1, "checkpoint": 1, "tasks": 1,
     "metrics": 2, "distributed": 2, "diffusion": 2, "guidance": 2, "tracking": 2,
+    "solvers": 2.5,  # the sigma-space samplers: below the registry in sampling, above diffusion (noise) and schedule
     "sampling": 3,
+    "editing": 3.5,  # SDEdit, RePaint, task networks, denoising over the samplers; pipeline's methods call it
     "pipeline": 4,
     "train": 5, "evaluate": 5, "convert": 5,
     "report": 6,

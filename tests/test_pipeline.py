@@ -63,7 +63,7 @@ def test_pipeline_metadata_and_deterministic_generation(runs):
     with pytest.raises(LddpmError, match="labels must lie"):
         pipe.generate(1, sampler="ddim", num_steps=2, labels=11, progress=False)
     with pytest.raises(LddpmError, match="unknown sampler"):
-        pipe.generate(1, sampler="euler", progress=False)
+        pipe.generate(1, sampler="lms", progress=False)
     with pytest.raises(LddpmError, match="unknown class"):
         pipe.class_index("boots")
 

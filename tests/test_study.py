@@ -289,7 +289,7 @@ def test_real_backend_end_to_end(tmp_path):
         },
         "cells": [
             {"name": "cfg-s{guidance_scale:g}", "run": "cfg", "sampler": "ddim", "steps": 2, "guidance_scale": [1.0, 3.0]},
-            {"name": "bad-sampler", "run": "cfg", "sampler": "euler", "steps": 2},
+            {"name": "bad-sampler", "run": "cfg", "sampler": "lms", "steps": 2},
             {"name": "vae-recon", "run": "vae", "kind": "vae"},
             {"name": "vae-at2", "run": "vae", "kind": "vae", "at_step": 2, "group": "training"},
             {"name": "cfg-at{at_step}", "run": "cfg", "sampler": "ddim", "steps": 2, "at_step": [2, 1], "group": "schedules"},
@@ -301,7 +301,7 @@ def test_real_backend_end_to_end(tmp_path):
     rows = run_study(study, tmp_path / "out", train_fn=backend.train, cell_fn=backend.cell, progress=False)
     status = {r["name"]: r["status"] for r in rows}
     assert status["cfg-s1"] == "ok" and status["cfg-s3"] == "ok" and status["vae-recon"] == "ok", status
-    assert status["bad-sampler"].startswith("failed: ") and "euler" in status["bad-sampler"]
+    assert status["bad-sampler"].startswith("failed: ") and "lms" in status["bad-sampler"]
     row = rows[1]
     assert row["fid_n"] == 8 and row["fid"] >= 0 and 0 <= row["class_accuracy"] <= 1
     # the study classifier's score, under its own name; no Inception Score without an Inception network

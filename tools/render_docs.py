@@ -528,6 +528,27 @@ def text_pairs() -> str:
     return _bench_module("text").render_table(ROOT / TEXT_PAIRS)
 
 
+# ----------------------------------------------------------------------------- editing and restoration
+
+RESTORATION = "benchmarks/results/restoration"
+RESTORATION_MISSING = ("`python benchmarks/restoration.py` writes it from trained runs (the commands are in "
+                       "docs/editing.md).")
+
+
+def _restoration(section: str):
+    """Register the restoration benchmark's `section` table, rendered by benchmarks/restoration.py."""
+    @table(f"restoration-{section}", f"{RESTORATION}/{section}.json", missing=RESTORATION_MISSING)
+    def render_section(doc_dir: Path) -> str:
+        payload = load(f"{RESTORATION}/{section}.json")
+        renderer = _bench_module("restoration").SECTIONS[section][1]
+        return renderer(payload, link(doc_dir, RESTORATION) + "/")
+    return render_section
+
+
+for _section in ("gaussian", "inpaint", "sr", "denoise", "edit"):
+    _restoration(_section)
+
+
 # ----------------------------------------------------------------------------- derived files beside results
 
 
@@ -536,6 +557,8 @@ def derived_files() -> dict[str, Callable[[], str]]:
     out: dict[str, Callable[[], str]] = {}
     if (ROOT / "benchmarks/results/peers.md").is_file():
         out["benchmarks/results/peers.md"] = lambda: _bench_module("peers").markdown(load(PEERS))
+    if (ROOT / RESTORATION / "results.md").is_file():
+        out[f"{RESTORATION}/results.md"] = lambda: _bench_module("restoration").render(ROOT / RESTORATION) + "\n"
     for folder in sorted((ROOT / "benchmarks/results/text").glob("*/")):
         if (folder / "table.md").is_file():
             out[str((folder / "table.md").relative_to(ROOT))] = lambda f=folder: _bench_module("text").render_table(f)

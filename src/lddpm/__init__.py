@@ -4,7 +4,8 @@ The Python API (the CLI commands are thin layers over these functions):
 
     load_config(path_or_preset, overrides)  -> Config        a run configuration (TOML file or preset)
     train_diffusion(config, run_dir) / train_vae(...)         train a diffusion model / the KL autoencoder
-    SamplingSpec(sampler=..., num_steps=..., guidance_scale=..., guide=..., guide_scale=..., guidance_interval=...)
+    SamplingSpec(sampler=..., num_steps=..., guidance_scale=..., guide=..., guide_scale=..., guidance_interval=...,
+                 sampler_options=...)
                                                               how to sample, one value for the API, CLI and study
     load_pipeline(run, guide=None) -> Pipeline; pipeline.generate(n, spec)  sample images (keywords work too)
     sample(model, diffusion, shape, spec)                     one batch with any model function

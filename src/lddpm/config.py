@@ -133,6 +133,20 @@ class TextConfig:
     caption_dropout: float = 0.1  # probability of the null prompt "" (classifier-free guidance, as Stable Diffusion)
 
 
+@dataclass
+class TaskConfig:
+    """What the network is trained to do (`lddpm.tasks`): generate, or restore from a conditioning image.
+
+    "inpaint": the network also reads a mask and the masked image as extra input channels (Stable
+    Diffusion's inpainting U-Net), trained with random masks of the kinds in `masks`. "super-resolution":
+    it reads the image downsampled `factor` times and upsampled back (bicubic) as extra channels (SR3).
+    """
+
+    kind: str = "generate"  # "generate" (today's runs), "inpaint" or "super-resolution"
+    masks: list[str] = field(default_factory=lambda: ["box", "half", "strokes"])  # inpaint: random mask kinds
+    factor: int = 4  # super-resolution: 32x32 images from their 8x8 version (factor 2: from 16x16)
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "diffusion": DiffusionConfig,
@@ -141,6 +155,7 @@ SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "vae": VAEConfig,
     "text": TextConfig,
+    "task": TaskConfig,
 }
 
 
@@ -155,6 +170,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON/TOML-ready)."""
@@ -355,6 +371,20 @@ def validate(config: Config) -> Config:
     if t.encoder and r.class_conditional:
         raise LddpmError("run.class_conditional = true and text.encoder are both set: a run is conditioned on "
                          "class labels or on prompts; drop one")
+    k = config.task
+    if k.kind != "generate":
+        if k.kind == "super-resolution":
+            checks.int_in_range("task.factor", k.factor, 2, 64, " (the low-resolution image is resolution / factor pixels)")
+        if k.kind == "super-resolution" and data.resolution % k.factor:
+            raise LddpmError(f"task.factor = {k.factor} does not divide data.resolution = {data.resolution}; choose a "
+                             "factor that divides it (e.g. 2 or 4 for 32)")
+        if k.kind == "inpaint" and not k.masks:
+            raise LddpmError("task.masks is empty: an inpainting run needs at least one mask kind "
+                             "(box, half, strokes, center)")
+        if data.latent or t.encoder:
+            raise LddpmError(f"task.kind = {k.kind!r} trains a pixel-space model on class labels or none: drop "
+                             + ("data.latent (conditioning image channels are built from pixels)" if data.latent
+                                else "text.encoder"))
     if r.guidance_scale != 1.0 and not (r.class_conditional or t.encoder):
         raise LddpmError(
             f"run.guidance_scale = {r.guidance_scale} needs a conditional model "

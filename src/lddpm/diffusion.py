@@ -73,6 +73,27 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor,
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, log_mid))
 
 
+def x0_eps_from_output(objective: str, out: torch.Tensor, x_t: torch.Tensor, a, b, *,
+                       clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) from a prediction `out` of `objective` at x_t = a x0 + b eps (a = sqrt(abar), b = sqrt(1 - abar):
+    numbers or tensors broadcasting against x_t). clip: x0 clipped to [-1, 1], eps re-derived from it."""
+    if objective == "eps":
+        x0, eps = (x_t - b * out) / a, out
+    elif objective == "x0":
+        x0, eps = out, (x_t - a * out) / b
+    else:   # v: x0 = sqrt(abar) x_t - sqrt(1-abar) v, eps = sqrt(abar) v + sqrt(1-abar) x_t
+        x0, eps = a * x_t - b * out, a * out + b * x_t
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (x_t - a * x0) / b
+    return x0, eps
+
+
+def output_from_x0_eps(objective: str, x0: torch.Tensor, eps: torch.Tensor, a, b) -> torch.Tensor:
+    """The prediction of `objective` that corresponds to (x0, eps) at x_t = a x0 + b eps (v = a eps - b x0)."""
+    return eps if objective == "eps" else x0 if objective == "x0" else a * eps - b * x0
+
+
 class LossSecondMomentSampler:
     """Importance sampling of t with p(t) ~ sqrt(E[L_t^2]) (Nichol & Dhariwal 2021, Sec. 3.3).
 
@@ -219,18 +240,8 @@ class GaussianDiffusion:
 
         clip: x0 clipped to [-1, 1] and eps re-derived from the clipped x0 (as improved-diffusion / GLIDE do).
         """
-        out = self.split_output(model_output, x_t)[0]
-        if self.objective == "eps":
-            x0, eps = self.x0_from_eps(out, x_t, t), out
-        elif self.objective == "x0":
-            x0, eps = out, self.eps_from_x0(out, x_t, t)
-        else:
-            a, b = self._ab(t, x_t)   # v: x0 = sqrt(abar) x_t - sqrt(1-abar) v, eps = sqrt(abar) v + sqrt(1-abar) x_t
-            x0, eps = a * x_t - b * out, a * out + b * x_t
-        if clip:
-            x0 = x0.clamp(-1.0, 1.0)
-            eps = self.eps_from_x0(x0, x_t, t)
-        return x0, eps
+        a, b = self._ab(t, x_t)
+        return x0_eps_from_output(self.objective, self.split_output(model_output, x_t)[0], x_t, a, b, clip=clip)
 
     def output_from_x0_eps(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The prediction (in this objective's space) that corresponds to (x0, eps)."""
@@ -320,11 +331,12 @@ class GaussianDiffusion:
 
     def training_losses(self, model: Callable[..., torch.Tensor], x0: torch.Tensor, *,
                         y: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                        cond_image: torch.Tensor | None = None,
                         generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Per-sample losses for one batch; t and noise come from `generator` (reproducible).
 
-        The model is called as model(x_t, t, y=y, context=context), each only when given (labels;
-        a prompt's token states).
+        The model is called as model(x_t, t, y=y, context=context, cond_image=cond_image), each only when
+        given (labels; a prompt's token states; a restoration task's conditioning channels, lddpm.tasks).
 
         Returns "loss" (B,) = importance_weight * (weight(t) * mse + vlb_weight * T * vlb),
         "loss_unweighted" (the same without the importance weight: pass it to update_timestep_sampler),
@@ -335,7 +347,7 @@ class GaussianDiffusion:
         t, imp_weights = self.sample_timesteps(B, generator, x0.device)
         noise = randn(tuple(x0.shape), generator, x0.device, x0.dtype)
         x_t = self.q_sample(x0, t, noise)
-        cond = {k: v for k, v in (("y", y), ("context", context)) if v is not None}
+        cond = {k: v for k, v in (("y", y), ("context", context), ("cond_image", cond_image)) if v is not None}
         model_output = model(x_t, t, **cond)
         pred, var_out = self.split_output(model_output, x_t)
         target = self.output_from_x0_eps(x0, noise, t)

@@ -98,6 +98,32 @@ def prompt_grid(images: np.ndarray, prompts: list[str], *, per_prompt: int = 8) 
     return labelled_grid(images, rows, per_class=per_prompt, class_names=unique)
 
 
+def masked_view(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """uint8 images (N, H, W, C) with the pixels to regenerate (mask true, (N or 1, H, W)) painted white."""
+    images = _check(images)
+    masks = np.asarray(masks).astype(bool)
+    masks = masks.reshape(-1, *images.shape[1:3])
+    view = images.copy()
+    view[np.broadcast_to(masks, images.shape[:3])] = 255
+    return view
+
+
+def comparison_grid(columns: list[np.ndarray], *, padding: int = 2) -> np.ndarray:
+    """Side-by-side rows on white, one per image: columns[0][i] | columns[1][i] | ... (e.g. input | mask | output).
+
+    Every column is uint8 (N, H, W, C) of one size; grey and RGB columns may be mixed (grey is repeated).
+    Images smaller than 64 pixels are upscaled by an integer factor.
+    """
+    columns = [_check(c) for c in columns]
+    if len({c.shape[:3] for c in columns}) != 1:
+        raise LddpmError(f"comparison columns differ in size: {[c.shape for c in columns]}")
+    if len({c.shape[3] for c in columns}) > 1:
+        columns = [np.repeat(c, 3, axis=-1) if c.shape[3] == 1 else c for c in columns]
+    n, h, w, _ = columns[0].shape
+    scale = max(1, 64 // max(h, w))
+    return tile_rows([[c[i] for c in columns] for i in range(n)], scale=scale, padding=padding, pad_value=255)
+
+
 def save_grid(images: np.ndarray, path: str | Path, nrow: int = 8) -> Path:
     """Write uint8 images (N, H, W, C) as one PNG grid with `nrow` images per row (atomically)."""
     return write_png(path, make_grid(images, nrow))

@@ -142,7 +142,8 @@ class ClassifierFreeGuidance:
     x_t and t, eps, x0 and v are affine maps of each other with the same coefficients for both
     branches, and an affine map commutes with out_u + s (out_c - out_u), so guiding v or x0 equals
     guiding eps. With a learned variance (2C output channels) only the first C channels are guided;
-    the variance channels come from the conditional branch.
+    the variance channels come from the conditional branch. A restoration task's conditioning image
+    (`cond_image`, lddpm.tasks) is given to both branches: guidance is over the label or prompt only.
     """
 
     def __init__(self, model: Model, guidance_scale: float, null_label: int | None = None, *,
@@ -176,7 +177,10 @@ class ClassifierFreeGuidance:
                              f"({'the null label' if 'y' in missing else 'the null prompt states'})")
         both = {k: torch.cat([cond[k], null[k]]) for k in cond}
         both.update({k: torch.cat([v, v]) for k, v in null.items() if k not in cond})
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]), **both, **kwargs)
+        # other per-image inputs (a task's conditioning image) are the same in both branches
+        both.update({k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == x.shape[:1] else v
+                     for k, v in kwargs.items()})
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), **both)
         out_c, out_u = out.chunk(2)
         return out_c, out_u
 
@@ -198,8 +202,9 @@ class GuidedModel(ClassifierFreeGuidance):
 
     `guide` is the guide network (same diffusion, objective, data and conditioning as `model`; see
     `lddpm.pipeline.check_guide`), `guide_scale` its w (1: not used). `interval` = (sigma_lo, sigma_hi) or
-    None (guidance at every step); `alphas_cumprod` (the schedule the timesteps index) turns the timestep a
-    sampler passes into sigma. Every row of a call must share one timestep when there is an interval.
+    None (guidance at every step); the caller passes each call's noise level as `sigma=` (`lddpm.sampling.Denoiser`
+    does, for every sampler); without it `alphas_cumprod` (the schedule the timesteps index) turns the call's
+    timestep into sigma, and every row of the call must then share one timestep.
     """
 
     def __init__(self, model: Model, guidance_scale: float = 1.0, null_label: int | None = None, *,
@@ -225,10 +230,12 @@ class GuidedModel(ClassifierFreeGuidance):
         return timestep_sigma(self.alphas_cumprod, float(first))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                 context: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        """The guided prediction inside the interval; one conditional evaluation of the main network outside it."""
+                 context: torch.Tensor | None = None, *, sigma: float | None = None, **kwargs: Any) -> torch.Tensor:
+        """The guided prediction inside the interval; one conditional evaluation of the main network outside it.
+        `sigma`: this call's noise level (default: from the timestep t)."""
         cond = {k: v.to(x.device) for k, v in (("y", y), ("context", context)) if v is not None}
-        if self.interval is not None and not in_interval(self.sigma(t), self.interval):
+        if self.interval is not None and not in_interval(self.sigma(t) if sigma is None else float(sigma),
+                                                         self.interval):
             return self.model(x, t, **cond, **kwargs)
         if self.guide is None or self.guide_scale == 1.0:
             return super().__call__(x, t, y, context, **kwargs)

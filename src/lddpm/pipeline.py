@@ -1,7 +1,10 @@
-"""Generate images from a trained run: `load_pipeline(run)` -> `Pipeline.generate(...)`.
+"""Generate images from a trained run: `load_pipeline(run)` -> `Pipeline.generate(...)`; edit and restore
+images with it: `Pipeline.edit` (SDEdit), `inpaint` (RePaint or an inpainting network), `upscale` (SR3),
+`denoise` (lddpm.editing).
 
-A pipeline is rebuilt from a checkpoint alone (network config, weights, diffusion settings and,
-for latent runs, the VAE weights are all inside it). `load_vae` does the same for autoencoders.
+A pipeline is rebuilt from a checkpoint alone (network config, weights, diffusion settings, the task the
+network was trained for and, for latent runs, the VAE weights are all inside it). `load_vae` does the same
+for autoencoders.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from lddpm.checkpoint import load_checkpoint
 from lddpm.config import Config
 from lddpm.diffusion import build_diffusion
 from lddpm.distributed import use_bf16
+from lddpm import editing
 from lddpm.errors import LddpmError
 from lddpm.nn import network_from_config
 from lddpm.sampling import SamplingSpec, is_stochastic, resolve_spec, sample
+from lddpm.solvers import SamplerOptions
+from lddpm.tasks import TASKS, inpaint_condition
 
 
 def bf16_network(model: nn.Module, device_type: str):
@@ -67,8 +73,13 @@ class Pipeline:
     def __init__(self, model: nn.Module, diffusion, *, vae: nn.Module | None = None, config: Config | None = None,
                  dataset: dict[str, Any] | None = None, device: str | torch.device = "cpu",
                  checkpoint: str | None = None, step: int | None = None, bf16: bool | str = False,
-                 text_encoder: Any = None):
+                 text_encoder: Any = None, task: dict[str, Any] | None = None):
         self.model, self.diffusion, self.vae = model, diffusion, vae
+        # what the network was trained for (lddpm.tasks): "generate", "inpaint" or "super-resolution"
+        self.task: dict[str, Any] = dict(task or {"kind": "generate"})
+        if self.task.get("kind") not in TASKS:
+            raise LddpmError(f"unknown task {self.task.get('kind')!r} in {checkpoint or 'the pipeline'}; "
+                             f"known: {', '.join(TASKS)}")
         self.context_dim: int = int(getattr(model, "context_dim", 0) or 0)
         self.text_encoder = text_encoder  # .encode(list[str]) -> (B, L, D); needed when context_dim > 0
         self._null_states: dict[str, torch.Tensor] = {}  # "" or a negative prompt -> its states (1, L, D)
@@ -93,8 +104,9 @@ class Pipeline:
 
     def __repr__(self) -> str:
         kind = "latent" if self.vae is not None else "pixel"
+        task = "" if self.task["kind"] == "generate" else f", task={self.task['kind']}"
         return (f"Pipeline({kind}, {self.dataset}, {self.resolution}px x{self.channels}, "
-                f"classes={self.num_classes}, step={self.step})")
+                f"classes={self.num_classes}, step={self.step}{task})")
 
     def _labels(self, num: int, labels) -> np.ndarray | None:
         if self.context_dim and labels is not None:
@@ -147,10 +159,8 @@ class Pipeline:
         row_of = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
         states = self.text_encoder.encode(list(row_of)).float()
         rows = torch.tensor([row_of[p] for p in prompts], dtype=torch.long)
-        null_prompt = negative_prompt or ""
-        if null_prompt not in self._null_states:  # encoded once per pipeline: evaluation calls this per batch
-            self._null_states[null_prompt] = self.text_encoder.encode([null_prompt]).float().to(self.device)
-        return states[rows].to(self.device), self._null_states[null_prompt]
+        # the null prompt is encoded once per pipeline: evaluation calls this per batch
+        return states[rows].to(self.device), self._null_prompt_states(negative_prompt)
 
     def set_guide(self, source: str | Path | None, *, use_ema: bool = True) -> None:
         """Load the autoguidance guide network (Karras et al. 2024) from a run folder or any checkpoint file of
@@ -170,7 +180,8 @@ class Pipeline:
                  batch_size: int | None = None, progress: bool | Callable[[dict[str, Any]], Any] = True,
                  prompts: str | Sequence[str] | None = None, negative_prompt: str | None = None,
                  guide_scale: float | None = None, guidance_interval: tuple[float, float] | None = None,
-                 spacing: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                 spacing: str | None = None, sampler_options: SamplerOptions | dict[str, Any] | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
         """Sample `num` images -> (uint8 (N, H, W, C), int64 labels or None).
 
         The settings come from `spec` (a lddpm.SamplingSpec: sampler, steps, eta, spacing, guidance, seed,
@@ -185,12 +196,15 @@ class Pipeline:
         scaling factor and decoded.
         `progress` is True (a bar), False, or a callback that every sampler step calls with its state
         (lddpm.sampling's: i, total, t, x, denoised; latents for latent runs) plus the batch's place:
-        start (its first image), batch (its size) and num.
+        start (its first image), batch (its size) and num. `sampler_options`: the step grid, sigma_min,
+        epsilon scaling, churn, order (`lddpm.sampling.sample`, docs/samplers.md).
         """
         spec = resolve_spec(spec, sampler=sampler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
                             seed=seed, batch_size=batch_size, negative_prompt=negative_prompt,
-                            guide_scale=guide_scale, guidance_interval=guidance_interval, spacing=spacing)
-        stochastic = is_stochastic(spec.sampler, spec.eta)
+                            guide_scale=guide_scale, guidance_interval=guidance_interval, spacing=spacing,
+                            sampler_options=sampler_options)
+        stochastic = is_stochastic(spec.sampler, spec.eta, spec.sampler_options)
+        self.require_task("generate", "generate images from noise alone (lddpm sample)")
         if num < 0:
             raise LddpmError(f"num ({num}) must be >= 0")
         if spec.guide is not None and spec.guide != self.guide_source:
@@ -225,10 +239,281 @@ class Pipeline:
         images = np.concatenate(outputs) if outputs else np.zeros((0, self.resolution, self.resolution, self.channels), np.uint8)
         return images, labels
 
+    # ---------------------------------------------------------------------------------------- editing and restoration
+
+    def require_task(self, kind: str, what: str) -> None:
+        """Refuse, naming the run's task, an operation that needs a network trained for `kind`."""
+        if self.task["kind"] != kind:
+            trained = self.task["kind"]
+            fix = {"generate": "lddpm sample / edit / inpaint / denoise", "inpaint": "lddpm inpaint",
+                   "super-resolution": "lddpm upscale"}[trained]
+            raise LddpmError(f"this run was trained for task {trained!r}, not {kind!r}: it cannot {what}; use it with "
+                             f"{fix}, or a run trained with task.kind = {kind!r}")
+
+    def images_in(self, images, what: str = "images", size: int | None = None) -> torch.Tensor:
+        """Images as a float tensor (N, C, H, W) in [-1, 1] on the pipeline's device.
+
+        uint8 arrays (N, H, W, C) or (N, H, W) are scaled from [0, 255]; float arrays are taken as [-1, 1]
+        values as they are (a noisy image may exceed the range). Size and channels must be the run's
+        (`size`: another side length, e.g. the low-resolution input of super-resolution).
+        """
+        arr = np.asarray(images)
+        if arr.ndim == 3 and self.channels == 1 and arr.shape[-1] != 1:
+            arr = arr[..., None]                     # (N, H, W) grey
+        if arr.ndim != 4 or arr.shape[0] < 1:
+            raise LddpmError(f"{what} must be an array (N, H, W, C) (or (N, H, W) for grey), got shape {arr.shape}")
+        side = self.resolution if size is None else size
+        n, h, w, c = arr.shape
+        if (h, w) != (side, side):
+            raise LddpmError(f"{what} are {h}x{w} pixels, but this run takes {side}x{side}; resize or pad them "
+                             f"to {side}x{side}")
+        if c != self.channels:
+            raise LddpmError(f"{what} have {c} channel{'s' if c != 1 else ''}, but this run's images have "
+                             f"{self.channels} ({'grey' if self.channels == 1 else 'RGB'}); convert them")
+        if arr.dtype == np.uint8:
+            x = torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0)
+        elif np.issubdtype(arr.dtype, np.floating):
+            if not np.isfinite(arr).all():
+                raise LddpmError(f"{what} hold NaN or infinite values")
+            x = torch.from_numpy(arr.astype(np.float32))
+        else:
+            raise LddpmError(f"{what} must be uint8 (0..255) or float ([-1, 1]) arrays, not {arr.dtype}")
+        return x.permute(0, 3, 1, 2).contiguous().to(self.device)
+
+    def masks_in(self, masks, num: int) -> torch.Tensor:
+        """Masks as float (N, 1, H, W) in {0, 1} (1 = generate): one (H, W) for all images or one per image.
+
+        Accepted values: bool, 0/1, or 0/255 (a black-and-white mask image, white = regenerate).
+        """
+        arr = np.asarray(masks)
+        if arr.ndim == 4 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3:
+            raise LddpmError(f"a mask must be an (H, W) array or one per image (N, H, W), got shape {arr.shape}")
+        if arr.shape[1:] != (self.resolution, self.resolution):
+            raise LddpmError(f"the mask is {arr.shape[1]}x{arr.shape[2]} pixels but the images are "
+                             f"{self.resolution}x{self.resolution}; give a mask of the images' size")
+        if arr.shape[0] not in (1, num):
+            raise LddpmError(f"{arr.shape[0]} masks for {num} images; give one mask for all or one per image")
+        values = np.unique(arr)
+        top = 255 if arr.dtype == np.uint8 and values.max(initial=0) > 1 else 1
+        if not set(values.tolist()) <= {0, top}:
+            odd = next(v for v in values.tolist() if v not in (0, top))
+            raise LddpmError(f"the mask is not binary: it holds the value {odd!r} besides 0 and {top}; use a black-and-"
+                             "white mask (white = regenerate, black = keep)")
+        m = torch.from_numpy((arr == top).astype(np.float32))[:, None]
+        return m.expand(num, -1, -1, -1).contiguous().to(self.device)
+
+    def _edit_condition(self, num: int, labels, prompts, negative_prompt):
+        """(y, context, null_context) for editing: class labels default to the null label (the model's prior
+        without a class), prompts to the null prompt ""."""
+        if labels is None and self.num_classes and not self.context_dim:
+            y = np.full(num, self.null_label, np.int64)
+        else:
+            y = self._labels(num, labels)
+        if self.context_dim and prompts is None:
+            null = self._null_prompt_states(negative_prompt)
+            return y, null.expand(num, *null.shape[1:]), null
+        context, null_context = self.prompt_states(num, prompts, negative_prompt)
+        return y, context, null_context
+
+    def _null_prompt_states(self, negative_prompt: str | None) -> torch.Tensor:
+        """The (1, L, D) states of "" (or of the negative prompt), encoded once per pipeline."""
+        if self.text_encoder is None:
+            raise LddpmError("this pipeline has no text encoder; load it with lddpm.load_pipeline(run)")
+        key = negative_prompt or ""
+        if key not in self._null_states:
+            self._null_states[key] = self.text_encoder.encode([key]).float().to(self.device)
+        return self._null_states[key]
+
+    def _generators(self, seed: int, start: int, stop: int) -> list[torch.Generator]:
+        """One generator per image i in [start, stop), seeded by (seed, i): results do not depend on batching."""
+        return [seeding.generator(seeding.image_seed(int(seed), i), self.device) for i in range(start, stop)]
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the diffusion's space: scaled VAE latents (the posterior mode) for latent runs."""
+        if self.vae is None:
+            return x
+        return self.vae.encode(x).mode() * self.vae.scaling_factor
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The diffusion's space -> images in [-1, 1]."""
+        return z if self.vae is None else self.vae.decode(z.float() / self.vae.scaling_factor)
+
+    def _run_batches(self, num: int, batch_size: int, progress: bool, desc: str, step) -> np.ndarray:
+        """uint8 images of step(start, stop) -> (B, C, H, W) in [-1, 1], over batches of the inputs."""
+        if batch_size < 1:
+            raise LddpmError(f"batch_size ({batch_size}) must be >= 1")
+        self.model.eval()
+        outputs = []
+        with tqdm(total=num, unit="img", desc=desc, disable=not progress) as bar:
+            for start in range(0, num, batch_size):
+                stop = min(num, start + batch_size)
+                outputs.append(to_uint8(step(start, stop)))
+                bar.update(stop - start)
+        return np.concatenate(outputs)
+
+    def _network(self):
+        return bf16_network(self.model, self.device.type) if self.bf16 else self.model
+
+    def _rows(self, v, start: int, stop: int):
+        """Rows [start, stop) of a per-image condition (numpy labels -> a tensor on the device)."""
+        if v is None:
+            return None
+        if isinstance(v, np.ndarray):
+            v = torch.from_numpy(v)
+        return v[start:stop].to(self.device)
+
+    @torch.no_grad()
+    def edit(self, images, strength: float, *, sampler: str = "ddim", num_steps: int | None = None, eta: float = 0.0,
+             guidance_scale: float = 1.0, labels=None, prompts=None, negative_prompt: str | None = None,
+             seed: int = 0, batch_size: int = 64, progress: bool = True) -> np.ndarray:
+        """Image-to-image (SDEdit, Meng et al. 2022): noise each image to `strength` and denoise it -> uint8.
+
+        strength 0 returns the input, 1 ignores it (plain sampling). Class-conditional runs use `labels`
+        (default: the null label, the model without a class), text runs `prompts` (default: the null prompt);
+        guidance as in `generate`. Latent runs edit the VAE latents of the images and decode the result.
+        """
+        editing.strength_timesteps(self.diffusion, strength, sampler, num_steps)   # checks strength, sampler, steps
+        is_stochastic(sampler, eta)
+        self.require_task("generate", "edit images (image-to-image)")
+        x_in = self.images_in(images)
+        if float(strength) == 0.0:
+            return to_uint8(x_in)                    # the input itself, also for latent runs (no VAE round trip)
+        n = x_in.shape[0]
+        y, context, null_context = self._edit_condition(n, labels, prompts, negative_prompt)
+
+        def step(a: int, b: int) -> torch.Tensor:
+            z = editing.sdedit(self._network(), self.diffusion, self._encode(x_in[a:b]), strength, sampler=sampler,
+                               num_steps=num_steps, eta=eta, clip_x0=self.vae is None, y=self._rows(y, a, b),
+                               context=self._rows(context, a, b), guidance_scale=guidance_scale,
+                               null_label=self.null_label, null_context=null_context,
+                               generator=self._generators(seed, a, b))
+            return self._decode(z)
+
+        return self._run_batches(n, batch_size, progress, f"edit {sampler}", step)
+
+    @torch.no_grad()
+    def inpaint(self, images, masks, *, method: str | None = None, sampler: str = "ddim",
+                num_steps: int | None = None, eta: float = 0.0, jump_length: int = 5, resamplings: int = 5,
+                guidance_scale: float = 1.0, labels=None, prompts=None, negative_prompt: str | None = None,
+                seed: int = 0, batch_size: int = 64, progress: bool = True) -> np.ndarray:
+        """Regenerate the masked pixels of each image (mask 1 / white = regenerate) -> uint8 (N, H, W, C).
+
+        method "repaint" (any run trained to generate; Lugmayr et al. 2022) over `num_steps` (default 50)
+        DDPM steps with resampling jumps of `jump_length`, `resamplings` times; method "model" (the default
+        for runs trained with task.kind = "inpaint") samples the inpainting network with `sampler`, reading
+        the mask and masked image at every step. Kept pixels are returned unchanged. Latent runs inpaint the
+        VAE latents (a latent cell is regenerated if any of its pixels is) and paste the kept pixels back.
+        """
+        kind = self.task["kind"]
+        method = method or ("model" if kind == "inpaint" else "repaint")
+        if method not in ("repaint", "model"):
+            raise LddpmError(f"unknown inpainting method {method!r}; choose 'repaint' or 'model'")
+        if kind == "super-resolution" or (method == "model" and kind != "inpaint"):
+            self.require_task("inpaint", "inpaint with method 'model'" if kind == "generate" else "inpaint images")
+        if method == "model":
+            is_stochastic(sampler, eta)
+        x_in = self.images_in(images)
+        n = x_in.shape[0]
+        m = self.masks_in(masks, n)
+        y, context, null_context = self._edit_condition(n, labels, prompts, negative_prompt)
+        steps = 50 if num_steps is None and method == "repaint" else num_steps
+
+        def step(a: int, b: int) -> torch.Tensor:
+            x, mb, gens = x_in[a:b], m[a:b], self._generators(seed, a, b)
+            common = dict(num_steps=steps, clip_x0=self.vae is None, y=self._rows(y, a, b),
+                          guidance_scale=guidance_scale, null_label=self.null_label, generator=gens)
+            if method == "model":
+                out = editing.inpaint_with_model(self._network(), self.diffusion, x, mb, sampler=sampler, eta=eta,
+                                                 **common)
+            else:
+                factor = self.vae.downsample_factor if self.vae is not None else 1
+                ml = editing.latent_mask(mb, factor)
+                z = self._encode(x)
+                cond = inpaint_condition(x, mb) if kind == "inpaint" else None
+                z = editing.repaint(self._network(), self.diffusion, z, ml, jump_length=jump_length,
+                                    resamplings=resamplings, context=self._rows(context, a, b),
+                                    null_context=null_context, cond_image=cond, **common)
+                out = self._decode(z)
+            return mb * out + (1.0 - mb) * x          # kept pixels exactly (RePaint keeps them already in pixels)
+
+        return self._run_batches(n, batch_size, progress, f"inpaint {method}", step)
+
+    @torch.no_grad()
+    def upscale(self, low_res, *, sampler: str = "ddim", num_steps: int | None = None, eta: float = 0.0,
+                guidance_scale: float = 1.0, labels=None, seed: int = 0, batch_size: int = 64,
+                progress: bool = True) -> np.ndarray:
+        """Super-resolution (SR3, Saharia et al. 2021) with a run trained for it: low-resolution images of
+        resolution / task.factor pixels -> uint8 images at the run's resolution."""
+        is_stochastic(sampler, eta)
+        self.require_task("super-resolution", "upscale images")
+        factor = int(self.task.get("factor") or 4)
+        low = self.images_in(low_res, "low-resolution images", size=self.resolution // factor)
+        n = low.shape[0]
+        y, _, _ = self._edit_condition(n, labels, None, None)
+
+        def step(a: int, b: int) -> torch.Tensor:
+            return editing.super_resolve(self._network(), self.diffusion, low[a:b], self.resolution, sampler=sampler,
+                                         num_steps=num_steps, eta=eta, clip_x0=True, y=self._rows(y, a, b),
+                                         guidance_scale=guidance_scale, null_label=self.null_label,
+                                         generator=self._generators(seed, a, b))
+
+        return self._run_batches(n, batch_size, progress, f"upscale {sampler}", step)
+
+    def check_denoise(self) -> None:
+        """Refuse a run that cannot denoise: one trained for another task, or a latent run."""
+        self.require_task("generate", "denoise images")
+        if self.vae is not None:
+            raise LddpmError("denoising needs a pixel-space run: Gaussian noise on pixels is not Gaussian noise on "
+                             "a VAE's latents, so a latent run has no noise level that matches it; use a pixel run")
+
+    def estimate_noise(self, noisy) -> np.ndarray:
+        """Each image's noise std in [-1, 1] units (8-bit std / 127.5), by the wavelet MAD estimate
+        (`lddpm.editing.estimate_noise_sigma`)."""
+        return editing.estimate_noise_sigma(self.images_in(noisy, "noisy images").cpu()).numpy().astype(np.float64)
+
+    @torch.no_grad()
+    def denoise(self, noisy, sigma: float | Sequence[float] | np.ndarray | None = None, *, method: str = "sample",
+                sampler: str = "ddpm", num_steps: int | None = None, eta: float = 0.0, guidance_scale: float = 1.0,
+                labels=None, prompts=None, negative_prompt: str | None = None, seed: int = 0, batch_size: int = 64,
+                progress: bool = True) -> np.ndarray:
+        """Remove additive Gaussian noise of std `sigma` ([-1, 1] units: 8-bit std / 127.5; None: estimated per
+        image) from pixel images -> uint8. method "sample" (a posterior draw with `sampler`, default ddpm
+        over all steps below the noise level) or "mean" (the posterior mean, one network evaluation);
+        see `lddpm.editing.denoise`."""
+        is_stochastic(sampler, eta)
+        self.check_denoise()
+        x_in = self.images_in(noisy, "noisy images")
+        n = x_in.shape[0]
+        if sigma is None:
+            sig = self.estimate_noise(noisy)
+        else:
+            sig = np.asarray(sigma, dtype=np.float64).reshape(-1)
+            if sig.size == 1:
+                sig = np.full(n, float(sig[0]))
+            if sig.shape != (n,):
+                raise LddpmError(f"sigma must be one number or one per image ({n}), got {sig.size}")
+        if not np.isfinite(sig).all() or (sig < 0).any():
+            bad = next(float(s) for s in sig if not (np.isfinite(s) and s >= 0))
+            raise LddpmError(f"the noise std sigma must be a finite number >= 0, got {bad}")
+        y, context, null_context = self._edit_condition(n, labels, prompts, negative_prompt)
+
+        def step(a: int, b: int) -> torch.Tensor:
+            return editing.denoise(self._network(), self.diffusion, x_in[a:b], torch.from_numpy(sig[a:b]),
+                                   method=method, sampler=sampler, num_steps=num_steps, eta=eta, clip_x0=True,
+                                   y=self._rows(y, a, b), context=self._rows(context, a, b),
+                                   guidance_scale=guidance_scale, null_label=self.null_label,
+                                   null_context=null_context, generator=self._generators(seed, a, b))
+
+        return self._run_batches(n, batch_size, progress, f"denoise {method}", step)
+
 
 def check_guide(main: Pipeline, guide: Pipeline, source: str) -> None:
     """Refuse a guide network that cannot guide `main`: it must share the diffusion schedule, the objective
-    (and learned variance), the data shape (and for latent runs the VAE) and the conditioning kind."""
+    (and learned variance), the data shape (and for latent runs the VAE), the task and the conditioning kind."""
     problems = []
     a, b = main.diffusion, guide.diffusion
     if a.num_timesteps != b.num_timesteps or not torch.equal(a.schedule.alphas_cumprod, b.schedule.alphas_cumprod):
@@ -242,6 +527,9 @@ def check_guide(main: Pipeline, guide: Pipeline, source: str) -> None:
         problems.append(f"data shape ({_shape_text(main)} vs {_shape_text(guide)})")
     elif main.vae is not None and not _same_weights(main.vae, guide.vae):
         problems.append("autoencoder (the guide's latents come from another VAE)")
+    task = lambda p: (getattr(p, "task", None) or {}).get("kind", "generate")  # noqa: E731
+    if task(main) != task(guide):
+        problems.append(f"task ({task(main)} vs {task(guide)})")
     kind = lambda p: ("text" if p.context_dim else f"{p.num_classes} classes" if p.num_classes else "unconditional")  # noqa: E731
     if (main.num_classes, main.context_dim) != (guide.num_classes, guide.context_dim):
         problems.append(f"conditioning ({kind(main)} vs {kind(guide)})")
@@ -333,9 +621,10 @@ def load_pipeline(run_or_checkpoint: str | Path, device: str | torch.device = "c
     if meta.get("text"):    # a scratch encoder trained with the network is part of it (EMA weights included)
         text_encoder = (model.conditioning.text_encoder if meta["text"].get("encoder") == "scratch"
                         else load_run_text_encoder(meta, device, str(ckpt.path)))
+    task = meta.get("task") or {"kind": config.task.kind, "factor": config.task.factor, "masks": list(config.task.masks)}
     pipeline = Pipeline(model, build_diffusion(config.diffusion), vae=vae, config=config, dataset=meta.get("dataset"),
                         device=device, checkpoint=str(ckpt.path), step=int(meta["step"]), bf16=bf16,
-                        text_encoder=text_encoder)
+                        text_encoder=text_encoder, task=task)
     if guide is not None:
         pipeline.set_guide(guide)
     return pipeline

@@ -13,7 +13,9 @@ from typing import Any
 from lddpm.io import write_with
 from lddpm.study.schema import GUIDANCE_ROW_FIELDS, ROW_FIELDS, TEXT_ROW_FIELDS, Study
 
-SAMPLER_LABELS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)"}
+SAMPLER_LABELS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)", "euler": "Euler",
+                  "heun": "Heun (EDM)", "dpm++3m": "DPM-Solver++(3M)", "dpm++2m-sde": "DPM-Solver++(2M) SDE",
+                  "unipc": "UniPC (bh2)", "ipndm": "iPNDM"}
 
 # (heading, row key, format) of the human-readable table; FID's heading gets its N.
 TABLE_COLUMNS = (
@@ -57,13 +59,15 @@ GUIDANCE_COLUMNS = (  # each goes right after the guidance scale: listed last to
     ("Guide", "guide", "{}", "guidance_scale"),
 )
 METRIC_HEADINGS = {"pair_accuracy": "Pair acc.", "all_accuracy": "All-clause acc."}
+# The sampler options a cell set (grid, sigma_min, epsilon scaling, ...), shown only when some row has them.
+OPTION_COLUMNS = (("Sampler options", "sampler_options", "{}", "steps"),)
 
 
 def table_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
     """TABLE_COLUMNS plus the text columns some row has a value for; the faithfulness heading names its metric."""
     columns = list(TABLE_COLUMNS)
     metrics = {r.get("faithfulness_metric") for r in rows if r.get("faithfulness") is not None}
-    for head, key, spec, after in TEXT_COLUMNS + GUIDANCE_COLUMNS:
+    for head, key, spec, after in TEXT_COLUMNS + GUIDANCE_COLUMNS + OPTION_COLUMNS:
         if not any(r.get(key) is not None for r in rows):
             continue
         if key == "faithfulness" and len(metrics) == 1:
@@ -282,11 +286,12 @@ Drawn = tuple[Any, str, str] | None  # (figure, file name, title), or None when 
 
 
 def plot_fid_vs_steps(ok: list[dict]) -> Drawn:
-    """FID against sampling steps, one line per (run, sampler)."""
+    """FID against sampling steps, one line per (run, sampler and its options)."""
     lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for r in ok:
         if r.get("group") == "samplers" and r.get("fid") is not None and r.get("steps"):
-            lines.setdefault((r["run"], r["sampler"]), []).append((r["steps"], r["fid"]))
+            sampler = r["sampler"] + (f" [{r['sampler_options']}]" if r.get("sampler_options") else "")
+            lines.setdefault((r["run"], sampler), []).append((r["steps"], r["fid"]))
     if not lines:
         return None
     plt = _pyplot()

@@ -9,6 +9,7 @@ Timesteps are 0-based indices t in [0, T). Everything is float64.
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -19,6 +20,12 @@ from lddpm.errors import LddpmError
 SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid", "sigmoid_beta")
 SPACINGS = ("leading", "trailing", "linspace", "quadratic")
 MAX_BETA = 0.999
+# Step grids of the sigma-space samplers: the schedule's own timesteps ("time", under a SPACING), Karras et al.
+# 2022's rho-polynomial ("karras") and uniform in log-SNR, i.e. in log sigma ("logsnr"); see `sigma_grid`.
+SIGMA_GRIDS = ("time", "karras", "logsnr")
+# alpha_bar used in the sigma table where a schedule reaches zero terminal SNR (alpha_bar = 0, sigma infinite):
+# diffusers' Euler scheduler's value (the smallest positive float16 subnormal), i.e. sigma = 4096.
+ZERO_SNR_ALPHA_BAR = 2.0 ** -24
 
 
 def _check_params(name: str, params: dict, allowed: tuple[str, ...]) -> None:
@@ -126,6 +133,22 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 _zero_terminal_snr = rescale_zero_terminal_snr  # the name is shadowed by a keyword argument below
 
 
+def karras_sigmas(num: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
+    """Karras et al. 2022, Eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho, i < N."""
+    if num == 1:
+        return [float(sigma_max)]
+    a, b = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+    return [float((a + i / (num - 1) * (b - a)) ** rho) for i in range(num)]
+
+
+def logsnr_sigmas(num: int, sigma_min: float, sigma_max: float) -> list[float]:
+    """N sigmas uniform in log sigma = -lambda (half log-SNR), from sigma_max to sigma_min (Lu et al. 2022, "logSNR")."""
+    if num == 1:
+        return [float(sigma_max)]
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    return [float(math.exp(hi + i / (num - 1) * (lo - hi))) for i in range(num)]
+
+
 class NoiseSchedule:
     """Betas and everything derived from them (all float64 tensors of length T)."""
 
@@ -207,6 +230,77 @@ class NoiseSchedule:
             ts = np.unique((np.linspace(0, math.sqrt(0.8 * T), S) ** 2).astype(np.int64))
         ts = np.unique(np.asarray(ts, dtype=np.int64))[::-1].copy()
         return torch.from_numpy(ts)
+
+    # ---- the same schedule in sigma space (Karras et al. 2022's VE view: x / sqrt(abar) = x0 + sigma eps) ----
+    @cached_property
+    def sigmas(self) -> np.ndarray:
+        """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0..T-1, float64, ascending; a zero-terminal-SNR schedule's
+        last entry uses alpha_bar = ZERO_SNR_ALPHA_BAR (sigma 4096) instead of infinity."""
+        ac = self.alphas_cumprod.numpy()
+        ac = np.where(ac > 0.0, ac, ZERO_SNR_ALPHA_BAR)
+        return np.sqrt((1.0 - ac) / ac)
+
+    @cached_property
+    def log_sigmas(self) -> np.ndarray:
+        """log of `sigmas` (the table `sigma_to_t` / `t_to_sigma` interpolate)."""
+        return np.log(self.sigmas)
+
+    def sigma_to_t(self, sigma: float) -> float:
+        """The fractional timestep of a noise level: log sigma interpolated linearly between the integer timesteps
+        (k-diffusion's `DiscreteSchedule.sigma_to_t` and diffusers' `_sigma_to_t` do the same); sigma must lie in
+        [sigma(0), sigma(T-1)] (`t_to_sigma` is its inverse)."""
+        log_sigmas = self.log_sigmas
+        ls = math.log(sigma)
+        if not log_sigmas[0] - 1e-9 <= ls <= log_sigmas[-1] + 1e-9:
+            raise LddpmError(f"sigma {sigma:.6g} is outside this schedule's range [{self.sigmas[0]:.6g}, "
+                             f"{self.sigmas[-1]:.6g}]; give a noise level within it")
+        i = int(np.clip(np.searchsorted(log_sigmas, ls) - 1, 0, len(log_sigmas) - 2))
+        w = (ls - log_sigmas[i]) / (log_sigmas[i + 1] - log_sigmas[i])
+        return float(i + min(max(w, 0.0), 1.0))
+
+    def t_to_sigma(self, t: float) -> float:
+        """sigma at a fractional timestep t in [0, T-1]: exp of log sigma interpolated linearly (inverse of sigma_to_t)."""
+        log_sigmas = self.log_sigmas
+        i = int(min(max(math.floor(t), 0), len(log_sigmas) - 2))
+        w = t - i
+        return float(math.exp((1.0 - w) * log_sigmas[i] + w * log_sigmas[i + 1]))
+
+    def sigma_grid(self, num_steps: int, grid: str = "karras", *, spacing: str = "trailing", sigma_min: float = 0.0,
+                   sigma_max: float = 0.0, rho: float = 7.0) -> list[float]:
+        """The descending noise levels a `num_steps`-step sigma-space sampler visits, then 0 (the clean end).
+
+        - time:   sigma(t) at the timesteps of `self.timesteps(num_steps, spacing)` (the DDIM / DPM-Solver++ grid);
+                  levels outside [sigma_min, sigma_max] are dropped, so fewer steps can remain;
+        - karras: `karras_sigmas(num_steps, sigma_min, sigma_max, rho)` (Karras et al. 2022, Eq. 5; rho = 7);
+        - logsnr: `logsnr_sigmas(num_steps, sigma_min, sigma_max)` (uniform in log-SNR).
+        sigma_min / sigma_max = 0 mean the schedule's own sigma(0) / sigma(T-1); both must lie in that range.
+        """
+        if grid not in SIGMA_GRIDS:
+            raise LddpmError(f"unknown step grid {grid!r}; choose one of {', '.join(SIGMA_GRIDS)}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+            raise LddpmError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        if not rho > 0:
+            raise LddpmError(f"rho must be > 0 (Karras et al. use 7), got {rho!r}")
+        sig = self.sigmas
+        lo = float(sigma_min) if sigma_min else float(sig[0])
+        hi = float(sigma_max) if sigma_max else float(sig[-1])
+        for name, value in (("sigma_min", lo), ("sigma_max", hi)):
+            if not sig[0] * (1 - 1e-9) <= value <= sig[-1] * (1 + 1e-9):
+                raise LddpmError(f"{name} = {value:.6g} is outside this schedule's noise levels [{sig[0]:.6g}, "
+                                 f"{sig[-1]:.6g}]; give a value within them (0: the schedule's own end)")
+        if lo > hi:
+            raise LddpmError(f"sigma_min ({lo:.6g}) is above sigma_max ({hi:.6g}); give sigma_min < sigma_max")
+        if grid == "time":
+            levels = [float(sig[t]) for t in self.timesteps(num_steps, spacing).tolist()]
+            levels = [s for s in levels if lo * (1 - 1e-12) <= s <= hi * (1 + 1e-12)]
+            if not levels:
+                raise LddpmError(f"no timestep of the {num_steps}-step {spacing} grid has its noise level in "
+                                 f"[{lo:.6g}, {hi:.6g}]; widen sigma_min / sigma_max or take more steps")
+        elif grid == "karras":
+            levels = karras_sigmas(num_steps, lo, hi, rho)
+        else:
+            levels = logsnr_sigmas(num_steps, lo, hi)
+        return levels + [0.0]
 
     def respace(self, timesteps: torch.Tensor | list[int]) -> "NoiseSchedule":
         """Schedule over a subset of steps (improved-diffusion's respacing, Nichol & Dhariwal 2021 Sec. 4).

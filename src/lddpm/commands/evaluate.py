@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lddpm.commands.sampler_flags import SAMPLER_NAMES, add_sampler_flags, options_tag, sampler_options
 from lddpm.commands.train import add_bf16_argument, add_guidance_arguments
 from lddpm.datasets import DATASETS
 
@@ -37,8 +38,9 @@ def register(subparsers) -> None:
     e.add_argument("--images", default=None, metavar="DIR_OR_NPZ", help="score these images (PNG folder or npz with `images` [and `labels`])")
     e.add_argument("--vae", default=None, metavar="RUN", help="score reconstructions of the test split by this VAE run")
     e.add_argument("--num", type=int, default=1000, help="images to sample/score (default 1000; FID needs > 2048 for a full-rank covariance)")
-    e.add_argument("--sampler", default="ddim", help="sampler name (ddpm, ddim, dpm++2m)")
-    e.add_argument("--steps", type=int, default=None, help="sampling steps (default: ddpm T, ddim 50, dpm++2m 20)")
+    e.add_argument("--sampler", default="ddim", help=f"sampler name ({', '.join(SAMPLER_NAMES)})")
+    e.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: ddpm T, ddim / euler 50, heun 18, dpm++2m-sde 25, others 20)")
     e.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     e.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale s (1 = none)")
     add_guidance_arguments(e)
@@ -63,6 +65,7 @@ def register(subparsers) -> None:
     e.add_argument("--out", default=None, metavar="JSON", help="results file (default: <run>/eval/<settings>.json)")
     add_bf16_argument(e)
     _network_args(e)
+    add_sampler_flags(e)
     e.set_defaults(func=run_eval)
 
     r = subparsers.add_parser(
@@ -126,6 +129,10 @@ def run_eval(args: argparse.Namespace) -> int:
             checks.int_in_range(flag, value, 1)
     if args.ref_num is not None:
         checks.int_in_range("--ref-num", args.ref_num, 0)
+    if args.run:
+        from lddpm.sampling import check_sampler_options
+
+        check_sampler_options(args.sampler, sampler_options(args))  # before loading anything
     if args.resolution is not None:
         checks.resolution("--resolution", args.resolution)
     progress = not args.quiet
@@ -210,7 +217,8 @@ def _default_out(args: argparse.Namespace) -> Path:
     guide = f"-ag{args.guide_scale:g}-{Path(args.guide).stem}" if getattr(args, "guide", None) else ""
     interval = getattr(args, "guidance_interval", None)
     interval = f"-gi{interval[0]:g}-{interval[1]:g}" if interval else ""
-    return folder / f"{args.sampler}{steps}{eta}{guidance}{guide}{interval}{prompts}-n{args.num}-seed{args.seed}.json"
+    options = options_tag(sampler_options(args))
+    return folder / f"{args.sampler}{steps}{eta}{options}{guidance}{guide}{interval}{prompts}-n{args.num}-seed{args.seed}.json"
 
 
 def _eval_vae(args: argparse.Namespace, extractor, progress: bool):

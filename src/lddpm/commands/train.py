@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from lddpm.commands.sampler_flags import SAMPLER_NAMES, add_sampler_flags, sampler_options
 from lddpm.errors import LddpmError
 
 
@@ -43,8 +44,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("sample", help="generate images from a trained run",
                               description="Generate images from a run folder or checkpoint (EMA weights).")
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT")
-    p.add_argument("--sampler", default="ddim", help="ddpm, ddim or dpm++2m (default ddim)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: ddpm T, ddim 50, dpm++2m 20)")
+    p.add_argument("--sampler", default="ddim", help=f"{', '.join(SAMPLER_NAMES)} (default ddim; docs/samplers.md)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: ddpm T, ddim / euler 50, heun 18, dpm++2m-sde 25, others 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance scale s in eps_u + s (eps_c - eps_u); 1 = none")
@@ -69,6 +71,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_bf16_argument(p)
     p.add_argument("--quiet", action="store_true")
+    add_sampler_flags(p)
     p.set_defaults(func=_sample)
 
 
@@ -92,7 +95,8 @@ def add_guidance_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_spec_from_args(args: argparse.Namespace, **extra):
-    """The SamplingSpec of `lddpm sample` / `lddpm eval` from their arguments (checked first, flag by flag)."""
+    """The SamplingSpec of `lddpm sample` / `lddpm eval` from their arguments (checked first, flag by flag; the
+    sampler option flags --grid, --sigma-min, ... against the sampler)."""
     from lddpm import checks
     from lddpm.distributed import bf16_flag
     from lddpm.sampling import SamplingSpec
@@ -107,7 +111,7 @@ def sampling_spec_from_args(args: argparse.Namespace, **extra):
     return SamplingSpec(sampler=args.sampler, num_steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
                         guide=args.guide, guide_scale=args.guide_scale, guidance_interval=args.guidance_interval,
                         negative_prompt=args.negative_prompt, seed=args.seed, batch_size=args.batch_size,
-                        bf16=bf16_flag(args.bf16), **extra)
+                        bf16=bf16_flag(args.bf16), sampler_options=sampler_options(args) or None, **extra)
 
 
 def _spawn_torchrun(args: argparse.Namespace) -> int:

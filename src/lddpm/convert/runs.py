@@ -324,6 +324,10 @@ def export_diffusers(run: str | Path, out: str | Path, *, weights: str = "ema") 
                          f"(exportable: {', '.join(CLASS_FOR_KIND)})")
     with torch.device("meta"):  # the validated config with defaults; no weights allocated
         config = network_from_config(network_kind, ckpt.meta["network"]["config"]).config
+    if getattr(config, "cond_channels", 0):
+        raise LddpmError(f"{ckpt.path}: this network was trained for task {ckpt.meta.get('task', {}).get('kind')!r} "
+                         f"and reads {config.cond_channels} conditioning channels; exporting task networks to "
+                         "diffusers is not supported yet (only networks trained to generate)")
     entry = export_class(network_kind, config)
     if kind == "vae" and "scaling_factor" in ckpt.meta:
         config = config.replace(scaling_factor=float(ckpt.meta["scaling_factor"]))

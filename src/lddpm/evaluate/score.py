@@ -23,9 +23,9 @@ from lddpm.metrics import (FeatureExtractor, FeatureStats, ReferenceStats, check
                            network_probabilities, precision_recall)
 from lddpm.metrics.classifier import default_classifier_dir
 from lddpm.metrics.kid import kernel_inception_distance
-from lddpm.guidance import evaluations_per_step, timestep_sigma
+from lddpm.guidance import evaluations_per_step
 from lddpm.pipeline import load_pipeline
-from lddpm.sampling import DEFAULT_SPACING, SamplingSpec, default_num_steps
+from lddpm.sampling import SamplingSpec, default_num_steps
 
 
 def evaluate_generated(
@@ -327,7 +327,8 @@ class Scorer:
 
 # evaluate_checkpoint's keywords before SamplingSpec / Scorer (still accepted): which object each belongs to
 SPEC_KEYWORDS = ("sampler", "num_steps", "eta", "spacing", "guidance_scale", "guide", "guide_scale",
-                 "guidance_interval", "labels", "prompts", "negative_prompt", "seed", "batch_size", "bf16")
+                 "guidance_interval", "labels", "prompts", "negative_prompt", "seed", "batch_size", "bf16",
+                 "sampler_options")
 SCORER_KEYWORDS = ("reference", "ref_num", "extractor", "inception", "inception_sha1", "feature_backend",
                    "classifier", "is_network", "is_network_sha1", "cache_dir", "data_root")
 
@@ -354,15 +355,17 @@ def _spec_and_scorer(spec, scorer, device, progress, keywords: dict) -> tuple[Sa
 
 
 def planned_nfe(pipeline, spec: SamplingSpec, num_steps: int) -> tuple[int, int] | None:
-    """(main-network rows, guide-network rows) per image the sampler will cost, one evaluation per visited timestep
-    (every registered sampler), or None for a pipeline without a diffusion."""
+    """(main-network rows, guide-network rows) per image the sampler will cost, or None for a pipeline without a
+    diffusion: for each model evaluation of the sampler (`SamplingSpec.evaluation_sigmas`, the same list
+    `count_model_evaluations` and the cost's `nfe_expected` count: Heun 2N - 1, sigma-space grids, churn), the
+    rows guidance costs at its noise level (`lddpm.guidance.evaluations_per_step`: CFG 2, a guide 1 more, 1
+    outside the guidance interval)."""
     diffusion = getattr(pipeline, "diffusion", None)
     if diffusion is None:
         return None
-    ac = diffusion.schedule.alphas_cumprod
     main = guide = 0
-    for t in diffusion.schedule.timesteps(num_steps, spec.spacing or DEFAULT_SPACING):
-        m, g = evaluations_per_step(timestep_sigma(ac, int(t)), guidance_scale=spec.guidance_scale,
+    for sigma in spec.replace(num_steps=num_steps).evaluation_sigmas(diffusion):
+        m, g = evaluations_per_step(sigma, guidance_scale=spec.guidance_scale,
                                     guide_scale=spec.guide_scale, interval=spec.guidance_interval,
                                     guide=getattr(pipeline, "guide", None) is not None)
         main, guide = main + m, guide + g
@@ -385,7 +388,8 @@ def evaluate_checkpoint(
     """Sample `num` images from a run or checkpoint (resumable), score them and measure the sampling cost.
 
     `spec` (lddpm.SamplingSpec) says how to sample: sampler, steps, eta, spacing, guidance (CFG scale,
-    autoguidance's guide and scale, the guidance interval), labels, prompts, seed, batch size, bf16.
+    autoguidance's guide and scale, the guidance interval), sampler options, labels, prompts, seed, batch size,
+    bf16.
     `scorer` (Scorer) holds what scores: feature network, reference, classifier, IS network; build it once
     for many evaluations. The older keywords (sampler=, guidance_scale=, reference=, classifier=, ...: the
     fields of the two objects, see SPEC_KEYWORDS and SCORER_KEYWORDS) still work, instead of the objects
@@ -400,7 +404,13 @@ def evaluate_checkpoint(
     `pipeline` may be given directly (anything with `.generate`, `.num_classes`, `.resolution`,
     `.dataset`); otherwise `lddpm.pipeline.load_pipeline(path, device, bf16=spec.bf16, guide=spec.guide)`
     is used. `device` (default: the scorer's) is where the pipeline is loaded.
-    The cost records `nfe`: network forward rows per image, main and guide networks together.
+    `spec.sampler_options` (the step grid, sigma_min, epsilon scaling, churn, order; `lddpm.sampling.sample`) go to
+    every batch and, when set, into the settings (and so into the partial folder's check).
+
+    The cost records `nfe`: network forward rows per image, main and guide networks together (counted, or planned
+    by `planned_nfe` when every batch was resumed; `nfe_source` says which), and `nfe_expected`: the sampler's
+    (guided) model evaluations per batch from its grid (`count_model_evaluations`; Heun 2N - 1), which
+    `model_calls_per_batch` counts. Without guidance nfe = nfe_expected; CFG doubles nfe, not nfe_expected.
     """
     spec, scorer = _spec_and_scorer(spec, scorer, device, progress, keywords)
     device = str(resolve_device(device or scorer.device))
@@ -414,6 +424,8 @@ def evaluate_checkpoint(
     num_steps = spec.num_steps
     if num_steps is None and hasattr(pipeline, "diffusion"):  # the sampler's default (all T for ddpm), as `lddpm sample`
         num_steps = default_num_steps(spec.sampler, pipeline.diffusion.num_timesteps)
+    options = spec.options()
+    gen_options = {"sampler_options": options} if options else {}  # a plain pipeline need not take the keyword
     num_classes = int(getattr(pipeline, "num_classes", 0) or 0)
     want_labels = balanced_labels(num, num_classes) if (num_classes and spec.labels == "balanced") else None
     # a conditional model sampled without labels gets the null label (unconditional samples)
@@ -442,6 +454,8 @@ def evaluate_checkpoint(
     }
     if spec.guide is not None:
         settings["guide"] = str(getattr(pipeline, "guide_checkpoint", None) or spec.guide)  # the file it read
+    if options:  # only when given: settings (and partial folders) of runs without options stay as they were
+        settings["sampler_options"] = options
     if records is not None:
         settings["labels"] = "prompts"
         settings["prompts"] = str(prompts) if isinstance(prompts, (str, Path)) else f"{len(records)} records"
@@ -458,7 +472,7 @@ def evaluate_checkpoint(
 
     def generate_batch(n, batch_labels, batch_seed_):
         common = dict(sampler=spec.sampler, num_steps=num_steps, eta=spec.eta, guidance_scale=guidance_scale,
-                      seed=batch_seed_, batch_size=n, progress=False, **guidance)
+                      seed=batch_seed_, batch_size=n, progress=False, **guidance, **gen_options)
         if records is not None:  # batch_labels are prompt indices
             images, _ = pipeline.generate(n, prompts=[records[int(i)]["prompt"] for i in batch_labels],
                                           negative_prompt=spec.negative_prompt, **common)
@@ -491,6 +505,8 @@ def evaluate_checkpoint(
         cost.update(model_calls=None, model_calls_per_batch=None, network_evaluations_per_image=None,
                     network_evaluations_per_image_step=None)
         cost.update(nfe=sum(planned) if planned else None, nfe_source="planned" if planned else None)
+    if hasattr(pipeline, "diffusion") and num_steps:  # what the sampler should cost per batch (Heun: 2N - 1)
+        cost["nfe_expected"] = len(spec.replace(num_steps=num_steps).evaluation_sigmas(pipeline.diffusion))
     metrics, note = scorer.score(
         images, out_labels if (want_labels is not None and records is None) else None, dataset=getattr(pipeline, "dataset", None),
         num=num, classes=records is None, records=records)  # prompts, not classes: no class accuracy

@@ -152,6 +152,31 @@ class Conditioning(nn.Module):
         return F.silu(self.embedding(t, y, batch, device)), self.context_states(context, batch, device)
 
 
+def concat_condition(x: torch.Tensor, cond_image, cond_channels: int, network: str) -> torch.Tensor:
+    """x with a task's conditioning image appended as channels, [x, cond_image] (B, C + cond_channels, H, W).
+
+    The image condition of inpainting (mask and masked image, as Stable Diffusion's inpainting U-Net) and
+    super-resolution (the upsampled low-resolution image, SR3) enters the network this way; networks
+    built with cond_channels = 0 take none.
+    """
+    if cond_channels <= 0:
+        if cond_image is not None:
+            raise LddpmError(f"this {network} takes no conditioning image (cond_channels=0): pass cond_image=None "
+                             "(or build it with cond_channels for an inpainting or super-resolution task)")
+        return x
+    if cond_image is None:
+        raise LddpmError(f"this {network} was trained for a restoration task: pass cond_image, its "
+                         f"{cond_channels} conditioning channels (lddpm.tasks)")
+    cond_image = torch.as_tensor(cond_image)
+    if cond_image.dim() != 4 or cond_image.shape[1] != cond_channels or cond_image.shape[2:] != x.shape[2:]:
+        raise LddpmError(f"cond_image must have shape (B, {cond_channels}, {x.shape[2]}, {x.shape[3]}), got "
+                         f"{tuple(cond_image.shape)}")
+    if cond_image.shape[0] not in (1, x.shape[0]):
+        raise LddpmError(f"cond_image holds {cond_image.shape[0]} images for a batch of {x.shape[0]}")
+    cond_image = cond_image.to(device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1, -1)
+    return torch.cat([x, cond_image], dim=1)
+
+
 def attach(network: nn.Module, conditioning: Conditioning) -> None:
     """Give `network` the conditioning module and register its parts under their historic names.
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lddpm.errors import LddpmError
-from lddpm.nn.conditioning import Conditioning, attach
+from lddpm.nn.conditioning import Conditioning, attach, concat_condition
 from lddpm.nn.layers import CrossAttention, NetworkConfig, run_block, sincos_position_embedding
 
 TIMESTEP_FREQUENCIES = 256  # size of the sinusoidal timestep embedding fed to the MLP (the paper's code)
@@ -44,6 +44,7 @@ class DiTConfig(NetworkConfig):
     # token length; the network then also takes token ids as `context` (its width is context_dim).
     scratch_vocab: tuple[str, ...] = ()
     scratch_max_length: int = 32
+    cond_channels: int = 0  # > 0: a conditioning image of this many channels, concatenated with x before patchify
 
     def validate(self) -> None:
         """Raise LddpmError naming the first value that cannot build a network."""
@@ -65,6 +66,8 @@ class DiTConfig(NetworkConfig):
             raise LddpmError(f"num_classes={self.num_classes} must be >= 0 (0 = unconditional)")
         if self.context_dim < 0:
             raise LddpmError(f"context_dim={self.context_dim} must be >= 0 (0 = no text prompts)")
+        if self.cond_channels < 0:
+            raise LddpmError(f"cond_channels={self.cond_channels} must be >= 0 (0 = no conditioning image)")
         if not 0 <= self.freq_shift < TIMESTEP_FREQUENCIES // 2 or not self.mlp_norm_eps > 0:
             raise LddpmError(f"freq_shift={self.freq_shift} must be in [0, {TIMESTEP_FREQUENCIES // 2}) and "
                              f"mlp_norm_eps={self.mlp_norm_eps} positive")
@@ -162,10 +165,11 @@ class DiT(nn.Module):
         self.num_classes = c.num_classes
         self.null_label = c.num_classes if c.num_classes > 0 else None
         self.context_dim = c.context_dim
+        self.cond_channels = c.cond_channels
         self.resolution = c.resolution
         self.grid_size = c.resolution // p
 
-        self.patch_embed = nn.Conv2d(c.in_channels, dim, kernel_size=p, stride=p)
+        self.patch_embed = nn.Conv2d(c.in_channels + c.cond_channels, dim, kernel_size=p, stride=p)
         self.register_buffer("pos_embed", sincos_position_embedding(dim, self.grid_size)[None], persistent=False)
         # registers time_embed (Linear(256, dim) -> SiLU -> Linear), label_embed and, for text, context_embed
         attach(self, Conditioning(frequencies=TIMESTEP_FREQUENCIES, dim=dim, num_classes=c.num_classes,
@@ -208,15 +212,16 @@ class DiT(nn.Module):
         return x.reshape(b, ch, g * p, g * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
+                context: torch.Tensor | None = None, cond_image: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W), t (B,) timesteps, y (B,) labels or None, context (B, L, context_dim) token states
-        (text DiTs only) -> (B, out_channels, H, W)."""
+        (text DiTs only), cond_image (B, cond_channels, H, W) (task DiTs only) -> (B, out_channels, H, W)."""
         b = x.shape[0]
         if tuple(x.shape[1:]) != (self.in_channels, self.resolution, self.resolution):
             raise LddpmError(f"this DiT takes {self.in_channels}x{self.resolution}x{self.resolution} inputs, got "
                              f"{'x'.join(map(str, x.shape[1:]))}; build it with matching in_channels/resolution")
         # c is SiLU(embed(t) + embed(y)): every adaLN Linear starts with SiLU (the paper's code)
         c, context = self.conditioning(t, y, context, batch=b, device=x.device)
+        x = concat_condition(x, cond_image, self.cond_channels, "DiT")
         dtype = self.time_embed[0].weight.dtype
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.to(dtype)  # (B, T, D)
         for block in self.blocks:

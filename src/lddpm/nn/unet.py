@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lddpm.errors import LddpmError
-from lddpm.nn.conditioning import Conditioning, attach
+from lddpm.nn.conditioning import Conditioning, attach, concat_condition
 from lddpm.nn.layers import (AttentionBlock, Downsample, EmbedSequential, GroupNorm, NetworkConfig, ResBlock,
                              SpatialTransformer, Upsample, run_block, zero_module)
 
@@ -52,6 +52,9 @@ class UNetConfig(NetworkConfig):
     # Fixed 2-D sin-cos positions added to the spatial transformers' tokens (not part of diffusers' layout):
     # tells cross-attention where each token is, for prompts that place things ("on the left").
     transformer_pos_embed: bool = False
+    # Restoration tasks (lddpm.tasks): > 0 = extra input channels (a mask and masked image, or an upsampled
+    # low-resolution image) concatenated with x before the first conv; the output keeps in_channels.
+    cond_channels: int = 0
 
     def level_resolutions(self) -> list[int]:
         """Feature-map size at each level of the encoder."""
@@ -72,6 +75,8 @@ class UNetConfig(NetworkConfig):
             raise LddpmError(f"num_classes={self.num_classes} must be >= 0 (0 = unconditional)")
         if not 0.0 <= self.dropout < 1.0:
             raise LddpmError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.cond_channels < 0:
+            raise LddpmError(f"cond_channels={self.cond_channels} must be >= 0 (0 = no conditioning image)")
         if self.context_dim < 0 or self.transformer_depth < 1:
             raise LddpmError(f"context_dim={self.context_dim} must be >= 0 (0 = no text prompts) and "
                              f"transformer_depth={self.transformer_depth} >= 1")
@@ -137,6 +142,7 @@ class UNet(nn.Module):
         self.num_classes = c.num_classes
         self.null_label = c.num_classes if c.num_classes > 0 else None
         self.context_dim = c.context_dim
+        self.cond_channels = c.cond_channels
         self.resolution = c.resolution
 
         # registers time_embed (Linear(ch, 4ch) -> SiLU -> Linear) and label_embed, as before the shared module
@@ -151,7 +157,7 @@ class UNet(nn.Module):
                                           norm_groups=c.norm_groups, pos_embed=c.transformer_pos_embed)
             return AttentionBlock(channels, c.heads_for(channels), norm_groups=c.norm_groups, eps=c.norm_eps)
 
-        self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(c.in_channels + c.cond_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels = [ch]
         cur, res = ch, c.resolution
@@ -196,11 +202,12 @@ class UNet(nn.Module):
         return run_block(block, h, emb, context, checkpointed=self.config.gradient_checkpointing and self.training)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
+                context: torch.Tensor | None = None, cond_image: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W), t (B,) timesteps, y (B,) labels or None, context (B, L, context_dim) token states
-        (text U-Nets only) -> (B, out_channels, H, W)."""
+        (text U-Nets only), cond_image (B, cond_channels, H, W) (task U-Nets only) -> (B, out_channels, H, W)."""
         # emb is SiLU(embed(t) + embed(y)): every ResBlock starts its embedding projection with SiLU
         emb, context = self.conditioning(t, y, context, batch=x.shape[0], device=x.device)
+        x = concat_condition(x, cond_image, self.cond_channels, "U-Net")
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)

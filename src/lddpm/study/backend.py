@@ -198,8 +198,8 @@ class StudyBackend:
         images, labels = _read_partial(partial)
         cost = result.get("cost") or {}
         evals = cost.get("nfe")  # network rows per image, a guide's included (planned when every batch was resumed)
-        if evals is None:
-            evals = cell.steps * (2 if cell.guidance_scale != 1.0 else 1)
+        if evals is None:  # no count and no plan: the sampler's evaluations from its grid (Heun: 2N - 1)
+            evals = (cost.get("nfe_expected") or cell.steps) * (2 if cell.guidance_scale != 1.0 else 1)
         row = {
             "fid": result["fid"], "fid_n": result["num_images"], "kid": result.get("kid"), "kid_std": result.get("kid_std"),
             "classifier_score": result.get("classifier_score"),
@@ -247,12 +247,13 @@ class StudyBackend:
 
 
 def cell_sampling_spec(cell: CellSpec, study: Study, records: list[dict] | None, guide: str | None) -> SamplingSpec:
-    """How a cell samples: its sampler settings and guidance, the study's seed, sampling batch and bf16."""
+    """How a cell samples: its sampler, sampler options and guidance, the study's seed, sampling batch and bf16."""
     s = study.settings
     return SamplingSpec(sampler=cell.sampler, num_steps=cell.steps, eta=cell.eta, guidance_scale=cell.guidance_scale,
                         guide=guide, guide_scale=cell.guide_scale, guidance_interval=cell.guidance_interval,
                         labels=cell.labels, prompts=tuple(records) if records is not None else None,
-                        negative_prompt=cell.negative_prompt, seed=s.seed, batch_size=s.sample_batch_size, bf16=s.bf16)
+                        negative_prompt=cell.negative_prompt, seed=s.seed, batch_size=s.sample_batch_size, bf16=s.bf16,
+                        sampler_options=cell.sampler_options() or None)
 
 
 def guide_source(cell: CellSpec, info: dict, study: Study) -> str | None:

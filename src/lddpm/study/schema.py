@@ -10,7 +10,8 @@ A study file (TOML) has three parts:
                        prompts + negative_prompt (text runs); autoguidance (guide + guide_scale) and the
                        guidance interval (guidance_interval = [sigma_lo, sigma_hi])
 
-A cell's `run`, `sampler`, `steps`, `guidance_scale`, `guide_scale`, `eta` and `at_step` may be lists (and
+A cell's `run`, `sampler`, `steps`, `guidance_scale`, `guide_scale`, `eta`, `at_step` and sampler options (`grid`,
+`sigma_min`, `eps_scaling`, `s_churn`, ...: `lddpm.solvers.SamplerOptions`, docs/samplers.md) may be lists (and
 `guidance_interval` a list of pairs); the cell is then expanded into one cell per combination and its `name` is a
 template (`"ddim-{steps}"`, `"cfg-s{guidance_scale:g}"`).
 
@@ -33,6 +34,8 @@ from lddpm.config import read_toml
 from lddpm.distributed import check_bf16
 from lddpm.errors import LddpmError
 from lddpm.metrics.onnx_backend import FEATURE_BACKENDS
+from lddpm.sampling import SAMPLERS, check_sampler_options
+from lddpm.solvers import SamplerOptions
 
 CELL_KINDS = ("sample", "vae")
 RUN_KINDS = ("diffusion", "vae")
@@ -124,11 +127,27 @@ class CellSpec:
     guide: str = ""
     guide_scale: float = 1.0  # w in D_guide + w (D_main - D_guide); 1 = none
     guidance_interval: list[float] | None = None  # [sigma_lo, sigma_hi]: guidance only there (Kynkaanniemi et al. 2024)
+    # Sampler options (lddpm.solvers.SamplerOptions, docs/samplers.md); unset: the sampler's own defaults
+    grid: str | None = None
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    rho: float | None = None
+    eps_scaling: float | None = None
+    eps_scaling_k: float | None = None
+    s_churn: float | None = None
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    s_noise: float | None = None
+    order: int | None = None
 
     @property
     def guided(self) -> bool:
         """Whether the cell uses autoguidance or a guidance interval (its row carries GUIDANCE_ROW_FIELDS)."""
         return bool(self.guide) or self.guide_scale != 1.0 or self.guidance_interval is not None
+
+    def sampler_options(self) -> dict[str, Any]:
+        """The sampler options this cell sets (SamplerOptions' names), as `sampler_options` for lddpm.evaluate."""
+        return {k: getattr(self, k) for k in SamplerOptions.names() if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
@@ -181,7 +200,8 @@ def _expand_cell(raw: dict, index: int) -> list[CellSpec]:
     """Expand list-valued run/sampler/steps/guidance_scale/eta/at_step into one cell per combination."""
     if "name" not in raw or "run" not in raw:
         raise LddpmError(f"cells[{index}]: every cell needs `name` and `run` (got keys {sorted(raw)})")
-    axes = {k: raw[k] for k in ("run", "sampler", "steps", "guidance_scale", "guide_scale", "eta", "at_step")
+    axes = {k: raw[k] for k in ("run", "sampler", "steps", "guidance_scale", "guide_scale", "eta", "at_step",
+                                *SamplerOptions.names())
             if isinstance(raw.get(k), list)}
     interval = raw.get("guidance_interval")
     if isinstance(interval, list) and interval and all(isinstance(v, list) for v in interval):
@@ -321,6 +341,11 @@ def study_from_dict(data: dict, base_dir: str | Path = ".") -> Study:
         checks.finite_number(f"cell {cell.name!r}: guidance_scale", cell.guidance_scale)
         checks.finite_number(f"cell {cell.name!r}: eta", cell.eta)
         checks.int_in_range(f"cell {cell.name!r}: steps", cell.steps, 1)
+        if cell.kind == "sample" and cell.sampler in SAMPLERS:  # an unknown sampler fails when the cell is scored
+            try:
+                check_sampler_options(cell.sampler, cell.sampler_options())
+            except LddpmError as exc:
+                raise LddpmError(f"cell {cell.name!r}: {exc}") from None
         if cell.at_step is not None:
             checks.int_in_range(f"cell {cell.name!r}: at_step", cell.at_step, 1)
             run_steps = runs[cell.run].steps
@@ -385,6 +410,9 @@ def base_row(cell: CellSpec, study: Study, status: str) -> dict:
 
         row.update(guide=cell.guide or None, guide_scale=cell.guide_scale,
                    guidance_interval=interval_json(cell.guidance_interval))
+    if cell.kind == "sample" and cell.sampler_options():  # only cells that set sampler options carry the field
+        row["sampler_options"] = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                           for k, v in cell.sampler_options().items())
     return row
 
 

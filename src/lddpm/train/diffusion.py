@@ -1,4 +1,5 @@
-"""The diffusion trainer: a noise predictor on images or on a VAE's latents (data.latent)."""
+"""The diffusion trainer: a noise predictor on images or on a VAE's latents (data.latent); for a restoration
+task ([task], lddpm.tasks) the network also reads conditioning channels built from each batch."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from lddpm.errors import LddpmError
 from lddpm.grid import save_grid
 from lddpm.nn import build_network
 from lddpm.pipeline import Pipeline, PromptStates, load_vae
+from lddpm.tasks import cond_channels, task_condition
 from lddpm.train.loop import TrainingLoop
 from lddpm.train.utils import EMA, network_overrides, open_training_images
 
@@ -63,6 +65,12 @@ class DiffusionTrainer(TrainingLoop):
                              "(use lddpm train-vae for autoencoders)")
         derived = {"resolution": resolution, "in_channels": in_channels, "num_classes": num_classes,
                    "learned_sigma": c.diffusion.learned_variance}
+        if c.task.kind != "generate":
+            # Important: the conditioning image enters as extra input channels (mask + masked image, or the
+            # upsampled low-resolution image); the output keeps in_channels.
+            derived["cond_channels"] = cond_channels(c.task.kind, in_channels)
+        self.task = {"kind": c.task.kind, "factor": c.task.factor, "masks": list(c.task.masks)}
+        self.grid_images = np.asarray(cache.images[:8]) if c.task.kind != "generate" else None
         self.captions, self.caption_states, self.text_meta = None, None, None
         if c.text.encoder:
             self._encode_captions(cache, derived)
@@ -82,7 +90,7 @@ class DiffusionTrainer(TrainingLoop):
             text = (self.ema.model.conditioning.text_encoder if c.text.encoder == "scratch"
                     else PromptStates(self.captions.texts, self.caption_states))
         self.grid_pipeline = Pipeline(self.ema.model, self.diffusion, vae=self.vae, config=c,
-                                      dataset=self.dataset_info, device=self.device, text_encoder=text)
+                                      dataset=self.dataset_info, device=self.device, text_encoder=text, task=self.task)
 
     def _encode_captions(self, cache, derived: dict) -> None:
         """Prepare the prompts' conditioning: each distinct caption encoded once with the frozen text encoder
@@ -173,8 +181,11 @@ class DiffusionTrainer(TrainingLoop):
             y = torch.where(drop, torch.full_like(y, self.null_label), y)
         else:
             y = None
+        task = self.config.task
+        cond_image = task_condition(task.kind, x, masks=task.masks, factor=task.factor, generator=generator)
         with self.autocast():
-            out = self.diffusion.training_losses(self.forward_model, x, y=y, context=context, generator=generator)
+            out = self.diffusion.training_losses(self.forward_model, x, y=y, context=context, cond_image=cond_image,
+                                                 generator=generator)
         unweighted = out.get("loss_unweighted", out["loss"]).float()
         edges = torch.tensor(sorted(set(self.band_edges))[1:-1], device=out["t"].device, dtype=out["t"].dtype)
         self.add_band_losses(torch.bucketize(out["t"], edges, right=True), unweighted)
@@ -206,6 +217,8 @@ class DiffusionTrainer(TrainingLoop):
     def meta(self):
         """Dataset and VAE descriptions for the pipeline."""
         meta = {"dataset": self.dataset_info, "vae": self.vae_meta}
+        if self.task["kind"] != "generate":
+            meta["task"] = self.task                 # load_pipeline reads it: which editing calls the run answers
         if self.text_meta is not None:
             meta["text"] = self.text_meta
         return meta
@@ -213,6 +226,9 @@ class DiffusionTrainer(TrainingLoop):
     def write_grid(self, path: Path) -> None:
         """EMA samples from fixed noise; one row per class for conditional models."""
         c = self.config
+        if self.task["kind"] != "generate":
+            self._write_task_grid(path)
+            return
         if self.captions is not None:  # the first distinct captions, one row each
             texts = self.captions.texts[1:]
             rows = min(len(texts), max(1, int(math.sqrt(c.run.num_sample_images))))
@@ -235,6 +251,29 @@ class DiffusionTrainer(TrainingLoop):
             num, sampler=c.run.sampler, num_steps=c.run.sample_steps, labels=labels, seed=c.run.seed,
             guidance_scale=c.run.guidance_scale, batch_size=max(num, 1), progress=False)
         save_grid(images, path, nrow=nrow)
+
+    def _write_task_grid(self, path: Path) -> None:
+        """Rows of input | condition | output on the first training images (fixed masks from the run's seed)."""
+        from lddpm.grid import comparison_grid, masked_view
+        from lddpm.tasks import downsample, random_masks
+
+        c, images = self.config, self.grid_images
+        p = self.grid_pipeline
+        x = p.images_in(images)
+        if self.task["kind"] == "inpaint":
+            masks = random_masks(len(images), x.shape[-1], c.task.masks, torch.Generator().manual_seed(c.run.seed))
+            out = p.inpaint(images, masks[:, 0].cpu().numpy().astype(bool), method="model", sampler=c.run.sampler,
+                            num_steps=c.run.sample_steps, seed=c.run.seed, progress=False)
+            middle = masked_view(images, masks[:, 0].cpu().numpy().astype(bool))
+        else:
+            low = downsample(x, c.task.factor)
+            low_u8 = ((low.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            out = p.upscale(low_u8, sampler=c.run.sampler, num_steps=c.run.sample_steps, seed=c.run.seed,
+                            progress=False)
+            middle = low_u8.repeat(c.task.factor, axis=1).repeat(c.task.factor, axis=2)
+        from lddpm.io import write_png
+
+        write_png(path, comparison_grid([images, middle, out]))
 
 
 def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True,

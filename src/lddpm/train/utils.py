@@ -20,11 +20,12 @@ from lddpm.nn import NETWORK_NAMES, network_config
 from lddpm.nn.vae import RECON_LOSSES
 from lddpm.sampling import SAMPLERS
 from lddpm.schedule import SCHEDULES
+from lddpm.tasks import MASK_KINDS, TASKS
 from lddpm.tracking import TRACKERS
 from lddpm.train.ema import EMA, power_ema_decay  # noqa: F401  (re-exported for the trainers' imports)
 
 # Config sections whose change alters what a resumed run computes (run.steps/out/logging may change).
-RESUME_SECTIONS = ("model", "diffusion", "data", "optim", "vae", "text")
+RESUME_SECTIONS = ("model", "diffusion", "data", "optim", "vae", "text", "task")
 RESUME_RUN_KEYS = ("seed", "bf16", "class_conditional", "label_dropout")
 
 
@@ -136,6 +137,9 @@ def check_names(config: Config) -> Config:
     check_choice("data.dataset", config.data.dataset, DATASETS)
     check_choice("run.sampler", r.sampler, SAMPLERS)
     check_choice("vae.recon_loss", config.vae.recon_loss, RECON_LOSSES)
+    check_choice("task.kind", config.task.kind, TASKS)
+    for kind in config.task.masks:
+        check_choice("task.masks", kind, MASK_KINDS)
     for tracker in r.trackers:
         check_choice("run.trackers", tracker, TRACKERS)
     return config
@@ -145,7 +149,9 @@ def resume_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """`section.key` names whose values differ between a checkpoint's config and the current one."""
     diffs = []
     for section in RESUME_SECTIONS:
-        old, new = saved.get(section) or {}, now.get(section) or {}
+        # a section a checkpoint predates (e.g. [task]) holds its defaults, today's behaviour
+        defaults = Config().to_dict().get(section) or {}
+        old, new = {**defaults, **(saved.get(section) or {})}, {**defaults, **(now.get(section) or {})}
         diffs += [f"{section}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     old, new = saved.get("run") or {}, now.get("run") or {}
     diffs += [f"run.{k}" for k in RESUME_RUN_KEYS if old.get(k) != new.get(k)]
