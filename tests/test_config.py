@@ -110,7 +110,7 @@ def test_bad_values_are_errors(tmp_path):
     ("diffusion.schedule=zigzag", "diffusion.schedule.*choose one of: linear"),
     ("diffusion.objective=noise", "diffusion.objective.*eps, x0, v"),
     ("data.dataset=celeba", "data.dataset.*fashion-mnist"),
-    ("run.sampler=euler", "run.sampler.*ddpm, ddim, dpm\\+\\+2m"),
+    ("run.sampler=lms", "run.sampler.*ddpm, ddim, dpm\\+\\+2m"),
     ("vae.recon_loss=l3", "vae.recon_loss.*l1, l2"),
 ])
 def test_unknown_names_are_refused_with_the_owning_modules_choices(override, match):
