@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from lddpm import distributed
-from lddpm.config import Config
+from lddpm.config import SECTIONS, Config
 from lddpm.data import DATASETS, open_cache, prepare
 from lddpm.diffusion import LOSS_WEIGHTINGS, OBJECTIVES, TIMESTEP_SAMPLINGS
 from lddpm.checks import check_choice
@@ -139,10 +140,14 @@ def check_names(config: Config) -> Config:
 
 
 def resume_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """`section.key` names whose values differ between a checkpoint's config and the current one."""
+    """`section.key` names whose values differ between a checkpoint's config and the current one.
+
+    A key the checkpoint's config lacks (a setting added to lddpm after the run started) counts as its default.
+    """
     diffs = []
     for section in RESUME_SECTIONS:
-        old, new = saved.get(section) or {}, now.get(section) or {}
+        defaults = dataclasses.asdict(SECTIONS[section]())
+        old, new = {**defaults, **(saved.get(section) or {})}, now.get(section) or {}
         diffs += [f"{section}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     old, new = saved.get("run") or {}, now.get("run") or {}
     diffs += [f"run.{k}" for k in RESUME_RUN_KEYS if old.get(k) != new.get(k)]
