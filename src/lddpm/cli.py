@@ -21,6 +21,7 @@ from lddpm.errors import LddpmError
 COMMAND_MODULES = (
     "lddpm.commands.data",  # prepare
     "lddpm.commands.train",  # train, train-vae, sample
+    "lddpm.commands.ema",  # ema (post-hoc EMA reconstruction)
     "lddpm.commands.evaluate",  # eval, fid-ref, train-classifier
     "lddpm.commands.study",  # study, demo
     "lddpm.commands.hub",  # import, export (diffusers folders)

@@ -95,6 +95,12 @@ class TrainingLoop:
     def finish(self) -> None:
         """Work after the last step, before the final checkpoint."""
 
+    def started(self) -> None:
+        """Work once the run folder is ready (fresh or resumed), before the first step."""
+
+    def step_done(self) -> None:
+        """Work after each optimizer step, once `self.step` counts it (e.g. periodic snapshots)."""
+
     # ----------------------------------------------------------------- shared machinery
     def autocast(self):
         """bf16 autocast on CPU or CUDA when run.bf16 (resolved for the device), else nothing."""
@@ -269,6 +275,7 @@ class TrainingLoop:
             return {"run_dir": str(self.run_dir), "step": self.step, "stopped": False, "loss": float("nan"),
                     "checkpoint": str(load_checkpoint(self.run_dir).path), "wall_time": self.wall_offset,
                     "already_finished": True}
+        self.started()
         bar = tqdm(total=total, initial=min(self.step, total), unit="step", desc=self.kind,
                    disable=not (self.progress and self.info.is_main), dynamic_ncols=True)
         stopped, last_loss = False, float("nan")
@@ -282,6 +289,7 @@ class TrainingLoop:
                 images += c.optim.batch_size
                 self.loss_sum, self.loss_count, last_loss = self.loss_sum + loss_value, self.loss_count + 1, loss_value
                 self.step += 1
+                self.step_done()
                 log_now = self.step % c.run.log_every == 0 or self.step == total
                 if self.info.is_main:
                     bar.update(1)
