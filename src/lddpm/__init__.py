@@ -7,6 +7,8 @@ The Python API (the CLI commands are thin layers over these functions):
     load_pipeline(run) -> Pipeline; pipeline.generate(n, sampler=..., guidance_scale=...)  sample images
     sample(model, diffusion, shape, sampler=...)              one batch with any model function
     evaluate_checkpoint(run, num=..., sampler=...)            sample N images, score them, time them
+    reconstruct_ema(run, sigma_rel, out) -> Path              post-hoc EMA of any width from a run's snapshots
+    loss_weight_shares(build_diffusion(config.diffusion))     the loss weight per band of noise levels
     load_study(path) / run_study(study, out_dir)              a grid of runs and cells -> table, plots, grids
     import_diffusers(folder, out) / export_diffusers(run, out)  diffusers folders in and out
 
@@ -25,7 +27,8 @@ _API = {
     "train_diffusion": ("lddpm.train", "train"), "train_vae": "lddpm.train",
     "Pipeline": "lddpm.pipeline", "load_pipeline": "lddpm.pipeline", "load_vae": "lddpm.pipeline",
     "sample": "lddpm.sampling", "SAMPLERS": "lddpm.sampling",
-    "build_network": "lddpm.nn", "build_diffusion": "lddpm.diffusion",
+    "build_network": "lddpm.nn", "build_diffusion": "lddpm.diffusion", "loss_weight_shares": "lddpm.diffusion",
+    "reconstruct_ema": "lddpm.train.posthoc",
     "evaluate_checkpoint": "lddpm.evaluate", "evaluate_generated": "lddpm.evaluate",
     "load_study": "lddpm.study", "run_study": "lddpm.study",
     "import_diffusers": "lddpm.convert.runs", "export_diffusers": "lddpm.convert.runs",
