@@ -172,3 +172,31 @@ def test_training_writes_the_band_shares(data_dirs, tmp_path, capsys):
     assert written["bands"] == expected
     assert load_checkpoint(tmp_path / "run").meta["loss_weights"] == expected
     assert f"sigma < 0.17 {100 * expected[0]['share']:.1f}%" in capsys.readouterr().out
+
+
+def test_edm_study_changes_only_what_each_row_says():
+    """configs/study-edm.toml: each row is fashion-30min with its noise distribution / weighting (and seed); the
+    step-1,400 checkpoint and snapshot are kept for the 10-minute cells; the shares its comments quote hold."""
+    from lddpm.study import load_study
+    from lddpm.study.backend import StudyBackend
+
+    study = load_study(Path(__file__).resolve().parents[1] / "configs" / "study-edm.toml")
+    backend = StudyBackend(progress=False)
+    configs = {name: backend.run_config(run, Path("/nonexistent") / name, study, {}) for name, run in study.runs.items()}
+    recipe = config_from_preset("fashion-30min")
+    expected_low = {"recipe": (0.0155, 0.0005), "edm12": (0.298, 0.005), "edm065": (0.159, 0.005),
+                    "minsnr20": (0.049, 0.001)}
+    steps = sorted({c.at_step for c in study.cells if c.at_step is not None})
+    assert steps == [1400, 4200]
+    for name, config in configs.items():
+        variant, seed = name.rsplit("-s", 1)
+        assert config.run.seed == int(seed) and config.run.steps == 4200
+        assert all(s % config.run.checkpoint_every == 0 for s in steps)
+        assert config.run.keep_checkpoints >= 4200 // config.run.checkpoint_every
+        assert all(s % config.optim.posthoc_every == 0 for s in steps) and config.optim.posthoc_ema == [0.05, 0.1]
+        same = {**asdict(config.model), **asdict(config.data)} == {**asdict(recipe.model), **asdict(recipe.data)}
+        assert same and config.optim.lr == recipe.optim.lr and config.optim.ema_decay == recipe.optim.ema_decay
+        low, tol = expected_low[variant]
+        assert loss_weight_shares(build_diffusion(config.diffusion))[0]["share"] == pytest.approx(low, abs=tol)
+    assert asdict(configs["recipe-s0"].diffusion) == asdict(recipe.diffusion)
+    assert configs["edm065-s0"].diffusion.p_mean == pytest.approx(-1.2 + math.log(0.87 / 0.5), abs=0.01)
