@@ -22,7 +22,7 @@ from lddpm.train.ema import (gamma_to_sigma_rel, posthoc_coefficients, power_pro
 from lddpm.train.posthoc import PostHocEMA, list_snapshots, reconstruct_ema
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import data_dirs, tiny_config  # noqa: E402,F401  (the synthetic IDX data fixture)
+from test_train import _torchrun, data_dirs, one_thread, tiny_config  # noqa: E402,F401  (fixtures, torchrun helper)
 
 
 def test_sigma_rel_and_gamma():
@@ -159,6 +159,23 @@ def test_training_snapshots_reconstruction_and_resume(data_dirs, tmp_path):
         for group in ("ema0", "ema1"):
             ta, tb = load_checkpoint(a).load(group), load_checkpoint(b).load(group)
             assert all(torch.equal(ta[k], tb[k]) for k in tb), (a.name, group)
+
+
+@pytest.mark.slow
+def test_two_processes_save_the_snapshots_of_one(data_dirs, tmp_path, one_thread):
+    """torchrun with 2 gloo processes (log-normal noise levels, EDM weights, post-hoc EMA): rank 0 writes the
+    snapshots, and they equal those of 1 process with the same global batch (2 micro-batches)."""
+    config = _posthoc_config(data_dirs, "run.steps=4", 'diffusion.timestep_sampling="lognormal"',
+                             'diffusion.loss_weighting="edm"', 'diffusion.objective="v"')
+    _torchrun(config, tmp_path, "train", "ddp")
+    train(apply_overrides(config, ["optim.grad_accum=2"]), tmp_path / "one", progress=False)
+    ddp, one = list_snapshots(tmp_path / "ddp"), list_snapshots(tmp_path / "one")
+    assert [p.name for p in ddp] == [p.name for p in one] == ["step_0000003.safetensors", "step_0000004.safetensors"]
+    for a, b in zip(ddp, one):
+        for group in ("ema0", "ema1"):
+            ta, tb = load_checkpoint(a).load(group), load_checkpoint(b).load(group)
+            for key in tb:
+                torch.testing.assert_close(ta[key], tb[key], atol=1e-5, rtol=1e-5)
 
 
 def test_bad_input(data_dirs, tmp_path, capsys):
