@@ -256,7 +256,8 @@ def test_adaptive_state_dict_round_trip(tmp_path):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(objective="score"), "objective 'score'.*eps, x0, v"),
     (dict(loss_weighting="p2"), "loss_weighting 'p2'.*uniform, min_snr"),
-    (dict(timestep_sampling="lognormal"), "timestep_sampling 'lognormal'.*adaptive"),
+    (dict(timestep_sampling="logit_normal"), "timestep_sampling 'logit_normal'.*adaptive, lognormal"),
+    (dict(p_std=0.0), "p_std"),
     (dict(min_snr_gamma=0.0), "min_snr_gamma"),
 ])
 def test_bad_input(kwargs, match):

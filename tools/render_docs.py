@@ -549,6 +549,48 @@ for _section in ("gaussian", "inpaint", "sr", "denoise", "edit"):
     _restoration(_section)
 
 
+# ----------------------------------------------------------------------------- training (docs/training.md)
+
+LOSS_WEIGHTS = "benchmarks/results/loss-weights.json"
+
+
+@table("loss-weights", LOSS_WEIGHTS, missing="`python benchmarks/loss_weights.py --out benchmarks/results/loss-weights.json` writes it.")
+def loss_weights() -> str:
+    payload = load(LOSS_WEIGHTS)
+    bands = [b["band"] for b in payload["rows"][0]["bands"]]
+    lines = [[r["variant"], *[f"{100 * b['share']:.2f}%" for b in r["bands"]],
+              fmt(r.get("importance_uniform_ess"), "{:.0%}")] for r in payload["rows"]]
+    return md_table(["Recipe", *bands, "Importance-weighted uniform t: effective batch"], lines,
+                    ["---"] + ["---:"] * (len(bands) + 1))
+
+
+MP_BLOCK = "benchmarks/results/mp_block.json"
+
+
+@table("mp-block", MP_BLOCK, missing="`python benchmarks/mp_block.py --out benchmarks/results/mp_block.json` writes it.")
+def mp_block() -> str:
+    payload = load(MP_BLOCK)
+    lines = [[f"`{r['net']}`", str(r["threads"]), r["mode"], f"{1e3 * r['unet']['wall_s']:.0f}",
+              f"{1e3 * r['resblocks']['wall_s']:.0f}", f"{1e3 * r['mp_blocks']['wall_s']:.0f}",
+              f"{r['resblocks']['wall_s'] / r['mp_blocks']['wall_s']:.2f}x",
+              f"{r['resblocks']['cpu_s'] / r['mp_blocks']['cpu_s']:.2f}x"] for r in payload["rows"]]
+    text = md_table(["U-Net", "Threads", "Mode", "Whole U-Net fwd+bwd (ms)", "Its ResBlocks (ms)", "MP blocks (ms)",
+                     "ResBlocks / MP blocks (wall)", "(CPU time)"], lines, ["---"] * 3 + ["---:"] * 5)
+    load_avg = [payload.get("load_average_before") or [None], payload.get("load_average_after") or [None]]
+    text += (f"\nBatch {payload['batch']}, median of {payload['repeats']} repeats of the median of {payload['iters']} "
+             f"finely interleaved iterations; 1-minute load average {fmt(load_avg[0][0], '{:.1f}')} at the start and "
+             f"{fmt(load_avg[1][0], '{:.1f}')} at the end, on {payload['default_threads']} cores shared with other jobs.\n")
+    for threads, per_net in payload["decision"].items():
+        for net, d in per_net.items():
+            w, c = d["wall_s"], d["cpu_s"]
+            text += (f"\n- `{net}`, {threads} thread(s): ResBlocks are {w['resblock_share_of_unet_step']:.0%} of the "
+                     f"{payload['recipe_mode']} U-Net step; the MP blocks at their fastest ({w['best_mp_mode']}) run "
+                     f"{w['block_speedup']:.2f}x the {payload['recipe_mode']} ResBlocks, so the MP network's step is at "
+                     f"most {w['network_speedup_bound']:.2f}x faster (by CPU time {c['network_speedup_bound']:.2f}x; "
+                     f"gate {d['gate']}x).")
+    return text + "\n"
+
+
 # ----------------------------------------------------------------------------- derived files beside results
 
 

@@ -11,6 +11,8 @@ The Python API (the CLI commands are thin layers over these functions):
     sample(model, diffusion, shape, spec)                     one batch with any model function
     Scorer(reference=..., classifier=...)                     what scores images, built once
     evaluate_checkpoint(run, spec, scorer, num=...)           sample N images, score them, time them
+    reconstruct_ema(run, sigma_rel, out) -> Path              post-hoc EMA of any width from a run's snapshots
+    loss_weight_shares(build_diffusion(config.diffusion))     the loss weight per band of noise levels
     load_study(path) / run_study(study, out_dir)              a grid of runs and cells -> table, plots, grids
     import_diffusers(folder, out) / export_diffusers(run, out)  diffusers folders in and out
 
@@ -29,7 +31,8 @@ _API = {
     "train_diffusion": ("lddpm.train", "train"), "train_vae": "lddpm.train",
     "Pipeline": "lddpm.pipeline", "load_pipeline": "lddpm.pipeline", "load_vae": "lddpm.pipeline",
     "sample": "lddpm.sampling", "SAMPLERS": "lddpm.sampling", "SamplingSpec": "lddpm.sampling",
-    "build_network": "lddpm.nn", "build_diffusion": "lddpm.diffusion",
+    "build_network": "lddpm.nn", "build_diffusion": "lddpm.diffusion", "loss_weight_shares": "lddpm.diffusion",
+    "reconstruct_ema": "lddpm.train.posthoc",
     "evaluate_checkpoint": "lddpm.evaluate", "evaluate_generated": "lddpm.evaluate", "Scorer": "lddpm.evaluate",
     "load_study": "lddpm.study", "run_study": "lddpm.study",
     "import_diffusers": "lddpm.convert.runs", "export_diffusers": "lddpm.convert.runs",

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "lddpm.commands.data",  # prepare
     "lddpm.commands.train",  # train, train-vae, sample
     "lddpm.commands.edit",  # edit, inpaint, upscale, denoise
+    "lddpm.commands.ema",  # ema (post-hoc EMA reconstruction)
     "lddpm.commands.evaluate",  # eval, fid-ref, train-classifier
     "lddpm.commands.study",  # study, demo
     "lddpm.commands.hub",  # import, export (diffusers folders)

@@ -17,8 +17,9 @@ from lddpm.errors import LddpmError
 from lddpm.schedule import NoiseSchedule
 
 OBJECTIVES = ("eps", "x0", "v")
-LOSS_WEIGHTINGS = ("uniform", "min_snr")
-TIMESTEP_SAMPLINGS = ("uniform", "adaptive")
+LOSS_WEIGHTINGS = ("uniform", "min_snr", "edm")
+TIMESTEP_SAMPLINGS = ("uniform", "adaptive", "lognormal")
+SIGMA_BANDS = (0.17, 0.5, 2.0)  # band edges of `loss_weight_shares` (sigma = sqrt((1 - abar) / abar))
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +164,8 @@ class GaussianDiffusion:
 
     def __init__(self, schedule: NoiseSchedule, objective: str = "eps", learned_variance: bool = False,
                  loss_weighting: str = "uniform", min_snr_gamma: float = 5.0,
-                 timestep_sampling: str = "uniform", vlb_weight: float = 0.001) -> None:
+                 timestep_sampling: str = "uniform", vlb_weight: float = 0.001, p_mean: float = -1.2,
+                 p_std: float = 1.2, sigma_data: float = 0.5) -> None:
         if objective not in OBJECTIVES:
             raise LddpmError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if loss_weighting not in LOSS_WEIGHTINGS:
@@ -173,6 +175,9 @@ class GaussianDiffusion:
                              f"choose one of {', '.join(TIMESTEP_SAMPLINGS)}")
         if not min_snr_gamma > 0:
             raise LddpmError(f"min_snr_gamma must be > 0, got {min_snr_gamma!r}")
+        if not (math.isfinite(p_mean) and p_std > 0 and sigma_data > 0 and math.isfinite(p_std * sigma_data)):
+            raise LddpmError(f"p_mean = {p_mean!r} must be finite, p_std = {p_std!r} and sigma_data = {sigma_data!r} "
+                             "positive (EDM's defaults: -1.2, 1.2, 0.5)")
         if objective == "eps" and float(schedule.alphas_cumprod[-1]) == 0.0:
             raise LddpmError("a zero-terminal-SNR schedule cannot be used with objective 'eps' "
                              "(x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar) is undefined at abar = 0); use 'v' or 'x0'")
@@ -184,6 +189,7 @@ class GaussianDiffusion:
         self.min_snr_gamma = float(min_snr_gamma)
         self.timestep_sampling = timestep_sampling
         self.vlb_weight = float(vlb_weight)
+        self.p_mean, self.p_std, self.sigma_data = float(p_mean), float(p_std), float(sigma_data)
         self.sampler = LossSecondMomentSampler(self.num_timesteps) if timestep_sampling == "adaptive" else None
 
     def __repr__(self) -> str:
@@ -193,7 +199,8 @@ class GaussianDiffusion:
     def respace(self, timesteps: torch.Tensor | list[int]) -> "GaussianDiffusion":
         """The same model on a subset of steps (new betas from alphas_cumprod at the kept steps)."""
         return GaussianDiffusion(self.schedule.respace(timesteps), self.objective, self.learned_variance,
-                                 self.loss_weighting, self.min_snr_gamma, "uniform", self.vlb_weight)
+                                 self.loss_weighting, self.min_snr_gamma, "uniform", self.vlb_weight,
+                                 self.p_mean, self.p_std, self.sigma_data)
 
     # ---- forward process -------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -309,10 +316,21 @@ class GaussianDiffusion:
 
         uniform: 1 (L_simple, Ho et al. 2020). min_snr (Hang et al. 2023, gamma = min_snr_gamma):
         eps: min(SNR, g) / SNR, x0: min(SNR, g), v: min(SNR, g) / (SNR + 1).
+        edm: EDM's lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = SNR + 1 / sigma_data^2 on
+        the x0 error (Karras et al. 2022, Table 1, sigma^2 = 1 / SNR), moved into the objective's space with
+        ||d eps||^2 = SNR ||d x0||^2 and ||d v||^2 = (SNR + 1) ||d x0||^2 (docs/training.md):
+        eps: 1 + 1 / (sigma_data^2 SNR), x0: SNR + 1 / sigma_data^2, v: (SNR + 1 / sigma_data^2) / (SNR + 1).
         """
         if self.loss_weighting == "uniform":
             return torch.ones(t.shape, dtype=torch.float64)
         snr = self.schedule.snr[t.cpu()]
+        if self.loss_weighting == "edm":
+            inv_sd2 = 1.0 / self.sigma_data ** 2
+            if self.objective == "eps":
+                return 1.0 + inv_sd2 / snr
+            if self.objective == "x0":
+                return snr + inv_sd2
+            return (snr + inv_sd2) / (snr + 1.0)
         g = self.min_snr_gamma
         if self.objective == "eps":
             return (g / snr).clamp(max=1.0)      # = min(snr, g) / snr, also finite at snr = 0
@@ -320,12 +338,62 @@ class GaussianDiffusion:
             return snr.clamp(max=g)
         return snr.clamp(max=g) / (snr + 1.0)
 
+    def v_scale_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """`loss_weight(t)` as a weight on the v error (float64): the common scale of `loss_weight_shares`.
+
+        ||d eps||^2 = abar ||d v||^2 and ||d x0||^2 = (1 - abar) ||d v||^2, so a weight w on the eps error is
+        w abar on the v error and a weight on the x0 error is w (1 - abar). The v error is EDM's F-space error
+        with sigma_data = 1: a network that predicts v with unit error at every t (as at initialisation) gives
+        each t a loss in proportion to this weight.
+        """
+        w = self.loss_weight(t)
+        abar = self.schedule.alphas_cumprod[t.cpu()]
+        if self.objective == "eps":
+            return w * abar
+        if self.objective == "x0":
+            return w * (1.0 - abar)
+        return w
+
+    def log_sigmas(self) -> torch.Tensor:
+        """ln sigma_t = -log-SNR(t) / 2 for every t (float64, ascending; +inf at a zero-terminal-SNR end)."""
+        return -0.5 * self.schedule.log_snr
+
+    def lognormal_edges(self) -> torch.Tensor:
+        """Midpoints between neighbouring ln sigma_t: cell t of the log-normal sampler is [edge_{t-1}, edge_t)."""
+        ls = self.log_sigmas()
+        return 0.5 * (ls[1:] + ls[:-1])
+
+    def timestep_probs(self) -> torch.Tensor:
+        """The distribution p(t) that `sample_timesteps` draws from now (float64, (T,)).
+
+        lognormal: the mass of N(p_mean, p_std^2) over each t's cell of ln sigma (the nearest-ln-sigma map,
+        the two end cells open); adaptive: the sampler's current probabilities (uniform until warmed up).
+        """
+        T = self.num_timesteps
+        if self.timestep_sampling == "lognormal":
+            z = (self.lognormal_edges() - self.p_mean) / self.p_std
+            cdf = torch.cat([z.new_zeros(1), torch.special.ndtr(z), z.new_ones(1)])
+            return (cdf[1:] - cdf[:-1]).clamp(min=0.0)
+        if self.sampler is not None:
+            return self.sampler.probs()
+        return torch.full((T,), 1.0 / T, dtype=torch.float64)
+
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None,
                          device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """t (B,) and importance weights (B,): uniform, or adaptive (LossSecondMomentSampler)."""
+        """t (B,) and importance weights (B,): uniform, adaptive (LossSecondMomentSampler), or lognormal.
+
+        lognormal (EDM's training noise levels, Karras et al. 2022, Sec. 5): ln sigma ~ N(p_mean, p_std^2), then
+        the timestep whose ln sigma_t is nearest (all weights 1: the distribution itself is the log-normal one,
+        discretised to the schedule's T noise levels).
+        """
         if self.sampler is not None:
             return self.sampler.sample(batch_size, generator, device)
         gen_device = generator.device if generator is not None else device
+        if self.timestep_sampling == "lognormal":
+            ln_sigma = torch.randn((batch_size,), generator=generator, device=gen_device, dtype=torch.float64)
+            ln_sigma = self.p_mean + self.p_std * ln_sigma.cpu()
+            t = torch.searchsorted(self.lognormal_edges(), ln_sigma, right=True)
+            return t.to(device), torch.ones(batch_size, device=device)
         t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=gen_device)
         return t.to(device), torch.ones(batch_size, device=device)
 
@@ -389,4 +457,42 @@ def build_diffusion(d: DiffusionConfig | dict[str, Any]):
     schedule = NoiseSchedule.from_name(d.schedule, d.num_timesteps, rescale_zero_terminal_snr=d.rescale_zero_terminal_snr)
     return GaussianDiffusion(schedule, objective=d.objective, learned_variance=d.learned_variance,
                              loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
-                             timestep_sampling=d.timestep_sampling)
+                             timestep_sampling=d.timestep_sampling, p_mean=d.p_mean, p_std=d.p_std,
+                             sigma_data=d.sigma_data)
+
+
+def loss_weight_shares(diffusion: GaussianDiffusion, edges: Sequence[float] = SIGMA_BANDS) -> list[dict[str, Any]]:
+    """The share of the training loss weight in each band of noise levels sigma (exact, no Monte Carlo).
+
+    share(band) = sum over t in the band of p(t) w_v(t), normalised to 1, with p(t) the timestep distribution
+    (`timestep_probs`: today's for an adaptive sampler, uniform at the start of a run) and w_v(t) the loss
+    weight on the common v-error scale (`v_scale_weight`), so recipes that train different objectives compare.
+    The learned-variance VLB term is not counted. Bands: sigma < edges[0], edges[0] <= sigma < edges[1], ...,
+    sigma >= edges[-1], with sigma_t = sqrt((1 - abar_t) / abar_t). Each band also reports its share of the
+    samples (p alone) and its timestep range; the last band's sigma_high is None (no upper end).
+    """
+    edges = [float(e) for e in edges]
+    if not edges or any(not (e > 0 and math.isfinite(e)) for e in edges) or edges != sorted(set(edges)):
+        raise LddpmError(f"sigma band edges {edges} must be increasing positive numbers")
+    T = diffusion.num_timesteps
+    t = torch.arange(T)
+    p = diffusion.timestep_probs()
+    mass = p * diffusion.v_scale_weight(t)
+    mass, p = mass / mass.sum(), p / p.sum()
+    band = torch.bucketize(diffusion.log_sigmas(), torch.log(torch.tensor(edges, dtype=torch.float64)), right=True)
+    bounds = [0.0, *edges, math.inf]
+    rows = []
+    for i in range(len(edges) + 1):
+        members = t[band == i]
+        label = (f"sigma < {bounds[1]:g}" if i == 0 else f"sigma >= {bounds[i]:g}" if i == len(edges)
+                 else f"{bounds[i]:g} <= sigma < {bounds[i + 1]:g}")
+        rows.append({"band": label, "sigma_low": bounds[i], "sigma_high": bounds[i + 1] if i < len(edges) else None,
+                     "share": float(mass[band == i].sum()), "samples": float(p[band == i].sum()),
+                     "t_first": int(members[0]) if len(members) else None,
+                     "t_last": int(members[-1]) if len(members) else None})
+    return rows
+
+
+def describe_shares(rows: list[dict[str, Any]]) -> str:
+    """One line: `sigma < 0.17 1.5% | 0.17 <= sigma < 0.5 28.9% | ...` (the loss weight per band)."""
+    return " | ".join(f"{r['band']} {100 * r['share']:.1f}%" for r in rows)

@@ -15,14 +15,16 @@ from lddpm import distributed
 from lddpm.checkpoint import load_checkpoint
 from lddpm.config import Config
 from lddpm.data import CAPTIONED_DATASETS, ImageLoader, LatentLoader, default_cache_dir, encode_latents, open_latent_cache
-from lddpm.diffusion import build_diffusion
+from lddpm.diffusion import build_diffusion, describe_shares, loss_weight_shares
 from lddpm.errors import LddpmError
 from lddpm.grid import save_grid
+from lddpm.io import write_json
 from lddpm.nn import build_network
 from lddpm.pipeline import Pipeline, PromptStates, load_vae
 from lddpm.tasks import cond_channels, task_condition
 from lddpm.train.loop import TrainingLoop
-from lddpm.train.utils import EMA, network_overrides, open_training_images
+from lddpm.train.posthoc import PostHocEMA, drop_snapshots_after
+from lddpm.train.utils import EMA, check_run_dir, network_overrides, open_training_images
 
 
 class DiffusionTrainer(TrainingLoop):
@@ -77,11 +79,13 @@ class DiffusionTrainer(TrainingLoop):
         self.model = build_network(c.model.kind, c.model.name, **network_overrides(c, derived)).to(self.device)
         self.model.train()
         self.ema = EMA(self.model, c.optim.ema_decay, c.optim.ema_warmup, c.optim.ema_gamma)
+        self.posthoc = PostHocEMA(self.model, c.optim.posthoc_ema) if c.optim.posthoc_ema else None
         self.diffusion = build_diffusion(c.diffusion)
         # The loss by noise level, for the log and the trackers: quarters of the timestep range 0..T-1.
         T = self.diffusion.num_timesteps
         self.band_edges = [T * k // self.LOSS_BANDS for k in range(self.LOSS_BANDS + 1)]
         self.loss_bands = [f"{lo:03d}-{hi - 1:03d}" for lo, hi in zip(self.band_edges, self.band_edges[1:]) if hi > lo]
+        self.loss_weights = loss_weight_shares(self.diffusion)
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.forward_model = self.wrap_ddp(self.model)
         self.null_label = self.model.null_label if num_classes else None
@@ -195,14 +199,58 @@ class DiffusionTrainer(TrainingLoop):
         return out["loss"].float().mean(), per_sample
 
     def after_step(self, gathered):
-        """Feed all ranks' losses to the adaptive timestep sampler."""
+        """Feed all ranks' losses to the adaptive timestep sampler; update the post-hoc EMAs."""
         if gathered:
             self.diffusion.update_timestep_sampler(gathered["t"], gathered["loss"])
+        if self.posthoc is not None:
+            self.posthoc.update(self.model, self.step)
+
+    def started(self) -> None:
+        """Print (and write to RUN/loss_weights.json) the share of the loss weight per sigma band; drop
+        post-hoc EMA snapshots past the step the run starts from; check the disk for the snapshots."""
+        if not self.info.is_main:
+            return
+        d = self.config.diffusion
+        write_json(self.run_dir / "loss_weights.json", {
+            "note": "share of the training loss weight per band of sigma = sqrt((1 - abar) / abar): timestep "
+                    "distribution x loss weight on the v-error scale (lddpm.diffusion.loss_weight_shares)",
+            "objective": d.objective, "loss_weighting": d.loss_weighting, "timestep_sampling": d.timestep_sampling,
+            "bands": self.loss_weights})
+        if self.progress:
+            print(f"loss weight per noise level: {describe_shares(self.loss_weights)}", flush=True)
+        if self.posthoc is None:
+            return
+        drop_snapshots_after(self.run_dir, self.step)
+        o = self.config.optim
+        count = len(range(o.posthoc_every, self.config.run.steps + 1, o.posthoc_every)) + 1
+        size = self.posthoc.snapshot_bytes()
+        # the snapshots, plus the tracked EMAs inside each kept checkpoint (the loop checked the rest)
+        check_run_dir(self.run_dir, (count + self.config.run.keep_checkpoints + 1) * size + 20_000_000)
+        if self.progress:
+            widths = ", ".join(f"{s:g} (gamma {g:.2f})" for s, g in zip(self.posthoc.sigma_rels, self.posthoc.gammas))
+            print(f"post-hoc EMA: sigma_rel {widths}; a snapshot every {o.posthoc_every} steps, up to {count} x "
+                  f"{size / 1e6:.1f} MB = {count * size / 1e6:.0f} MB in {self.run_dir / 'ema_snapshots'}", flush=True)
+
+    def step_done(self) -> None:
+        """Every optim.posthoc_every steps, rank 0 writes a snapshot of the post-hoc EMAs."""
+        if self.posthoc is not None and self.info.is_main and self.step % self.config.optim.posthoc_every == 0:
+            self._snapshot()
+
+    def finish(self) -> None:
+        """A last snapshot at the final step (when it is not a multiple of optim.posthoc_every)."""
+        if self.posthoc is not None and self.info.is_main and self.step % self.config.optim.posthoc_every:
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        self.posthoc.save_snapshot(self.run_dir, self.step, {"kind": self.config.model.kind,
+                                                             "config": self.model.config.to_dict()})
 
     def groups(self):
         """model, ema, optimizer, diffusion (timestep sampler), and the VAE for latent runs."""
         groups = {"model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
                   "optimizer": self.optimizer.state_dict(), "diffusion": self.diffusion.state_dict()}
+        if self.posthoc is not None:
+            groups["posthoc_ema"] = self.posthoc.state_dict()
         if self.vae is not None:
             groups["vae"] = self.vae.state_dict()  # makes the checkpoint self-contained for sampling
         return groups
@@ -213,10 +261,12 @@ class DiffusionTrainer(TrainingLoop):
         self.ema.model.load_state_dict(ckpt.load("ema", self.device))
         self.optimizer.load_state_dict(ckpt.load("optimizer"))  # CPU: AdamW keeps "step" there
         self.diffusion.load_state_dict(ckpt.load("diffusion"))
+        if self.posthoc is not None:
+            self.posthoc.load_state_dict(ckpt.load("posthoc_ema"))
 
     def meta(self):
         """Dataset and VAE descriptions for the pipeline."""
-        meta = {"dataset": self.dataset_info, "vae": self.vae_meta}
+        meta = {"dataset": self.dataset_info, "vae": self.vae_meta, "loss_weights": self.loss_weights}
         if self.task["kind"] != "generate":
             meta["task"] = self.task                 # load_pipeline reads it: which editing calls the run answers
         if self.text_meta is not None:

@@ -115,6 +115,12 @@ class TrainingLoop:
         """Extra scalars for the trackers at each log record (the EMA's decay; subclasses may add)."""
         return {"ema_decay": self.ema.decay_at(max(self.step - 1, 0))}
 
+    def started(self) -> None:
+        """Work once the run folder is ready (fresh or resumed), before the first step."""
+
+    def step_done(self) -> None:
+        """Work after each optimizer step, once `self.step` counts it (e.g. periodic snapshots)."""
+
     # ----------------------------------------------------------------- shared machinery
     def autocast(self):
         """bf16 autocast on CPU or CUDA when run.bf16 (resolved for the device), else nothing."""
@@ -304,6 +310,7 @@ class TrainingLoop:
                     "already_finished": True}
         if self.info.is_main:  # one writer (rank 0); a resume drops what a killed attempt logged after its checkpoint
             self.tracker = Tracker(self.run_dir, c.run.trackers, purge_step=self.step + 1)
+        self.started()
         bar = tqdm(total=total, initial=min(self.step, total), unit="step", desc=self.kind,
                    disable=not (self.progress and self.info.is_main), dynamic_ncols=True)
         stopped, last_loss = False, float("nan")
@@ -317,6 +324,7 @@ class TrainingLoop:
                 images += c.optim.batch_size
                 self.loss_sum, self.loss_count, last_loss = self.loss_sum + loss_value, self.loss_count + 1, loss_value
                 self.step += 1
+                self.step_done()
                 log_now = self.step % c.run.log_every == 0 or self.step == total
                 if self.info.is_main:
                     bar.update(1)

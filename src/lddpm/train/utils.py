@@ -146,7 +146,10 @@ def check_names(config: Config) -> Config:
 
 
 def resume_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """`section.key` names whose values differ between a checkpoint's config and the current one."""
+    """`section.key` names whose values differ between a checkpoint's config and the current one.
+
+    A key the checkpoint's config lacks (a setting added to lddpm after the run started) counts as its default.
+    """
     diffs = []
     for section in RESUME_SECTIONS:
         # a section a checkpoint predates (e.g. [task]) holds its defaults, today's behaviour
