@@ -556,6 +556,12 @@ CASES = [
      r"argument --weights: invalid choice: 'raw'"),
     ("export-out-not-empty", lambda w, t: (file_blocker(t), ["export", w.run, "--out", t])[-1],
      r"already exists and is not empty"),
+    # ---- ema (post-hoc EMA reconstruction)
+    ("ema-missing-run", lambda w, t: ["ema", t / "no-run", "--sigma-rel", "0.08"], r"run folder .*no-run does not exist"),
+    ("ema-no-snapshots", lambda w, t: ["ema", w.run, "--sigma-rel", "0.08"], r"has no post-hoc EMA snapshots"),
+    ("ema-many-widths-one-file", lambda w, t: ["ema", w.run, "--sigma-rel", "0.05", "0.1", "--out", t / "x.safetensors"],
+     r"names one file, but 2 --sigma-rel values were given"),
+    ("ema-no-width", lambda w, t: ["ema", w.run], r"the following arguments are required: --sigma-rel"),
     # ---- serve (each refused before the server starts)
     ("serve-no-run", lambda w, t: ["serve"], r"the following arguments are required: RUN"),
     ("serve-missing-run", lambda w, t: ["serve", t / "no-run", "--port", "0"], r"no-run does not exist"),

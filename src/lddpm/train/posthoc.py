@@ -88,6 +88,8 @@ def reconstruct_ema(run: str | Path, sigma_rel: float, out: str | Path | None = 
     coefficients and the relative L2 error of the fitted profile. Only snapshots up to `at_step` are used.
     """
     run = Path(run)
+    if not run.is_dir():
+        raise LddpmError(f"run folder {run} does not exist; give the folder of a run trained with optim.posthoc_ema")
     gamma = sigma_rel_to_gamma(sigma_rel)
     snaps = list_snapshots(run)
     if not snaps:
