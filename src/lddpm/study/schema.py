@@ -127,18 +127,9 @@ class CellSpec:
     guide: str = ""
     guide_scale: float = 1.0  # w in D_guide + w (D_main - D_guide); 1 = none
     guidance_interval: list[float] | None = None  # [sigma_lo, sigma_hi]: guidance only there (Kynkaanniemi et al. 2024)
-    # Sampler options (lddpm.solvers.SamplerOptions, docs/samplers.md); unset: the sampler's own defaults
-    grid: str | None = None
-    sigma_min: float | None = None
-    sigma_max: float | None = None
-    rho: float | None = None
-    eps_scaling: float | None = None
-    eps_scaling_k: float | None = None
-    s_churn: float | None = None
-    s_tmin: float | None = None
-    s_tmax: float | None = None
-    s_noise: float | None = None
-    order: int | None = None
+    # Sampler options set in the cell's table under SamplerOptions' names (grid, sigma_min, eps_scaling, s_churn, order,
+    # ...; lddpm.solvers, docs/samplers.md); unset: the sampler's own defaults
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def guided(self) -> bool:
@@ -147,7 +138,7 @@ class CellSpec:
 
     def sampler_options(self) -> dict[str, Any]:
         """The sampler options this cell sets (SamplerOptions' names), as `sampler_options` for lddpm.evaluate."""
-        return {k: getattr(self, k) for k in SamplerOptions.names() if getattr(self, k) is not None}
+        return {k: v for k, v in self.options.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -188,8 +179,14 @@ class Study:
 
 
 def _from_dict(cls, data: dict, where: str, **extra):
-    """Build dataclass `cls` from a TOML table, naming unknown keys in the error."""
+    """Build dataclass `cls` from a TOML table, naming unknown keys in the error (a cell's sampler options, under
+    SamplerOptions' names, go to its `options`)."""
     allowed = {f.name for f in fields(cls)}
+    if cls is CellSpec:
+        names = SamplerOptions.names()
+        allowed = (allowed - {"options"}) | set(names)
+        extra = {**extra, "options": {k: data[k] for k in names if k in data}}
+        data = {k: v for k, v in data.items() if k not in names}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise LddpmError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed - set(extra))}")
