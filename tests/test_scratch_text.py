@@ -5,52 +5,27 @@ checkpoint carry it like any other layer; the network takes token ids and encode
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from lddpm.checkpoint import load_checkpoint
-from lddpm.config import apply_overrides, config_from_preset
 from lddpm.convert.runs import export_diffusers
 from lddpm.errors import LddpmError
 from lddpm.nn import build_network
 from lddpm.pipeline import load_pipeline
 from lddpm.train import train
 
-CAPTIONS = {"bright": ["a bright square", "a white block"], "dark": ["a dark square"]}
+from helpers import tiny_text_config, write_captioned_squares
 
 
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory):
-    base = tmp_path_factory.mktemp("scratch")
-    folder = base / "images" / "train"
-    folder.mkdir(parents=True)
-    lines = []
-    for i in range(16):
-        kind = "bright" if i % 2 else "dark"
-        img = np.zeros((16, 16), np.uint8)
-        img[4:12, 4:12] = 230 if kind == "bright" else 90
-        Image.fromarray(img).save(folder / f"{i:03d}.png")
-        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": CAPTIONS[kind]}))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return base / "images", base / "cache"
+    return write_captioned_squares(tmp_path_factory.mktemp("scratch"), 16, jitter=False)
 
 
 def scratch_config(captioned, *sets: str, network: str = "unet"):
-    root, cache = captioned
-    nets = {
-        "unet": ["model.overrides={model_channels=8, channel_mult=[1, 2], attention_resolutions=[8], num_heads=2}"],
-        "dit": ['model.kind="dit"', 'model.name="dit-tiny/4"', "model.overrides={hidden_size=16, depth=2, num_heads=2}"],
-    }
-    base = [f"data.root={json.dumps(str(root))}", f"data.cache_dir={json.dumps(str(cache))}", 'data.dataset="captioned"',
-            "data.resolution=16", "optim.batch_size=8", "run.steps=4", "run.log_every=1", "run.sample_every=0",
-            "run.checkpoint_every=100", 'run.device="cpu"', "run.num_sample_images=4", "run.sample_steps=2",
-            "run.class_conditional=false", 'text.encoder="scratch"', "text.max_length=6", "text.caption_dropout=0.25",
-            "optim.ema_decay=0.5", "optim.ema_warmup=false"]
-    return apply_overrides(config_from_preset("fashion-quick"), base + nets[network] + list(sets))
+    return tiny_text_config(captioned, "scratch", 6, 4, "optim.ema_decay=0.5", "optim.ema_warmup=false", *sets,
+                            network=network)
 
 
 @pytest.mark.parametrize("network", ["unet", "dit"])

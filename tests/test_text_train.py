@@ -12,11 +12,13 @@ import torch
 from PIL import Image
 
 from lddpm.checkpoint import load_checkpoint
-from lddpm.config import apply_overrides, config_from_preset
+from lddpm.config import apply_overrides
 from lddpm.errors import LddpmError
 from lddpm.pipeline import load_pipeline
 from lddpm.sampling import ClassifierFreeGuidance
 from lddpm.train import train
+
+from helpers import tiny_text_config, write_captioned_squares
 
 pytest.importorskip("transformers")
 from lddpm.nn.text import minilm_folder  # noqa: E402
@@ -26,39 +28,14 @@ try:
 except LddpmError as exc:  # pragma: no cover - the wheel is installed by `make setup`
     pytest.skip(f"MiniLM is not installed: {exc}", allow_module_level=True)
 
-CAPTIONS = {"bright": ["a bright square", "a white block"], "dark": ["a dark square"]}
-
-
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory) -> tuple[Path, Path]:
     """An image folder of 16x16 squares with metadata.jsonl captions (bright or dark), and a cache dir."""
-    base = tmp_path_factory.mktemp("captioned")
-    folder = base / "images" / "train"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(24):
-        kind = "bright" if i % 2 else "dark"
-        img = np.zeros((16, 16), np.uint8)
-        r, c = rng.integers(2, 8, size=2)
-        img[r:r + 6, c:c + 6] = 230 if kind == "bright" else 90
-        Image.fromarray(img).save(folder / f"{i:03d}.png")
-        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": CAPTIONS[kind]}))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return base / "images", base / "cache"
+    return write_captioned_squares(tmp_path_factory.mktemp("captioned"), 24, jitter=True)
 
 
 def text_config(captioned, *sets: str, network: str = "unet"):
-    root, cache = captioned
-    nets = {
-        "unet": ["model.overrides={model_channels=8, channel_mult=[1, 2], attention_resolutions=[8], num_heads=2}"],
-        "dit": ['model.kind="dit"', 'model.name="dit-tiny/4"', "model.overrides={hidden_size=16, depth=2, num_heads=2}"],
-    }
-    base = [f"data.root={json.dumps(str(root))}", f"data.cache_dir={json.dumps(str(cache))}", 'data.dataset="captioned"',
-            "data.resolution=16", "optim.batch_size=8", "run.steps=3", "run.log_every=1", "run.sample_every=0",
-            "run.checkpoint_every=100", 'run.device="cpu"', "run.num_sample_images=4", "run.sample_steps=2",
-            "run.class_conditional=false", 'text.encoder="minilm"', "text.max_length=8", "text.caption_dropout=0.25"]
-    return apply_overrides(config_from_preset("fashion-quick"), base + nets[network] + list(sets))
+    return tiny_text_config(captioned, "minilm", 8, 3, *sets, network=network)
 
 
 @pytest.mark.parametrize("network", ["unet", "dit"])
