@@ -66,3 +66,17 @@ def test_a_killed_saves_temporary_folder_is_removed_by_the_next_save(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clf"]
     assert load_classifier(tmp_path / "clf")[1]["dataset"] == "toy"
 
+
+
+def test_result_files_name_the_default_classifier_by_its_cache_relative_folder(tmp_path):
+    """`--classifier auto` records `<cache>/classifiers/<name>`, not this machine's cache path; a given folder as given."""
+    from lddpm.evaluate.score import resolve_classifier
+    from lddpm.metrics.classifier import default_classifier_dir
+
+    folder = default_classifier_dir("toy", 12, tmp_path / "cache")
+    save_classifier(_model(0), folder, {"dataset": "toy", "resolution": 12})
+    _, meta, note = resolve_classifier("auto", "toy", 12, cache_dir=tmp_path / "cache")
+    assert note is None and meta["path"] == "<cache>/classifiers/toy-12"
+    assert str(tmp_path) not in json.dumps(meta)
+    _, meta, _ = resolve_classifier(folder, "toy", 12)
+    assert meta["path"] == str(folder)

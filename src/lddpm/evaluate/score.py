@@ -151,15 +151,16 @@ def resolve_classifier(
         folder = default_classifier_dir(dataset, resolution, cache_dir)
         if not folder.is_dir():
             return None, None, f"no classifier metrics: run `lddpm train-classifier {dataset} --resolution {resolution}`"
+        shown = f"<cache>/classifiers/{folder.name}"   # result files name the cache, not this machine's home
     else:
-        folder = Path(classifier)
+        folder = shown = Path(classifier)
     model, meta = load_classifier(folder, device)
     if meta.get("resolution") not in (None, resolution):
         raise LddpmError(
             f"classifier {str(folder)!r} was trained at {meta['resolution']}px, the images are {resolution}px; "
             f"train one with `lddpm train-classifier {meta.get('dataset', 'DATASET')} --resolution {resolution}`"
         )
-    return model, {**meta, "path": str(folder)}, None
+    return model, {**meta, "path": str(shown)}, None
 
 
 def _prompt_records(prompts, num: int) -> list[dict]:
