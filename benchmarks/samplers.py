@@ -4,7 +4,8 @@
     python benchmarks/samplers.py nfe runs/fashion-30min --num 2000 --out benchmarks/results/samplers/fashion-30min
     # DDIM 10-200 steps, plain, with a sigma floor and with epsilon scaling (+ DDPM-1000) (section 1):
     python benchmarks/samplers.py steps runs/fashion-30min --num 2000 --ddpm \
-        --floor-timesteps 99 --eps-scalings 1.005 1.01 --out benchmarks/results/samplers/fashion-30min
+        --floor-timesteps 99 --eps-scalings 1.005 1.01 [--eps-steps 50 200] [--combine] \
+        --out benchmarks/results/samplers/fashion-30min
 
 Each point is one `lddpm.evaluate.evaluate_checkpoint` run (the same protocol as `lddpm eval RUN --num N
 --reference DATASET:test --ref-num N --bf16 auto`: N images against N test images, classes balanced for a
@@ -128,12 +129,15 @@ def run_nfe(bench: Bench, args: argparse.Namespace) -> dict:
 def run_steps(bench: Bench, args: argparse.Namespace) -> dict:
     sigmas = bench.pipeline.diffusion.schedule.sigmas
     args.sigma_mins = [float(sigmas[t]) for t in args.floor_timesteps] + list(args.sigma_mins)
-    variants = [("ddim", {})] + [("ddim", {"sigma_min": s}) for s in args.sigma_mins] + \
-        [("ddim", {"eps_scaling": e}) for e in args.eps_scalings] + \
-        [("ddim", {"sigma_min": s, "eps_scaling": e}) for s in args.sigma_mins for e in args.eps_scalings]
+    eps_steps = args.eps_steps or args.steps
+    variants = [("ddim", {}, args.steps)] + [("ddim", {"sigma_min": s}, args.steps) for s in args.sigma_mins] + \
+        [("ddim", {"eps_scaling": e}, eps_steps) for e in args.eps_scalings]
+    if args.combine:
+        variants += [("ddim", {"sigma_min": s, "eps_scaling": e}, eps_steps) for s in args.sigma_mins
+                     for e in args.eps_scalings]
     points = []
-    for sampler, options in variants:
-        for steps in args.steps:
+    for sampler, options, step_counts in variants:
+        for steps in step_counts:
             result = bench.point("steps", sampler, steps, options)
             points.append(_entry(result, sampler=sampler, steps=steps, options=options,
                                  variant=_variant_label(sampler, options)))
@@ -220,6 +224,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sigma-mins", type=float, nargs="*", default=[], help="more sigma floors, as sigmas")
     parser.add_argument("--eps-scalings", type=float, nargs="*", default=[1.005],
                         help="constant epsilon scalings for the DDIM sweep")
+    parser.add_argument("--eps-steps", type=int, nargs="+", default=None,
+                        help="the step counts of the epsilon-scaling variants (default: --steps)")
+    parser.add_argument("--combine", action="store_true",
+                        help="also every sigma floor together with every epsilon scaling")
     parser.add_argument("--ddpm", action="store_true", help="steps mode: also DDPM over all T steps")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)

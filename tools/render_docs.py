@@ -507,6 +507,7 @@ def peers() -> str:
 # ----------------------------------------------------------------------------- text-to-image
 
 TEXT_PAIRS = "benchmarks/results/text/fashion-pairs-30min"
+TEXT_PAIRS_POS = "benchmarks/results/text/fashion-pairs-pos"
 
 
 def _bench_module(name: str):
@@ -520,12 +521,19 @@ def _bench_module(name: str):
     return module
 
 
-@table("text-pairs", f"{TEXT_PAIRS}/s*.json", f"{TEXT_PAIRS}/floor.json")
-def text_pairs() -> str:
-    for pattern in TABLES["text-pairs"][0]:
-        if not glob.glob(str(ROOT / pattern)):
-            raise Missing(pattern)
-    return _bench_module("text").render_table(ROOT / TEXT_PAIRS)
+def _text_pairs(name: str, folder: str):
+    """Register the text benchmark's table `name` for one run's folder, rendered by benchmarks/text.py."""
+    @table(name, f"{folder}/s*.json", f"{folder}/floor.json")
+    def render() -> str:
+        for pattern in TABLES[name][0]:
+            if not glob.glob(str(ROOT / pattern)):
+                raise Missing(pattern)
+        return _bench_module("text").render_table(ROOT / folder)
+    return render
+
+
+_text_pairs("text-pairs", TEXT_PAIRS)
+_text_pairs("text-pairs-pos", TEXT_PAIRS_POS)
 
 
 # ----------------------------------------------------------------------------- editing and restoration
@@ -547,6 +555,16 @@ def _restoration(section: str):
 
 for _section in ("gaussian", "inpaint", "sr", "denoise", "edit"):
     _restoration(_section)
+
+
+# ----------------------------------------------------------------------------- samplers (docs/samplers.md)
+
+SAMPLERS_STEPS = "benchmarks/results/samplers/fashion-30min/steps.json"
+
+
+@table("samplers-steps", SAMPLERS_STEPS, missing="`python benchmarks/samplers.py steps RUN` writes it.")
+def samplers_steps() -> str:
+    return _bench_module("samplers").render_table("steps", load(SAMPLERS_STEPS))
 
 
 # ----------------------------------------------------------------------------- training (docs/training.md)
