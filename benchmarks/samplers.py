@@ -114,15 +114,16 @@ def _entry(result: dict, **fields) -> dict:
 
 def run_nfe(bench: Bench, args: argparse.Namespace) -> dict:
     points = []
-    for config in args.configs:
+    pairs = [(c, n) for c in args.configs for n in args.nfes]
+    if args.points:   # SAMPLER:GRID@NFE, instead of every config at every NFE
+        pairs = [(p.rpartition("@")[0], int(p.rpartition("@")[2])) for p in args.points]
+    for config, nfe in pairs:
         sampler, _, grid = config.partition(":")
-        for nfe in args.nfes:
-            steps = steps_for_nfe(sampler, nfe)
-            grid = grid or "time"
-            options = {} if grid == "time" and SAMPLERS[sampler].default_grid is None else {"grid": grid}
-            result = bench.point("nfe", sampler, steps, options)
-            points.append(_entry(result, config=config, sampler=sampler, grid=grid, steps=steps,
-                                 nfe_target=nfe))
+        steps = steps_for_nfe(sampler, nfe)
+        grid = grid or "time"
+        options = {} if grid == "time" and SAMPLERS[sampler].default_grid is None else {"grid": grid}
+        result = bench.point("nfe", sampler, steps, options)
+        points.append(_entry(result, config=config, sampler=sampler, grid=grid, steps=steps, nfe_target=nfe))
     return {"points": points}
 
 
@@ -217,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--nfes", type=int, nargs="+", default=list(NFES))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="SAMPLER:GRID for the nfe mode")
+    parser.add_argument("--points", nargs="+", default=None, metavar="SAMPLER:GRID@NFE",
+                        help="nfe mode: only these points (e.g. unipc:logsnr@10), instead of every config at every NFE")
     parser.add_argument("--steps", type=int, nargs="+", default=list(DDIM_STEPS), help="DDIM steps for the steps mode")
     parser.add_argument("--floor-timesteps", type=int, nargs="*", default=[99],
                         help="sigma floors for the DDIM sweep, as timesteps t: sigma_min = sigma(t) of the run's "
@@ -237,7 +240,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)
     args.bf16 = {"true": True, "false": False}.get(args.bf16, args.bf16)
-    for config in args.configs:
+    if args.points:
+        for point in args.points:
+            if "@" not in point or not point.rpartition("@")[2].isdigit():
+                parser.error(f"--points takes SAMPLER:GRID@NFE, got {point!r}")
+    for config in args.configs + [p.rpartition("@")[0] for p in args.points or []]:
         if config.partition(":")[0] not in SAMPLERS:
             parser.error(f"unknown sampler in {config!r}; choose from {', '.join(SAMPLERS)}")
     out = Path(args.out)

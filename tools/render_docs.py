@@ -567,6 +567,14 @@ def samplers_steps() -> str:
     return _bench_module("samplers").render_table("steps", load(SAMPLERS_STEPS))
 
 
+SAMPLERS_NFE = "benchmarks/results/samplers/fashion-30min/nfe.json"
+
+
+@table("samplers-nfe", SAMPLERS_NFE, missing="`python benchmarks/samplers.py nfe RUN` writes it.")
+def samplers_nfe() -> str:
+    return _bench_module("samplers").render_table("nfe", load(SAMPLERS_NFE))
+
+
 # ----------------------------------------------------------------------------- training (docs/training.md)
 
 LOSS_WEIGHTS = "benchmarks/results/loss-weights.json"
