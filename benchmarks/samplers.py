@@ -63,6 +63,14 @@ def git_commit() -> str | None:
         return None
 
 
+def _point(text: str) -> tuple[str, int]:
+    """--points' SAMPLER:GRID@NFE as (config, nfe)."""
+    config, at, nfe = text.rpartition("@")
+    if not at or not nfe.isdigit():
+        raise argparse.ArgumentTypeError(f"--points takes SAMPLER:GRID@NFE, got {text!r}")
+    return config, int(nfe)
+
+
 def _point_name(sampler: str, steps: int, options: dict) -> str:
     parts = [sampler, f"k{steps}"] + [f"{k}{v:.4g}" if isinstance(v, (int, float)) else f"{k}-{v}"
                                       for k, v in options.items()]
@@ -114,10 +122,7 @@ def _entry(result: dict, **fields) -> dict:
 
 def run_nfe(bench: Bench, args: argparse.Namespace) -> dict:
     points = []
-    pairs = [(c, n) for c in args.configs for n in args.nfes]
-    if args.points:   # SAMPLER:GRID@NFE, instead of every config at every NFE
-        pairs = [(p.rpartition("@")[0], int(p.rpartition("@")[2])) for p in args.points]
-    for config, nfe in pairs:
+    for config, nfe in args.points or [(c, n) for c in args.configs for n in args.nfes]:
         sampler, _, grid = config.partition(":")
         steps = steps_for_nfe(sampler, nfe)
         grid = grid or "time"
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--nfes", type=int, nargs="+", default=list(NFES))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="SAMPLER:GRID for the nfe mode")
-    parser.add_argument("--points", nargs="+", default=None, metavar="SAMPLER:GRID@NFE",
+    parser.add_argument("--points", nargs="+", type=_point, default=None, metavar="SAMPLER:GRID@NFE",
                         help="nfe mode: only these points (e.g. unipc:logsnr@10), instead of every config at every NFE")
     parser.add_argument("--steps", type=int, nargs="+", default=list(DDIM_STEPS), help="DDIM steps for the steps mode")
     parser.add_argument("--floor-timesteps", type=int, nargs="*", default=[99],
@@ -240,11 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)
     args.bf16 = {"true": True, "false": False}.get(args.bf16, args.bf16)
-    if args.points:
-        for point in args.points:
-            if "@" not in point or not point.rpartition("@")[2].isdigit():
-                parser.error(f"--points takes SAMPLER:GRID@NFE, got {point!r}")
-    for config in args.configs + [p.rpartition("@")[0] for p in args.points or []]:
+    for config in args.configs + [config for config, _ in args.points or []]:
         if config.partition(":")[0] not in SAMPLERS:
             parser.error(f"unknown sampler in {config!r}; choose from {', '.join(SAMPLERS)}")
     out = Path(args.out)

@@ -559,20 +559,21 @@ for _section in ("gaussian", "inpaint", "sr", "denoise", "edit"):
 
 # ----------------------------------------------------------------------------- samplers (docs/samplers.md)
 
-SAMPLERS_STEPS = "benchmarks/results/samplers/fashion-30min/steps.json"
+SAMPLERS = "benchmarks/results/samplers/fashion-30min"
 
 
-@table("samplers-steps", SAMPLERS_STEPS, missing="`python benchmarks/samplers.py steps RUN` writes it.")
-def samplers_steps() -> str:
-    return _bench_module("samplers").render_table("steps", load(SAMPLERS_STEPS))
+def _samplers(mode: str):
+    """Register the sampler benchmark's `mode` table (steps or nfe), rendered by benchmarks/samplers.py."""
+    path = f"{SAMPLERS}/{mode}.json"
+
+    @table(f"samplers-{mode}", path, missing=f"`python benchmarks/samplers.py {mode} RUN` writes it.")
+    def render() -> str:
+        return _bench_module("samplers").render_table(mode, load(path))
+    return render
 
 
-SAMPLERS_NFE = "benchmarks/results/samplers/fashion-30min/nfe.json"
-
-
-@table("samplers-nfe", SAMPLERS_NFE, missing="`python benchmarks/samplers.py nfe RUN` writes it.")
-def samplers_nfe() -> str:
-    return _bench_module("samplers").render_table("nfe", load(SAMPLERS_NFE))
+for _mode in ("steps", "nfe"):
+    _samplers(_mode)
 
 
 # ----------------------------------------------------------------------------- training (docs/training.md)
