@@ -449,6 +449,9 @@ def unet_cond_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
     if config.transformer_pos_embed:
         raise LddpmError("transformer_pos_embed = true: UNet2DConditionModel has no position embedding in its "
                          "transformers, so diffusers could not load this U-Net; nothing was written")
+    if config.context_layers:
+        raise LddpmError(f"context_layers={config.context_layers}: UNet2DConditionModel reads the text encoder's "
+                         "states directly and has no place for the trained refiner layers; nothing was written")
     if not config.context_dim:
         raise LddpmError("context_dim=0: a U-Net without prompts is a UNet2DModel in diffusers")
     if not config.mid_attention:

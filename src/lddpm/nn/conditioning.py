@@ -65,6 +65,11 @@ class Conditioning(nn.Module):
       `context_proj_dim` = 0 it passes through unchanged (Stable Diffusion's U-Net); otherwise `context_embed`,
       an MLP Linear(context_dim, proj) -> GELU(tanh) -> Linear(proj, proj), projects it (PixArt-alpha's caption
       embedder). A text network (context_dim > 0) needs a context; any other refuses one.
+    - `context_layers` > 0 puts that many trainable pre-LN transformer encoder layers (width context_dim, heads of
+      64 channels) over the token states before the projection, `context_refiner`, with zero-initialised output
+      projections so that a fresh network reads the encoder's states unchanged. A frozen encoder's states then
+      get a trainable stage that can move what a word says ("on the left") onto the word it applies to (a text
+      refiner in the manner of GLIDE's trained text transformer and of the refiners of later DiTs).
     - A network trained with its own text encoder (`scratch_vocab`, lddpm.nn.text.ScratchTextEncoder of width
       context_dim, registered as `text_encoder`) also takes the prompts' token ids (B, L) as `context` and
       encodes them itself, so the encoder trains with the network (and under DDP and the EMA with it).
@@ -75,7 +80,8 @@ class Conditioning(nn.Module):
     """
 
     def __init__(self, *, frequencies: int, dim: int, num_classes: int = 0, context_dim: int = 0,
-                 context_proj_dim: int = 0, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
+                 context_proj_dim: int = 0, context_layers: int = 0, flip_sin_to_cos: bool = True,
+                 freq_shift: float = 0.0,
                  network: str = "network", scratch_vocab: tuple[str, ...] = (), scratch_max_length: int = 32):
         super().__init__()
         self.frequencies, self.dim = frequencies, dim
@@ -88,6 +94,13 @@ class Conditioning(nn.Module):
         if context_dim > 0 and context_proj_dim > 0:
             self.context_embed = nn.Sequential(nn.Linear(context_dim, context_proj_dim), nn.GELU(approximate="tanh"),
                                                nn.Linear(context_proj_dim, context_proj_dim))
+        self.context_refiner = None
+        if context_layers > 0:
+            from lddpm.nn.text import refiner_layers
+            if context_dim <= 0 or context_dim % 64:
+                raise LddpmError(f"context_layers={context_layers} needs a text {network} whose context_dim is a "
+                                 f"positive multiple of 64 (heads of 64 channels), got context_dim={context_dim}")
+            self.context_refiner = refiner_layers(context_dim, context_dim // 64, context_layers)
         self.text_encoder = None
         if scratch_vocab:
             from lddpm.nn.text import ScratchTextEncoder
@@ -99,7 +112,7 @@ class Conditioning(nn.Module):
     def parts(self) -> dict[str, nn.Module | None]:
         """The submodules under the names a network registers them (None where absent)."""
         return {"time_embed": self.time_embed, "label_embed": self.label_embed, "context_embed": self.context_embed,
-                "text_encoder": self.text_encoder}
+                "context_refiner": self.context_refiner, "text_encoder": self.text_encoder}
 
     def embedding(self, t: torch.Tensor, y, batch: int, device: torch.device) -> torch.Tensor:
         """timestep + label embedding (B, dim), before the SiLU."""
@@ -144,6 +157,8 @@ class Conditioning(nn.Module):
             raise LddpmError(f"context holds {context.shape[0]} prompts for a batch of {batch} images; "
                              "pass one per image (or one for all)")
         context = context.to(device=device, dtype=self.time_embed[0].weight.dtype).expand(batch, -1, -1)
+        for layer in self.context_refiner or ():
+            context = layer(context, None)
         return self.context_embed(context) if self.context_embed is not None else context
 
     def forward(self, t: torch.Tensor, y=None, context=None, *, batch: int,

@@ -40,6 +40,9 @@ class DiTConfig(NetworkConfig):
     freq_shift: float = 0.0
     mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before each MLP (1e-6 in the paper's code, diffusers' norm_eps)
     context_dim: int = 0  # > 0: text prompts of this width, read by a cross-attention in every block
+    # > 0: trainable transformer layers over the text encoder's token states before the network reads them
+    # (lddpm.nn.conditioning: `context_refiner`); needs context_dim a multiple of 64. Not part of diffusers' layout.
+    context_layers: int = 0
     # text.encoder = "scratch": the vocabulary of the text encoder trained with the network (empty = none) and its
     # token length; the network then also takes token ids as `context` (its width is context_dim).
     scratch_vocab: tuple[str, ...] = ()
@@ -68,6 +71,9 @@ class DiTConfig(NetworkConfig):
             raise LddpmError(f"context_dim={self.context_dim} must be >= 0 (0 = no text prompts)")
         if self.cond_channels < 0:
             raise LddpmError(f"cond_channels={self.cond_channels} must be >= 0 (0 = no conditioning image)")
+        if self.context_layers < 0 or (self.context_layers and not self.context_dim):
+            raise LddpmError(f"context_layers={self.context_layers} must be >= 0, and > 0 only with "
+                             "context_dim > 0 (the layers refine the text encoder's token states)")
         if not 0 <= self.freq_shift < TIMESTEP_FREQUENCIES // 2 or not self.mlp_norm_eps > 0:
             raise LddpmError(f"freq_shift={self.freq_shift} must be in [0, {TIMESTEP_FREQUENCIES // 2}) and "
                              f"mlp_norm_eps={self.mlp_norm_eps} positive")
@@ -173,7 +179,8 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_position_embedding(dim, self.grid_size)[None], persistent=False)
         # registers time_embed (Linear(256, dim) -> SiLU -> Linear), label_embed and, for text, context_embed
         attach(self, Conditioning(frequencies=TIMESTEP_FREQUENCIES, dim=dim, num_classes=c.num_classes,
-                                  context_dim=c.context_dim, context_proj_dim=dim, freq_shift=c.freq_shift,
+                                  context_dim=c.context_dim, context_proj_dim=dim, context_layers=c.context_layers,
+                                  freq_shift=c.freq_shift,
                                   network="DiT", scratch_vocab=c.scratch_vocab,
                                   scratch_max_length=c.scratch_max_length))
         self.blocks = nn.ModuleList(DiTBlock(dim, c.num_heads, c.mlp_ratio, c.mlp_norm_eps, c.context_dim > 0)
@@ -184,7 +191,7 @@ class DiT(nn.Module):
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """The paper's init: Xavier-uniform linears and patch conv, N(0, 0.02) embeddings, adaLN-Zero; for text,
-        PixArt-alpha's: N(0, 0.02) caption MLP, zero cross-attention output."""
+        PixArt-alpha's: N(0, 0.02) caption MLP, zero cross-attention output (and zero refiner outputs)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -201,6 +208,9 @@ class DiT(nn.Module):
             nn.init.normal_(self.context_embed[2].weight, std=0.02)
         zeroed = [*(b.adaLN for b in self.blocks), self.final_layer.adaLN, self.final_layer.linear]
         zeroed += [b.cross_attn.to_out for b in self.blocks if b.cross_attn is not None]
+        if self.context_refiner is not None:  # the text refiner starts as the identity
+            from lddpm.nn.text import refiner_outputs
+            zeroed += refiner_outputs(self.context_refiner)
         for module in zeroed:
             nn.init.zeros_(module.weight)  # adaLN-Zero: gates 0, every block the identity; output 0
             nn.init.zeros_(module.bias)

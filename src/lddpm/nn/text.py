@@ -342,10 +342,26 @@ class _PreLNBlock(nn.Module):
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
         h = self.norm1(x)
         x = x + self.attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
         return x + self.mlp(self.norm2(x))
+
+
+def refiner_layers(dim: int, heads: int, layers: int) -> nn.ModuleList:
+    """`layers` pre-LN encoder layers whose residual branches end in zero-initialised projections: the identity
+    until trained (lddpm.nn.conditioning's `context_refiner` over a frozen encoder's token states)."""
+    blocks = nn.ModuleList(_PreLNBlock(dim, heads) for _ in range(layers))
+    with torch.no_grad():
+        for out in refiner_outputs(blocks):
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
+    return blocks
+
+
+def refiner_outputs(blocks: nn.ModuleList | None) -> list[nn.Linear]:
+    """The projections that end each residual branch of `refiner_layers` (zero at initialisation)."""
+    return [out for block in blocks or () for out in (block.attn.out_proj, block.mlp[-1])]
 
 
 class ScratchTextEncoder(nn.Module):

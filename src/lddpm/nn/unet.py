@@ -45,6 +45,9 @@ class UNetConfig(NetworkConfig):
     # is then a spatial transformer with `transformer_depth` blocks of self-attention, cross-attention, GEGLU FF.
     context_dim: int = 0
     transformer_depth: int = 1
+    # > 0: trainable transformer layers over the text encoder's token states before the network reads them
+    # (lddpm.nn.conditioning: `context_refiner`); needs context_dim a multiple of 64. Not part of diffusers' layout.
+    context_layers: int = 0
     # text.encoder = "scratch": the vocabulary of the text encoder trained with the network (empty = none) and its
     # token length; the network then also takes token ids as `context` (its width is context_dim).
     scratch_vocab: tuple[str, ...] = ()
@@ -80,6 +83,9 @@ class UNetConfig(NetworkConfig):
         if self.context_dim < 0 or self.transformer_depth < 1:
             raise LddpmError(f"context_dim={self.context_dim} must be >= 0 (0 = no text prompts) and "
                              f"transformer_depth={self.transformer_depth} >= 1")
+        if self.context_layers < 0 or (self.context_layers and not self.context_dim):
+            raise LddpmError(f"context_layers={self.context_layers} must be >= 0, and > 0 only with "
+                             "context_dim > 0 (the layers refine the text encoder's token states)")
         if self.transformer_pos_embed and not self.context_dim:
             raise LddpmError("transformer_pos_embed = true needs context_dim > 0 (it applies to the spatial "
                              "transformers of a U-Net that reads prompts)")
@@ -147,7 +153,8 @@ class UNet(nn.Module):
 
         # registers time_embed (Linear(ch, 4ch) -> SiLU -> Linear) and label_embed, as before the shared module
         attach(self, Conditioning(frequencies=ch, dim=emb_dim, num_classes=c.num_classes, context_dim=c.context_dim,
-                                  flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift, network="U-Net",
+                                  context_layers=c.context_layers, flip_sin_to_cos=c.flip_sin_to_cos,
+                                  freq_shift=c.freq_shift, network="U-Net",
                                   scratch_vocab=c.scratch_vocab, scratch_max_length=c.scratch_max_length))
         block = dict(dropout=c.dropout, norm_groups=c.norm_groups, scale_shift=c.use_scale_shift_norm, eps=c.norm_eps)
 
