@@ -16,7 +16,8 @@ point's full result, the real-data floor, the environment, the lddpm commit and 
 
 NFE to steps: one evaluation per step, Heun 2 per step but the last (steps = (NFE + 1) // 2, so an even NFE
 gets NFE - 1); the NFE each point really used (`cost.model_calls_per_batch`) is in its file and the table.
-Configurations are SAMPLER:GRID (grid "time" = the run's trailing timesteps; karras; logsnr).
+Configurations are SAMPLER:GRID (grid "time" = the run's trailing timesteps; karras; logsnr), optionally with
+sampler options: `dpm++2m:logsnr,sigma_min=0.1694@10` (the sigma floor of the DDIM sweep on a logSNR grid).
 """
 
 from __future__ import annotations
@@ -71,6 +72,20 @@ def _point(text: str) -> tuple[str, int]:
     return config, int(nfe)
 
 
+def _config_parts(config: str) -> tuple[str, str, dict]:
+    """SAMPLER[:GRID][,OPTION=NUMBER...] (e.g. dpm++2m:logsnr,sigma_min=0.1694) as (sampler, grid, options)."""
+    head, *pairs = config.split(",")
+    sampler, _, grid = head.partition(":")
+    options = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        try:
+            options[key] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{config!r}: sampler options are OPTION=NUMBER, got {pair!r}") from None
+    return sampler, grid or "time", options
+
+
 def _point_name(sampler: str, steps: int, options: dict) -> str:
     parts = [sampler, f"k{steps}"] + [f"{k}{v:.4g}" if isinstance(v, (int, float)) else f"{k}-{v}"
                                       for k, v in options.items()]
@@ -123,10 +138,10 @@ def _entry(result: dict, **fields) -> dict:
 def run_nfe(bench: Bench, args: argparse.Namespace) -> dict:
     points = []
     for config, nfe in args.points or [(c, n) for c in args.configs for n in args.nfes]:
-        sampler, _, grid = config.partition(":")
+        sampler, grid, extra = _config_parts(config)
         steps = steps_for_nfe(sampler, nfe)
-        grid = grid or "time"
         options = {} if grid == "time" and SAMPLERS[sampler].default_grid is None else {"grid": grid}
+        options.update(extra)
         result = bench.point("nfe", sampler, steps, options)
         points.append(_entry(result, config=config, sampler=sampler, grid=grid, steps=steps, nfe_target=nfe))
     return {"points": points}
@@ -223,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--nfes", type=int, nargs="+", default=list(NFES))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="SAMPLER:GRID for the nfe mode")
-    parser.add_argument("--points", nargs="+", type=_point, default=None, metavar="SAMPLER:GRID@NFE",
+    parser.add_argument("--points", nargs="+", type=_point, default=None, metavar="SAMPLER:GRID[,OPT=X]@NFE",
                         help="nfe mode: only these points (e.g. unipc:logsnr@10), instead of every config at every NFE")
     parser.add_argument("--steps", type=int, nargs="+", default=list(DDIM_STEPS), help="DDIM steps for the steps mode")
     parser.add_argument("--floor-timesteps", type=int, nargs="*", default=[99],
@@ -246,8 +261,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     args.bf16 = {"true": True, "false": False}.get(args.bf16, args.bf16)
     for config in args.configs + [config for config, _ in args.points or []]:
-        if config.partition(":")[0] not in SAMPLERS:
+        try:
+            sampler, _, options = _config_parts(config)
+        except argparse.ArgumentTypeError as error:
+            parser.error(str(error))
+        if sampler not in SAMPLERS:
             parser.error(f"unknown sampler in {config!r}; choose from {', '.join(SAMPLERS)}")
+        if set(options) - set(SAMPLERS[sampler].options):
+            parser.error(f"{config!r}: {sampler} takes the options {', '.join(SAMPLERS[sampler].options)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()

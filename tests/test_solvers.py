@@ -826,6 +826,7 @@ def test_study_cells_take_sampler_options_as_fields_and_list_axes():
 
 def test_benchmark_maps_nfe_to_steps_and_renders_its_tables(tmp_path):
     """benchmarks/samplers.py: Heun gets (NFE + 1) // 2 steps; the tables and plots come from the points alone."""
+    import argparse
     import importlib.util
     from pathlib import Path
 
@@ -836,6 +837,10 @@ def test_benchmark_maps_nfe_to_steps_and_renders_its_tables(tmp_path):
     spec.loader.exec_module(bench)
     assert [bench.steps_for_nfe("heun", n) for n in (5, 8, 10)] == [3, 4, 5]
     assert bench.steps_for_nfe("unipc", 8) == 8
+    assert bench._config_parts("dpm++2m:logsnr,sigma_min=0.1694") == ("dpm++2m", "logsnr", {"sigma_min": 0.1694})
+    assert bench._config_parts("ipndm") == ("ipndm", "time", {})
+    with pytest.raises(argparse.ArgumentTypeError, match="OPTION=NUMBER"):
+        bench._config_parts("unipc:karras,sigma_min")
     result = {"num_images": 16}
     nfe = {"floor": {"fid": 1.5}, "points": [
         {"config": "heun:karras", "sampler": "heun", "nfe_target": 8, "nfe": 7, "fid": 9.0, "result": result},
