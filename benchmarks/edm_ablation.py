@@ -180,12 +180,12 @@ def own_ema_fids(summary: dict) -> dict[tuple[str, int], float]:
     return found
 
 
-def write_report(summary: dict, out: Path, steps: list[int]) -> None:
-    """ablation.md and ablation.png."""
+def report_markdown(summary: dict, steps: list[int]) -> str:
+    """The tables of ablation.md (also rendered into docs by tools/render_docs.py from ablation.json)."""
     bands = [b["band"] for b in next((v["shares"] for v in summary["variants"] if v["shares"]), [])]
     others = sorted({k for v in summary["variants"] for k in v["other"]})
-    lines = [f"# Loss weight per sigma band and FID (N = {summary['fid_n']})", "",
-             "FID with DPM-Solver++(2M) 25 steps unless a column says otherwise; one value per training seed.", "",
+    lines = [f"FID at N = {summary['fid_n']} with DPM-Solver++(2M) 25 steps unless a column says otherwise; one "
+             "value per training seed; - = not run.", "",
              "| variant | runs | " + " | ".join(f"weight {b}" for b in bands) + " | "
              + " | ".join(f"FID at step {s} (~{s / STEPS_PER_MINUTE:.0f} min) | mean" for s in steps)
              + "".join(f" | FID {o}, last step" for o in others) + " |",
@@ -208,7 +208,14 @@ def write_report(summary: dict, out: Path, steps: list[int]) -> None:
             base = own.get((r["run"], r["at_step"]))
             lines.append(f"| {r['run']} | {r['at_step']} | {r['sigma_rel']:g} | {r['fid']:.2f} | {kid} | {err} | "
                          f"{'-' if base is None else f'{base:.2f}'} |")
-    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(summary: dict, out: Path, steps: list[int]) -> None:
+    """ablation.md and ablation.png."""
+    (out / "ablation.md").write_text(f"# Loss weight per sigma band and FID (N = {summary['fid_n']})\n\n"
+                                     + report_markdown(summary, steps))
+    bands = [b["band"] for b in next((v["shares"] for v in summary["variants"] if v["shares"]), [])]
 
     import matplotlib
 

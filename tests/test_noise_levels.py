@@ -200,3 +200,22 @@ def test_edm_study_changes_only_what_each_row_says():
         assert loss_weight_shares(build_diffusion(config.diffusion))[0]["share"] == pytest.approx(low, abs=tol)
     assert asdict(configs["recipe-s0"].diffusion) == asdict(recipe.diffusion)
     assert configs["edm065-s0"].diffusion.p_mean == pytest.approx(-1.2 + math.log(0.87 / 0.5), abs=0.01)
+
+
+def test_ten_minute_edm_study_is_the_first_1400_steps_of_the_thirty_minute_one():
+    """configs/study-edm-10min.toml: the same runs as study-edm.toml but trained 1,400 steps, scored at 1,400."""
+    from lddpm.study import load_study
+    from lddpm.study.backend import StudyBackend
+
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    long, short = load_study(folder / "study-edm.toml"), load_study(folder / "study-edm-10min.toml")
+    backend = StudyBackend(progress=False)
+    assert list(short.runs) == list(long.runs)
+    assert {c.at_step for c in short.cells if c.at_step is not None} == {1400}
+    for name in long.runs:
+        a = asdict(backend.run_config(long.runs[name], Path("/nonexistent") / name, long, {}))
+        b = asdict(backend.run_config(short.runs[name], Path("/nonexistent") / name, short, {}))
+        assert b["run"]["steps"] == 1400 and 1400 % b["run"]["checkpoint_every"] == 0
+        for config in (a, b):
+            config["run"].pop("steps"), config["run"].pop("keep_checkpoints")
+        assert a == b, name

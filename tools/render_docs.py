@@ -508,6 +508,7 @@ def peers() -> str:
 
 TEXT_PAIRS = "benchmarks/results/text/fashion-pairs-30min"
 TEXT_PAIRS_POS = "benchmarks/results/text/fashion-pairs-pos"
+TEXT_TEXT = "benchmarks/results/text/fashion-text-30min"
 
 
 def _bench_module(name: str):
@@ -534,6 +535,37 @@ def _text_pairs(name: str, folder: str):
 
 _text_pairs("text-pairs", TEXT_PAIRS)
 _text_pairs("text-pairs-pos", TEXT_PAIRS_POS)
+_text_pairs("text-pairs-refiner", "benchmarks/results/text/fashion-pairs-refiner")
+_text_pairs("text-text", TEXT_TEXT)
+
+CLASS_RECIPE = "benchmarks/results/text/class-recipe"
+
+
+@table("text-vs-class", f"{TEXT_TEXT}/s*.json", f"{CLASS_RECIPE}/s*.json")
+def text_vs_class() -> str:
+    """fashion-text's class accuracy (the scene checker; all prompts, seen and held-out phrasings) beside the class
+    recipe's (the Fashion-MNIST classifier), per guidance scale, each as a fraction of its ceiling on real test
+    images in brackets."""
+    def by_scale(folder: str) -> dict[float, dict]:
+        files = glob.glob(str(ROOT / folder / "s*.json"))
+        if not files:
+            raise Missing(f"{folder}/s*.json")
+        return {r["settings"]["guidance_scale"]: r for r in (json.loads(Path(f).read_text()) for f in files)}
+
+    def of(value: float, ceiling: float) -> str:
+        return f"{value:.3f} ({value / ceiling:.2f})"
+    text, labels = by_scale(TEXT_TEXT), by_scale(CLASS_RECIPE)
+    rows = []
+    for scale in sorted(set(text) & set(labels)):
+        t, c = text[scale], labels[scale]
+        scores, ceiling = t["faithfulness"]["scores"], t["faithfulness"]["ceiling"]
+        rows.append([f"{scale:g}", *[of(part["class_accuracy"], top["class_accuracy"]) for part, top in
+                                     ((scores, ceiling), (scores["seen"], ceiling["seen"]),
+                                      (scores["heldout"], ceiling["heldout"]))], f"{t['fid']:.2f}",
+                     of(c["class_accuracy"], c["classifier"]["test_accuracy"]), f"{c['fid']:.2f}"])
+    return md_table(["guidance s", "prompts: class accuracy (of ceiling)", "seen phrasings", "held-out phrasings",
+                     f"FID vs scenes (N={t['num_images']})", "class labels: class accuracy (of ceiling)",
+                     f"FID vs Fashion-MNIST (N={c['num_images']})"], rows)
 
 
 # ----------------------------------------------------------------------------- editing and restoration
@@ -574,6 +606,16 @@ def _samplers(mode: str):
 
 for _mode in ("steps", "nfe"):
     _samplers(_mode)
+
+
+EDM_ABLATION_10MIN = "benchmarks/results/edm-ablation-10min/ablation.json"
+
+
+@table("edm-ablation-10min", EDM_ABLATION_10MIN,
+       missing="`python benchmarks/edm_ablation.py --study src/lddpm/configs/study-edm-10min.toml` writes it.")
+def edm_ablation_10min() -> str:
+    payload = load(EDM_ABLATION_10MIN)
+    return _bench_module("edm_ablation").report_markdown(payload, payload["steps"])
 
 
 # ----------------------------------------------------------------------------- training (docs/training.md)
