@@ -216,6 +216,7 @@ def write_report(summary: dict, out: Path, steps: list[int]) -> None:
     (out / "ablation.md").write_text(f"# Loss weight per sigma band and FID (N = {summary['fid_n']})\n\n"
                                      + report_markdown(summary, steps))
     bands = [b["band"] for b in next((v["shares"] for v in summary["variants"] if v["shares"]), [])]
+    own = own_ema_fids(summary)
 
     import matplotlib
 
