@@ -156,10 +156,12 @@ class Conditioning(nn.Module):
         if context.shape[0] not in (1, batch):
             raise LddpmError(f"context holds {context.shape[0]} prompts for a batch of {batch} images; "
                              "pass one per image (or one for all)")
-        context = context.to(device=device, dtype=self.time_embed[0].weight.dtype).expand(batch, -1, -1)
-        for layer in self.context_refiner or ():
+        context = context.to(device=device, dtype=self.time_embed[0].weight.dtype)
+        for layer in self.context_refiner or ():  # per prompt row, before one prompt is broadcast to the batch
             context = layer(context, None)
-        return self.context_embed(context) if self.context_embed is not None else context
+        if self.context_embed is not None:
+            context = self.context_embed(context)
+        return context.expand(batch, -1, -1)
 
     def forward(self, t: torch.Tensor, y=None, context=None, *, batch: int,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
