@@ -27,6 +27,7 @@ from pathlib import Path
 
 from common import environment, write_json
 
+from lddpm.commands.sampler_flags import add_sampler_flags, sampler_options
 from lddpm.data import test_split
 from lddpm.evaluate import Scorer, evaluate_checkpoint, real_data_floor
 from lddpm.evaluate.score import summary_line, write_result
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--ref-num", type=int, default=None, help="reference images (default: --num; 0: the split)")
     parser.add_argument("--sampler", default="dpm++2m")
     parser.add_argument("--steps", type=int, default=25)
+    add_sampler_flags(parser)
     parser.add_argument("--cfg-scales", type=float, nargs="*", default=[1.25, 1.5, 2.0, 3.0])
     parser.add_argument("--guide-scales", type=float, nargs="*", default=[1.5, 2.0, 2.5, 3.0])
     parser.add_argument("--both", nargs="*", default=[], metavar="S:W", help="CFG and autoguidance together")
@@ -125,7 +127,8 @@ def main() -> None:
             continue
         spec = SamplingSpec(sampler=args.sampler, num_steps=args.steps, guidance_scale=row["guidance_scale"],
                             guide=args.guide if row["guide_scale"] != 1.0 else None, guide_scale=row["guide_scale"],
-                            guidance_interval=row["interval"], seed=args.seed, batch_size=args.batch_size, bf16=bf16)
+                            guidance_interval=row["interval"], seed=args.seed, batch_size=args.batch_size, bf16=bf16,
+                            sampler_options=sampler_options(args) or None)
         samples = out / "samples" / row["name"]
         result = evaluate_checkpoint(args.run, spec, scorer, num=args.num, pipeline=pipeline, partial_dir=samples,
                                      device=args.device, progress=False)
@@ -160,6 +163,7 @@ def main() -> None:
         "guide_checkpoint": pipeline.guide_checkpoint,
         "settings": {k: getattr(args, k) for k in ("num", "reference", "ref_num", "sampler", "steps", "seed",
                                                    "batch_size", "bf16", "interval", "device")},
+        "sampler_options": sampler_options(args),
         "rows": collected, "floor": floor,
     }
     write_json(summary, out / "guidance.json")
