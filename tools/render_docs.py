@@ -536,9 +536,29 @@ def _text_pairs(name: str, folder: str):
 _text_pairs("text-pairs", TEXT_PAIRS)
 _text_pairs("text-pairs-pos", TEXT_PAIRS_POS)
 _text_pairs("text-pairs-refiner", "benchmarks/results/text/fashion-pairs-refiner")
+_text_pairs("text-pairs-dit", "benchmarks/results/text/fashion-pairs-dit")
 _text_pairs("text-text", TEXT_TEXT)
 
 CLASS_RECIPE = "benchmarks/results/text/class-recipe"
+
+
+def _by_scale(folder: str) -> dict[float, dict]:
+    """A text or eval folder's s*.json results by guidance scale."""
+    files = glob.glob(str(ROOT / folder / "s*.json"))
+    if not files:
+        raise Missing(f"{folder}/s*.json")
+    return {r["settings"]["guidance_scale"]: r for r in (json.loads(Path(f).read_text()) for f in files)}
+
+
+def _of(value: float, ceiling: float) -> str:
+    return f"{value:.3f} ({value / ceiling:.2f})"
+
+
+def _class_accuracies(result: dict) -> list[str]:
+    """A fashion-text result's class accuracy over all prompts, seen and held-out phrasings (of ceiling)."""
+    scores, ceiling = result["faithfulness"]["scores"], result["faithfulness"]["ceiling"]
+    return [_of(part["class_accuracy"], top["class_accuracy"]) for part, top in
+            ((scores, ceiling), (scores["seen"], ceiling["seen"]), (scores["heldout"], ceiling["heldout"]))]
 
 
 @table("text-vs-class", f"{TEXT_TEXT}/s*.json", f"{CLASS_RECIPE}/s*.json")
@@ -546,26 +566,33 @@ def text_vs_class() -> str:
     """fashion-text's class accuracy (the scene checker; all prompts, seen and held-out phrasings) beside the class
     recipe's (the Fashion-MNIST classifier), per guidance scale, each as a fraction of its ceiling on real test
     images in brackets."""
-    def by_scale(folder: str) -> dict[float, dict]:
-        files = glob.glob(str(ROOT / folder / "s*.json"))
-        if not files:
-            raise Missing(f"{folder}/s*.json")
-        return {r["settings"]["guidance_scale"]: r for r in (json.loads(Path(f).read_text()) for f in files)}
-
-    def of(value: float, ceiling: float) -> str:
-        return f"{value:.3f} ({value / ceiling:.2f})"
+    by_scale, of = _by_scale, _of
     text, labels = by_scale(TEXT_TEXT), by_scale(CLASS_RECIPE)
     rows = []
     for scale in sorted(set(text) & set(labels)):
         t, c = text[scale], labels[scale]
-        scores, ceiling = t["faithfulness"]["scores"], t["faithfulness"]["ceiling"]
-        rows.append([f"{scale:g}", *[of(part["class_accuracy"], top["class_accuracy"]) for part, top in
-                                     ((scores, ceiling), (scores["seen"], ceiling["seen"]),
-                                      (scores["heldout"], ceiling["heldout"]))], f"{t['fid']:.2f}",
+        rows.append([f"{scale:g}", *_class_accuracies(t), f"{t['fid']:.2f}",
                      of(c["class_accuracy"], c["classifier"]["test_accuracy"]), f"{c['fid']:.2f}"])
     return md_table(["guidance s", "prompts: class accuracy (of ceiling)", "seen phrasings", "held-out phrasings",
                      f"FID vs scenes (N={t['num_images']})", "class labels: class accuracy (of ceiling)",
                      f"FID vs Fashion-MNIST (N={c['num_images']})"], rows)
+
+
+TEXT_LATENT = "benchmarks/results/text/fashion-text-latent"
+_text_pairs("text-latent", TEXT_LATENT)
+
+
+@table("text-pixel-vs-latent", f"{TEXT_TEXT}/s*.json", f"{TEXT_LATENT}/s*.json")
+def text_pixel_vs_latent() -> str:
+    """fashion-text in pixel space (fashion-text-30min) and on the autoencoder's latents (fashion-text-latent), per
+    guidance scale: class accuracy (all prompts, seen, held-out; of the checker's ceiling) and FID."""
+    pixel, latent = _by_scale(TEXT_TEXT), _by_scale(TEXT_LATENT)
+    rows = []
+    for scale in sorted(set(pixel) & set(latent)):
+        for name, r in (("pixel", pixel[scale]), ("latent", latent[scale])):
+            rows.append([f"{scale:g}", name, *_class_accuracies(r), f"{r['fid']:.2f}"])
+    return md_table(["guidance s", "space", "class accuracy (of ceiling)", "seen phrasings", "held-out phrasings",
+                     f"FID vs scenes (N={latent[min(latent)]['num_images']})"], rows)
 
 
 # ----------------------------------------------------------------------------- editing and restoration
@@ -606,6 +633,21 @@ def _samplers(mode: str):
 
 for _mode in ("steps", "nfe"):
     _samplers(_mode)
+
+
+def _guidance(name: str, folder: str):
+    """Register the guidance benchmark's table `name` for one output folder, rendered by benchmarks/guidance.py."""
+    path = f"{folder}/guidance.json"
+
+    @table(name, path, missing="`python benchmarks/guidance.py RUN --guide GUIDE --out FOLDER` writes it.")
+    def render() -> str:
+        payload = load(path)
+        return _bench_module("guidance").render_table(ROOT / folder, payload["rows"], payload["floor"])
+    return render
+
+
+_guidance("guidance-small-guide", "benchmarks/results/guidance/fashion-30min-unipc10")
+_guidance("guidance-early-checkpoint", "benchmarks/results/guidance/fashion-30min-unipc10-guide10min")
 
 
 EDM_ABLATION_10MIN = "benchmarks/results/edm-ablation-10min/ablation.json"
