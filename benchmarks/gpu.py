@@ -597,12 +597,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ddp-probe", default=None, help=argparse.SUPPRESS)  # internal: run under torchrun
     args = p.parse_args(argv)
     if args.ddp_probe:
-        print(json.dumps(ddp_probe(args.ddp_probe)), flush=True)
-        # The DDP backward leaves gloo worker threads that can race interpreter finalization and abort the
-        # process (SIGABRT) after its work is done; leave as lddpm's torchrun workers do
-        # (lddpm.distributed.exit_process): streams flushed, no finalization.
-        sys.stderr.flush()
-        os._exit(0)
+        print(json.dumps(ddp_probe(args.ddp_probe)))
+        # its DDP backward leaves gloo threads that can abort the process at finalization (SIGABRT): leave as
+        # lddpm's torchrun workers do
+        from lddpm.distributed import exit_process
+        exit_process(0, worker=True)
     if not args.out:
         p.error("--out FOLDER is required")
     unknown = set(args.sections.split(",")) - set(SECTIONS)

@@ -59,6 +59,18 @@ def test_exit_process_outside_a_group_is_sys_exit():
     assert proc.returncode == 4
 
 
+
+@pytest.mark.parametrize("worker", [True, False])
+def test_exit_process_as_a_worker_runs_atexit_and_flushes_but_skips_finalization(worker):
+    code = ("import atexit\nfrom lddpm import distributed\n"
+            "class Late:\n    def __del__(self):\n        print('finalized')\n"
+            "late = Late()\natexit.register(lambda: print('atexit'))\nprint('out', end='')\n"
+            f"distributed.exit_process(5, worker={worker})")
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
+                          capture_output=True, text=True)
+    assert proc.returncode == 5 and proc.stdout.startswith("out") and "atexit" in proc.stdout
+    assert ("finalized" in proc.stdout) is (not worker)
+
 @pytest.mark.slow
 def test_thirty_launches_with_a_late_rank_never_abort(tmp_path):
     """Without exit_process this script aborted in 3 of 25 launches on a 2-core machine (and 2 of 15 with

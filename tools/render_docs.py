@@ -566,13 +566,12 @@ def text_vs_class() -> str:
     """fashion-text's class accuracy (the scene checker; all prompts, seen and held-out phrasings) beside the class
     recipe's (the Fashion-MNIST classifier), per guidance scale, each as a fraction of its ceiling on real test
     images in brackets."""
-    by_scale, of = _by_scale, _of
-    text, labels = by_scale(TEXT_TEXT), by_scale(CLASS_RECIPE)
+    text, labels = _by_scale(TEXT_TEXT), _by_scale(CLASS_RECIPE)
     rows = []
     for scale in sorted(set(text) & set(labels)):
         t, c = text[scale], labels[scale]
         rows.append([f"{scale:g}", *_class_accuracies(t), f"{t['fid']:.2f}",
-                     of(c["class_accuracy"], c["classifier"]["test_accuracy"]), f"{c['fid']:.2f}"])
+                     _of(c["class_accuracy"], c["classifier"]["test_accuracy"]), f"{c['fid']:.2f}"])
     return md_table(["guidance s", "prompts: class accuracy (of ceiling)", "seen phrasings", "held-out phrasings",
                      f"FID vs scenes (N={t['num_images']})", "class labels: class accuracy (of ceiling)",
                      f"FID vs Fashion-MNIST (N={c['num_images']})"], rows)

@@ -124,8 +124,11 @@ def teardown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def exit_process(status: int | str | None) -> None:
+def exit_process(status: int | str | None, *, worker: bool | None = None) -> None:
     """End the process with `status`; a torchrun worker ends without interpreter finalization.
+
+    worker: None asks whether `setup` joined a process group here; True is for a process that joined one
+    itself (e.g. benchmarks/gpu.py's DDP probe), False for one that did not.
 
     Why: gloo runs each collective on its own worker threads, and a gradient all-reduce that DDP
     launches inside backward captures the thread-local state of that backward, which holds a
@@ -146,7 +149,7 @@ def exit_process(status: int | str | None) -> None:
     else:  # sys.exit("message"): Python prints the message and exits with 1
         print(status, file=sys.stderr)
         code = 1
-    if not _joined_group:
+    if not (_joined_group if worker is None else worker):
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
