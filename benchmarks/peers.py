@@ -5,7 +5,9 @@ to 32x32, grey, pixels x / 127.5 - 1 in [-1, 1], batches drawn by lddpm's seeded
 sees the same images in the same order) with the same batch size, for the same training wall time:
 
   lddpm       its recipe preset (`fashion-30min`, unconditional), trained with `lddpm.train_diffusion` and
-              `run.max_minutes`, resumed for each later mark; sampled with `--lddpm-sampler` (dpm++2m, 25 steps).
+              `run.max_minutes`, resumed for each later mark; sampled with `--lddpm-sampler` (dpm++2m, 25 steps)
+              or each of `--lddpm-samplers` (e.g. `unipc:10:grid=logsnr,sigma_min=0.1694`; `guide=F` autoguides
+              each mark by the run's own checkpoint at F x the mark, saved on the way: no extra training).
   lucidrains  denoising-diffusion-pytorch's `Unet` + `GaussianDiffusion`, called as they are
               (`diffusion(x)` is the loss), in a loop that does what its `Trainer` does (Adam, grad-norm
               clip, `ema_pytorch.EMA`); sampled with its own DDIM (`sampling_timesteps`, default 50).
@@ -13,7 +15,9 @@ sees the same images in the same order) with the same batch size, for the same t
               train_unconditional.py does (AdamW, warm-up + cosine LR, `EMAModel`, epsilon MSE); sampled with
               `DPMSolverMultistepScheduler` (DPM-Solver++(2M), 25 steps: the same solver and the same number of
               network evaluations as lddpm's default, so the table compares training, not samplers) or,
-              with `--diffusers-sampler ddim`, `DDIMScheduler` (50 steps).
+              with `--diffusers-sampler ddim`, `DDIMScheduler` (50 steps), or each of `--diffusers-samplers`
+              (dpm++2m, unipc or ddim with the scheduler's own arguments, e.g.
+              `unipc:10:solver_order=3,timestep_spacing=trailing`), in diffusers' denoising loop.
 
 Each peer runs twice: `default` (its documented defaults: see `lucidrains_settings` / `diffusers_settings`,
 each value with where it comes from) and `tuned` (lddpm's recipe wherever it maps: a network of about the
@@ -52,6 +56,16 @@ with torchvision 0.28.0, a plain `pip install denoising-diffusion-pytorch==2.3.4
     python benchmarks/peers.py --quick       # smoke run of every system: seconds of training, minutes in all
     python benchmarks/peers.py --minutes 10,30 --num 1000 --out benchmarks/results/peers.json
     python benchmarks/peers.py --systems lddpm,diffusers --variants tuned --minutes 5
+    python benchmarks/peers.py --systems lddpm,diffusers --variants tuned --minutes 10,30 --num 1000 \
+        --lddpm-samplers dpm++2m:25 unipc:10:grid=logsnr,sigma_min=0.1694 \
+                         unipc:10:grid=logsnr,sigma_min=0.1694,guide=0.3333,guide_scale=2,interval=0.28/5.42 \
+        --diffusers-samplers dpm++2m:25 unipc:10:solver_order=3 unipc:10:solver_order=3,timestep_spacing=trailing \
+                             dpm++2m:10:use_lu_lambdas=true --out benchmarks/results/peers-samplers.json
+
+diffusers' UniPC and DPM-Solver++ on a Karras or exponential (log-sigma) grid fail on the cosine schedule (its
+sigma_max is about 2 x 10^4: the integer timesteps of the grid's first steps repeat, 998, 998, 998, and the
+scheduler's step index lookup then breaks: an AssertionError or IndexError); DPM-Solver++ with
+use_lu_lambdas=true, the log-SNR grid, runs.
 """
 
 from __future__ import annotations
@@ -141,10 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lddpm-preset", default=RECIPE_PRESET, help=f"lddpm's recipe: a preset or TOML file (default {RECIPE_PRESET})")
     p.add_argument("--lddpm-sampler", default="dpm++2m", help="lddpm's sampler (default dpm++2m)")
     p.add_argument("--lddpm-steps", type=int, default=None, help="lddpm's sampler steps (default 25; --quick 10)")
+    p.add_argument("--lddpm-samplers", nargs="+", default=None, metavar="SAMPLER:STEPS[:K=V,...]",
+                   help="several lddpm samplers, one table row each per mark (instead of --lddpm-sampler/--lddpm-steps); "
+                        "K: a SamplerOptions field (grid, sigma_min, ...), guide (autoguidance by the same run's "
+                        "checkpoint at this fraction of the mark), guide_scale, interval (LO/HI in sigma)")
     p.add_argument("--lucidrains-steps", type=int, default=None, help="lucidrains' DDIM sampling_timesteps (default 50; --quick 10)")
     p.add_argument("--diffusers-sampler", default="dpm++2m", choices=("dpm++2m", "ddim"),
                    help="diffusers' scheduler at sampling: DPMSolverMultistepScheduler or DDIMScheduler")
     p.add_argument("--diffusers-steps", type=int, default=None, help="diffusers' sampling steps (default 25 dpm++2m, 50 ddim; --quick 10)")
+    p.add_argument("--diffusers-samplers", nargs="+", default=None, metavar="SCHEDULER:STEPS[:K=V,...]",
+                   help=f"several diffusers schedulers ({', '.join(DIFFUSERS_SAMPLERS)}), one row each per mark (instead "
+                        "of --diffusers-sampler/--diffusers-steps); K=V: the scheduler's own config arguments, e.g. "
+                        "use_exponential_sigmas=true,solver_order=3")
     p.add_argument("--feature-backend", default="auto", help="FID feature backend: auto, torch or onnx")
     p.add_argument("--inception", default=None, help="TorchScript feature network file (default: the pinned Inception)")
     p.add_argument("--cache-dir", default=None, help="lddpm's cache folder (default $LDDPM_CACHE or ~/.cache/lddpm)")
@@ -152,6 +174,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true", help="run every system in this process instead of one subprocess each")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one system from a spec file
     return p
+
+
+DIFFUSERS_SAMPLERS = {"dpm++2m": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler", "ddim": "DDIMScheduler"}
+LDDPM_GUIDE_KEYS = ("guide", "guide_scale", "interval")
+
+
+def _option_value(text: str):
+    """A K=V value: true / false / a number / LO/HI (two numbers) / a string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text.count("/") == 1:
+        lo, hi = text.split("/")
+        try:
+            return [float(lo), float(hi)]
+        except ValueError:
+            pass
+    return text
+
+
+def parse_sampler(text: str, names) -> dict:
+    """"NAME:STEPS[:K=V,K=V]" -> {"label", "name", "steps", "options"}; ValueError naming the problem."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        raise ValueError(f"sampler {text!r}: expected NAME:STEPS or NAME:STEPS:K=V,K=V")
+    name, steps = parts[0], parts[1]
+    if name not in names:
+        raise ValueError(f"sampler {text!r}: unknown {name!r} (choose one of {', '.join(names)})")
+    if not steps.isdigit() or not 1 <= int(steps) <= MAX_NFE:
+        raise ValueError(f"sampler {text!r}: steps must be an integer from 1 to {MAX_NFE} (every sampler is held to "
+                         f"at most {MAX_NFE} steps per image)")
+    options = {}
+    for item in (parts[2].split(",") if len(parts) == 3 and parts[2] else []):
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            raise ValueError(f"sampler {text!r}: option {item!r} is not K=V")
+        options[key] = _option_value(value)
+    return {"label": text, "name": name, "steps": int(steps), "options": options}
+
+
+def check_lddpm_sampler(item: dict) -> None:
+    """lddpm's sampler options and its guide keys, checked before any training (ValueError)."""
+    from lddpm.sampling import SamplingSpec
+
+    o = item["options"]
+    guide = o.get("guide")
+    if guide is not None and not (isinstance(guide, (int, float)) and 0 < guide < 1):
+        raise ValueError(f"sampler {item['label']!r}: guide={guide!r}: the guide is the run's own checkpoint at this "
+                         "fraction of each mark, a number between 0 and 1")
+    if (o.get("guide_scale") is not None or o.get("interval") is not None) and guide is None:
+        raise ValueError(f"sampler {item['label']!r}: guide_scale / interval need guide=FRACTION")
+    interval = o.get("interval")
+    if interval is not None and not (isinstance(interval, list) and len(interval) == 2):
+        raise ValueError(f"sampler {item['label']!r}: interval={interval!r}: expected LO/HI in sigma, e.g. 0.28/5.42")
+    try:
+        SamplingSpec(sampler=item["name"], num_steps=item["steps"], guide_scale=float(o.get("guide_scale", 1.0)),
+                     guidance_interval=tuple(interval) if interval else None,
+                     sampler_options={k: v for k, v in o.items() if k not in LDDPM_GUIDE_KEYS} or None)
+    except (LddpmError, TypeError, ValueError) as exc:
+        raise ValueError(f"sampler {item['label']!r}: {exc}") from None
+
+
+def check_diffusers_sampler(item: dict) -> None:
+    """The scheduler's config arguments, checked against its constructor before any training (ValueError)."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, DIFFUSERS_SAMPLERS[item["name"]])
+    known = set(inspect.signature(cls.__init__).parameters) - {"self", "num_train_timesteps", "beta_start", "beta_end",
+                                                               "beta_schedule", "trained_betas", "prediction_type"}
+    unknown = sorted(set(item["options"]) - known)
+    if unknown:
+        raise ValueError(f"sampler {item['label']!r}: {cls.__name__} has no option {', '.join(unknown)} (the training "
+                         "schedule's arguments come from the run)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -185,6 +286,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     if args.lddpm_sampler not in SAMPLERS:
         p.error(f"--lddpm-sampler {args.lddpm_sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    try:
+        args.lddpm_samplers = [parse_sampler(t, SAMPLERS) for t in
+                               (args.lddpm_samplers or [f"{args.lddpm_sampler}:{args.lddpm_steps}"])]
+        for item in args.lddpm_samplers:
+            check_lddpm_sampler(item)
+        args.diffusers_samplers = [parse_sampler(t, tuple(DIFFUSERS_SAMPLERS)) for t in
+                                   (args.diffusers_samplers or [f"{args.diffusers_sampler}:{args.diffusers_steps}"])]
+    except ValueError as exc:
+        p.error(str(exc))
     if args.feature_backend not in ("auto", "torch", "onnx"):
         p.error(f"--feature-backend {args.feature_backend!r}: choose auto, torch or onnx")
     if args.device not in ("auto", "cpu", "cuda"):
@@ -193,6 +303,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                for package in PEER_PACKAGES.get(system, ()) if importlib.util.find_spec(package) is None]
     if missing:
         p.error("; ".join(missing) + " (install the peers with `make peers`; see this script's docstring)")
+    if "diffusers" in args.systems:
+        try:
+            for item in args.diffusers_samplers:
+                check_diffusers_sampler(item)
+        except ValueError as exc:
+            p.error(str(exc))
     from lddpm.config import PRESETS
 
     if args.lddpm_preset not in PRESETS and not Path(args.lddpm_preset).is_file():
@@ -386,7 +502,7 @@ def diffusers_unet_kwargs(widths: list[int], attention: list[bool], layers: int,
             "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)], **extra}
 
 
-def diffusers_settings(variant: str, recipe: dict, quick: bool, sampler: str, steps: int, batch: int,
+def diffusers_settings(variant: str, recipe: dict, quick: bool, samplers: list[dict], batch: int,
                        num_train_images: int) -> dict:
     """UNet2DModel / DDPMScheduler / AdamW / LR schedule / EMAModel settings, and their sources."""
     example = "examples/unconditional_image_generation/train_unconditional.py"
@@ -408,8 +524,8 @@ def diffusers_settings(variant: str, recipe: dict, quick: bool, sampler: str, st
         "snr_gamma": None,
         "bf16": False,
         "hflip": recipe["hflip"],
-        "sampler": {"scheduler": "DPMSolverMultistepScheduler" if sampler == "dpm++2m" else "DDIMScheduler",
-                    "num_inference_steps": steps},
+        "samplers": [{"label": item["label"], "scheduler": DIFFUSERS_SAMPLERS[item["name"]],
+                      "num_inference_steps": item["steps"], "config": item["options"]} for item in samplers],
     }
     sources = {
         "unet": (f"{example}'s UNet2DModel (64x64: block_out_channels (128, 128, 256, 256, 512, 512), "
@@ -425,9 +541,10 @@ def diffusers_settings(variant: str, recipe: dict, quick: bool, sampler: str, st
         "bf16": f"{example}: mixed_precision 'no'",
         "batch": "this benchmark's --batch for every system (example default train_batch_size 16)",
         "hflip": "the same tensors for every system (example: random_flip off by default)",
-        "sampler": ("DPM-Solver++(2M), 25 steps: diffusers' recommended fast multistep solver, the same method and "
-                    "NFE as lddpm's default sampler" if sampler == "dpm++2m" else "DDIM (eta 0), 50 steps")
-                   + f"; the example samples with DDPMPipeline's 1000 steps, over this benchmark's cap of {MAX_NFE}",
+        "samplers": ("each row's scheduler (dpm++2m: DPMSolverMultistepScheduler, diffusers' recommended fast "
+                     "multistep solver, lddpm's default sampler's method; unipc: UniPCMultistepScheduler; ddim: "
+                     "DDIMScheduler, eta 0) built from the training scheduler's config with the row's own arguments "
+                     f"and steps; the example samples with DDPMPipeline's 1000 steps, over this benchmark's cap of {MAX_NFE}"),
     }
     mapping, not_mapped = {}, {}
     if variant == "tuned":
@@ -541,11 +658,11 @@ class TrainClock:
 
 
 class RowCounter:
-    """Counts a network's forward calls and the images they carry (forward hook)."""
+    """Counts the forward calls of one or more networks and the images they carry (forward hooks)."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, *modules: torch.nn.Module):
         self.calls = self.rows = 0
-        self.handle = module.register_forward_hook(self._hook)
+        self.handles = [m.register_forward_hook(self._hook) for m in modules if m is not None]
 
     def _hook(self, module, inputs, output) -> None:
         """Count one call and its batch rows."""
@@ -553,13 +670,15 @@ class RowCounter:
         self.rows += int(inputs[0].shape[0])
 
     def close(self) -> None:
-        """Remove the hook."""
-        self.handle.remove()
+        """Remove the hooks."""
+        for handle in self.handles:
+            handle.remove()
 
 
-def timed_sampling(generate, num: int, batch: int, network: torch.nn.Module, device: torch.device) -> tuple[np.ndarray, dict]:
-    """Run `generate(n, batch_index) -> uint8 (n, H, W, 1)` over N images; seconds per image and network evaluations per image."""
-    counter = RowCounter(network)
+def timed_sampling(generate, num: int, batch: int, *networks: torch.nn.Module, device: torch.device) -> tuple[np.ndarray, dict]:
+    """Run `generate(n, batch_index) -> uint8 (n, H, W, 1)` over N images; seconds per image and network
+    evaluations per image (rows through every network given: the main one and an autoguidance guide)."""
+    counter = RowCounter(*networks)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -588,8 +707,19 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+def save_samples(sampled: list[tuple[str, np.ndarray, dict]], out_dir: Path, mark: int) -> list[dict]:
+    """Save each sampler's images of one mark; their records (sampler label, samples file, cost)."""
+    records = []
+    for j, (label, images, cost) in enumerate(sampled):
+        path = out_dir / f"samples-mark{mark}-{j}.npz"
+        np.savez_compressed(path, images=images)
+        records.append({"sampler": label, "samples": str(path), **cost})
+    return records
+
+
 def peer_loop(spec: dict, clock: TrainClock, step_fn, sample_fn, out_dir: Path, log) -> list[dict]:
-    """Train with `step_fn(x, step)` until each mark, pause the clock, sample with `sample_fn`, save; one record per mark."""
+    """Train with `step_fn(x, step)` until each mark, pause the clock, sample with `sample_fn` (a list of (sampler
+    label, images, cost), one per sampler), save; one record per mark."""
     loader, device = spec["_loader"], torch.device(spec["device_resolved"])
     records, step = [], 0
     for k, minutes in enumerate(spec["marks"]):
@@ -599,13 +729,11 @@ def peer_loop(spec: dict, clock: TrainClock, step_fn, sample_fn, out_dir: Path, 
             step += 1
         clock.stop()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            images, cost = sample_fn()  # the training random streams continue as if sampling had not happened
-        path = out_dir / f"samples-mark{k}.npz"
-        np.savez_compressed(path, images=images)
+            sampled = sample_fn()  # the training random streams continue as if sampling had not happened
         records.append({"mark_minutes": minutes, "train_seconds": clock.total, "steps": step,
-                        "images_seen": step * spec["batch"], "samples": str(path), **cost})
-        log(f"mark {minutes:g} min: {step} steps in {clock.total:.1f} s of training, "
-            f"{cost['seconds_per_image']:.3f} s/image sampling")
+                        "images_seen": step * spec["batch"], "samplers": save_samples(sampled, out_dir, k)})
+        log(f"mark {minutes:g} min: {step} steps in {clock.total:.1f} s of training, sampling "
+            + ", ".join(f"{r['sampler']} {r['seconds_per_image']:.3f} s/image" for r in records[-1]["samplers"]))
         clock.start()
     clock.stop()
     return records
@@ -665,11 +793,11 @@ def run_lucidrains(spec: dict, out_dir: Path, log) -> dict:
         def generate(n, _):
             return to_uint8(ema_diffusion.sample(batch_size=n) * 2 - 1)  # its samples are in [0, 1]
 
-        return timed_sampling(generate, spec["num"], spec["sample_batch"], ema_diffusion.model, device)
+        sampler = f"DDIM (its own), {s['diffusion']['sampling_timesteps']} steps"
+        return [(sampler, *timed_sampling(generate, spec["num"], spec["sample_batch"], ema_diffusion.model, device=device))]
 
     records = peer_loop(spec, clock, step_fn, sample_fn, out_dir, log)
-    sampler = f"DDIM (its own), {s['diffusion']['sampling_timesteps']} steps"
-    return {**resolved, "params": params, "setup_seconds": setup_seconds, "sampler": sampler, "marks": records}
+    return {**resolved, "params": params, "setup_seconds": setup_seconds, "marks": records}
 
 
 def import_lucidrains():
@@ -724,16 +852,35 @@ def power_ema_model(parameters, gamma: float):
     return PowerEMAModel(parameters, decay=1.0)
 
 
+def diffusers_sample(unet, scheduler, n: int, steps: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """diffusers' denoising loop as its pipelines run it (DDPMPipeline's starting noise, scale_model_input, the
+    scheduler's step, which gets the generator where it takes one: UniPC's does not); images in [-1, 1]."""
+    import inspect
+
+    from diffusers.utils.torch_utils import randn_tensor
+
+    size = unet.config.sample_size
+    x = randn_tensor((n, unet.config.in_channels, size, size), generator=generator, device=device, dtype=unet.dtype)
+    x = x * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps, device=device)
+    extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for t in scheduler.timesteps:
+        out = unet(scheduler.scale_model_input(x, t), t).sample
+        x = scheduler.step(out, t, x, **extra).prev_sample
+    return x
+
+
 def run_diffusers(spec: dict, out_dir: Path, log) -> dict:
     """diffusers: UNet2DModel + DDPMScheduler trained as examples/unconditional_image_generation does."""
     import torch.nn.functional as F
-    from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+    import diffusers
+    from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel, compute_snr
 
     device = torch.device(spec["device_resolved"])
-    resolved = diffusers_settings(spec["variant"], spec["recipe"], spec["quick"], spec["diffusers_sampler"],
-                                  spec["diffusers_steps"], spec["batch"], spec["num_train_images"])
+    resolved = diffusers_settings(spec["variant"], spec["recipe"], spec["quick"], spec["diffusers_samplers"],
+                                  spec["batch"], spec["num_train_images"])
     s = resolved["settings"]
     clock = TrainClock(device)
     torch.manual_seed(spec["seed"])
@@ -801,63 +948,97 @@ def run_diffusers(spec: dict, out_dir: Path, log) -> dict:
         ema.step(unet.parameters())
 
     ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
-    scheduler_cls = DPMSolverMultistepScheduler if s["sampler"]["scheduler"] == "DPMSolverMultistepScheduler" else DDIMScheduler
 
     def sample_fn():
         ema.copy_to(ema_unet.parameters())
-        pipe = DDPMPipeline(unet=ema_unet, scheduler=scheduler_cls.from_config(noise_scheduler.config))
-        pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator(device="cpu").manual_seed(spec["seed"])
+        sampled = []
+        for row in s["samplers"]:
+            scheduler = getattr(diffusers, row["scheduler"]).from_config(noise_scheduler.config, **row["config"])
+            generator = torch.Generator(device="cpu").manual_seed(spec["seed"])  # the same noise for every row
 
-        def generate(n, _):
-            out = pipe(batch_size=n, generator=generator, num_inference_steps=s["sampler"]["num_inference_steps"],
-                       output_type="np").images  # (n, H, W, C) in [0, 1]
-            return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+            def generate(n, _, scheduler=scheduler, generator=generator, steps=row["num_inference_steps"]):
+                return to_uint8(diffusers_sample(ema_unet, scheduler, n, steps, generator, device))
 
-        return timed_sampling(generate, spec["num"], spec["sample_batch"], ema_unet, device)
+            sampled.append((row["label"], *timed_sampling(generate, spec["num"], spec["sample_batch"], ema_unet,
+                                                          device=device)))
+        return sampled
 
     records = peer_loop(spec, clock, step_fn, sample_fn, out_dir, log)
-    name = "DPMSolverMultistep (2M)" if scheduler_cls is DPMSolverMultistepScheduler else "DDIMScheduler"
-    return {**resolved, "params": params, "setup_seconds": setup_seconds,
-            "sampler": f"{name}, {s['sampler']['num_inference_steps']} steps", "marks": records}
+    if any("guide" in item["options"] for item in spec.get("lddpm_samplers", ())):
+        resolved["not_mapped"]["autoguidance"] = (
+            "lddpm's guide=F rows (autoguidance by the run's own earlier checkpoint, with the guidance interval) have "
+            "no counterpart here: diffusers' guiders.AutoGuidance perturbs the main network by skipping its layers "
+            "inside modular pipelines, and UNet2DModel's pipelines take no guide network")
+    return {**resolved, "params": params, "setup_seconds": setup_seconds, "marks": records}
+
+
+def guide_minutes(mark: float, fraction: float) -> float:
+    """When the guide of `mark` is saved: that fraction of the mark, to 0.01 minute (so 1/3 of 30 is the 10 mark)."""
+    return max(round(mark * fraction, 2), 0.01)
 
 
 def run_lddpm(spec: dict, out_dir: Path, log) -> dict:
-    """lddpm: its recipe preset trained with train_diffusion and run.max_minutes, resumed for each later mark."""
+    """lddpm: its recipe preset trained with train_diffusion and run.max_minutes, resumed for each later mark.
+
+    A sampler with guide=F is autoguided (Karras et al. 2024) by the same run's checkpoint at F x the mark: the
+    run also stops there (resuming costs its set-up again, inside its clock) and that checkpoint is copied aside.
+    """
+    import shutil
+
     import lddpm
-    from lddpm.checkpoint import load_checkpoint
+    from lddpm.checkpoint import load_checkpoint, resolve_checkpoint
 
     device = torch.device(spec["device_resolved"])
-    run_dir = out_dir / "run"
+    run_dir, guide_dir = out_dir / "run", out_dir / "guides"
     base = lddpm_overrides(spec)
+    fractions = sorted({item["options"]["guide"] for item in spec["lddpm_samplers"] if "guide" in item["options"]})
+    guide_stops = {guide_minutes(m, f) for m in spec["marks"] for f in fractions} - set(spec["marks"])
+    stops = sorted(set(spec["marks"]) | guide_stops)
+    saved: dict[float, Path] = {}  # stop minutes -> checkpoint copy
     records = []
-    for k, minutes in enumerate(spec["marks"]):
+    for k, minutes in enumerate(stops):
         config = lddpm.load_config(spec["lddpm_preset"], base + [f"run.max_minutes={minutes}"])
         start = time.perf_counter()
         lddpm.train_diffusion(config, run_dir, resume=k > 0, progress=False)  # stops itself at the mark
         outside = time.perf_counter() - start
         meta = load_checkpoint(run_dir).meta
+        if any(guide_minutes(m, f) == minutes for m in spec["marks"] for f in fractions):
+            guide_dir.mkdir(exist_ok=True)
+            saved[minutes] = Path(shutil.copy2(resolve_checkpoint(run_dir), guide_dir / f"{minutes:g}min.pt"))
+            log(f"guide checkpoint at {minutes:g} min: step {meta['step']}")
+        if minutes not in spec["marks"]:
+            continue
         pipe = lddpm.load_pipeline(run_dir, device=device)
+        sampled = []
+        for item in spec["lddpm_samplers"]:
+            o = dict(item["options"])
+            fraction, scale, interval = o.pop("guide", None), o.pop("guide_scale", 1.0), o.pop("interval", None)
+            guide = saved[guide_minutes(minutes, fraction)] if fraction is not None else None
+            pipe.set_guide(guide)
 
-        def generate(n, index):
-            images, _ = pipe.generate(n, sampler=spec["lddpm_sampler"], num_steps=spec["lddpm_steps"],
-                                      seed=spec["seed"] * 1_000_003 + index, batch_size=n, progress=False)
-            return images
+            def generate(n, index, item=item, o=o, scale=scale, interval=interval):
+                images, _ = pipe.generate(n, sampler=item["name"], num_steps=item["steps"], sampler_options=o or None,
+                                          guide_scale=float(scale), guidance_interval=tuple(interval) if interval else None,
+                                          seed=spec["seed"] * 1_000_003 + index, batch_size=n, progress=False)
+                return images
 
-        images, cost = timed_sampling(generate, spec["num"], spec["sample_batch"], pipe.model, device)
-        path = out_dir / f"samples-mark{k}.npz"
-        np.savez_compressed(path, images=images)
+            images, cost = timed_sampling(generate, spec["num"], spec["sample_batch"], pipe.model, pipe.guide, device=device)
+            if guide is not None:
+                cost.update(guide_checkpoint=str(guide), guide_step=int(load_checkpoint(guide).meta["step"]))
+            sampled.append((item["label"], images, cost))
+        pipe.set_guide(None)
         records.append({"mark_minutes": minutes, "train_seconds": float(meta["wall_time"]), "steps": int(meta["step"]),
-                        "images_seen": int(meta["images_seen"]), "call_seconds": outside, "samples": str(path),
-                        "bf16": meta.get("bf16"), **cost})
-        log(f"mark {minutes:g} min: {meta['step']} steps in {meta['wall_time']:.1f} s of training "
-            f"(call {outside:.1f} s), {cost['seconds_per_image']:.3f} s/image sampling")
+                        "images_seen": int(meta["images_seen"]), "call_seconds": outside, "bf16": meta.get("bf16"),
+                        "samplers": save_samples(sampled, out_dir, len(records))})
+        log(f"mark {minutes:g} min: {meta['step']} steps in {meta['wall_time']:.1f} s of training (call {outside:.1f} s), "
+            "sampling " + ", ".join(f"{r['sampler']} {r['seconds_per_image']:.3f} s/image" for r in records[-1]["samplers"]))
     params = sum(p.numel() for p in pipe.model.parameters())
     return {"settings": {"preset": spec["lddpm_preset"], "overrides": base, "config": meta["config"]},
             "sources": {"settings": f"lddpm preset {spec['lddpm_preset']!r} with the overrides listed; "
-                                    "run.max_minutes = each mark in turn (the checkpoints' cumulative wall_time)"},
-            "mapping": {}, "not_mapped": {}, "params": params, "setup_seconds": None,
-            "sampler": f"{spec['lddpm_sampler']}, {spec['lddpm_steps']} steps", "marks": records}
+                                    "run.max_minutes = each mark in turn (the checkpoints' cumulative wall_time)",
+                        "samplers": "each row's lddpm sampler, steps and options; guide=F: autoguidance by the same "
+                                    "run's checkpoint at F x the mark (its training time is inside the mark's)"},
+            "mapping": {}, "not_mapped": {}, "params": params, "setup_seconds": None, "marks": records}
 
 
 RUNNERS = {"lddpm": run_lddpm, "lucidrains": run_lucidrains, "diffusers": run_diffusers}
@@ -907,7 +1088,7 @@ def score_marks(result: dict, reference, extractor) -> None:
     """FID / KID / precision / recall of each mark's samples against the test-split reference (in place)."""
     from lddpm.evaluate import evaluate_generated
 
-    for record in result["marks"]:
+    for record in (r for mark in result["marks"] for r in mark["samplers"]):
         images = np.load(record["samples"])["images"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # N <= 2048: rank-deficient covariance, shared by every row
@@ -924,15 +1105,29 @@ def table_rows(report: dict) -> list[dict]:
             rows.append({"system": run["system"], "variant": run["variant"], "error": run["error"]})
             continue
         for r in run["marks"]:
-            rows.append({
-                "system": run["system"], "variant": run["variant"], "mark_minutes": r["mark_minutes"],
-                "params": run["params"], "train_seconds": r["train_seconds"],
-                "train_images_per_s": r["images_seen"] / r["train_seconds"] if r["train_seconds"] else None,
-                "images_seen": r["images_seen"], "steps": r["steps"], "sampler": run["sampler"],
-                "nfe_per_image": r["nfe_per_image"], "seconds_per_image": r["seconds_per_image"],
-                "fid": r.get("fid"), "kid_x1e3": None if r.get("kid") is None else 1e3 * r["kid"],
-            })
+            for x in r["samplers"]:
+                rows.append({
+                    "system": run["system"], "variant": run["variant"], "mark_minutes": r["mark_minutes"],
+                    "params": run["params"], "train_seconds": r["train_seconds"],
+                    "train_images_per_s": r["images_seen"] / r["train_seconds"] if r["train_seconds"] else None,
+                    "images_seen": r["images_seen"], "steps": r["steps"], "sampler": x["sampler"],
+                    "nfe_per_image": x["nfe_per_image"], "seconds_per_image": x["seconds_per_image"],
+                    "fid": x.get("fid"), "kid_x1e3": None if x.get("kid") is None else 1e3 * x["kid"],
+                })
     return rows
+
+
+def portable(obj: Any, work: Path, home: Path | None = None) -> Any:
+    """`obj` with machine paths written portably: the work folder as WORK, the home folder as ~ (the JSON is
+    committed; the sample files it names stay in the work folder)."""
+    home = Path.home() if home is None else home
+    if isinstance(obj, dict):
+        return {k: portable(v, work, home) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v, work, home) for v in obj]
+    if isinstance(obj, str):
+        return obj.replace(str(work), "WORK").replace(str(home), "~")
+    return obj
 
 
 def fmt(value, spec: str, empty: str = "-") -> str:
@@ -1018,9 +1213,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     base_spec = {"batch": args.batch, "seed": args.seed, "num": args.num, "sample_batch": args.sample_batch,
                  "marks": args.minutes, "quick": args.quick, "device": args.device, "device_resolved": str(device),
                  "cache_dir": str(cache_dir), "data_root": args.data_root, "train_cache": str(train_cache),
-                 "lddpm_preset": args.lddpm_preset, "lddpm_sampler": args.lddpm_sampler, "lddpm_steps": args.lddpm_steps,
-                 "lucidrains_steps": args.lucidrains_steps, "diffusers_sampler": args.diffusers_sampler,
-                 "diffusers_steps": args.diffusers_steps}
+                 "lddpm_preset": args.lddpm_preset, "lddpm_samplers": args.lddpm_samplers,
+                 "lucidrains_steps": args.lucidrains_steps, "diffusers_samplers": args.diffusers_samplers}
     recipe = recipe_summary(base_spec)
     from lddpm.data import open_cache
 
@@ -1044,7 +1238,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     def write() -> None:
         report["rows"] = table_rows(report)
-        write_json(report, out)
+        write_json(portable(report, work), out)
         out.with_suffix(".md").write_text(markdown(report))
 
     extractor = load_extractor(args.inception, batch_size=50, device=str(device), backend=args.feature_backend,

@@ -481,11 +481,22 @@ def diffusers_parity() -> str:
 
 
 PEERS = "benchmarks/results/peers.json"
+PEERS_SAMPLERS = "benchmarks/results/peers-samplers.json"
 
 
 @table("peers", PEERS)
 def peers() -> str:
-    payload = load(PEERS)
+    return _peers(PEERS)
+
+
+@table("peers-samplers", PEERS_SAMPLERS)
+def peers_samplers() -> str:
+    return _peers(PEERS_SAMPLERS)
+
+
+def _peers(path: str) -> str:
+    """A benchmarks/peers.py result: one row per system, variant, mark and sampler, and the real-data floor."""
+    payload = load(path)
     lines = []
     for r in payload["rows"]:
         if "error" in r:
@@ -707,8 +718,9 @@ def mp_block() -> str:
 def derived_files() -> dict[str, Callable[[], str]]:
     """Markdown files the benchmark scripts render from their JSON: path -> what the script renders now."""
     out: dict[str, Callable[[], str]] = {}
-    if (ROOT / "benchmarks/results/peers.md").is_file():
-        out["benchmarks/results/peers.md"] = lambda: _bench_module("peers").markdown(load(PEERS))
+    for path in (PEERS, PEERS_SAMPLERS):
+        if (ROOT / path).with_suffix(".md").is_file():
+            out[str(Path(path).with_suffix(".md"))] = lambda p=path: _bench_module("peers").markdown(load(p))
     if (ROOT / RESTORATION / "results.md").is_file():
         out[f"{RESTORATION}/results.md"] = lambda: _bench_module("restoration").render(ROOT / RESTORATION) + "\n"
     for folder in sorted((ROOT / "benchmarks/results/text").glob("*/")):
