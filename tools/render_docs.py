@@ -658,6 +658,7 @@ def _guidance(name: str, folder: str):
 
 _guidance("guidance-small-guide", "benchmarks/results/guidance/fashion-30min-unipc10")
 _guidance("guidance-early-checkpoint", "benchmarks/results/guidance/fashion-30min-unipc10-guide10min")
+_guidance("guidance-peers-uncond", "benchmarks/results/guidance/peers-uncond-30min-dpm25")
 
 
 EDM_ABLATION_10MIN = "benchmarks/results/edm-ablation-10min/ablation.json"
