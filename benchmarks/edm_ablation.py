@@ -284,6 +284,11 @@ def main() -> None:
         ema_runs = list(study.runs)[:1]
     steps = sorted({c.at_step for c in study.cells if c.at_step is not None})
     commands = [" ".join(["lddpm", "study", str(source), "--out", str(study_dir)] + (["--only", *args.only] if args.only else []))]
+    previous = out / "ablation.json"
+    if previous.is_file():  # a resumed ablation: keep the commands that measured the earlier cells
+        earlier = json.loads(previous.read_text()).get("commands", [])
+        new = [] if args.report_only else [c for c in commands if c not in earlier]
+        commands = earlier + new if earlier else commands
     if not args.report_only:
         if run(lddpm("study", str(source), "--out", str(study_dir), *(["--only", *args.only] if args.only else []),
                      *(["--quiet"] if args.smoke else [])), fatal=False):
