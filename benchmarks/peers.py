@@ -992,8 +992,8 @@ def run_lddpm(spec: dict, out_dir: Path, log) -> dict:
     run_dir, guide_dir = out_dir / "run", out_dir / "guides"
     base = lddpm_overrides(spec)
     fractions = sorted({item["options"]["guide"] for item in spec["lddpm_samplers"] if "guide" in item["options"]})
-    guide_stops = {guide_minutes(m, f) for m in spec["marks"] for f in fractions} - set(spec["marks"])
-    stops = sorted(set(spec["marks"]) | guide_stops)
+    guide_times = {guide_minutes(m, f) for m in spec["marks"] for f in fractions}
+    stops = sorted(set(spec["marks"]) | guide_times)
     saved: dict[float, Path] = {}  # stop minutes -> checkpoint copy
     records = []
     for k, minutes in enumerate(stops):
@@ -1002,7 +1002,7 @@ def run_lddpm(spec: dict, out_dir: Path, log) -> dict:
         lddpm.train_diffusion(config, run_dir, resume=k > 0, progress=False)  # stops itself at the mark
         outside = time.perf_counter() - start
         meta = load_checkpoint(run_dir).meta
-        if any(guide_minutes(m, f) == minutes for m in spec["marks"] for f in fractions):
+        if minutes in guide_times:
             guide_dir.mkdir(exist_ok=True)
             saved[minutes] = Path(shutil.copy2(resolve_checkpoint(run_dir), guide_dir / f"{minutes:g}min.pt"))
             log(f"guide checkpoint at {minutes:g} min: step {meta['step']}")

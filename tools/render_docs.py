@@ -484,18 +484,13 @@ PEERS = "benchmarks/results/peers.json"
 PEERS_SAMPLERS = "benchmarks/results/peers-samplers.json"
 
 
-@table("peers", PEERS)
-def peers() -> str:
-    return _peers(PEERS)
+def _peers(name: str, path: str):
+    """Register the table `name` of one benchmarks/peers.py result: one row per system, variant, mark and sampler,
+    and the real-data floor."""
+    table(name, path)(lambda: _peers_table(path))
 
 
-@table("peers-samplers", PEERS_SAMPLERS)
-def peers_samplers() -> str:
-    return _peers(PEERS_SAMPLERS)
-
-
-def _peers(path: str) -> str:
-    """A benchmarks/peers.py result: one row per system, variant, mark and sampler, and the real-data floor."""
+def _peers_table(path: str) -> str:
     payload = load(path)
     lines = []
     for r in payload["rows"]:
@@ -513,6 +508,10 @@ def _peers(path: str) -> str:
                       fmt(floor.get("fid"), "{:.2f}"), fmt(x1e3(floor.get("kid")), "{:.2f}")])
     return md_table(["System", "Variant", "Training", "Params", "Train img/s", "Images seen", "Sampler", "s / image",
                      f"FID (N={payload['num']})", "KID x10^3"], lines, ["---"] * 3 + ["---:"] * 3 + ["---"] + ["---:"] * 3)
+
+
+_peers("peers", PEERS)
+_peers("peers-samplers", PEERS_SAMPLERS)
 
 
 # ----------------------------------------------------------------------------- text-to-image
