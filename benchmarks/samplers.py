@@ -10,7 +10,8 @@
 Each point is one `lddpm.evaluate.evaluate_checkpoint` run (the same protocol as `lddpm eval RUN --num N
 --reference DATASET:test --ref-num N --bf16 auto`: N images against N test images, classes balanced for a
 class-conditional run), written as the tool's full JSON under OUT/nfe/ or OUT/steps/ (a finished point is not
-recomputed; an interrupted one resumes from its partial samples). The script then writes OUT/<mode>.json (every
+recomputed; an interrupted one resumes from its partial samples, which are deleted once the point is written,
+`--keep-samples` keeps them). The script then writes OUT/<mode>.json (every
 point's full result, the real-data floor, the environment, the lddpm commit and the command), OUT/<mode>.md
 (the table, rendered from those files) and OUT/<mode>.png (the plot).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -125,6 +127,8 @@ class Bench:
             extractor=self.extractor, classifier=self.args.classifier, cache_dir=self.args.cache_dir,
             pipeline=self.pipeline, progress=False, sampler_options=options or None)
         write_result(result, path)
+        if not self.args.keep_samples:
+            shutil.rmtree(path.with_suffix(".samples"), ignore_errors=True)
         print(f"{path.stem}: {summary_line(result)} ({time.time() - start:.0f} s)", flush=True)
         return result
 
@@ -254,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ddpm", action="store_true", help="steps mode: also DDPM over all T steps")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-samples", action="store_true", help="keep each point's sample images (OUT/*/*.samples)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", default="auto", help="the network under bf16 autocast: true, false or auto")
     parser.add_argument("--classifier", default="auto", help="classifier folder for class accuracy (auto / none)")

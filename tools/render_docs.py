@@ -659,6 +659,43 @@ _guidance("guidance-small-guide", "benchmarks/results/guidance/fashion-30min-uni
 _guidance("guidance-early-checkpoint", "benchmarks/results/guidance/fashion-30min-unipc10-guide10min")
 _guidance("guidance-peers-uncond", "benchmarks/results/guidance/peers-uncond-30min-dpm25")
 
+# The autoguidance sweep on the peers benchmark's lddpm checkpoints: (mark, guide, folder) per guidance.py run.
+PEERS_SWEEP = "benchmarks/results/guidance/peers-uncond-sweep"
+PEERS_SWEEP_RUNS = (
+    (10, "its 3.33-min checkpoint", f"{PEERS_SWEEP}/10min-guide3min"),
+    (30, "its 10-min checkpoint", "benchmarks/results/guidance/peers-uncond-30min-dpm25"),
+    (30, "its 10-min checkpoint", f"{PEERS_SWEEP}/30min-guide10min"),
+    (30, "its 3.33-min checkpoint", f"{PEERS_SWEEP}/30min-guide3min"),
+    (30, "its 10-min checkpoint", f"{PEERS_SWEEP}/30min-guide10min-logsnr-floor"),
+)
+
+
+@table("guidance-peers-uncond-sweep", *(f"{folder}/guidance.json" for _, _, folder in PEERS_SWEEP_RUNS),
+       PEERS_SAMPLERS)
+def guidance_peers_uncond_sweep() -> str:
+    """Every autoguidance row on the peers' lddpm checkpoints, each against diffusers' best FID at its mark."""
+    best = {}
+    for r in load(PEERS_SAMPLERS)["rows"]:
+        if r.get("system") == "diffusers" and r.get("fid") is not None:
+            best[r["mark_minutes"]] = min(best.get(r["mark_minutes"], float("inf")), r["fid"])
+    lines, seen = [], set()
+    for mark, guide, folder in PEERS_SWEEP_RUNS:
+        payload = load(f"{folder}/guidance.json")
+        settings, options = payload["settings"], payload.get("sampler_options") or {}
+        sampler = f"{settings['sampler']}-{settings['steps']}" + "".join(f", {k} {v}" for k, v in options.items())
+        for r in payload["rows"]:
+            key = (mark, sampler, r["name"])
+            if key in seen:  # the unguided row of runs that share the checkpoint, sampler and seed
+                continue
+            seen.add(key)
+            interval = "[{:g}, {:g}]".format(*r["interval"]) if r["interval"] else "all"
+            lines.append([f"{mark} min", sampler, guide if r["guide_scale"] != 1 else "none",
+                          f"{r['guide_scale']:g}", interval if r["guide_scale"] != 1 else "", f"{r['fid']:.2f}",
+                          fmt(x1e3(r.get("kid")), "{:.2f}"), f"{r['nfe']:g}",
+                          f"{r['fid'] / best[float(mark)]:.2f}x" if float(mark) in best else ""])
+    return md_table(["lddpm at", "sampler", "guide", "w", "interval (sigma)", "FID (N=1000)", "KID x10^3", "NFE",
+                     "vs diffusers' best at the mark"], lines, ["---"] * 5 + ["---:"] * 4)
+
 
 EDM_ABLATION_10MIN = "benchmarks/results/edm-ablation-10min/ablation.json"
 
