@@ -856,3 +856,39 @@ def test_benchmark_maps_nfe_to_steps_and_renders_its_tables(tmp_path):
     bench.plot("nfe", nfe, tmp_path / "nfe.png")
     bench.plot("steps", steps, tmp_path / "steps.png")
     assert (tmp_path / "nfe.png").stat().st_size > 0 and (tmp_path / "steps.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_benchmark_point_deletes_its_partial_samples_once_written(tmp_path, monkeypatch, keep):
+    """benchmarks/samplers.py: a finished point's JSON is written and its partial samples folder is deleted
+    (kept with --keep-samples); a point whose file exists is read back, not recomputed."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "samplers.py"
+    spec = importlib.util.spec_from_file_location("bench_samplers_point", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+
+    def fake_evaluate(run, *, partial_dir, **kwargs):
+        calls.append(kwargs["sampler"])
+        Path(partial_dir).mkdir(parents=True)
+        (Path(partial_dir) / "batch-00000.npz").write_bytes(b"x")
+        return {"fid": 12.5, "num_images": 4}
+
+    monkeypatch.setattr(bench, "evaluate_checkpoint", fake_evaluate)
+    monkeypatch.setattr(bench, "summary_line", lambda result: f"FID {result['fid']}")
+    b = object.__new__(bench.Bench)
+    b.out = tmp_path
+    (tmp_path / "nfe").mkdir()
+    b.args = argparse.Namespace(run="RUN", num=4, batch_size=2, seed=0, device="cpu", classifier="none",
+                                cache_dir=None, keep_samples=keep)
+    b.pipeline = argparse.Namespace(num_classes=0)
+    b.reference = b.extractor = None
+    result = b.point("nfe", "unipc", 5, {"grid": "logsnr"})
+    assert result["fid"] == 12.5
+    assert (tmp_path / "nfe" / "unipc-k5-grid-logsnr.json").is_file()
+    assert (tmp_path / "nfe" / "unipc-k5-grid-logsnr.samples").is_dir() == keep
+    assert b.point("nfe", "unipc", 5, {"grid": "logsnr"})["fid"] == 12.5 and calls == ["unipc"]
