@@ -224,11 +224,21 @@ def plot(mode: str, data: dict, path: Path) -> None:
         ax.plot([a for a, _ in pts], [b for _, b in pts], "o-", label=name, ms=3)
     ax.axhline(data["floor"]["fid"], color="grey", ls="--", lw=1, label="real-data floor")
     ax.set_xscale("log")
+    xs = sorted({p.get("nfe_target") or p[x] for p in data["points"] if p.get(x) is not None and p["sampler"] != "ddpm"})
+    ax.set_xticks(xs, [f"{a:g}" for a in xs])
+    ax.minorticks_off()
+    if mode == "nfe":  # a few-step point can be many times the rest: log FID keeps the good samplers apart
+        ax.set_yscale("log")
+        fids = [b for pts in lines.values() for _, b in pts] + [data["floor"]["fid"]]
+        ys = [y for y in (10, 15, 20, 25, 30, 40, 50, 75, 100, 150, 200, 300, 400, 600, 1000)
+              if min(fids) * 0.9 <= y <= max(fids) * 1.1]
+        ax.set_yticks(ys, [f"{y:g}" for y in ys])
+        ax.minorticks_off()
     ax.set_xlabel("model evaluations (NFE)" if mode == "nfe" else "DDIM steps")
     ax.set_ylabel(f"FID (N = {data['points'][0]['result']['num_images']})" if data["points"] else "FID")
     ax.set_title("FID against NFE" if mode == "nfe" else "FID against DDIM steps")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
