@@ -86,9 +86,9 @@ def smoke_study(source: Path, out: Path) -> Path:
 
 
 def ema_sweep(study, study_dir: Path, out: Path, runs: list[str], widths: list[float], steps: list[int],
-              compute: bool = True) -> list[dict]:
-    """Reconstruct and score each (run, step, width); return one record per evaluation (resumable by file;
-    with `compute` false only the finished ones are read)."""
+              compute: set[int]) -> list[dict]:
+    """Reconstruct and score each (run, step, width) for the steps in `compute`; return one record per finished
+    evaluation at any of `steps` (resumable by file)."""
     s = study.settings
     sample_cell = next(c for c in study.cells if c.at_step is not None)
     records = []
@@ -101,7 +101,7 @@ def ema_sweep(study, study_dir: Path, out: Path, runs: list[str], widths: list[f
             for width in widths:
                 ckpt = out / name / f"ema-{width:.3f}-step_{step:07d}.safetensors"
                 result = out / name / f"eval-{width:.3f}-step_{step:07d}.json"
-                if not result.is_file() and not compute:
+                if not result.is_file() and step not in compute:
                     continue
                 if not result.is_file():
                     if not ckpt.is_file():
@@ -269,6 +269,8 @@ def main() -> None:
     p.add_argument("--ema-runs", default="recipe-s0,edm12-s0,edm065-s0",
                    help="runs whose post-hoc EMA length is swept (comma-separated; empty: none)")
     p.add_argument("--ema-widths", default="0.03,0.05,0.07,0.09,0.12,0.16", help="sigma_rel values")
+    p.add_argument("--ema-steps", default="", help="steps at which the EMA length is swept (comma-separated; "
+                   "default: every step the study scores)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished work")
     p.add_argument("--smoke", action="store_true", help="the whole path at a tiny size (numbers mean nothing)")
     args = p.parse_args()
@@ -294,7 +296,9 @@ def main() -> None:
                      *(["--quiet"] if args.smoke else [])), fatal=False):
             print("[edm-ablation] some study cells failed (see OUT/study/cells/*.error.txt); reporting the rest",
                   flush=True)
-    ema = ema_sweep(study, study_dir, out / "ema", ema_runs, widths, steps, compute=not args.report_only)
+    ema_steps = {int(x) for x in args.ema_steps.split(",") if x} or set(steps)
+    ema = ema_sweep(study, study_dir, out / "ema", ema_runs, widths, steps,
+                    compute=set() if args.report_only else ema_steps)
     summary = summarise(study, study_dir, ema)
     summary.update(benchmark="edm_ablation", study_file=str(source), smoke=args.smoke, commands=commands,
                    ema_widths=widths, ema_runs=ema_runs, steps=steps, steps_per_minute=STEPS_PER_MINUTE,

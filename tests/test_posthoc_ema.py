@@ -188,3 +188,43 @@ def test_bad_input(data_dirs, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["ema", str(tmp_path / "plain"), "--sigma-rel", sigma_rel])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_ablation_sweeps_the_ema_only_at_the_steps_asked_and_reports_every_finished_one(tmp_path, monkeypatch):
+    """benchmarks/edm_ablation.py: `--ema-steps` limits which steps are reconstructed and scored; evaluations
+    finished earlier at other steps are still read into the report, and nothing is recomputed."""
+    import argparse
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "edm_ablation.py"
+    spec = importlib.util.spec_from_file_location("bench_edm_ablation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    commands = []
+
+    def fake_run(command, fatal=True):
+        commands.append(command)
+        if "eval" in command:
+            out = Path(command[command.index("--out") + 1])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"fid": 20.0 + len(commands), "kid": 0.01, "kid_std": 0.001}))
+        return 0
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    settings = argparse.Namespace(fid_n=8, dataset="fashion-mnist", reference_split="test", reference_n=8,
+                                  sample_batch_size=4, seed=0, bf16="auto", device="cpu", cache_dir=None,
+                                  classifier=None, data_root=None)
+    cell = argparse.Namespace(at_step=10, sampler="dpm++2m", steps=5)
+    study = argparse.Namespace(settings=settings, cells=[cell])
+    (tmp_path / "study" / "runs" / "r" / "ema_snapshots").mkdir(parents=True)
+    out = tmp_path / "ema"
+
+    first = bench.ema_sweep(study, tmp_path / "study", out, ["r"], [0.05, 0.1], [10, 30], compute={10})
+    assert [(r["at_step"], r["sigma_rel"]) for r in first] == [(10, 0.05), (10, 0.1)]
+    assert sum("eval" in c for c in commands) == 2 and all("30" not in c for c in commands)
+    second = bench.ema_sweep(study, tmp_path / "study", out, ["r"], [0.05, 0.1], [10, 30], compute={30})
+    assert [(r["at_step"], r["sigma_rel"]) for r in second] == [(10, 0.05), (10, 0.1), (30, 0.05), (30, 0.1)]
+    assert [r["fid"] for r in second[:2]] == [r["fid"] for r in first] and sum("eval" in c for c in commands) == 4
+    assert bench.ema_sweep(study, tmp_path / "study", out, ["r"], [0.05, 0.1], [10, 30], compute=set()) == second
