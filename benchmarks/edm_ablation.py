@@ -35,7 +35,8 @@ from lddpm.study import load_study
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
 
-DEFAULT_STUDY = Path(__file__).resolve().parents[1] / "src" / "lddpm" / "configs" / "study-edm.toml"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_STUDY = REPO / "src" / "lddpm" / "configs" / "study-edm.toml"
 STEPS_PER_MINUTE = 4200 / 30  # fashion-30min: 30 minutes fixed as 4,200 steps (docs/recipe.md)
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
 
@@ -285,7 +286,8 @@ def main() -> None:
         widths = widths[1:4:2]
         ema_runs = list(study.runs)[:1]
     steps = sorted({c.at_step for c in study.cells if c.at_step is not None})
-    commands = [" ".join(["lddpm", "study", str(source), "--out", str(study_dir)] + (["--only", *args.only] if args.only else []))]
+    shown = source.resolve().relative_to(REPO) if source.resolve().is_relative_to(REPO) else source  # no machine path
+    commands = [" ".join(["lddpm", "study", str(shown), "--out", str(study_dir)] + (["--only", *args.only] if args.only else []))]
     previous = out / "ablation.json"
     if previous.is_file():  # a resumed ablation: keep the commands that measured the earlier cells
         earlier = json.loads(previous.read_text()).get("commands", [])
@@ -300,7 +302,7 @@ def main() -> None:
     ema = ema_sweep(study, study_dir, out / "ema", ema_runs, widths, steps,
                     compute=set() if args.report_only else ema_steps)
     summary = summarise(study, study_dir, ema)
-    summary.update(benchmark="edm_ablation", study_file=str(source), smoke=args.smoke, commands=commands,
+    summary.update(benchmark="edm_ablation", study_file=str(shown), smoke=args.smoke, commands=commands,
                    ema_widths=widths, ema_runs=ema_runs, steps=steps, steps_per_minute=STEPS_PER_MINUTE,
                    seconds=time.perf_counter() - start, environment=environment())
     write_json(summary, out / "ablation.json")
