@@ -213,15 +213,17 @@ def plot(mode: str, data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     key, x = ("config", "nfe") if mode == "nfe" else ("variant", "steps")
     lines: dict[str, list] = {}
     for p in data["points"]:
         if p.get(x) is not None and p["sampler"] != "ddpm":
             lines.setdefault(p[key], []).append((p[x], p["fid"]))
-    for name, pts in lines.items():
+    fig, ax = plt.subplots(figsize=(7 + 2.5 * (len(lines) > 6), 4.5))
+    colours = plt.get_cmap("tab20" if len(lines) > 10 else "tab10").colors
+    for i, (name, pts) in enumerate(lines.items()):  # a distinct colour and marker per line, even past ten
         pts.sort()
-        ax.plot([a for a, _ in pts], [b for _, b in pts], "o-", label=name, ms=3)
+        ax.plot([a for a, _ in pts], [b for _, b in pts], "osD^v<>p"[i % 8] + "-", label=name, ms=4,
+                color=colours[(2 * i + i // 10) % 20 if len(colours) == 20 else i % len(colours)])
     ax.axhline(data["floor"]["fid"], color="grey", ls="--", lw=1, label="real-data floor")
     ax.set_xscale("log")
     xs = sorted({p.get("nfe_target") or p[x] for p in data["points"] if p.get(x) is not None and p["sampler"] != "ddpm"})
@@ -238,7 +240,10 @@ def plot(mode: str, data: dict, path: Path) -> None:
     ax.set_ylabel(f"FID (N = {data['points'][0]['result']['num_images']})" if data["points"] else "FID")
     ax.set_title("FID against NFE" if mode == "nfe" else "FID against DDIM steps")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    if len(lines) > 6:  # many lines: the legend beside the plot, where it covers none of them
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=7, ncol=2, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
