@@ -182,7 +182,9 @@ def own_ema_fids(summary: dict) -> dict[tuple[str, int], float]:
 
 
 def report_markdown(summary: dict, steps: list[int]) -> str:
-    """The tables of ablation.md (also rendered into docs by tools/render_docs.py from ablation.json)."""
+    """The tables of ablation.md (also rendered into docs by tools/render_docs.py from ablation.json); a step
+    column only where some variant was scored at that step."""
+    steps = [s for s in steps if any(str(s) in v.get("fid_mean", {}) for v in summary["variants"])]
     bands = [b["band"] for b in next((v["shares"] for v in summary["variants"] if v["shares"]), [])]
     others = sorted({k for v in summary["variants"] for k in v["other"]})
     lines = [f"FID at N = {summary['fid_n']} with DPM-Solver++(2M) 25 steps unless a column says otherwise; one "

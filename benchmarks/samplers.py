@@ -219,11 +219,13 @@ def plot(mode: str, data: dict, path: Path) -> None:
         if p.get(x) is not None and p["sampler"] != "ddpm":
             lines.setdefault(p[key], []).append((p[x], p["fid"]))
     fig, ax = plt.subplots(figsize=(7 + 2.5 * (len(lines) > 6), 4.5))
-    colours = plt.get_cmap("tab20" if len(lines) > 10 else "tab10").colors
+    colours = plt.get_cmap("tab10").colors
+    if len(lines) > 10:  # tab20's strong colours first, then their light partners
+        colours = plt.get_cmap("tab20").colors[0::2] + plt.get_cmap("tab20").colors[1::2]
     for i, (name, pts) in enumerate(lines.items()):  # a distinct colour and marker per line, even past ten
         pts.sort()
         ax.plot([a for a, _ in pts], [b for _, b in pts], "osD^v<>p"[i % 8] + "-", label=name, ms=4,
-                color=colours[(2 * i + i // 10) % 20 if len(colours) == 20 else i % len(colours)])
+                color=colours[i % len(colours)])
     ax.axhline(data["floor"]["fid"], color="grey", ls="--", lw=1, label="real-data floor")
     ax.set_xscale("log")
     xs = sorted({p.get("nfe_target") or p[x] for p in data["points"] if p.get(x) is not None and p["sampler"] != "ddpm"})
