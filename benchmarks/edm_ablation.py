@@ -87,22 +87,26 @@ def smoke_study(source: Path, out: Path) -> Path:
 
 
 def ema_sweep(study, study_dir: Path, out: Path, runs: list[str], widths: list[float], steps: list[int],
-              compute: set[int]) -> list[dict]:
+              compute: set[int], earlier: list[dict] = ()) -> list[dict]:
     """Reconstruct and score each (run, step, width) for the steps in `compute`; return one record per finished
-    evaluation at any of `steps` (resumable by file)."""
+    evaluation at any of `steps` (resumable by file). A finished evaluation is reported even where the run's
+    snapshots and the reconstructed weights are gone (neither is committed): its profile error then comes from
+    the `earlier` report's record of the same (run, step, width)."""
     s = study.settings
     sample_cell = next(c for c in study.cells if c.at_step is not None)
+    known = {(r["run"], r["at_step"], r["sigma_rel"]): r for r in earlier}
     records = []
     for name in runs:
         run_dir = study_dir / "runs" / name
-        if not (run_dir / "ema_snapshots").is_dir():
-            print(f"[edm-ablation] {name}: no snapshots (not trained yet?); skipped", flush=True)
-            continue
+        snapshots = (run_dir / "ema_snapshots").is_dir()
+        if not snapshots:
+            print(f"[edm-ablation] {name}: no snapshots (not trained yet, or not on this machine); "
+                  "reporting only its finished evaluations", flush=True)
         for step in steps:
             for width in widths:
                 ckpt = out / name / f"ema-{width:.3f}-step_{step:07d}.safetensors"
                 result = out / name / f"eval-{width:.3f}-step_{step:07d}.json"
-                if not result.is_file() and step not in compute:
+                if not result.is_file() and (step not in compute or not snapshots):
                     continue
                 if not result.is_file():
                     if not ckpt.is_file():
@@ -120,7 +124,8 @@ def ema_sweep(study, study_dir: Path, out: Path, runs: list[str], widths: list[f
                 scored = json.loads(result.read_text())
                 from lddpm.checkpoint import load_checkpoint
 
-                info = load_checkpoint(ckpt).meta["posthoc_ema"] if ckpt.is_file() else {}
+                info = (load_checkpoint(ckpt).meta["posthoc_ema"] if ckpt.is_file()
+                        else known.get((name, step, width), {}))
                 records.append({"run": name, "at_step": step, "sigma_rel": width, "fid": scored.get("fid"),
                                 "kid": scored.get("kid"), "kid_std": scored.get("kid_std"),
                                 "relative_profile_error": info.get("relative_profile_error"),
@@ -291,8 +296,9 @@ def main() -> None:
     shown = source.resolve().relative_to(REPO) if source.resolve().is_relative_to(REPO) else source  # no machine path
     commands = [" ".join(["lddpm", "study", str(shown), "--out", str(study_dir)] + (["--only", *args.only] if args.only else []))]
     previous = out / "ablation.json"
-    if previous.is_file():  # a resumed ablation: keep the commands that measured the earlier cells
-        earlier = json.loads(previous.read_text()).get("commands", [])
+    report = json.loads(previous.read_text()) if previous.is_file() else {}
+    if report:  # a resumed ablation: keep the commands that measured the earlier cells
+        earlier = report.get("commands", [])
         new = [] if args.report_only else [c for c in commands if c not in earlier]
         commands = earlier + new if earlier else commands
     if not args.report_only:
@@ -302,7 +308,7 @@ def main() -> None:
                   flush=True)
     ema_steps = {int(x) for x in args.ema_steps.split(",") if x} or set(steps)
     ema = ema_sweep(study, study_dir, out / "ema", ema_runs, widths, steps,
-                    compute=set() if args.report_only else ema_steps)
+                    compute=set() if args.report_only else ema_steps, earlier=report.get("ema_sweep", []))
     summary = summarise(study, study_dir, ema)
     summary.update(benchmark="edm_ablation", study_file=str(shown), smoke=args.smoke, commands=commands,
                    ema_widths=widths, ema_runs=ema_runs, steps=steps, steps_per_minute=STEPS_PER_MINUTE,

@@ -228,3 +228,14 @@ def test_ablation_sweeps_the_ema_only_at_the_steps_asked_and_reports_every_finis
     assert [(r["at_step"], r["sigma_rel"]) for r in second] == [(10, 0.05), (10, 0.1), (30, 0.05), (30, 0.1)]
     assert [r["fid"] for r in second[:2]] == [r["fid"] for r in first] and sum("eval" in c for c in commands) == 4
     assert bench.ema_sweep(study, tmp_path / "study", out, ["r"], [0.05, 0.1], [10, 30], compute=set()) == second
+
+    # a fresh checkout: the snapshots and the reconstructed weights are not committed, the evaluations are; the
+    # finished rows stay in the report, their profile error taken from the earlier report, and nothing is computed
+    (tmp_path / "study" / "runs" / "r" / "ema_snapshots").rmdir()
+    earlier = [dict(r, relative_profile_error=0.01 * i) for i, r in enumerate(second)]
+    calls = len(commands)
+    fresh = bench.ema_sweep(study, tmp_path / "study", out, ["r"], [0.05, 0.1], [10, 30], compute={10, 30},
+                            earlier=earlier)
+    assert fresh == earlier and len(commands) == calls
+    assert bench.ema_sweep(study, tmp_path / "study", out, ["r"], [0.05, 0.1, 0.2], [10, 30], compute={10, 30},
+                           earlier=earlier) == earlier  # a width never scored: nothing to report, nothing to compute
