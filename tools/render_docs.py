@@ -482,6 +482,7 @@ def diffusers_parity() -> str:
 
 PEERS = "benchmarks/results/peers.json"
 PEERS_SAMPLERS = "benchmarks/results/peers-samplers.json"
+PEERS_AG = "benchmarks/results/peers-ag.json"
 
 
 def _peers(name: str, path: str):
@@ -512,6 +513,7 @@ def _peers_table(path: str) -> str:
 
 _peers("peers", PEERS)
 _peers("peers-samplers", PEERS_SAMPLERS)
+_peers("peers-ag", PEERS_AG)
 
 
 # ----------------------------------------------------------------------------- text-to-image
@@ -766,7 +768,7 @@ def mp_block() -> str:
 def derived_files() -> dict[str, Callable[[], str]]:
     """Markdown files the benchmark scripts render from their JSON: path -> what the script renders now."""
     out: dict[str, Callable[[], str]] = {}
-    for path in (PEERS, PEERS_SAMPLERS):
+    for path in (PEERS, PEERS_SAMPLERS, PEERS_AG):
         if (ROOT / path).with_suffix(".md").is_file():
             out[str(Path(path).with_suffix(".md"))] = lambda p=path: _bench_module("peers").markdown(load(p))
     if (ROOT / RESTORATION / "results.md").is_file():
