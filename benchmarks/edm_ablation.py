@@ -92,6 +92,8 @@ def ema_sweep(study, study_dir: Path, out: Path, runs: list[str], widths: list[f
     evaluation at any of `steps` (resumable by file). A finished evaluation is reported even where the run's
     snapshots and the reconstructed weights are gone (neither is committed): its profile error then comes from
     the `earlier` report's record of the same (run, step, width)."""
+    from lddpm.checkpoint import load_checkpoint
+
     s = study.settings
     sample_cell = next(c for c in study.cells if c.at_step is not None)
     known = {(r["run"], r["at_step"], r["sigma_rel"]): r for r in earlier}
@@ -122,8 +124,6 @@ def ema_sweep(study, study_dir: Path, out: Path, runs: list[str], widths: list[f
                     command += ["--root", s.data_root] if s.data_root else []
                     run(lddpm(*command))
                 scored = json.loads(result.read_text())
-                from lddpm.checkpoint import load_checkpoint
-
                 info = (load_checkpoint(ckpt).meta["posthoc_ema"] if ckpt.is_file()
                         else known.get((name, step, width), {}))
                 records.append({"run": name, "at_step": step, "sigma_rel": width, "fid": scored.get("fid"),
