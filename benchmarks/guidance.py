@@ -9,12 +9,13 @@ Inception network, the reference statistics, the study classifier): the unguided
 `--cfg-scales` (D = D_u + s (D_c - D_u)); autoguidance at each of `--guide-scales` with the `--guide` network
 (D = D_g + w (D_c - D_g), Karras et al. 2024); each guided row again with guidance only for sigma in
 `--interval` (Kynkaanniemi et al. 2024; one unguided conditional evaluation elsewhere, so fewer network
-evaluations); and `--both S:W` rows (D = D_c + (s - 1)(D_c - D_u) + (w - 1)(D_c - D_g)). Every row's full
-`lddpm eval` JSON is written as `<out>/<row>.json` (a finished row is skipped on the next run, so the script
-resumes); `guidance.json` collects the rows with the settings and the environment, `table.md` is rendered from
-the row files, and `--floor` adds the real-data floor (N real train images against the same reference).
-The sample batches are kept under `<out>/samples/` while a row runs (resumable) and removed when it is done
-(`--keep-samples` keeps them); they are not results.
+evaluations; `--interval-only` runs only these and the baseline); and `--both S:W` rows
+(D = D_c + (s - 1)(D_c - D_u) + (w - 1)(D_c - D_g)). Every row's full `lddpm eval` JSON is written as
+`<out>/<row>.json` (a finished row is skipped on the next run, so the script resumes); `guidance.json` collects
+the rows with the settings and the environment, `table.md` is rendered from the row files, and `--floor` adds
+the real-data floor (N real train images against the same reference). The sample batches are kept under
+`<out>/samples/` while a row runs (resumable) and removed when it is done (`--keep-samples` keeps them); they are
+not results.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def rows_to_run(args) -> list[dict]:
                          "interval": None})
     if interval is not None:
         rows += [{**r, "name": r["name"] + "-interval", "interval": interval} for r in rows if r["mode"] != "none"]
+        if args.interval_only:
+            rows = [r for r in rows if r["mode"] == "none" or r["interval"] is not None]
     return rows
 
 
@@ -98,6 +101,8 @@ def main() -> None:
     parser.add_argument("--interval", type=float, nargs=2, default=[0.28, 5.42], metavar=("SIGMA_LO", "SIGMA_HI"),
                         help="guidance interval of the interval rows (default 0.28 5.42)")
     parser.add_argument("--no-interval", action="store_true", help="no interval rows")
+    parser.add_argument("--interval-only", action="store_true",
+                        help="guided rows only with the interval (skips the every-step rows; the baseline stays)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--bf16", default="auto", help="true, false or auto (the network under bf16 autocast)")
@@ -111,6 +116,8 @@ def main() -> None:
     parser.add_argument("--keep-samples", action="store_true")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args()
+    if args.no_interval and args.interval_only:
+        parser.error("--no-interval and --interval-only exclude each other: drop one")
     if args.no_interval:
         args.interval = None
     out = Path(args.out)

@@ -54,3 +54,23 @@ def test_guidance_benchmark_writes_a_row_file_per_setting_and_the_summary(tmp_pa
     assert summary["environment"]["torch"] and summary["floor"]["num"] == 8
     assert summary["sampler_options"] == {"sigma_min": 0.3}
     assert not (out / "samples").exists() and "| cfg-s2-interval | 2 | 1 | [0.5, 20] |" in (out / "table.md").read_text()
+
+
+def test_guidance_rows_interval_only_keeps_the_baseline_and_the_interval_rows():
+    """`--interval-only` drops the every-step guided rows (they cost the most evaluations), keeps the rest."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import guidance
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from argparse import Namespace
+
+    args = Namespace(interval=[0.28, 5.42], interval_only=False, cfg_scales=[1.5], guide="g", guide_scales=[2.0],
+                     both=["1.5:2"])
+    every = [r["name"] for r in guidance.rows_to_run(args)]
+    assert every == ["none", "cfg-s1.5", "ag-w2", "both-s1.5-w2", "cfg-s1.5-interval", "ag-w2-interval",
+                     "both-s1.5-w2-interval"]
+    args.interval_only = True
+    rows = guidance.rows_to_run(args)
+    assert [r["name"] for r in rows] == ["none", "cfg-s1.5-interval", "ag-w2-interval", "both-s1.5-w2-interval"]
+    assert all(r["interval"] == (0.28, 5.42) for r in rows[1:]) and rows[0]["interval"] is None
