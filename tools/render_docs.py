@@ -661,6 +661,8 @@ _guidance("guidance-small-guide", "benchmarks/results/guidance/fashion-30min-uni
 _guidance("guidance-early-checkpoint", "benchmarks/results/guidance/fashion-30min-unipc10-guide10min")
 _guidance("guidance-peers-uncond", "benchmarks/results/guidance/peers-uncond-30min-dpm25")
 _guidance("guidance-dpm3m-early-checkpoint", "benchmarks/results/guidance/fashion-30min-dpm3m10-guide10min")
+_guidance("guidance-dpm3m-sweep", "benchmarks/results/guidance/fashion-30min-dpm3m10-sweep")
+_guidance("guidance-dpm3m-sweep-wide", "benchmarks/results/guidance/fashion-30min-dpm3m10-sweep-wide")
 
 # The autoguidance sweep on the peers benchmark's lddpm checkpoints: (mark, guide, folder) per guidance.py run.
 PEERS_SWEEP = "benchmarks/results/guidance/peers-uncond-sweep"
