@@ -25,10 +25,10 @@ from common import environment, write_json  # noqa: E402
 
 EDM = ['diffusion.timestep_sampling="lognormal"', 'diffusion.loss_weighting="edm"', "diffusion.p_std=1.2"]
 VARIANTS = {
-    "recipe (fashion-30min: uniform t, v, min-SNR-5)": [],
-    "eps, min-SNR-5": ['diffusion.objective="eps"'],
+    "recipe (fashion-30min: uniform t, v, min-SNR-20)": [],
+    "v, min-SNR-5 (the recipe until study-edm)": ["diffusion.min_snr_gamma=5.0"],
+    "eps, min-SNR-5": ['diffusion.objective="eps"', "diffusion.min_snr_gamma=5.0"],
     "v, uniform weights": ['diffusion.loss_weighting="uniform"'],
-    "v, min-SNR-20": ["diffusion.min_snr_gamma=20.0"],
     "EDM log-normal P_mean -1.2, sigma_data 1.0 (unit v weight)": EDM + ["diffusion.p_mean=-1.2", "diffusion.sigma_data=1.0"],
     "EDM log-normal P_mean -1.2, sigma_data 0.87": EDM + ["diffusion.p_mean=-1.2", "diffusion.sigma_data=0.87"],
     "EDM log-normal P_mean -0.65, sigma_data 0.87": EDM + ["diffusion.p_mean=-0.65", "diffusion.sigma_data=0.87"],

@@ -4,10 +4,11 @@ Three systems train on the same tensors (the train split of lddpm's Fashion-MNIS
 to 32x32, grey, pixels x / 127.5 - 1 in [-1, 1], batches drawn by lddpm's seeded loader, so every system
 sees the same images in the same order) with the same batch size, for the same training wall time:
 
-  lddpm       its recipe preset (`fashion-30min`, unconditional), trained with `lddpm.train_diffusion` and
-              `run.max_minutes`, resumed for each later mark; sampled with `--lddpm-sampler` (dpm++2m, 25 steps)
-              or each of `--lddpm-samplers` (e.g. `unipc:10:grid=logsnr,sigma_min=0.1694`; `guide=F` autoguides
-              each mark by the run's own checkpoint at F x the mark, saved on the way: no extra training).
+  lddpm       its recipe preset (`fashion-30min`, unconditional; `--lddpm-set KEY=VALUE` changes it, and the
+              recipe the tuned peers read with it), trained with `lddpm.train_diffusion` and `run.max_minutes`,
+              resumed for each later mark; sampled with `--lddpm-sampler` (dpm++2m, 25 steps) or each of
+              `--lddpm-samplers` (e.g. `unipc:10:grid=logsnr,sigma_min=0.1694`; `guide=F` autoguides each mark
+              by the run's own checkpoint at F x the mark, saved on the way: no extra training).
   lucidrains  denoising-diffusion-pytorch's `Unet` + `GaussianDiffusion`, called as they are
               (`diffusion(x)` is the loss), in a loop that does what its `Trainer` does (Adam, grad-norm
               clip, `ema_pytorch.EMA`); sampled with its own DDIM (`sampling_timesteps`, default 50).
@@ -153,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (every system)")
     p.add_argument("--sample-batch", type=int, default=100, help="sampling batch size of every system")
     p.add_argument("--lddpm-preset", default=RECIPE_PRESET, help=f"lddpm's recipe: a preset or TOML file (default {RECIPE_PRESET})")
+    p.add_argument("--lddpm-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an `lddpm train --set` override of the recipe (repeatable); the recipe handed to the peers "
+                        "follows it, e.g. diffusion.min_snr_gamma=5.0 for the recipe of the runs before gamma 20")
     p.add_argument("--lddpm-sampler", default="dpm++2m", help="lddpm's sampler (default dpm++2m)")
     p.add_argument("--lddpm-steps", type=int, default=None, help="lddpm's sampler steps (default 25; --quick 10)")
     p.add_argument("--lddpm-samplers", nargs="+", default=None, metavar="SAMPLER:STEPS[:K=V,...]",
@@ -339,7 +343,7 @@ def lddpm_overrides(spec: dict) -> list[str]:
         o.append(f"data.root={json.dumps(spec['data_root'])}")
     if spec["quick"]:
         o.append(f"model.overrides.model_channels={QUICK_WIDTH}")
-    return o
+    return o + list(spec.get("lddpm_set") or [])  # --lddpm-set: recipe changes, last so they win
 
 
 def recipe_summary(spec: dict) -> dict:
@@ -1213,7 +1217,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     base_spec = {"batch": args.batch, "seed": args.seed, "num": args.num, "sample_batch": args.sample_batch,
                  "marks": args.minutes, "quick": args.quick, "device": args.device, "device_resolved": str(device),
                  "cache_dir": str(cache_dir), "data_root": args.data_root, "train_cache": str(train_cache),
-                 "lddpm_preset": args.lddpm_preset, "lddpm_samplers": args.lddpm_samplers,
+                 "lddpm_preset": args.lddpm_preset, "lddpm_set": args.lddpm_set, "lddpm_samplers": args.lddpm_samplers,
                  "lucidrains_steps": args.lucidrains_steps, "diffusers_samplers": args.diffusers_samplers}
     recipe = recipe_summary(base_spec)
     from lddpm.data import open_cache

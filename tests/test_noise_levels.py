@@ -198,7 +198,9 @@ def test_edm_study_changes_only_what_each_row_says():
         assert same and config.optim.lr == recipe.optim.lr and config.optim.ema_decay == recipe.optim.ema_decay
         low, tol = expected_low[variant]
         assert loss_weight_shares(build_diffusion(config.diffusion))[0]["share"] == pytest.approx(low, abs=tol)
-    assert asdict(configs["recipe-s0"].diffusion) == asdict(recipe.diffusion)
+    # the recipe rows are the preset as it was (min-SNR-5); the preset is now the min-SNR-20 row
+    assert asdict(configs["recipe-s0"].diffusion) == {**asdict(recipe.diffusion), "min_snr_gamma": 5.0}
+    assert asdict(configs["minsnr20-s0"].diffusion) == asdict(recipe.diffusion)
     assert configs["edm065-s0"].diffusion.p_mean == pytest.approx(-1.2 + math.log(0.87 / 0.5), abs=0.01)
 
 

@@ -211,3 +211,17 @@ def test_diffusers_loop_is_ddpm_pipeline_for_its_schedulers():
             got = peers.diffusers_sample(unet, scheduler, 3, 4, torch.Generator().manual_seed(5), torch.device("cpu"))
         want = (np.clip(want, 0, 1) * 255).round().astype(np.uint8)
         assert np.abs(peers.to_uint8(got).astype(int) - want.astype(int)).max() <= 1
+
+
+def test_lddpm_set_changes_the_recipe_of_lddpm_and_of_the_peers():
+    """`--lddpm-set` overrides come last in lddpm's run and in the recipe the tuned peers read (so the runs made
+    before the preset moved to min-SNR gamma 20 are reproducible with diffusion.min_snr_gamma=5.0)."""
+    from lddpm.config import config_from_preset
+
+    spec = {"lddpm_preset": "fashion-30min", "batch": 64, "seed": 0, "device": "cpu", "cache_dir": "/nonexistent",
+            "quick": False}
+    assert peers.recipe_summary(spec)["min_snr_gamma"] == config_from_preset("fashion-30min").diffusion.min_snr_gamma
+    old = peers.recipe_summary({**spec, "lddpm_set": ["diffusion.min_snr_gamma=5.0"]})
+    assert old["min_snr_gamma"] == 5.0 and old["overrides"][-1] == "diffusion.min_snr_gamma=5.0"
+    args = peers.parse_args(["--systems", "lddpm", "--lddpm-set", "diffusion.min_snr_gamma=5.0"])
+    assert args.lddpm_set == ["diffusion.min_snr_gamma=5.0"]
