@@ -702,6 +702,29 @@ def guidance_peers_uncond_sweep() -> str:
                      "vs diffusers' best at the mark"], lines, ["---"] * 5 + ["---:"] * 4)
 
 
+# DPM-Solver++(3M)-10 with and without autoguidance on the 30-minute ablation's runs: (run, min-SNR gamma, folder).
+GUIDANCE_BY_GAMMA = (
+    ("recipe-s0", 5, "benchmarks/results/guidance/fashion-30min-dpm3m10-sweep"),
+    ("recipe-s1", 5, "benchmarks/results/guidance/edm-ablation-recipe-s1-dpm3m10"),
+    ("minsnr20-s0", 20, "benchmarks/results/guidance/edm-ablation-minsnr20-s0-dpm3m10"),
+    ("minsnr20-s1", 20, "benchmarks/results/guidance/edm-ablation-minsnr20-s1-dpm3m10"),
+)
+
+
+@table("guidance-by-gamma", *(f"{folder}/guidance.json" for _, _, folder in GUIDANCE_BY_GAMMA))
+def guidance_by_gamma() -> str:
+    """Unguided and autoguided (inside the interval) FID of each run, min-SNR gamma 5 against 20, seed by seed."""
+    columns = [("none", "unguided"), ("ag-w2-interval", "AG w 2"), ("ag-w2.5-interval", "AG w 2.5")]
+    lines = []
+    for run, gamma, folder in GUIDANCE_BY_GAMMA:
+        rows = {r["name"]: r for r in load(f"{folder}/guidance.json")["rows"]}
+        lines.append([run, str(gamma), run.rsplit("-s", 1)[1]]
+                     + [fmt(rows.get(name, {}).get("fid"), "{:.2f}") for name, _ in columns]
+                     + [fmt(min((rows[n]["fid"] for n, _ in columns if n in rows), default=None), "{:.2f}")])
+    return md_table(["run", "min-SNR gamma", "seed"] + [f"FID {label}" for _, label in columns] + ["best"], lines,
+                    ["---"] * 3 + ["---:"] * (len(columns) + 1))
+
+
 EDM_ABLATION_10MIN = "benchmarks/results/edm-ablation-10min/ablation.json"
 EDM_ABLATION_30MIN = "benchmarks/results/edm-ablation/ablation.json"
 
