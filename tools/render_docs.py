@@ -725,6 +725,30 @@ def guidance_by_gamma() -> str:
                     ["---"] * 3 + ["---:"] * (len(columns) + 1))
 
 
+# Autoguidance (w 2) with other interval bounds on the gamma-20 seed-0 run (the new preset's 30-minute model).
+INTERVAL_SWEEP = ("benchmarks/results/guidance/edm-ablation-minsnr20-s0-dpm3m10",
+                  *(f"benchmarks/results/guidance/interval-sweep/minsnr20-s0-{b}"
+                    for b in ("0.1-5.42", "0.28-2.5", "0.5-5.42", "0.1-2.5")))
+
+
+@table("guidance-interval-sweep", *(f"{folder}/guidance.json" for folder in INTERVAL_SWEEP))
+def guidance_interval_sweep() -> str:
+    """The unguided row once, then autoguidance at w 2 with each interval, in the order run."""
+    lines, seen_none = [], False
+    for folder in INTERVAL_SWEEP:
+        for r in load(f"{folder}/guidance.json")["rows"]:
+            if r["guide_scale"] == 1 and seen_none:
+                continue
+            if r["guide_scale"] != 1 and r["guide_scale"] != 2:
+                continue
+            seen_none = seen_none or r["guide_scale"] == 1
+            interval = "[{:g}, {:g}]".format(*r["interval"]) if r["interval"] else DASH
+            lines.append([f"{r['guide_scale']:g}", interval, f"{r['fid']:.2f}", fmt(x1e3(r.get("kid")), "{:.2f}"),
+                          fmt(r.get("class_accuracy"), "{:.3f}"), f"{r['nfe']:g}"])
+    return md_table(["guide w", "interval (sigma)", "FID", "KID x10^3", "class acc.", "NFE / image"], lines,
+                    ["---:", "---", "---:", "---:", "---:", "---:"])
+
+
 EDM_ABLATION_10MIN = "benchmarks/results/edm-ablation-10min/ablation.json"
 EDM_ABLATION_30MIN = "benchmarks/results/edm-ablation/ablation.json"
 
