@@ -737,11 +737,12 @@ def guidance_interval_sweep() -> str:
     lines, seen_none = [], False
     for folder in INTERVAL_SWEEP:
         for r in load(f"{folder}/guidance.json")["rows"]:
-            if r["guide_scale"] == 1 and seen_none:
+            if r["guide_scale"] == 1:  # the same unguided samples in every folder: shown once
+                if seen_none:
+                    continue
+                seen_none = True
+            elif r["guide_scale"] != 2:
                 continue
-            if r["guide_scale"] != 1 and r["guide_scale"] != 2:
-                continue
-            seen_none = seen_none or r["guide_scale"] == 1
             interval = "[{:g}, {:g}]".format(*r["interval"]) if r["interval"] else DASH
             lines.append([f"{r['guide_scale']:g}", interval, f"{r['fid']:.2f}", fmt(x1e3(r.get("kid")), "{:.2f}"),
                           fmt(r.get("class_accuracy"), "{:.3f}"), f"{r['nfe']:g}"])
