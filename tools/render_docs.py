@@ -483,6 +483,7 @@ def diffusers_parity() -> str:
 PEERS = "benchmarks/results/peers.json"
 PEERS_SAMPLERS = "benchmarks/results/peers-samplers.json"
 PEERS_AG = "benchmarks/results/peers-ag.json"
+PEERS_G20 = "benchmarks/results/peers-g20.json"
 
 
 def _peers(name: str, path: str):
@@ -514,6 +515,7 @@ def _peers_table(path: str) -> str:
 _peers("peers", PEERS)
 _peers("peers-samplers", PEERS_SAMPLERS)
 _peers("peers-ag", PEERS_AG)
+_peers("peers-g20", PEERS_G20)
 
 
 # ----------------------------------------------------------------------------- text-to-image
@@ -725,6 +727,23 @@ def guidance_by_gamma() -> str:
                     ["---"] * 3 + ["---:"] * (len(columns) + 1))
 
 
+LOW_BOUND = "benchmarks/results/guidance/low-bound"
+
+
+@table("guidance-low-bound", *(f"{folder}/guidance.json" for _, _, folder in GUIDANCE_BY_GAMMA),
+       *(f"{LOW_BOUND}/{run}/guidance.json" for run, _, _ in GUIDANCE_BY_GAMMA))
+def guidance_low_bound() -> str:
+    """Autoguidance at w 2 and 2.5 with the interval's lower bound 0.28 (table above) against 0.1, run by run."""
+    lines = []
+    for run, gamma, folder in GUIDANCE_BY_GAMMA:
+        upper = {r["name"]: r for r in load(f"{folder}/guidance.json")["rows"]}  # names, not scales: the gamma-5
+        lower = {r["name"]: r for r in load(f"{LOW_BOUND}/{run}/guidance.json")["rows"]}  # sweep has CFG+AG at w 2 too
+        lines.append([run, str(gamma)] + [fmt(rows.get(f"ag-w{w}-interval", {}).get("fid"), "{:.2f}")
+                                          for w in ("2", "2.5") for rows in (upper, lower)])
+    return md_table(["run", "min-SNR gamma", "w 2, [0.28, 5.42]", "w 2, [0.1, 5.42]", "w 2.5, [0.28, 5.42]",
+                     "w 2.5, [0.1, 5.42]"], lines, ["---", "---"] + ["---:"] * 4)
+
+
 # Autoguidance (w 2) with other interval bounds on the gamma-20 seed-0 run (the new preset's 30-minute model).
 INTERVAL_SWEEP = ("benchmarks/results/guidance/edm-ablation-minsnr20-s0-dpm3m10",
                   *(f"benchmarks/results/guidance/interval-sweep/minsnr20-s0-{b}"
@@ -818,7 +837,7 @@ def mp_block() -> str:
 def derived_files() -> dict[str, Callable[[], str]]:
     """Markdown files the benchmark scripts render from their JSON: path -> what the script renders now."""
     out: dict[str, Callable[[], str]] = {}
-    for path in (PEERS, PEERS_SAMPLERS, PEERS_AG):
+    for path in (PEERS, PEERS_SAMPLERS, PEERS_AG, PEERS_G20):
         if (ROOT / path).with_suffix(".md").is_file():
             out[str(Path(path).with_suffix(".md"))] = lambda p=path: _bench_module("peers").markdown(load(p))
     if (ROOT / RESTORATION / "results.md").is_file():
