@@ -634,11 +634,12 @@ for _section in ("gaussian", "inpaint", "sr", "denoise", "edit"):
 SAMPLERS = "benchmarks/results/samplers/fashion-30min"
 
 
-def _samplers(mode: str):
-    """Register the sampler benchmark's `mode` table (steps or nfe), rendered by benchmarks/samplers.py."""
-    path = f"{SAMPLERS}/{mode}.json"
+def _samplers(mode: str, name: str | None = None, folder: str = SAMPLERS):
+    """Register the sampler benchmark's `mode` table (steps or nfe) of one output folder, rendered by
+    benchmarks/samplers.py."""
+    path = f"{folder}/{mode}.json"
 
-    @table(f"samplers-{mode}", path, missing=f"`python benchmarks/samplers.py {mode} RUN` writes it.")
+    @table(name or f"samplers-{mode}", path, missing=f"`python benchmarks/samplers.py {mode} RUN` writes it.")
     def render() -> str:
         return _bench_module("samplers").render_table(mode, load(path))
     return render
@@ -646,6 +647,8 @@ def _samplers(mode: str):
 
 for _mode in ("steps", "nfe"):
     _samplers(_mode)
+# DPM-Solver++(3M)-10 with other sigma floors on the gamma-20 30-minute run (seed 0)
+_samplers("nfe", "samplers-floor-gamma20", "benchmarks/results/samplers/floor-minsnr20-s0")
 
 
 def _guidance(name: str, folder: str):
