@@ -417,12 +417,19 @@ def bf16_sampling() -> str:
                      "Max", "s / image", "vs fp32 contiguous"], lines, ["---"] * 5 + ["---:"] * 5)
 
 
-@table("train-overhead", "benchmarks/results/train.json")
+TRAIN_OVERHEAD = ("benchmarks/results/train.json", "benchmarks/results/train-fashion-30min.json")
+
+
+@table("train-overhead", *TRAIN_OVERHEAD)
 def train_overhead() -> str:
-    r = load("benchmarks/results/train.json")
-    return md_table(["Config", "Batch", "Bare loop images/s", "Full trainer images/s", "Overhead"],
-                    [[f"`{r['config']}`", str(r["batch_size"]), f"{r['bare_images_per_s']:.1f}",
-                      f"{r['trainer_images_per_s']:.1f}", f"{r['overhead']:.1%}"]], ["---"] + ["---:"] * 4)
+    lines = []
+    for path in TRAIN_OVERHEAD:
+        r = load(path)
+        config = " ".join([f"`{r['config']}`"] + [f"`{o}`" for o in r.get("overrides", [])])
+        lines.append([config, str(r["batch_size"]), str(r["bf16"]), f"{r['bare_images_per_s']:.1f}",
+                      f"{r['trainer_images_per_s']:.1f}", f"{r['overhead']:.1%}"])
+    return md_table(["Config", "Batch", "bf16", "Bare loop images/s", "Full trainer images/s", "Overhead"], lines,
+                    ["---"] * 3 + ["---:"] * 3)
 
 
 @table("data-loader", "benchmarks/results/data.json")
