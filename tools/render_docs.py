@@ -519,10 +519,9 @@ def _peers_table(path: str) -> str:
                      f"FID (N={payload['num']})", "KID x10^3"], lines, ["---"] * 3 + ["---:"] * 3 + ["---"] + ["---:"] * 3)
 
 
-_peers("peers", PEERS)
-_peers("peers-samplers", PEERS_SAMPLERS)
-_peers("peers-ag", PEERS_AG)
-_peers("peers-g20", PEERS_G20)
+PEERS_TABLES = {"peers": PEERS, "peers-samplers": PEERS_SAMPLERS, "peers-ag": PEERS_AG, "peers-g20": PEERS_G20}
+for _name, _path in PEERS_TABLES.items():
+    _peers(_name, _path)
 
 
 # ----------------------------------------------------------------------------- text-to-image
@@ -723,13 +722,19 @@ GUIDANCE_BY_GAMMA = (
 )
 
 
+def _guidance_rows(folder: str) -> dict[str, dict]:
+    """The rows of a benchmarks/guidance.py output folder by row name (names, not scales: a sweep can hold CFG+AG
+    rows at the same guide scale)."""
+    return {r["name"]: r for r in load(f"{folder}/guidance.json")["rows"]}
+
+
 @table("guidance-by-gamma", *(f"{folder}/guidance.json" for _, _, folder in GUIDANCE_BY_GAMMA))
 def guidance_by_gamma() -> str:
     """Unguided and autoguided (inside the interval) FID of each run, min-SNR gamma 5 against 20, seed by seed."""
     columns = [("none", "unguided"), ("ag-w2-interval", "AG w 2"), ("ag-w2.5-interval", "AG w 2.5")]
     lines = []
     for run, gamma, folder in GUIDANCE_BY_GAMMA:
-        rows = {r["name"]: r for r in load(f"{folder}/guidance.json")["rows"]}
+        rows = _guidance_rows(folder)
         lines.append([run, str(gamma), run.rsplit("-s", 1)[1]]
                      + [fmt(rows.get(name, {}).get("fid"), "{:.2f}") for name, _ in columns]
                      + [fmt(min((rows[n]["fid"] for n, _ in columns if n in rows), default=None), "{:.2f}")])
@@ -746,8 +751,7 @@ def guidance_low_bound() -> str:
     """Autoguidance at w 2 and 2.5 with the interval's lower bound 0.28 (table above) against 0.1, run by run."""
     lines = []
     for run, gamma, folder in GUIDANCE_BY_GAMMA:
-        upper = {r["name"]: r for r in load(f"{folder}/guidance.json")["rows"]}  # names, not scales: the gamma-5
-        lower = {r["name"]: r for r in load(f"{LOW_BOUND}/{run}/guidance.json")["rows"]}  # sweep has CFG+AG at w 2 too
+        upper, lower = _guidance_rows(folder), _guidance_rows(f"{LOW_BOUND}/{run}")
         lines.append([run, str(gamma)] + [fmt(rows.get(f"ag-w{w}-interval", {}).get("fid"), "{:.2f}")
                                           for w in ("2", "2.5") for rows in (upper, lower)])
     return md_table(["run", "min-SNR gamma", "w 2, [0.28, 5.42]", "w 2, [0.1, 5.42]", "w 2.5, [0.28, 5.42]",
@@ -847,7 +851,7 @@ def mp_block() -> str:
 def derived_files() -> dict[str, Callable[[], str]]:
     """Markdown files the benchmark scripts render from their JSON: path -> what the script renders now."""
     out: dict[str, Callable[[], str]] = {}
-    for path in (PEERS, PEERS_SAMPLERS, PEERS_AG, PEERS_G20):
+    for path in PEERS_TABLES.values():
         if (ROOT / path).with_suffix(".md").is_file():
             out[str(Path(path).with_suffix(".md"))] = lambda p=path: _bench_module("peers").markdown(load(p))
     if (ROOT / RESTORATION / "results.md").is_file():
