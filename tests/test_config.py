@@ -94,6 +94,9 @@ def test_bad_values_are_errors(tmp_path):
         validate(apply_overrides(Config(), ["optim.batch_size=0"]))
     with pytest.raises(LddpmError, match="ema_decay"):
         validate(apply_overrides(Config(), ["optim.ema_decay=1.5"]))
+    for bad in ("1.0", "-0.1"):
+        with pytest.raises(LddpmError, match=r"optim.cooldown = .*fraction of the run in \[0, 1\)"):
+            validate(apply_overrides(Config(), [f"optim.cooldown={bad}"]))
     with pytest.raises(LddpmError, match="guidance_scale"):
         validate(apply_overrides(Config(), ["run.guidance_scale=3.0"]))
     path = tmp_path / "broken.toml"

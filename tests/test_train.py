@@ -88,6 +88,20 @@ def test_step_seed_and_lr_schedule():
     assert len({step_seed(0, 5, 0), step_seed(0, 5, 1), step_seed(0, 6, 0), step_seed(1, 5, 0)}) == 4
     assert [lr_at(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert lr_at(0, 3e-4, 0) == 3e-4
+    # cool-down: linear to zero over the last quarter of the run (progress = step / steps before each step)
+    assert [lr_at(s, 1.0, 0, 0.25, s / 8) for s in range(8)] == [1.0] * 7 + [0.5]
+    assert [lr_at(s, 1.0, 0, 0.5, s / 8) for s in range(8)] == [1.0] * 5 + [0.75, 0.5, 0.25]
+    assert lr_at(1, 2.0, 4, 0.5, 0.75) == pytest.approx(2.0 * 0.5 * 0.5)  # warm-up and cool-down multiply
+
+
+def test_cooldown_reaches_the_log_and_the_optimizer(data_dirs, tmp_path):
+    """optim.cooldown lowers the learning rate the optimizer takes; the log records it at each step."""
+    train(tiny_config(data_dirs, "optim.warmup_steps=0", "optim.cooldown=0.5", "optim.lr=0.01"), tmp_path / "run",
+          progress=False)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log if "lr" in r] == pytest.approx([0.01, 0.01, 0.01, 0.005])
+    state = load_checkpoint(tmp_path / "run").load("optimizer")
+    assert state["param_groups"][0]["lr"] == pytest.approx(0.005)
 
 
 def test_ema_follows_closed_form():

@@ -80,6 +80,10 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    # > 0: the learning rate falls linearly to zero over this last fraction of the run (warm-up, constant, then
+    # a linear cool-down: Hu et al. 2024, "MiniCPM", and Haegele et al. 2024's warmup-stable-decay schedule).
+    # The run's progress is steps / run.steps, or its training time / run.max_minutes when that is further on.
+    cooldown: float = 0.0
     grad_clip: float = 1.0  # 0 disables clipping
     batch_size: int = 128  # global: summed over processes and accumulation steps
     grad_accum: int = 1  # micro-batches per step in each process
@@ -376,6 +380,9 @@ def validate(config: Config) -> Config:
     if any(not 0 < s < max_sigma_rel for s in o.posthoc_ema) or len(set(o.posthoc_ema)) < len(o.posthoc_ema):
         raise LddpmError(f"optim.posthoc_ema = {o.posthoc_ema}: expected distinct relative EMA widths in "
                          f"(0, {max_sigma_rel:.4f}), e.g. [0.05, 0.1]")
+    if not 0 <= o.cooldown < 1:
+        raise LddpmError(f"optim.cooldown = {o.cooldown}: expected a fraction of the run in [0, 1), e.g. 0.2 "
+                         "(0 keeps the learning rate constant after warm-up)")
     if not 0 <= o.ema_decay < 1:
         raise LddpmError(f"optim.ema_decay = {o.ema_decay}: expected a number in [0, 1)")
     if not 0 <= r.label_dropout < 1:

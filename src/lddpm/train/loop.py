@@ -63,6 +63,7 @@ class TrainingLoop:
         self.shard_batch = o.batch_size // self.shards
         self.bf16 = distributed.use_bf16(self.config.run.bf16, self.device)
         self.step = 0
+        self.lr = 0.0  # the learning rate of the last step (lr_at)
         self.wall_offset = 0.0
         self.loss_sum, self.loss_count = 0.0, 0  # the losses of the steps since the last log record
         # Loss by noise level (diffusion runs): the subclass names its bands and adds each micro-batch's
@@ -141,6 +142,13 @@ class TrainingLoop:
     def wall_time(self) -> float:
         """Training wall time of the run so far, summed over resumes."""
         return self.wall_offset + (time.time() - self.t0)
+
+    def progress_at(self, wall_time: float) -> float:
+        """The fraction of the run done before this step: steps / run.steps, or the training time / run.max_minutes
+        when that is further on."""
+        r = self.config.run
+        done = self.step / r.steps
+        return max(done, wall_time / (60.0 * r.max_minutes)) if r.max_minutes else done
 
     def out_of_time(self) -> bool:
         """True once run.max_minutes (when set) of wall time are spent; every rank must agree."""
@@ -287,21 +295,33 @@ class TrainingLoop:
             return self._train()
 
     def _train(self) -> dict[str, Any]:
-        self.t0 = time.time()
-        c = self.config
-        torch.manual_seed(c.run.seed)  # identical initial weights on every rank
-        self.build()
-        self.band_sum, self.band_count = [0.0] * len(self.loss_bands), [0.0] * len(self.loss_bands)
-        self._band_step = torch.zeros(2, len(self.loss_bands), dtype=torch.float64, device=self.device)
-        self._prepare_run_dir()
+        self.prepare()
         try:
             return self._train_steps()
         finally:
             self.tracker.close()
 
+    def prepare(self) -> None:
+        """Build data, networks and optimizer and open the run folder (fresh or resumed): everything before the
+        first step. `run()` calls it; a benchmark may call it and then `train_step()`."""
+        self.t0 = time.time()
+        torch.manual_seed(self.config.run.seed)  # identical initial weights on every rank
+        self.build()
+        self.band_sum, self.band_count = [0.0] * len(self.loss_bands), [0.0] * len(self.loss_bands)
+        self._band_step = torch.zeros(2, len(self.loss_bands), dtype=torch.float64, device=self.device)
+        self._prepare_run_dir()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def train_step(self) -> float:
+        """One optimizer step as the training loop takes it (without its logging, grids and checkpoints); returns
+        the step's loss. For timing the trainer's step after `prepare()`."""
+        loss, _, _ = self._train_step(False)
+        self.step += 1
+        self.step_done()
+        return loss
+
     def _train_steps(self) -> dict[str, Any]:
         c = self.config
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         total = c.run.steps
         if self.resumed_finished and (self.step >= total or self.out_of_time()):
             # Nothing left to train: the finished run's last checkpoint, grid and log stay as they are.
@@ -333,7 +353,7 @@ class TrainingLoop:
                             "step": self.step,
                             # the mean over the steps since the last record (a resume restores the window)
                             "loss": self.loss_sum / self.loss_count,
-                            "lr": lr_at(self.step - 1, c.optim.lr, c.optim.warmup_steps),
+                            "lr": self.lr,
                             "grad_norm": grad_norm,
                             "images_per_s": images / max(step_time, 1e-9),
                             "wall_time": self.wall_time(),
@@ -406,12 +426,13 @@ class TrainingLoop:
             loss_total += loss.detach().double() / accum
             for key, value in per_sample.items():
                 gathered.setdefault(key, []).append(value.detach())
-        # One collective for the mean loss over ranks, the stop flag and the loss bands; all ranks then agree.
-        status = torch.cat([torch.stack([loss_total, torch.tensor(float(stop_requested), device=self.device,
-                                                                   dtype=torch.float64)]), self._band_step.flatten()])
+        # One collective for the mean loss over ranks, the stop flag, the training time (its mean sets the
+        # cool-down, so every rank takes the same learning rate) and the loss bands; all ranks then agree.
+        flags = torch.tensor([float(stop_requested), self.wall_time()], device=self.device, dtype=torch.float64)
+        status = torch.cat([loss_total.view(1), flags, self._band_step.flatten()])
         distributed.all_reduce_sum(status, self.info)
         loss_value = float(status[0]) / self.info.world_size
-        bands = status[2:].view(2, -1).tolist()
+        bands = status[3:].view(2, -1).tolist()
         self.band_sum = [a + b for a, b in zip(self.band_sum, bands[0])]
         self.band_count = [a + b for a, b in zip(self.band_count, bands[1])]
         if not math.isfinite(loss_value):
@@ -423,8 +444,10 @@ class TrainingLoop:
             )
         max_norm = c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        self.lr = lr_at(self.step, c.optim.lr, c.optim.warmup_steps, c.optim.cooldown,
+                        self.progress_at(float(status[2]) / self.info.world_size))
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, c.optim.lr, c.optim.warmup_steps)
+            group["lr"] = self.lr
         self.optimizer.step()
         self.ema.update(self.model, self.step)
         self.after_step({k: distributed.all_gather_cat(torch.cat(v), self.info) for k, v in gathered.items()})

@@ -44,11 +44,14 @@ def use_deterministic_kernels(device: torch.device, enabled: bool = True) -> Non
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def lr_at(step: int, lr: float, warmup_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warm-up to `lr`, then constant."""
-    if warmup_steps <= 0:
-        return lr
-    return lr * min(1.0, (step + 1) / warmup_steps)
+def lr_at(step: int, lr: float, warmup_steps: int, cooldown: float = 0.0, progress: float = 0.0) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up to `lr`, constant, then (cooldown > 0) a
+    linear fall to zero over the last `cooldown` fraction of the run; `progress` is the fraction done before this
+    step (so the run's last step, at progress (steps - 1) / steps, still moves the weights)."""
+    factor = 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+    if cooldown > 0:
+        factor *= min(1.0, max(0.0, (1.0 - progress) / cooldown))
+    return lr * factor
 
 
 class StopSignal:
