@@ -80,6 +80,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=None, help="N: images sampled and scored per mark, and test-split "
                    "reference images (default 1000; --quick 16)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/peers.json", help="JSON results; the Markdown table goes next to it")
+    p.add_argument("--out", default=None, help="JSON results; the Markdown table goes next to it (default "
+                   "benchmarks/results/peers.json; with --speed benchmarks/results/peers-speed.json)")
     p.add_argument("--work", default=None, help="folder for the run folders and samples (default: a new temporary folder)")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run: marks of seconds, small N, 8-wide networks")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (every system)")
@@ -176,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="lddpm's cache folder (default $LDDPM_CACHE or ~/.cache/lddpm)")
     p.add_argument("--data-root", default=None, help="folder of the Fashion-MNIST IDX files (default: lddpm's)")
     p.add_argument("--in-process", action="store_true", help="run every system in this process instead of one subprocess each")
+    p.add_argument("--speed", type=int, default=0, metavar="ROUNDS",
+                   help="only time the training steps: lddpm's trainer and diffusers' tuned step in turn in one process, "
+                        "ROUNDS blocks of 5 steps each; writes --out (no sampling, no scoring)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one system from a spec file
     return p
 
@@ -271,6 +276,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.minutes = parse_minutes(args.minutes or ("0.05,0.1" if args.quick else "10,30"))
     except ValueError as exc:
         p.error(str(exc))
+    args.out = args.out or f"benchmarks/results/{'peers-speed' if args.speed else 'peers'}.json"
+    if args.speed < 0:
+        p.error(f"--speed {args.speed}: give a positive number of rounds")
+    if args.speed and "diffusers" not in args.systems:
+        p.error("--speed times lddpm against diffusers: keep diffusers in --systems")
     args.batch = args.batch if args.batch is not None else (8 if args.quick else 64)
     args.num = args.num if args.num is not None else (16 if args.quick else 1000)
     defaults = {"lddpm_steps": 25, "lucidrains_steps": 50, "diffusers_steps": 25 if args.diffusers_sampler == "dpm++2m" else 50}
@@ -874,21 +884,17 @@ def diffusers_sample(unet, scheduler, n: int, steps: int, generator: torch.Gener
     return x
 
 
-def run_diffusers(spec: dict, out_dir: Path, log) -> dict:
-    """diffusers: UNet2DModel + DDPMScheduler trained as examples/unconditional_image_generation does."""
+def diffusers_training(spec: dict, device: torch.device) -> types.SimpleNamespace:
+    """diffusers' side of a run: UNet2DModel, DDPMScheduler, AdamW, LR schedule, EMA and the training step of
+    examples/unconditional_image_generation under the variant's settings; `step(x)` trains on one batch."""
     import torch.nn.functional as F
-    import diffusers
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel, compute_snr
 
-    device = torch.device(spec["device_resolved"])
     resolved = diffusers_settings(spec["variant"], spec["recipe"], spec["quick"], spec["diffusers_samplers"],
                                   spec["batch"], spec["num_train_images"])
     s = resolved["settings"]
-    clock = TrainClock(device)
-    torch.manual_seed(spec["seed"])
-    clock.start()
     unet = UNet2DModel(**s["unet"]).to(device)
     sc = dict(s["scheduler"])
     if sc.get("beta_schedule") == "trained_betas":
@@ -911,14 +917,10 @@ def run_diffusers(spec: dict, out_dir: Path, log) -> dict:
         ema = EMAModel(unet.parameters(), decay=e["decay"], use_ema_warmup=e["use_ema_warmup"],
                        inv_gamma=e.get("inv_gamma", 1.0), power=e.get("power", 2 / 3), min_decay=e.get("min_decay", 0.0))
     ema.to(device)
-    spec["_loader"], _ = open_train_loader(spec)
-    setup_seconds = clock.seconds
-    params = sum(p.numel() for p in unet.parameters())
-    log(f"{params:,} parameters, set-up {setup_seconds:.2f} s")
     num_t = noise_scheduler.config.num_train_timesteps
     prediction = noise_scheduler.config.prediction_type
 
-    def step_fn(x, step):
+    def step(x):
         # the example's inner loop: noise, uniform t, add_noise, predict, MSE, backward, clip, step, LR step, zero_grad, EMA
         unet.train()
         clean = x.to(device)
@@ -950,6 +952,27 @@ def run_diffusers(spec: dict, out_dir: Path, log) -> dict:
         lr_scheduler.step()
         optimizer.zero_grad()
         ema.step(unet.parameters())
+
+    return types.SimpleNamespace(unet=unet, ema=ema, noise_scheduler=noise_scheduler, step=step, settings=s, resolved=resolved)
+
+
+def run_diffusers(spec: dict, out_dir: Path, log) -> dict:
+    """diffusers: UNet2DModel + DDPMScheduler trained as examples/unconditional_image_generation does."""
+    import diffusers
+
+    device = torch.device(spec["device_resolved"])
+    clock = TrainClock(device)
+    torch.manual_seed(spec["seed"])
+    clock.start()  # set-up counts: network, scheduler, optimizer, EMA, loader
+    d = diffusers_training(spec, device)
+    unet, ema, noise_scheduler, s, resolved = d.unet, d.ema, d.noise_scheduler, d.settings, d.resolved
+    spec["_loader"], _ = open_train_loader(spec)
+    setup_seconds = clock.seconds
+    params = sum(p.numel() for p in unet.parameters())
+    log(f"{params:,} parameters, set-up {setup_seconds:.2f} s")
+
+    def step_fn(x, step):
+        d.step(x)
 
     ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
 
@@ -1043,6 +1066,54 @@ def run_lddpm(spec: dict, out_dir: Path, log) -> dict:
                         "samplers": "each row's lddpm sampler, steps and options; guide=F: autoguidance by the same "
                                     "run's checkpoint at F x the mark (its training time is inside the mark's)"},
             "mapping": {}, "not_mapped": {}, "params": params, "setup_seconds": None, "marks": records}
+
+
+def speed_check(spec: dict, rounds: int, block: int = 5, warmup: int = 3) -> dict:
+    """lddpm's trainer step (the recipe as the peers run trains it) and diffusers' tuned training step, timed in
+    turn in this process: `rounds` blocks of `block` steps each after `warmup` steps, so that both see the same
+    machine; medians of the per-step wall and CPU time over the blocks. No sampling, no scoring."""
+    import lddpm
+    from lddpm.train.diffusion import DiffusionTrainer
+
+    device = torch.device(spec["device_resolved"])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = DiffusionTrainer(lddpm.load_config(spec["lddpm_preset"], lddpm_overrides(spec)), Path(tmp) / "run",
+                                   progress=False)
+        trainer.prepare()
+        peer = dict(spec, variant="tuned")
+        torch.manual_seed(spec["seed"])
+        d = diffusers_training(peer, device)
+        loader, _ = open_train_loader(peer)
+        taken = [0]
+
+        def diffusers_step() -> None:
+            x, _ = loader.batch(taken[0])
+            d.step(x)
+            taken[0] += 1
+
+        steps = {"lddpm": trainer.train_step, "diffusers": diffusers_step}
+        for step in steps.values():
+            for _ in range(warmup):
+                step()
+        wall: dict[str, list[float]] = {name: [] for name in steps}
+        cpu: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(rounds):
+            for name, step in steps.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                w0, c0 = time.perf_counter(), time.process_time()
+                for _ in range(block):
+                    step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                wall[name].append((time.perf_counter() - w0) / block)
+                cpu[name].append((time.process_time() - c0) / block)
+    med = {name: {"wall_s_per_step": statistics.median(wall[name]), "cpu_s_per_step": statistics.median(cpu[name]),
+                  "images_per_s": spec["batch"] / statistics.median(wall[name]),
+                  "wall_s_blocks": wall[name], "cpu_s_blocks": cpu[name]} for name in steps}
+    return {"rounds": rounds, "block": block, "warmup": warmup, "systems": med,
+            "lddpm_over_diffusers_images_wall": med["diffusers"]["wall_s_per_step"] / med["lddpm"]["wall_s_per_step"],
+            "lddpm_over_diffusers_images_cpu": med["diffusers"]["cpu_s_per_step"] / med["lddpm"]["cpu_s_per_step"]}
 
 
 RUNNERS = {"lddpm": run_lddpm, "lucidrains": run_lucidrains, "diffusers": run_diffusers}
@@ -1193,6 +1264,21 @@ def print_table(report: dict) -> None:
               f"KID x1e3 {fmt(None if floor.get('kid') is None else 1e3 * floor['kid'], '.2f')}")
 
 
+def write_speed(args: argparse.Namespace, spec: dict) -> dict:
+    """--speed: the interleaved step timing, printed and written to --out."""
+    report = {"benchmark": "peers-speed", "batch": args.batch, "seed": args.seed, "quick": args.quick,
+              "environment": {**environment(), "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "")
+                              else "default", "device": spec["device_resolved"]},
+              "recipe": spec["recipe"], **speed_check(spec, args.speed)}
+    for name, row in report["systems"].items():
+        print(f"{name:<10} {1000 * row['wall_s_per_step']:8.1f} ms/step  {row['images_per_s']:7.1f} images/s  "
+              f"CPU {1000 * row['cpu_s_per_step']:8.1f} ms/step")
+    print(f"lddpm / diffusers training images per second: {report['lddpm_over_diffusers_images_wall']:.3f}x (wall), "
+          f"{report['lddpm_over_diffusers_images_cpu']:.3f}x (CPU time)")
+    write_json(report, Path(args.out))
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     """Parse arguments; run each (system, variant); score; print the table; write JSON and Markdown."""
     args = parse_args(argv)
@@ -1223,6 +1309,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     from lddpm.data import open_cache
 
     base_spec.update(recipe=recipe, hflip=recipe["hflip"], num_train_images=len(open_cache(train_cache)))
+    if args.speed:
+        return write_speed(args, base_spec)
     env = {**environment(), "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default",
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     versions = {}

@@ -151,6 +151,24 @@ def test_quick_peer_default_and_tuned(inputs, tmp_path, system):
     assert abs(tuned["params"] - recipe_params) < abs(default["params"] - recipe_params)
 
 
+def test_speed_times_both_training_steps_in_one_process(inputs, tmp_path):
+    """--speed: lddpm's trainer step and diffusers' tuned step in turn, medians and their ratio; nothing sampled."""
+    pytest.importorskip("diffusers")
+    out = tmp_path / "speed.json"
+    report = peers.main(["--quick", "--speed", "2", "--systems", "lddpm,diffusers", "--data-root", str(inputs["data"]),
+                         "--cache-dir", str(inputs["cache"]), "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert set(report["systems"]) == {"lddpm", "diffusers"} and report["rounds"] == 2
+    for row in report["systems"].values():
+        assert len(row["wall_s_blocks"]) == 2 and row["wall_s_per_step"] > 0 and row["cpu_s_per_step"] > 0
+        assert row["images_per_s"] == pytest.approx(report["batch"] / row["wall_s_per_step"])
+    lddpm, diffusers = (report["systems"][k]["wall_s_per_step"] for k in ("lddpm", "diffusers"))
+    assert report["lddpm_over_diffusers_images_wall"] == pytest.approx(diffusers / lddpm)
+    # without --out the timing goes to its own file, never over the peers table's JSON
+    assert peers.parse_args(["--speed", "2", "--systems", "lddpm,diffusers"]).out == "benchmarks/results/peers-speed.json"
+    assert peers.parse_args(["--systems", "lddpm"]).out == "benchmarks/results/peers.json"
+
+
 def test_diffusers_tuned_network_matches_the_recipe_exactly():
     """The recipe's U-Net layout maps onto UNet2DModel block for block: the same parameter count."""
     pytest.importorskip("diffusers")
@@ -184,6 +202,8 @@ def test_diffusers_tuned_network_matches_the_recipe_exactly():
     (["--minutes", "10,10"], "names a mark twice"),
     (["--lucidrains-steps", "250"], "at most 50 network evaluations"),
     (["--num", "1"], "KID needs at least 2 images"),
+    (["--speed", "-1"], "--speed -1: give a positive number of rounds"),
+    (["--speed", "3", "--systems", "lddpm"], "keep diffusers in --systems"),
 ])
 def test_argument_errors_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
