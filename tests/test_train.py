@@ -104,6 +104,22 @@ def test_cooldown_reaches_the_log_and_the_optimizer(data_dirs, tmp_path):
     assert state["param_groups"][0]["lr"] == pytest.approx(0.005)
 
 
+def test_stop_minutes_stops_with_a_checkpoint_and_the_cooldown_keeps_its_horizon(data_dirs, tmp_path):
+    """stop_minutes stops once the training time reaches it (here after the first step) without changing
+    run.max_minutes; the progress the cool-down reads is the further of steps / run.steps and time / max_minutes."""
+    from lddpm.train import DiffusionTrainer
+
+    config = tiny_config(data_dirs, "run.max_minutes=600", "optim.cooldown=0.5")
+    first = train(config, tmp_path / "run", progress=False, stop_minutes=1e-9)
+    assert first["stopped"] and first["step"] == 1 and load_checkpoint(tmp_path / "run").meta["step"] == 1
+    done = train(config, tmp_path / "run", resume=True, progress=False)
+    assert not done["stopped"] and done["step"] == 4
+    trainer = DiffusionTrainer(config, tmp_path / "other", progress=False)
+    trainer.step = 1
+    assert trainer.progress_at(60.0 * 6) == pytest.approx(0.25)     # 1 of 4 steps is further than 6 of 600 minutes
+    assert trainer.progress_at(60.0 * 300) == pytest.approx(0.5)    # 300 of 600 minutes is further than 1 of 4 steps
+
+
 def test_ema_follows_closed_form():
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():

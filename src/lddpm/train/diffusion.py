@@ -327,6 +327,9 @@ class DiffusionTrainer(TrainingLoop):
 
 
 def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True,
-          stop_at: int | None = None) -> dict[str, Any]:
-    """Train a diffusion model; `stop_at` stops (with a checkpoint) after that many steps, as a signal would."""
-    return DiffusionTrainer(config, run_dir, resume=resume, progress=progress, stop_at=stop_at).run()
+          stop_at: int | None = None, stop_minutes: float | None = None) -> dict[str, Any]:
+    """Train a diffusion model; `stop_at` stops (with a checkpoint) after that many steps, as a signal would, and
+    `stop_minutes` once the training time reaches it, without changing run.max_minutes (so an optim.cooldown keeps
+    the horizon of the whole run; resuming continues it)."""
+    return DiffusionTrainer(config, run_dir, resume=resume, progress=progress, stop_at=stop_at,
+                            stop_minutes=stop_minutes).run()

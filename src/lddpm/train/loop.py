@@ -45,12 +45,13 @@ class TrainingLoop:
     kind = "base"
 
     def __init__(self, config: Config, run_dir: str | Path | None = None, *, resume: bool = False,
-                 progress: bool = True, stop_at: int | None = None):
+                 progress: bool = True, stop_at: int | None = None, stop_minutes: float | None = None):
         self.config = check_names(validate(config.copy()))
         check_trackers(self.config.run.trackers)  # e.g. tensorboard asked for but not installed: before any work
         self.run_dir = Path(run_dir if run_dir is not None else config.run.out)
         self.config.run.out = str(self.run_dir)
-        self.resume, self.progress, self.stop_at = resume, progress, stop_at
+        self.resume, self.progress, self.stop_at, self.stop_minutes = resume, progress, stop_at, stop_minutes
+        self.step_wall = 0.0  # the training time at the last step, the mean over ranks (every rank agrees on it)
         self.info = distributed.setup(self.config.run.device)
         self.device = self.info.device
         use_deterministic_kernels(self.device, self.config.run.deterministic)
@@ -370,7 +371,8 @@ class TrainingLoop:
                     self.band_sum, self.band_count = [0.0] * len(self.loss_bands), [0.0] * len(self.loss_bands)
                 if self.info.is_main and c.run.sample_every and self.step % c.run.sample_every == 0 and self.step < total:
                     self._grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
-                if stop_now or (self.stop_at is not None and self.step >= self.stop_at):
+                if stop_now or (self.stop_at is not None and self.step >= self.stop_at) or (
+                        self.stop_minutes is not None and self.step_wall >= 60.0 * self.stop_minutes):
                     stopped = self.step < total
                     break
                 if self.step % c.run.checkpoint_every == 0 and self.step < total:
@@ -444,8 +446,8 @@ class TrainingLoop:
             )
         max_norm = c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        self.lr = lr_at(self.step, c.optim.lr, c.optim.warmup_steps, c.optim.cooldown,
-                        self.progress_at(float(status[2]) / self.info.world_size))
+        self.step_wall = float(status[2]) / self.info.world_size
+        self.lr = lr_at(self.step, c.optim.lr, c.optim.warmup_steps, c.optim.cooldown, self.progress_at(self.step_wall))
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         self.optimizer.step()

@@ -145,6 +145,8 @@ class VAETrainer(TrainingLoop):
 
 
 def train_vae(config: Config, run_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True,
-              stop_at: int | None = None) -> dict[str, Any]:
-    """Train the KL autoencoder, then store its latent scaling factor in the final checkpoint."""
-    return VAETrainer(config, run_dir, resume=resume, progress=progress, stop_at=stop_at).run()
+              stop_at: int | None = None, stop_minutes: float | None = None) -> dict[str, Any]:
+    """Train the KL autoencoder, then store its latent scaling factor in the final checkpoint; `stop_at` and
+    `stop_minutes` stop early as for `lddpm.train.train`."""
+    return VAETrainer(config, run_dir, resume=resume, progress=progress, stop_at=stop_at,
+                      stop_minutes=stop_minutes).run()
