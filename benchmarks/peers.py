@@ -6,7 +6,8 @@ sees the same images in the same order) with the same batch size, for the same t
 
   lddpm       its recipe preset (`fashion-30min`, unconditional; `--lddpm-set KEY=VALUE` changes it, and the
               recipe the tuned peers read with it), trained with `lddpm.train_diffusion` and `run.max_minutes`,
-              resumed for each later mark; sampled with `--lddpm-sampler` (dpm++2m, 25 steps) or each of
+              resumed for each later mark (with `optim.cooldown`, whose learning rate depends on the budget,
+              one run per mark instead); sampled with `--lddpm-sampler` (dpm++2m, 25 steps) or each of
               `--lddpm-samplers` (e.g. `unipc:10:grid=logsnr,sigma_min=0.1694`; `guide=F` autoguides each mark
               by the run's own checkpoint at F x the mark, saved on the way: no extra training).
   lucidrains  denoising-diffusion-pytorch's `Unet` + `GaussianDiffusion`, called as they are
@@ -32,6 +33,8 @@ forward hook) and saved, then training continues. Only training time counts: eac
 (network, optimizer, EMA, data loader) and its steps. A run stops after the step at which its training time
 reaches the mark (lddpm: its own `run.max_minutes` clock, which is its checkpoints' cumulative
 `wall_time`; it pays its set-up again at each resume). Train images/s = images seen / training seconds.
+`--speed ROUNDS` only times the two training steps, lddpm's trainer and diffusers' tuned step, in turn in one
+process (the same machine for both), and writes benchmarks/results/peers-speed.json.
 The parent process then scores every mark's samples with lddpm's FID and KID (the pinned Inception network,
 feature backend `--feature-backend`, default auto) against N images of the Fashion-MNIST test split, and
 scores N real train-split images the same way (the real-data floor at this N).
@@ -375,7 +378,9 @@ def recipe_summary(spec: dict) -> dict:
         "params": sum(p.numel() for p in net.parameters()),
         "network": {"kind": c.model.kind, "name": c.model.name, **net.config.to_dict()},
         "lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay, "warmup_steps": o.warmup_steps,
-        "lr_schedule": "linear warm-up, then constant", "grad_clip": o.grad_clip, "grad_accum": o.grad_accum,
+        "lr_schedule": "linear warm-up, then constant" + (f", then linear to zero over the last {o.cooldown:g} of each "
+                                                           "mark's training time" if o.cooldown else ""),
+        "cooldown": o.cooldown, "grad_clip": o.grad_clip, "grad_accum": o.grad_accum,
         "ema_decay": o.ema_decay, "ema_warmup": o.ema_warmup, "ema_gamma": o.ema_gamma,
         "objective": d.objective, "schedule": d.schedule, "num_timesteps": d.num_timesteps,
         "loss_weighting": d.loss_weighting, "min_snr_gamma": d.min_snr_gamma, "learned_variance": d.learned_variance,
@@ -406,6 +411,19 @@ def search_width(build, target: int, step: int, start: int | None = None, limit:
 def lucidrains_unet_kwargs(unet: dict) -> dict:
     """Unet arguments with lists as tuples (its cast_tuple takes a list for one value to repeat per level)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in unet.items()}
+
+
+def common_not_mapped(recipe: dict) -> dict[str, str]:
+    """Recipe settings no peer takes: gradient accumulation, and the cool-down over each mark's time budget."""
+    out = {}
+    if recipe["grad_accum"] != 1:
+        out["optim.grad_accum"] = "every system takes one batch of --batch per step"
+    if recipe.get("cooldown"):
+        out["optim.cooldown"] = (f"lddpm's learning rate falls to zero over the last {recipe['cooldown']:g} of each mark's "
+                                 "training time (one lddpm run per mark); the peer trains one run, sampled at every mark, "
+                                 "at a constant rate after warm-up: its LR schedules decay over a step count fixed in "
+                                 "advance, which a run with a time budget does not know")
+    return out
 
 
 def lucidrains_settings(variant: str, recipe: dict, quick: bool, steps: int) -> dict:
@@ -499,8 +517,7 @@ def lucidrains_settings(variant: str, recipe: dict, quick: bool, steps: int) -> 
                 not_mapped[f"diffusion.{key}"] = "no equivalent in GaussianDiffusion"
         if recipe["timestep_sampling"] != "uniform":
             not_mapped["diffusion.timestep_sampling"] = f"recipe {recipe['timestep_sampling']!r}; lucidrains samples t uniformly"
-        if recipe["grad_accum"] != 1:
-            not_mapped["optim.grad_accum"] = "every system takes one batch of --batch per step"
+        not_mapped.update(common_not_mapped(recipe))
     return {"settings": s, "sources": sources, "mapping": mapping, "not_mapped": not_mapped}
 
 
@@ -635,8 +652,7 @@ def diffusers_settings(variant: str, recipe: dict, quick: bool, samplers: list[d
             not_mapped["diffusion.learned_variance"] = "the example trains a fixed-variance model"
         if recipe["timestep_sampling"] != "uniform":
             not_mapped["diffusion.timestep_sampling"] = f"recipe {recipe['timestep_sampling']!r}; the example samples t uniformly"
-        if recipe["grad_accum"] != 1:
-            not_mapped["optim.grad_accum"] = "every system takes one batch of --batch per step"
+        not_mapped.update(common_not_mapped(recipe))
     return {"settings": s, "sources": sources, "mapping": mapping, "not_mapped": not_mapped}
 
 
@@ -1004,8 +1020,60 @@ def guide_minutes(mark: float, fraction: float) -> float:
     return max(round(mark * fraction, 2), 0.01)
 
 
+def lddpm_plan(spec: dict, out_dir: Path, cooldown: float) -> list[tuple[Path, float | None, list[float], set[float]]]:
+    """lddpm's runs: (run folder, its whole budget in minutes or None, its stops in minutes, which stops are guides).
+
+    Without a cool-down one run is resumed from stop to stop (run.max_minutes = each stop): the marks and the guide
+    checkpoints at F x each mark. With optim.cooldown > 0 the learning rate depends on the run's budget, so each
+    mark is its own run (run.max_minutes = the mark, out_dir/run-<mark>min) that stops at its guide times."""
+    fractions = sorted({item["options"]["guide"] for item in spec["lddpm_samplers"] if "guide" in item["options"]})
+    if cooldown > 0:
+        plan = []
+        for m in spec["marks"]:
+            guides = {guide_minutes(m, f) for f in fractions}
+            plan.append((out_dir / f"run-{m:g}min", m, sorted(guides | {m}), guides))
+        return plan
+    guides = {guide_minutes(m, f) for m in spec["marks"] for f in fractions}
+    return [(out_dir / "run", None, sorted(set(spec["marks"]) | guides), guides)]
+
+
+def sample_lddpm_mark(spec: dict, run_dir: Path, minutes: float, meta: dict, outside: float,
+                      saved: dict[tuple[Path, float], Path], out_dir: Path, mark_index: int, log) -> tuple[dict, int]:
+    """Sample every lddpm sampler row from the run at one mark (guides from `saved`); the mark's record and the
+    network's parameter count."""
+    import lddpm
+    from lddpm.checkpoint import load_checkpoint
+
+    device = torch.device(spec["device_resolved"])
+    pipe = lddpm.load_pipeline(run_dir, device=device)
+    sampled = []
+    for item in spec["lddpm_samplers"]:
+        o = dict(item["options"])
+        fraction, scale, interval = o.pop("guide", None), o.pop("guide_scale", 1.0), o.pop("interval", None)
+        guide = saved[run_dir, guide_minutes(minutes, fraction)] if fraction is not None else None
+        pipe.set_guide(guide)
+
+        def generate(n, index, item=item, o=o, scale=scale, interval=interval):
+            images, _ = pipe.generate(n, sampler=item["name"], num_steps=item["steps"], sampler_options=o or None,
+                                      guide_scale=float(scale), guidance_interval=tuple(interval) if interval else None,
+                                      seed=spec["seed"] * 1_000_003 + index, batch_size=n, progress=False)
+            return images
+
+        images, cost = timed_sampling(generate, spec["num"], spec["sample_batch"], pipe.model, pipe.guide, device=device)
+        if guide is not None:
+            cost.update(guide_checkpoint=str(guide), guide_step=int(load_checkpoint(guide).meta["step"]))
+        sampled.append((item["label"], images, cost))
+    pipe.set_guide(None)
+    record = {"mark_minutes": minutes, "train_seconds": float(meta["wall_time"]), "steps": int(meta["step"]),
+              "images_seen": int(meta["images_seen"]), "call_seconds": outside, "bf16": meta.get("bf16"),
+              "run": run_dir.name, "samplers": save_samples(sampled, out_dir, mark_index)}
+    log(f"mark {minutes:g} min: {meta['step']} steps in {meta['wall_time']:.1f} s of training (call {outside:.1f} s), "
+        "sampling " + ", ".join(f"{r['sampler']} {r['seconds_per_image']:.3f} s/image" for r in record["samplers"]))
+    return record, sum(p.numel() for p in pipe.model.parameters())
+
+
 def run_lddpm(spec: dict, out_dir: Path, log) -> dict:
-    """lddpm: its recipe preset trained with train_diffusion and run.max_minutes, resumed for each later mark.
+    """lddpm: its recipe preset trained with train_diffusion and run.max_minutes (`lddpm_plan`).
 
     A sampler with guide=F is autoguided (Karras et al. 2024) by the same run's checkpoint at F x the mark: the
     run also stops there (resuming costs its set-up again, inside its clock) and that checkpoint is copied aside.
@@ -1015,54 +1083,33 @@ def run_lddpm(spec: dict, out_dir: Path, log) -> dict:
     import lddpm
     from lddpm.checkpoint import load_checkpoint, resolve_checkpoint
 
-    device = torch.device(spec["device_resolved"])
-    run_dir, guide_dir = out_dir / "run", out_dir / "guides"
+    guide_dir = out_dir / "guides"
     base = lddpm_overrides(spec)
-    fractions = sorted({item["options"]["guide"] for item in spec["lddpm_samplers"] if "guide" in item["options"]})
-    guide_times = {guide_minutes(m, f) for m in spec["marks"] for f in fractions}
-    stops = sorted(set(spec["marks"]) | guide_times)
-    saved: dict[float, Path] = {}  # stop minutes -> checkpoint copy
+    plan = lddpm_plan(spec, out_dir, lddpm.load_config(spec["lddpm_preset"], base).optim.cooldown)
+    saved: dict[tuple[Path, float], Path] = {}  # (run folder, stop minutes) -> checkpoint copy
     records = []
-    for k, minutes in enumerate(stops):
-        config = lddpm.load_config(spec["lddpm_preset"], base + [f"run.max_minutes={minutes}"])
-        start = time.perf_counter()
-        lddpm.train_diffusion(config, run_dir, resume=k > 0, progress=False)  # stops itself at the mark
-        outside = time.perf_counter() - start
-        meta = load_checkpoint(run_dir).meta
-        if minutes in guide_times:
-            guide_dir.mkdir(exist_ok=True)
-            saved[minutes] = Path(shutil.copy2(resolve_checkpoint(run_dir), guide_dir / f"{minutes:g}min.pt"))
-            log(f"guide checkpoint at {minutes:g} min: step {meta['step']}")
-        if minutes not in spec["marks"]:
-            continue
-        pipe = lddpm.load_pipeline(run_dir, device=device)
-        sampled = []
-        for item in spec["lddpm_samplers"]:
-            o = dict(item["options"])
-            fraction, scale, interval = o.pop("guide", None), o.pop("guide_scale", 1.0), o.pop("interval", None)
-            guide = saved[guide_minutes(minutes, fraction)] if fraction is not None else None
-            pipe.set_guide(guide)
-
-            def generate(n, index, item=item, o=o, scale=scale, interval=interval):
-                images, _ = pipe.generate(n, sampler=item["name"], num_steps=item["steps"], sampler_options=o or None,
-                                          guide_scale=float(scale), guidance_interval=tuple(interval) if interval else None,
-                                          seed=spec["seed"] * 1_000_003 + index, batch_size=n, progress=False)
-                return images
-
-            images, cost = timed_sampling(generate, spec["num"], spec["sample_batch"], pipe.model, pipe.guide, device=device)
-            if guide is not None:
-                cost.update(guide_checkpoint=str(guide), guide_step=int(load_checkpoint(guide).meta["step"]))
-            sampled.append((item["label"], images, cost))
-        pipe.set_guide(None)
-        records.append({"mark_minutes": minutes, "train_seconds": float(meta["wall_time"]), "steps": int(meta["step"]),
-                        "images_seen": int(meta["images_seen"]), "call_seconds": outside, "bf16": meta.get("bf16"),
-                        "samplers": save_samples(sampled, out_dir, len(records))})
-        log(f"mark {minutes:g} min: {meta['step']} steps in {meta['wall_time']:.1f} s of training (call {outside:.1f} s), "
-            "sampling " + ", ".join(f"{r['sampler']} {r['seconds_per_image']:.3f} s/image" for r in records[-1]["samplers"]))
-    params = sum(p.numel() for p in pipe.model.parameters())
+    for run_dir, budget, stops, guides in plan:
+        for k, minutes in enumerate(stops):
+            config = lddpm.load_config(spec["lddpm_preset"], base + [f"run.max_minutes={budget or minutes}"])
+            start = time.perf_counter()
+            # it stops itself: at run.max_minutes, or (a budgeted run's guide times) at stop_minutes
+            lddpm.train_diffusion(config, run_dir, resume=k > 0, progress=False,
+                                  stop_minutes=minutes if budget and minutes < budget else None)
+            outside = time.perf_counter() - start
+            meta = load_checkpoint(run_dir).meta
+            if minutes in guides:
+                guide_dir.mkdir(exist_ok=True)
+                name = f"{budget:g}-{minutes:g}min.pt" if budget else f"{minutes:g}min.pt"
+                saved[run_dir, minutes] = Path(shutil.copy2(resolve_checkpoint(run_dir), guide_dir / name))
+                log(f"guide checkpoint at {minutes:g} min: step {meta['step']}")
+            if not (minutes == budget if budget else minutes in spec["marks"]):
+                continue
+            record, params = sample_lddpm_mark(spec, run_dir, minutes, meta, outside, saved, out_dir, len(records), log)
+            records.append(record)
+    budgets = ("run.max_minutes = the mark: one run per mark, since optim.cooldown ties the learning rate to the "
+               "run's budget" if plan[0][1] else "run.max_minutes = each mark in turn (the checkpoints' cumulative wall_time)")
     return {"settings": {"preset": spec["lddpm_preset"], "overrides": base, "config": meta["config"]},
-            "sources": {"settings": f"lddpm preset {spec['lddpm_preset']!r} with the overrides listed; "
-                                    "run.max_minutes = each mark in turn (the checkpoints' cumulative wall_time)",
+            "sources": {"settings": f"lddpm preset {spec['lddpm_preset']!r} with the overrides listed; {budgets}",
                         "samplers": "each row's lddpm sampler, steps and options; guide=F: autoguidance by the same "
                                     "run's checkpoint at F x the mark (its training time is inside the mark's)"},
             "mapping": {}, "not_mapped": {}, "params": params, "setup_seconds": None, "marks": records}

@@ -107,6 +107,23 @@ def test_quick_lddpm_several_samplers_and_its_own_checkpoint_as_guide(inputs, tm
         assert not np.array_equal(images[0], images[2])
 
 
+def test_a_cooldown_recipe_trains_one_run_per_mark(inputs, tmp_path):
+    """optim.cooldown ties the learning rate to the run's budget: each mark is its own run, stopped at its guide
+    time by stop_minutes (run.max_minutes stays the mark), its guide copied aside under the mark's name."""
+    spec = {"marks": [0.02, 0.04], "lddpm_samplers": [peers.parse_sampler(t, ("ddim",)) for t in
+                                                      ("ddim:2", "ddim:2:guide=0.5,guide_scale=2")]}
+    assert peers.lddpm_plan(spec, tmp_path, 0.0) == [(tmp_path / "run", None, [0.01, 0.02, 0.04], {0.01, 0.02})]
+    assert peers.lddpm_plan(spec, tmp_path, 0.2) == [(tmp_path / "run-0.02min", 0.02, [0.01, 0.02], {0.01}),
+                                                     (tmp_path / "run-0.04min", 0.04, [0.02, 0.04], {0.02})]
+    report = _run(inputs, tmp_path, "lddpm", minutes="0.02,0.04", extra=(
+        "--lddpm-set", "optim.cooldown=0.5", "--lddpm-samplers", "ddim:2", "ddim:2:guide=0.5,guide_scale=2"))
+    run = report["runs"][0]
+    _check_run(run, "lddpm", "recipe", report, marks=(0.02, 0.04), nfe=(2, 4))
+    assert [m["run"] for m in run["marks"]] == ["run-0.02min", "run-0.04min"]
+    assert [Path(m["samplers"][1]["guide_checkpoint"]).name for m in run["marks"]] == ["0.02-0.01min.pt", "0.04-0.02min.pt"]
+    assert report["recipe"]["cooldown"] == 0.5 and "one run per mark" in run["sources"]["settings"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--lddpm-samplers", "unipc:10:grid=foo"], "unknown grid 'foo'"),
     (["--lddpm-samplers", "unipc"], "expected NAME:STEPS"),
