@@ -98,14 +98,17 @@ def ema_sweep(study, study_dir: Path, out: Path, runs: list[str], widths: list[f
     sample_cell = next(c for c in study.cells if c.at_step is not None)
     known = {(r["run"], r["at_step"], r["sigma_rel"]): r for r in earlier}
     records = []
+    # an earlier report's evaluations stay reported whatever this call's --ema-runs / --ema-widths say
+    runs = list(dict.fromkeys([*runs, *(r["run"] for r in earlier)]))
     for name in runs:
         run_dir = study_dir / "runs" / name
         snapshots = (run_dir / "ema_snapshots").is_dir()
         if not snapshots:
             print(f"[edm-ablation] {name}: no snapshots (not trained yet, or not on this machine); "
                   "reporting only its finished evaluations", flush=True)
+        run_widths = sorted({*widths, *(w for (r, _, w) in known if r == name)})
         for step in steps:
-            for width in widths:
+            for width in run_widths:
                 ckpt = out / name / f"ema-{width:.3f}-step_{step:07d}.safetensors"
                 result = out / name / f"eval-{width:.3f}-step_{step:07d}.json"
                 if not result.is_file() and (step not in compute or not snapshots):

@@ -185,7 +185,7 @@ def test_edm_study_changes_only_what_each_row_says():
     configs = {name: backend.run_config(run, Path("/nonexistent") / name, study, {}) for name, run in study.runs.items()}
     recipe = config_from_preset("fashion-30min")
     expected_low = {"recipe": (0.0155, 0.0005), "edm12": (0.298, 0.005), "edm065": (0.159, 0.005),
-                    "minsnr20": (0.049, 0.001)}
+                    "minsnr20": (0.049, 0.001), "cooldown": (0.049, 0.001)}
     steps = sorted({c.at_step for c in study.cells if c.at_step is not None})
     assert steps == [1400, 4200]
     for name, config in configs.items():
@@ -193,19 +193,24 @@ def test_edm_study_changes_only_what_each_row_says():
         assert config.run.seed == int(seed) and config.run.steps == 4200
         assert all(s % config.run.checkpoint_every == 0 for s in steps)
         assert config.run.keep_checkpoints >= 4200 // config.run.checkpoint_every
-        assert all(s % config.optim.posthoc_every == 0 for s in steps) and config.optim.posthoc_ema == [0.05, 0.1]
+        if variant != "cooldown":  # the cool-down rows came later, for FID only (no EMA-length sweep)
+            assert all(s % config.optim.posthoc_every == 0 for s in steps) and config.optim.posthoc_ema == [0.05, 0.1]
         same = {**asdict(config.model), **asdict(config.data)} == {**asdict(recipe.model), **asdict(recipe.data)}
         assert same and config.optim.lr == recipe.optim.lr and config.optim.ema_decay == recipe.optim.ema_decay
         low, tol = expected_low[variant]
         assert loss_weight_shares(build_diffusion(config.diffusion))[0]["share"] == pytest.approx(low, abs=tol)
-    # the recipe rows are the preset as it was (min-SNR-5); the preset is now the min-SNR-20 row
+    # the recipe rows are the preset as it was (min-SNR-5); the preset is now the min-SNR-20 row with the cool-down
     assert asdict(configs["recipe-s0"].diffusion) == {**asdict(recipe.diffusion), "min_snr_gamma": 5.0}
     assert asdict(configs["minsnr20-s0"].diffusion) == asdict(recipe.diffusion)
+    # the cool-down rows are min-SNR-20 with the learning rate falling to zero over the last 20% of the run
+    assert asdict(configs["cooldown-s1"].diffusion) == asdict(configs["minsnr20-s1"].diffusion)
+    assert [configs[n].optim.cooldown for n in ("cooldown-s0", "minsnr20-s0")] == [recipe.optim.cooldown, 0.0] == [0.2, 0.0]
     assert configs["edm065-s0"].diffusion.p_mean == pytest.approx(-1.2 + math.log(0.87 / 0.5), abs=0.01)
 
 
 def test_ten_minute_edm_study_is_the_first_1400_steps_of_the_thirty_minute_one():
-    """configs/study-edm-10min.toml: the same runs as study-edm.toml but trained 1,400 steps, scored at 1,400."""
+    """configs/study-edm-10min.toml: the same runs as study-edm.toml but trained 1,400 steps, scored at 1,400 (the
+    first 1,400 steps of the long runs, but for the cool-down rows, whose learning rate follows their own length)."""
     from lddpm.study import load_study
     from lddpm.study.backend import StudyBackend
 

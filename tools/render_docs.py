@@ -728,18 +728,37 @@ def _guidance_rows(folder: str) -> dict[str, dict]:
     return {r["name"]: r for r in load(f"{folder}/guidance.json")["rows"]}
 
 
+GUIDANCE_BY_COOLDOWN = (
+    ("minsnr20-s0", "constant", "benchmarks/results/guidance/edm-ablation-minsnr20-s0-dpm3m10"),
+    ("minsnr20-s1", "constant", "benchmarks/results/guidance/edm-ablation-minsnr20-s1-dpm3m10"),
+    ("cooldown-s0", "cool-down 0.2", "benchmarks/results/guidance/edm-ablation-cooldown-s0-dpm3m10"),
+    ("cooldown-s1", "cool-down 0.2", "benchmarks/results/guidance/edm-ablation-cooldown-s1-dpm3m10"),
+)
+
+
+def _guidance_by_run(entries, label: str) -> str:
+    """Unguided and autoguided (inside the interval) FID of each (run, setting, folder), seed by seed."""
+    columns = [("none", "unguided"), ("ag-w2-interval", "AG w 2"), ("ag-w2.5-interval", "AG w 2.5")]
+    lines = []
+    for run, setting, folder in entries:
+        rows = _guidance_rows(folder)
+        lines.append([run, str(setting), run.rsplit("-s", 1)[1]]
+                     + [fmt(rows.get(name, {}).get("fid"), "{:.2f}") for name, _ in columns]
+                     + [fmt(min((rows[n]["fid"] for n, _ in columns if n in rows), default=None), "{:.2f}")])
+    return md_table(["run", label, "seed"] + [f"FID {label}" for _, label in columns] + ["best"], lines,
+                    ["---"] * 3 + ["---:"] * (len(columns) + 1))
+
+
 @table("guidance-by-gamma", *(f"{folder}/guidance.json" for _, _, folder in GUIDANCE_BY_GAMMA))
 def guidance_by_gamma() -> str:
     """Unguided and autoguided (inside the interval) FID of each run, min-SNR gamma 5 against 20, seed by seed."""
-    columns = [("none", "unguided"), ("ag-w2-interval", "AG w 2"), ("ag-w2.5-interval", "AG w 2.5")]
-    lines = []
-    for run, gamma, folder in GUIDANCE_BY_GAMMA:
-        rows = _guidance_rows(folder)
-        lines.append([run, str(gamma), run.rsplit("-s", 1)[1]]
-                     + [fmt(rows.get(name, {}).get("fid"), "{:.2f}") for name, _ in columns]
-                     + [fmt(min((rows[n]["fid"] for n, _ in columns if n in rows), default=None), "{:.2f}")])
-    return md_table(["run", "min-SNR gamma", "seed"] + [f"FID {label}" for _, label in columns] + ["best"], lines,
-                    ["---"] * 3 + ["---:"] * (len(columns) + 1))
+    return _guidance_by_run(GUIDANCE_BY_GAMMA, "min-SNR gamma")
+
+
+@table("guidance-by-cooldown", *(f"{folder}/guidance.json" for _, _, folder in GUIDANCE_BY_COOLDOWN))
+def guidance_by_cooldown() -> str:
+    """The same for the min-SNR-20 runs with a constant learning rate against the cool-down, seed by seed."""
+    return _guidance_by_run(GUIDANCE_BY_COOLDOWN, "learning rate")
 
 
 LOW_BOUND = "benchmarks/results/guidance/low-bound"
