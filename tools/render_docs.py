@@ -750,6 +750,34 @@ def _guidance_by_run(entries, label: str) -> str:
                     ["---"] * 3 + ["---:"] * (len(columns) + 1))
 
 
+# The cool-down runs retrained (runs/cooldown-s{0,1}, the study rows' settings) and autoguided with
+# DPM-Solver++(2M)-25 at every step and inside the interval; a second folder per run holds the lower guide scales.
+GUIDANCE_2M25 = (
+    ("cooldown-s0", ("benchmarks/results/guidance/cooldown-s0-dpm2m25",
+                     "benchmarks/results/guidance/cooldown-s0-dpm2m25-low")),
+)
+GUIDANCE_2M25_COLUMNS = (("none", "unguided"), ("ag-w1.5", "AG w 1.5"), ("ag-w1.75", "AG w 1.75"), ("ag-w2", "AG w 2"),
+                         ("ag-w2.5", "AG w 2.5"), ("ag-w2-interval", "AG w 2 in interval"),
+                         ("ag-w2.5-interval", "AG w 2.5 in interval"))
+
+
+@table("guidance-2m25", *(f"{f}/guidance.json" for _, folders in GUIDANCE_2M25 for f in folders))
+def guidance_2m25() -> str:
+    """FID of the retrained cool-down runs, unguided and autoguided with DPM-Solver++(2M)-25, run by run (the first
+    folder's row wins where two folders hold the same row, e.g. the unguided baseline)."""
+    lines = []
+    for run, folders in GUIDANCE_2M25:
+        rows: dict[str, dict] = {}
+        for folder in reversed(folders):
+            rows.update(_guidance_rows(folder))
+        fids = [rows[name]["fid"] for name, _ in GUIDANCE_2M25_COLUMNS if name in rows]
+        lines.append([run, run.rsplit("-s", 1)[1]]
+                     + [fmt(rows.get(name, {}).get("fid"), "{:.2f}") for name, _ in GUIDANCE_2M25_COLUMNS]
+                     + [fmt(min(fids, default=None), "{:.2f}")])
+    return md_table(["run", "seed"] + [f"FID {label}" for _, label in GUIDANCE_2M25_COLUMNS] + ["best"], lines,
+                    ["---"] * 2 + ["---:"] * (len(GUIDANCE_2M25_COLUMNS) + 1))
+
+
 @table("guidance-by-gamma", *(f"{folder}/guidance.json" for _, _, folder in GUIDANCE_BY_GAMMA))
 def guidance_by_gamma() -> str:
     """Unguided and autoguided (inside the interval) FID of each run, min-SNR gamma 5 against 20, seed by seed."""
