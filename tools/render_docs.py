@@ -492,6 +492,7 @@ PEERS_SAMPLERS = "benchmarks/results/peers-samplers.json"
 PEERS_AG = "benchmarks/results/peers-ag.json"
 PEERS_G20 = "benchmarks/results/peers-g20.json"
 PEERS_COOLDOWN = "benchmarks/results/peers-cooldown.json"
+PEERS_COOLDOWN_30 = "benchmarks/results/peers-cooldown-30.json"
 
 
 def _peers(name: str, path: str):
@@ -520,7 +521,8 @@ def _peers_table(path: str) -> str:
                      f"FID (N={payload['num']})", "KID x10^3"], lines, ["---"] * 3 + ["---:"] * 3 + ["---"] + ["---:"] * 3)
 
 
-PEERS_TABLES = {"peers": PEERS, "peers-samplers": PEERS_SAMPLERS, "peers-ag": PEERS_AG, "peers-g20": PEERS_G20, "peers-cooldown": PEERS_COOLDOWN}
+PEERS_TABLES = {"peers": PEERS, "peers-samplers": PEERS_SAMPLERS, "peers-ag": PEERS_AG, "peers-g20": PEERS_G20, "peers-cooldown": PEERS_COOLDOWN,
+                "peers-cooldown-30": PEERS_COOLDOWN_30}
 for _name, _path in PEERS_TABLES.items():
     _peers(_name, _path)
 
