@@ -757,6 +757,7 @@ def _guidance_by_run(entries, label: str) -> str:
 GUIDANCE_2M25 = (
     ("cooldown-s0", ("benchmarks/results/guidance/cooldown-s0-dpm2m25",
                      "benchmarks/results/guidance/cooldown-s0-dpm2m25-low")),
+    ("cooldown-s1", ("benchmarks/results/guidance/cooldown-s1-dpm2m25",)),
 )
 GUIDANCE_2M25_COLUMNS = (("none", "unguided"), ("ag-w1.5", "AG w 1.5"), ("ag-w1.75", "AG w 1.75"), ("ag-w2", "AG w 2"),
                          ("ag-w2.5", "AG w 2.5"), ("ag-w2-interval", "AG w 2 in interval"),
