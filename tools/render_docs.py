@@ -739,15 +739,18 @@ GUIDANCE_BY_COOLDOWN = (
 )
 
 
+def _fid_cells(rows: dict[str, dict], columns) -> list[str]:
+    """The FID of each (row name, label) column of a guidance.py result, then the best of them (a dash where absent)."""
+    fids = [rows[name]["fid"] for name, _ in columns if name in rows]
+    return ([fmt(rows.get(name, {}).get("fid"), "{:.2f}") for name, _ in columns]
+            + [fmt(min(fids, default=None), "{:.2f}")])
+
+
 def _guidance_by_run(entries, label: str) -> str:
     """Unguided and autoguided (inside the interval) FID of each (run, setting, folder), seed by seed."""
     columns = [("none", "unguided"), ("ag-w2-interval", "AG w 2"), ("ag-w2.5-interval", "AG w 2.5")]
-    lines = []
-    for run, setting, folder in entries:
-        rows = _guidance_rows(folder)
-        lines.append([run, str(setting), run.rsplit("-s", 1)[1]]
-                     + [fmt(rows.get(name, {}).get("fid"), "{:.2f}") for name, _ in columns]
-                     + [fmt(min((rows[n]["fid"] for n, _ in columns if n in rows), default=None), "{:.2f}")])
+    lines = [[run, str(setting), run.rsplit("-s", 1)[1]] + _fid_cells(_guidance_rows(folder), columns)
+             for run, setting, folder in entries]
     return md_table(["run", label, "seed"] + [f"FID {label}" for _, label in columns] + ["best"], lines,
                     ["---"] * 3 + ["---:"] * (len(columns) + 1))
 
@@ -773,10 +776,7 @@ def guidance_2m25() -> str:
         rows: dict[str, dict] = {}
         for folder in reversed(folders):
             rows.update(_guidance_rows(folder))
-        fids = [rows[name]["fid"] for name, _ in GUIDANCE_2M25_COLUMNS if name in rows]
-        lines.append([run, run.rsplit("-s", 1)[1]]
-                     + [fmt(rows.get(name, {}).get("fid"), "{:.2f}") for name, _ in GUIDANCE_2M25_COLUMNS]
-                     + [fmt(min(fids, default=None), "{:.2f}")])
+        lines.append([run, run.rsplit("-s", 1)[1]] + _fid_cells(rows, GUIDANCE_2M25_COLUMNS))
     return md_table(["run", "seed"] + [f"FID {label}" for _, label in GUIDANCE_2M25_COLUMNS] + ["best"], lines,
                     ["---"] * 2 + ["---:"] * (len(GUIDANCE_2M25_COLUMNS) + 1))
 
