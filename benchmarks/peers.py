@@ -378,9 +378,10 @@ def recipe_summary(spec: dict) -> dict:
         "params": sum(p.numel() for p in net.parameters()),
         "network": {"kind": c.model.kind, "name": c.model.name, **net.config.to_dict()},
         "lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay, "warmup_steps": o.warmup_steps,
-        "lr_schedule": "linear warm-up, then constant" + (f", then linear to zero over the last {o.cooldown:g} of each "
-                                                           "mark's training time" if o.cooldown else ""),
-        "cooldown": o.cooldown, "grad_clip": o.grad_clip, "grad_accum": o.grad_accum,
+        "lr_schedule": "linear warm-up, then constant" + (
+            f", then to zero ({o.cooldown_shape}) over the last {o.cooldown:g} of each mark's training time"
+            if o.cooldown else ""),
+        "cooldown": o.cooldown, "cooldown_shape": o.cooldown_shape, "grad_clip": o.grad_clip, "grad_accum": o.grad_accum,
         "ema_decay": o.ema_decay, "ema_warmup": o.ema_warmup, "ema_gamma": o.ema_gamma,
         "objective": d.objective, "schedule": d.schedule, "num_timesteps": d.num_timesteps,
         "loss_weighting": d.loss_weighting, "min_snr_gamma": d.min_snr_gamma, "learned_variance": d.learned_variance,

@@ -97,6 +97,8 @@ def test_bad_values_are_errors(tmp_path):
     for bad in ("1.0", "-0.1"):
         with pytest.raises(LddpmError, match=r"optim.cooldown = .*fraction of the run in \[0, 1\)"):
             validate(apply_overrides(Config(), [f"optim.cooldown={bad}"]))
+    with pytest.raises(LddpmError, match=r"optim.cooldown_shape = 'cosine' is not allowed; choose one of: linear, sqrt"):
+        validate(apply_overrides(Config(), ['optim.cooldown_shape="cosine"']))
     with pytest.raises(LddpmError, match="guidance_scale"):
         validate(apply_overrides(Config(), ["run.guidance_scale=3.0"]))
     path = tmp_path / "broken.toml"

@@ -217,7 +217,9 @@ def test_ten_minute_edm_study_is_the_first_1400_steps_of_the_thirty_minute_one()
     folder = Path(__file__).resolve().parents[1] / "configs"
     long, short = load_study(folder / "study-edm.toml"), load_study(folder / "study-edm-10min.toml")
     backend = StudyBackend(progress=False)
-    assert list(short.runs) == list(long.runs)
+    # the cool-down screening rows (10 minutes only): the seed-0 cool-down row with one optim setting changed
+    screening = {"cooldown40-s0": {"cooldown": 0.4}, "lr2e3-s0": {"lr": 0.002}, "sqrt-s0": {"cooldown_shape": "sqrt"}}
+    assert list(short.runs) == list(long.runs) + list(screening)
     assert {c.at_step for c in short.cells if c.at_step is not None} == {1400}
     for name in long.runs:
         a = asdict(backend.run_config(long.runs[name], Path("/nonexistent") / name, long, {}))
@@ -226,3 +228,8 @@ def test_ten_minute_edm_study_is_the_first_1400_steps_of_the_thirty_minute_one()
         for config in (a, b):
             config["run"].pop("steps"), config["run"].pop("keep_checkpoints")
         assert a == b, name
+    base = asdict(backend.run_config(short.runs["cooldown-s0"], Path("/nonexistent"), short, {}))
+    for name, change in screening.items():
+        config = asdict(backend.run_config(short.runs[name], Path("/nonexistent"), short, {}))
+        assert config["optim"] == {**base["optim"], **change}, name
+        assert {k: v for k, v in config.items() if k != "optim"} == {k: v for k, v in base.items() if k != "optim"}

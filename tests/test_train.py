@@ -92,6 +92,10 @@ def test_step_seed_and_lr_schedule():
     assert [lr_at(s, 1.0, 0, 0.25, s / 8) for s in range(8)] == [1.0] * 7 + [0.5]
     assert [lr_at(s, 1.0, 0, 0.5, s / 8) for s in range(8)] == [1.0] * 5 + [0.75, 0.5, 0.25]
     assert lr_at(1, 2.0, 4, 0.5, 0.75) == pytest.approx(2.0 * 0.5 * 0.5)  # warm-up and cool-down multiply
+    # the 1-sqrt shape: 1 - sqrt(x) of the cool-down's fraction x done (x = 0, 1/4, 1/2, 3/4 over the last half)
+    sqrt_shape = [lr_at(s, 1.0, 0, 0.5, s / 8, "sqrt") for s in range(8)]
+    assert sqrt_shape == pytest.approx([1.0] * 5 + [1 - 0.5, 1 - 0.5 ** 0.5, 1 - 0.75 ** 0.5])
+    assert all(a <= b for a, b in zip(sqrt_shape, [lr_at(s, 1.0, 0, 0.5, s / 8) for s in range(8)]))  # never above
 
 
 def test_cooldown_reaches_the_log_and_the_optimizer(data_dirs, tmp_path):

@@ -72,6 +72,9 @@ class DataConfig:
     cache_dir: str | None = None
 
 
+COOLDOWN_SHAPES = ("linear", "sqrt")
+
+
 @dataclass
 class OptimConfig:
     """AdamW, linear LR warm-up, gradient clipping and the EMA of the weights."""
@@ -84,6 +87,9 @@ class OptimConfig:
     # a linear cool-down: Hu et al. 2024, "MiniCPM", and Haegele et al. 2024's warmup-stable-decay schedule).
     # The run's progress is steps / run.steps, or its training time / run.max_minutes when that is further on.
     cooldown: float = 0.0
+    # The cool-down's shape: "linear" (the factor falls as 1 - x with the cool-down's fraction x done) or "sqrt"
+    # (1 - sqrt(x), Haegele et al. 2024's "1-sqrt": it falls faster at first and spends longer at low rates).
+    cooldown_shape: str = "linear"
     grad_clip: float = 1.0  # 0 disables clipping
     batch_size: int = 128  # global: summed over processes and accumulation steps
     grad_accum: int = 1  # micro-batches per step in each process
@@ -383,6 +389,7 @@ def validate(config: Config) -> Config:
     if not 0 <= o.cooldown < 1:
         raise LddpmError(f"optim.cooldown = {o.cooldown}: expected a fraction of the run in [0, 1), e.g. 0.2 "
                          "(0 keeps the learning rate constant after warm-up)")
+    check_choice("optim.cooldown_shape", o.cooldown_shape, COOLDOWN_SHAPES)
     if not 0 <= o.ema_decay < 1:
         raise LddpmError(f"optim.ema_decay = {o.ema_decay}: expected a number in [0, 1)")
     if not 0 <= r.label_dropout < 1:

@@ -447,7 +447,8 @@ class TrainingLoop:
         max_norm = c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         self.step_wall = float(status[2]) / self.info.world_size
-        self.lr = lr_at(self.step, c.optim.lr, c.optim.warmup_steps, c.optim.cooldown, self.progress_at(self.step_wall))
+        self.lr = lr_at(self.step, c.optim.lr, c.optim.warmup_steps, c.optim.cooldown, self.progress_at(self.step_wall),
+                        c.optim.cooldown_shape)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         self.optimizer.step()

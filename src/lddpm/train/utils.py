@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -44,13 +45,16 @@ def use_deterministic_kernels(device: torch.device, enabled: bool = True) -> Non
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def lr_at(step: int, lr: float, warmup_steps: int, cooldown: float = 0.0, progress: float = 0.0) -> float:
+def lr_at(step: int, lr: float, warmup_steps: int, cooldown: float = 0.0, progress: float = 0.0,
+          shape: str = "linear") -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up to `lr`, constant, then (cooldown > 0) a
-    linear fall to zero over the last `cooldown` fraction of the run; `progress` is the fraction done before this
-    step (so the run's last step, at progress (steps - 1) / steps, still moves the weights)."""
+    fall to zero over the last `cooldown` fraction of the run, as 1 - x (shape "linear") or 1 - sqrt(x) (shape
+    "sqrt", Haegele et al. 2024) of the fraction x of the cool-down done; `progress` is the fraction of the run
+    done before this step (so the run's last step, at progress (steps - 1) / steps, still moves the weights)."""
     factor = 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
     if cooldown > 0:
-        factor *= min(1.0, max(0.0, (1.0 - progress) / cooldown))
+        done = min(1.0, max(0.0, 1.0 - (1.0 - progress) / cooldown))
+        factor *= 1.0 - (math.sqrt(done) if shape == "sqrt" else done)
     return lr * factor
 
 
