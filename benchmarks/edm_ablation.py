@@ -38,6 +38,8 @@ from common import environment, write_json  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STUDY = REPO / "src" / "lddpm" / "configs" / "study-edm.toml"
 STEPS_PER_MINUTE = 4200 / 30  # fashion-30min: 30 minutes fixed as 4,200 steps (docs/recipe.md)
+RECIPE_BATCH = 64  # fashion-30min's optim.batch_size: a row that sets another trains STEPS_PER_MINUTE * 64 / batch
+BATCH_SETTING = re.compile(r"^optim\.batch_size=(\d+)$")
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
 
 
@@ -157,8 +159,10 @@ def summarise(study, study_dir: Path, ema: list[dict]) -> dict:
     for name in study.runs:
         variant = SEED_SUFFIX.sub("", name)
         seed = int(SEED_SUFFIX.search(name).group(1)) if SEED_SUFFIX.search(name) else 0
+        batch = next((int(m.group(1)) for m in map(BATCH_SETTING.match, study.runs[name].set) if m), RECIPE_BATCH)
         entry = table.setdefault(variant, {"variant": variant, "runs": [], "shares": band_shares(study_dir, name, study),
-                                           "settings": study.runs[name].set, "fid": {}, "kid": {}, "other": {}})
+                                           "settings": study.runs[name].set, "batch_size": batch,
+                                           "fid": {}, "kid": {}, "other": {}})
         entry["runs"].append(name)
         for row in rows:
             cell = cells.get(row["name"])
@@ -189,6 +193,15 @@ def own_ema_fids(summary: dict) -> dict[tuple[str, int], float]:
     return found
 
 
+def step_label(summary: dict, step: int) -> str:
+    """'step S (~M min)': the minutes from the images seen (steps x batch) of the rows scored at that step, at the
+    recipe's rate of 4,200 x 64 images in 30 minutes (rows of another batch take other step counts for the same time)."""
+    batches = {v.get("batch_size", RECIPE_BATCH) for v in summary["variants"] if str(step) in v.get("fid_mean", {})}
+    if len(batches) != 1:
+        return f"step {step}"
+    return f"step {step} (~{step * batches.pop() / (STEPS_PER_MINUTE * RECIPE_BATCH):.0f} min)"
+
+
 def report_markdown(summary: dict, steps: list[int]) -> str:
     """The tables of ablation.md (also rendered into docs by tools/render_docs.py from ablation.json); a step
     column only where some variant was scored at that step."""
@@ -198,7 +211,7 @@ def report_markdown(summary: dict, steps: list[int]) -> str:
     lines = [f"FID at N = {summary['fid_n']} with DPM-Solver++(2M) 25 steps unless a column says otherwise; one "
              "value per training seed; - = not run.", "",
              "| variant | runs | " + " | ".join(f"weight {b}" for b in bands) + " | "
-             + " | ".join(f"FID at step {s} (~{s / STEPS_PER_MINUTE:.0f} min) | mean" for s in steps)
+             + " | ".join(f"FID at {step_label(summary, s)} | mean" for s in steps)
              + "".join(f" | FID {o}, last step" for o in others) + " |",
              "|---|---|" + "---:|" * len(bands) + "---|---:|" * len(steps) + "---|" * len(others)]
     for v in summary["variants"]:
@@ -249,7 +262,7 @@ def write_report(summary: dict, out: Path, steps: list[int]) -> None:
         for k, v in enumerate(summary["variants"]):
             fids = list(v["fid"].get(str(s), {}).values())
             axes[1].scatter([f for f in fids], [k + 0.15 * (j - 0.5)] * len(fids), marker="o" if j else "s",
-                            color=f"C{j}", label=f"step {s} (~{s / STEPS_PER_MINUTE:.0f} min)" if k == 0 else None)
+                            color=f"C{j}", label=step_label(summary, s) if k == 0 else None)
     axes[1].set_yticks(range(len(names)), names)
     axes[1].set_xlabel(f"FID (N = {summary['fid_n']}), one point per training seed")
     axes[1].set_title("FID")

@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--bf16", default="auto", help="true, false or auto (the network under bf16 autocast)")
+    parser.add_argument("--no-ema", action="store_true", help="the run's raw weights instead of its EMA (the guide "
+                        "keeps its EMA)")
     parser.add_argument("--classifier", default="auto", help="classifier folder, auto or none")
     parser.add_argument("--feature-backend", default="auto")
     parser.add_argument("--inception", default=None, help="FID feature network file (default: the pinned Inception)")
@@ -123,7 +125,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bf16 = {"true": True, "false": False}.get(args.bf16, args.bf16)
-    pipeline = load_pipeline(args.run, device=args.device, bf16=bf16, guide=args.guide)
+    pipeline = load_pipeline(args.run, device=args.device, bf16=bf16, guide=args.guide, use_ema=not args.no_ema)
     scorer = Scorer(reference=args.reference, ref_num=args.ref_num, classifier=args.classifier,
                     inception=args.inception, feature_backend=args.feature_backend, batch_size=min(args.batch_size, 100), device=args.device,
                     cache_dir=args.cache_dir, data_root=args.data_root, progress=False)
@@ -169,7 +171,7 @@ def main() -> None:
         "run": str(args.run), "checkpoint": pipeline.checkpoint, "guide": args.guide,
         "guide_checkpoint": pipeline.guide_checkpoint,
         "settings": {k: getattr(args, k) for k in ("num", "reference", "ref_num", "sampler", "steps", "seed",
-                                                   "batch_size", "bf16", "interval", "device")},
+                                                   "batch_size", "bf16", "interval", "device", "no_ema")},
         "sampler_options": sampler_options(args),
         "rows": collected, "floor": floor,
     }

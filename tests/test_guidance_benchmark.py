@@ -54,6 +54,15 @@ def test_guidance_benchmark_writes_a_row_file_per_setting_and_the_summary(tmp_pa
     assert summary["environment"]["torch"] and summary["floor"]["num"] == 8
     assert summary["sampler_options"] == {"sigma_min": 0.3}
     assert not (out / "samples").exists() and "| cfg-s2-interval | 2 | 1 | [0.5, 20] |" in (out / "table.md").read_text()
+    # --no-ema: the run's raw weights (after 2 steps they differ from the EMA, so the baseline's samples do too)
+    raw = tmp_path / "raw"
+    base = command[:command.index("--cfg-scales")] + ["--cfg-scales", "--guide-scales"]
+    proc = subprocess.run(base + command[command.index("--interval"):-1] + [str(raw), "--no-ema"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw_summary = json.loads((raw / "guidance.json").read_text())
+    assert raw_summary["settings"]["no_ema"] is True and summary["settings"]["no_ema"] is False
+    assert [r["name"] for r in raw_summary["rows"]] == ["none"] and raw_summary["rows"][0]["fid"] != summary["rows"][0]["fid"]
 
 
 def test_guidance_rows_interval_only_keeps_the_baseline_and_the_interval_rows():

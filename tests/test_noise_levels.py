@@ -218,9 +218,11 @@ def test_ten_minute_edm_study_is_the_first_1400_steps_of_the_thirty_minute_one()
     long, short = load_study(folder / "study-edm.toml"), load_study(folder / "study-edm-10min.toml")
     backend = StudyBackend(progress=False)
     # the cool-down screening rows (10 minutes only): the seed-0 cool-down row with one optim setting changed
-    screening = {"cooldown40-s0": {"cooldown": 0.4}, "lr2e3-s0": {"lr": 0.002}, "sqrt-s0": {"cooldown_shape": "sqrt"}}
+    # (bs32-s0: half the batch for twice the steps, the same images; its cell is at step 2,800)
+    screening = {"cooldown40-s0": {"cooldown": 0.4}, "lr2e3-s0": {"lr": 0.002}, "sqrt-s0": {"cooldown_shape": "sqrt"},
+                 "bs32-s0": {"batch_size": 32, "ema_decay": 0.9995}}
     assert list(short.runs) == list(long.runs) + list(screening)
-    assert {c.at_step for c in short.cells if c.at_step is not None} == {1400}
+    assert {c.at_step for c in short.cells if c.at_step is not None} == {1400, 2800}
     for name in long.runs:
         a = asdict(backend.run_config(long.runs[name], Path("/nonexistent") / name, long, {}))
         b = asdict(backend.run_config(short.runs[name], Path("/nonexistent") / name, short, {}))
@@ -232,4 +234,7 @@ def test_ten_minute_edm_study_is_the_first_1400_steps_of_the_thirty_minute_one()
     for name, change in screening.items():
         config = asdict(backend.run_config(short.runs[name], Path("/nonexistent"), short, {}))
         assert config["optim"] == {**base["optim"], **change}, name
-        assert {k: v for k, v in config.items() if k != "optim"} == {k: v for k, v in base.items() if k != "optim"}
+        steps = 1400 * 64 // config["optim"]["batch_size"]
+        assert config["run"] == {**base["run"], "steps": steps, "checkpoint_every": steps}, name
+        assert {k: v for k, v in config.items() if k not in ("optim", "run")} == {
+            k: v for k, v in base.items() if k not in ("optim", "run")}

@@ -746,6 +746,14 @@ def _fid_cells(rows: dict[str, dict], columns) -> list[str]:
             + [fmt(min(fids, default=None), "{:.2f}")])
 
 
+def _merged_rows(folders) -> dict[str, dict]:
+    """The rows of several guidance.py folders of one run; the first folder's row wins where two hold the same one."""
+    rows: dict[str, dict] = {}
+    for folder in reversed(folders):
+        rows.update(_guidance_rows(folder))
+    return rows
+
+
 def _guidance_by_run(entries, label: str) -> str:
     """Unguided and autoguided (inside the interval) FID of each (run, setting, folder), seed by seed."""
     columns = [("none", "unguided"), ("ag-w2-interval", "AG w 2"), ("ag-w2.5-interval", "AG w 2.5")]
@@ -771,14 +779,31 @@ GUIDANCE_2M25_COLUMNS = (("none", "unguided"), ("ag-w1.5", "AG w 1.5"), ("ag-w1.
 def guidance_2m25() -> str:
     """FID of the retrained cool-down runs, unguided and autoguided with DPM-Solver++(2M)-25, run by run (the first
     folder's row wins where two folders hold the same row, e.g. the unguided baseline)."""
-    lines = []
-    for run, folders in GUIDANCE_2M25:
-        rows: dict[str, dict] = {}
-        for folder in reversed(folders):
-            rows.update(_guidance_rows(folder))
-        lines.append([run, run.rsplit("-s", 1)[1]] + _fid_cells(rows, GUIDANCE_2M25_COLUMNS))
+    lines = [[run, run.rsplit("-s", 1)[1]] + _fid_cells(_merged_rows(folders), GUIDANCE_2M25_COLUMNS)
+             for run, folders in GUIDANCE_2M25]
     return md_table(["run", "seed"] + [f"FID {label}" for _, label in GUIDANCE_2M25_COLUMNS] + ["best"], lines,
                     ["---"] * 2 + ["---:"] * (len(GUIDANCE_2M25_COLUMNS) + 1))
+
+
+# The preset's run against other guides, its raw weights and the half batch, with the same sampler (run, batch,
+# the main network's weights, the guide checkpoint, result folders; the first folder's row wins, as above).
+GUIDANCE_VARIANTS = (
+    ("cooldown-s0", 64, "EMA", "step 1,400 (1/3)", ("benchmarks/results/guidance/cooldown-s0-dpm2m25",
+                                                   "benchmarks/results/guidance/cooldown-s0-dpm2m25-low")),
+    ("cooldown-s0", 64, "EMA", "step 2,800 (2/3)", ("benchmarks/results/guidance/cooldown-s0-dpm2m25-guide2800",)),
+    ("cooldown-s0", 64, "raw", "step 1,400 (1/3)", ("benchmarks/results/guidance/cooldown-s0-raw-dpm2m25",)),
+    ("bs32-s0", 32, "EMA", "step 2,800 (1/3)", ("benchmarks/results/guidance/bs32-s0-dpm2m25",)),
+)
+GUIDANCE_VARIANT_COLUMNS = (("none", "unguided"), ("ag-w1.75", "AG w 1.75"), ("ag-w2", "AG w 2"), ("ag-w2.5", "AG w 2.5"))
+
+
+@table("guidance-2m25-variants", *(f"{f}/guidance.json" for *_, folders in GUIDANCE_VARIANTS for f in folders))
+def guidance_2m25_variants() -> str:
+    """FID unguided and autoguided at every step of DPM-Solver++(2M)-25, by batch, main weights and guide."""
+    lines = [[run, str(batch), weights, guide] + _fid_cells(_merged_rows(folders), GUIDANCE_VARIANT_COLUMNS)
+             for run, batch, weights, guide, folders in GUIDANCE_VARIANTS]
+    return md_table(["run", "batch", "weights", "guide", *(f"FID {label}" for _, label in GUIDANCE_VARIANT_COLUMNS),
+                     "best"], lines, ["---"] * 4 + ["---:"] * (len(GUIDANCE_VARIANT_COLUMNS) + 1))
 
 
 @table("guidance-by-gamma", *(f"{folder}/guidance.json" for _, _, folder in GUIDANCE_BY_GAMMA))
