@@ -790,20 +790,28 @@ def guidance_2m25() -> str:
 GUIDANCE_VARIANTS = (
     ("cooldown-s0", 64, "EMA", "step 1,400 (1/3)", ("benchmarks/results/guidance/cooldown-s0-dpm2m25",
                                                    "benchmarks/results/guidance/cooldown-s0-dpm2m25-low")),
+    ("cooldown-s0", 64, "EMA", "step 1,400 (1/3)", ("benchmarks/results/guidance/cooldown-s0-dpm2m25-seed1",)),
     ("cooldown-s0", 64, "EMA", "step 2,800 (2/3)", ("benchmarks/results/guidance/cooldown-s0-dpm2m25-guide2800",)),
     ("cooldown-s0", 64, "raw", "step 1,400 (1/3)", ("benchmarks/results/guidance/cooldown-s0-raw-dpm2m25",)),
-    ("bs32-s0", 32, "EMA", "step 2,800 (1/3)", ("benchmarks/results/guidance/bs32-s0-dpm2m25",)),
+    ("cooldown-s1", 64, "EMA", "step 1,400 (1/3)", ("benchmarks/results/guidance/cooldown-s1-dpm2m25",)),
+    ("bs32-s0", 32, "EMA", "step 2,800 (1/3)", ("benchmarks/results/guidance/bs32-s0-dpm2m25",
+                                               "benchmarks/results/guidance/bs32-s0-dpm2m25-w2.5")),
+    ("bs32-s1", 32, "EMA", "step 2,800 (1/3)", ("benchmarks/results/guidance/bs32-s1-dpm2m25",
+                                               "benchmarks/results/guidance/bs32-s1-dpm2m25-w2.5")),
 )
 GUIDANCE_VARIANT_COLUMNS = (("none", "unguided"), ("ag-w1.75", "AG w 1.75"), ("ag-w2", "AG w 2"), ("ag-w2.5", "AG w 2.5"))
 
 
 @table("guidance-2m25-variants", *(f"{f}/guidance.json" for *_, folders in GUIDANCE_VARIANTS for f in folders))
 def guidance_2m25_variants() -> str:
-    """FID unguided and autoguided at every step of DPM-Solver++(2M)-25, by batch, main weights and guide."""
-    lines = [[run, str(batch), weights, guide] + _fid_cells(_merged_rows(folders), GUIDANCE_VARIANT_COLUMNS)
+    """FID unguided and autoguided at every step of DPM-Solver++(2M)-25, by batch, main weights, guide and the
+    sampling seed (the noise and labels drawn; the training seed is the run's -s suffix)."""
+    lines = [[run, str(batch), weights, guide, str(load(f"{folders[0]}/guidance.json")["settings"]["seed"])]
+             + _fid_cells(_merged_rows(folders), GUIDANCE_VARIANT_COLUMNS)
              for run, batch, weights, guide, folders in GUIDANCE_VARIANTS]
-    return md_table(["run", "batch", "weights", "guide", *(f"FID {label}" for _, label in GUIDANCE_VARIANT_COLUMNS),
-                     "best"], lines, ["---"] * 4 + ["---:"] * (len(GUIDANCE_VARIANT_COLUMNS) + 1))
+    return md_table(["run", "batch", "weights", "guide", "sampling seed",
+                     *(f"FID {label}" for _, label in GUIDANCE_VARIANT_COLUMNS), "best"], lines,
+                    ["---"] * 4 + ["---:"] * (len(GUIDANCE_VARIANT_COLUMNS) + 2))
 
 
 @table("guidance-by-gamma", *(f"{folder}/guidance.json" for _, _, folder in GUIDANCE_BY_GAMMA))
