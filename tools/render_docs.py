@@ -814,6 +814,21 @@ def guidance_2m25_variants() -> str:
                     ["---"] * 4 + ["---:"] * (len(GUIDANCE_VARIANT_COLUMNS) + 2))
 
 
+# The same solver and protocol on the batch-32 runs, beside the batch-64 cool-down runs of the table above.
+GUIDANCE_BY_BATCH = (
+    ("cooldown-s0", 64, "benchmarks/results/guidance/edm-ablation-cooldown-s0-dpm3m10"),
+    ("cooldown-s1", 64, "benchmarks/results/guidance/edm-ablation-cooldown-s1-dpm3m10"),
+    ("bs32-s0", 32, "benchmarks/results/guidance/bs32-s0-dpm3m10"),
+    ("bs32-s1", 32, "benchmarks/results/guidance/bs32-s1-dpm3m10"),
+)
+
+
+@table("guidance-by-batch", *(f"{folder}/guidance.json" for _, _, folder in GUIDANCE_BY_BATCH))
+def guidance_by_batch() -> str:
+    """The same for the cool-down runs at batch 64 against batch 32, seed by seed."""
+    return _guidance_by_run(GUIDANCE_BY_BATCH, "batch")
+
+
 @table("guidance-by-gamma", *(f"{folder}/guidance.json" for _, _, folder in GUIDANCE_BY_GAMMA))
 def guidance_by_gamma() -> str:
     """Unguided and autoguided (inside the interval) FID of each run, min-SNR gamma 5 against 20, seed by seed."""
