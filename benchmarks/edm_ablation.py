@@ -38,8 +38,7 @@ from common import environment, write_json  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STUDY = REPO / "src" / "lddpm" / "configs" / "study-edm.toml"
 STEPS_PER_MINUTE = 4200 / 30  # fashion-30min: 30 minutes fixed as 4,200 steps (docs/recipe.md)
-RECIPE_BATCH = 64  # fashion-30min's optim.batch_size: a row that sets another trains STEPS_PER_MINUTE * 64 / batch
-BATCH_SETTING = re.compile(r"^optim\.batch_size=(\d+)$")
+RECIPE_BATCH = 64  # the batch of those 4,200 steps: a row of another batch trains STEPS_PER_MINUTE * 64 / batch
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
 
 
@@ -144,10 +143,15 @@ def band_shares(study_dir: Path, name: str, study) -> list[dict] | None:
     if logged.is_file():
         return json.loads(logged.read_text())["bands"]
     from lddpm.diffusion import build_diffusion, loss_weight_shares
+
+    return loss_weight_shares(build_diffusion(run_config(study_dir, name, study).diffusion))
+
+
+def run_config(study_dir: Path, name: str, study):
+    """The training config the study gives run `name` (its preset with the row's settings)."""
     from lddpm.study.backend import StudyBackend
 
-    config = StudyBackend(progress=False).run_config(study.runs[name], study_dir / "runs" / name, study, {})
-    return loss_weight_shares(build_diffusion(config.diffusion))
+    return StudyBackend(progress=False).run_config(study.runs[name], study_dir / "runs" / name, study, {})
 
 
 def summarise(study, study_dir: Path, ema: list[dict]) -> dict:
@@ -159,9 +163,9 @@ def summarise(study, study_dir: Path, ema: list[dict]) -> dict:
     for name in study.runs:
         variant = SEED_SUFFIX.sub("", name)
         seed = int(SEED_SUFFIX.search(name).group(1)) if SEED_SUFFIX.search(name) else 0
-        batch = next((int(m.group(1)) for m in map(BATCH_SETTING.match, study.runs[name].set) if m), RECIPE_BATCH)
         entry = table.setdefault(variant, {"variant": variant, "runs": [], "shares": band_shares(study_dir, name, study),
-                                           "settings": study.runs[name].set, "batch_size": batch,
+                                           "settings": study.runs[name].set,
+                                           "batch_size": run_config(study_dir, name, study).optim.batch_size,
                                            "fid": {}, "kid": {}, "other": {}})
         entry["runs"].append(name)
         for row in rows:

@@ -816,8 +816,7 @@ def guidance_2m25_variants() -> str:
 
 # The same solver and protocol on the batch-32 runs, beside the batch-64 cool-down runs of the table above.
 GUIDANCE_BY_BATCH = (
-    ("cooldown-s0", 64, "benchmarks/results/guidance/edm-ablation-cooldown-s0-dpm3m10"),
-    ("cooldown-s1", 64, "benchmarks/results/guidance/edm-ablation-cooldown-s1-dpm3m10"),
+    *((run, 64, folder) for run, _, folder in GUIDANCE_BY_COOLDOWN if run.startswith("cooldown-")),
     ("bs32-s0", 32, "benchmarks/results/guidance/bs32-s0-dpm3m10"),
     ("bs32-s1", 32, "benchmarks/results/guidance/bs32-s1-dpm3m10"),
 )
