@@ -151,11 +151,14 @@ class TrainingLoop:
         done = self.step / r.steps
         return max(done, wall_time / (60.0 * r.max_minutes)) if r.max_minutes else done
 
-    def out_of_time(self) -> bool:
-        """True once run.max_minutes (when set) of wall time are spent; every rank must agree."""
+    def out_of_time(self, wall: float | None = None) -> bool:
+        """True once run.max_minutes (when set) of wall time are spent; every rank must agree. `wall`: a training
+        time every rank already shares (the last step's `step_wall`), which spares the collective."""
         limit = self.config.run.max_minutes
         if not limit:
             return False
+        if wall is not None:
+            return wall >= 60.0 * limit
         flag = torch.tensor([float(self.wall_time() >= 60.0 * limit)], device=self.device, dtype=torch.float64)
         distributed.all_reduce_sum(flag, self.info)  # rank 0's clock may differ slightly: any rank stops all
         return bool(flag[0] > 0)
@@ -336,9 +339,10 @@ class TrainingLoop:
                    disable=not (self.progress and self.info.is_main), dynamic_ncols=True)
         stopped, last_loss = False, float("nan")
         self.finished = False
-        step_time, images = 0.0, 0
+        step_time, images, first = 0.0, 0, self.step
         with StopSignal() as stop:
-            while self.step < total and not self.out_of_time():
+            # after this call's first step every rank holds the same step_wall, so no extra collective per step
+            while self.step < total and not self.out_of_time(self.step_wall if self.step > first else None):
                 t_start = time.perf_counter()
                 loss_value, grad_norm, stop_now = self._train_step(stop.requested)
                 step_time += time.perf_counter() - t_start
