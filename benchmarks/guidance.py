@@ -32,6 +32,7 @@ from lddpm.commands.sampler_flags import add_sampler_flags, sampler_options
 from lddpm.data import test_split
 from lddpm.evaluate import Scorer, evaluate_checkpoint, real_data_floor
 from lddpm.evaluate.score import summary_line, write_result
+from lddpm.guidance import interval_json
 from lddpm.pipeline import load_pipeline
 from lddpm.sampling import SamplingSpec
 
@@ -99,7 +100,7 @@ def main() -> None:
     parser.add_argument("--guide-scales", type=float, nargs="*", default=[1.5, 2.0, 2.5, 3.0])
     parser.add_argument("--both", nargs="*", default=[], metavar="S:W", help="CFG and autoguidance together")
     parser.add_argument("--interval", type=float, nargs=2, default=[0.28, 5.42], metavar=("SIGMA_LO", "SIGMA_HI"),
-                        help="guidance interval of the interval rows (default 0.28 5.42)")
+                        help="guidance interval of the interval rows (default 0.28 5.42; SIGMA_HI inf: no upper bound)")
     parser.add_argument("--no-interval", action="store_true", help="no interval rows")
     parser.add_argument("--interval-only", action="store_true",
                         help="guided rows only with the interval (skips the every-step rows; the baseline stays)")
@@ -162,7 +163,7 @@ def main() -> None:
     for row in rows:
         res = json.loads((out / f"{row['name']}.json").read_text())
         cost = res.get("cost") or {}
-        collected.append({**row, "interval": list(row["interval"]) if row["interval"] else None,
+        collected.append({**row, "interval": interval_json(row["interval"]),
                           "file": f"{row['name']}.json", **{k: res.get(k) for k in ROW_KEYS},
                           **{k: cost.get(k) for k in ("nfe", "network_evaluations_per_image",
                                                       "guide_evaluations_per_image", "seconds_per_image")}})
@@ -170,8 +171,9 @@ def main() -> None:
         "benchmark": "guidance", "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "environment": environment(),
         "run": str(args.run), "checkpoint": pipeline.checkpoint, "guide": args.guide,
         "guide_checkpoint": pipeline.guide_checkpoint,
-        "settings": {k: getattr(args, k) for k in ("num", "reference", "ref_num", "sampler", "steps", "seed",
-                                                   "batch_size", "bf16", "interval", "device", "no_ema")},
+        "settings": {**{k: getattr(args, k) for k in ("num", "reference", "ref_num", "sampler", "steps", "seed",
+                                                      "batch_size", "bf16", "device", "no_ema")},
+                     "interval": interval_json(args.interval)},   # null upper bound: none (JSON has no inf)
         "sampler_options": sampler_options(args),
         "rows": collected, "floor": floor,
     }

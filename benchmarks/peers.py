@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lddpm-samplers", nargs="+", default=None, metavar="SAMPLER:STEPS[:K=V,...]",
                    help="several lddpm samplers, one table row each per mark (instead of --lddpm-sampler/--lddpm-steps); "
                         "K: a SamplerOptions field (grid, sigma_min, ...), guide (autoguidance by the same run's "
-                        "checkpoint at this fraction of the mark), guide_scale, interval (LO/HI in sigma)")
+                        "checkpoint at this fraction of the mark), guide_scale, interval (LO/HI in sigma; HI inf: no upper bound)")
     p.add_argument("--lucidrains-steps", type=int, default=None, help="lucidrains' DDIM sampling_timesteps (default 50; --quick 10)")
     p.add_argument("--diffusers-sampler", default="dpm++2m", choices=("dpm++2m", "ddim"),
                    help="diffusers' scheduler at sampling: DPMSolverMultistepScheduler or DDIMScheduler")
@@ -204,10 +204,19 @@ def _option_value(text: str):
     if text.count("/") == 1:
         lo, hi = text.split("/")
         try:
-            return [float(lo), float(hi)]
+            lo, hi = float(lo), float(hi)
         except ValueError:
-            pass
+            return text
+        return [lo, None if hi == math.inf else hi]   # null: no upper bound (JSON has no inf)
     return text
+
+
+def guidance_interval(interval: list | None) -> tuple[float, float] | None:
+    """A sampler's interval=LO/HI option as the sampling API takes it (a null HI: no upper bound)."""
+    if not interval:
+        return None
+    lo, hi = interval
+    return float(lo), math.inf if hi is None else float(hi)
 
 
 def parse_sampler(text: str, names) -> dict:
@@ -246,7 +255,7 @@ def check_lddpm_sampler(item: dict) -> None:
         raise ValueError(f"sampler {item['label']!r}: interval={interval!r}: expected LO/HI in sigma, e.g. 0.28/5.42")
     try:
         SamplingSpec(sampler=item["name"], num_steps=item["steps"], guide_scale=float(o.get("guide_scale", 1.0)),
-                     guidance_interval=tuple(interval) if interval else None,
+                     guidance_interval=guidance_interval(interval),
                      sampler_options={k: v for k, v in o.items() if k not in LDDPM_GUIDE_KEYS} or None)
     except (LddpmError, TypeError, ValueError) as exc:
         raise ValueError(f"sampler {item['label']!r}: {exc}") from None
@@ -1056,7 +1065,7 @@ def sample_lddpm_mark(spec: dict, run_dir: Path, minutes: float, meta: dict, out
 
         def generate(n, index, item=item, o=o, scale=scale, interval=interval):
             images, _ = pipe.generate(n, sampler=item["name"], num_steps=item["steps"], sampler_options=o or None,
-                                      guide_scale=float(scale), guidance_interval=tuple(interval) if interval else None,
+                                      guide_scale=float(scale), guidance_interval=guidance_interval(interval),
                                       seed=spec["seed"] * 1_000_003 + index, batch_size=n, progress=False)
             return images
 

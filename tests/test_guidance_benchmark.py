@@ -34,7 +34,7 @@ def test_guidance_benchmark_writes_a_row_file_per_setting_and_the_summary(tmp_pa
     out = tmp_path / "bench"
     command = [sys.executable, str(REPO / "benchmarks" / "guidance.py"), str(tmp_path / "main"), "--guide",
                str(tmp_path / "guide"), "--num", "8", "--steps", "4", "--cfg-scales", "2", "--guide-scales", "2",
-               "--both", "2:1.5", "--interval", "0.5", "20", "--sigma-min", "0.3", "--reference", "fashion-mnist:train", "--batch-size", "4",
+               "--both", "2:1.5", "--interval", "0.5", "inf", "--sigma-min", "0.3", "--reference", "fashion-mnist:train", "--batch-size", "4",
                "--bf16", "false", "--classifier", "none", "--inception", str(net), "--cache-dir", str(cache),
                "--data-root", str(root), "--floor", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
@@ -53,7 +53,10 @@ def test_guidance_benchmark_writes_a_row_file_per_setting_and_the_summary(tmp_pa
         assert full["settings"]["sampler_options"]["sigma_min"] == 0.3
     assert summary["environment"]["torch"] and summary["floor"]["num"] == 8
     assert summary["sampler_options"] == {"sigma_min": 0.3}
-    assert not (out / "samples").exists() and "| cfg-s2-interval | 2 | 1 | [0.5, 20] |" in (out / "table.md").read_text()
+    assert not (out / "samples").exists() and "| cfg-s2-interval | 2 | 1 | [0.5, inf] |" in (out / "table.md").read_text()
+    # no upper bound: null in the JSON (strict JSON has no Infinity)
+    assert "Infinity" not in (out / "guidance.json").read_text() and summary["settings"]["interval"] == [0.5, None]
+    assert {tuple(r["interval"]) for r in summary["rows"] if r["interval"]} == {(0.5, None)}
     # --no-ema: the run's raw weights (after 2 steps they differ from the EMA, so the baseline's samples do too)
     raw = tmp_path / "raw"
     base = command[:command.index("--cfg-scales")] + ["--cfg-scales", "--guide-scales"]

@@ -90,12 +90,12 @@ def test_quick_lddpm_several_samplers_and_its_own_checkpoint_as_guide(inputs, tm
     # a constant rate after warm-up (the recipe cools down): one run resumed from mark to mark
     report = _run(inputs, tmp_path, "lddpm", minutes="0.02,0.04", extra=(
         "--lddpm-set", "optim.cooldown=0.0",
-        "--lddpm-samplers", "ddim:2", "euler:2:grid=logsnr", "ddim:2:guide=0.5,guide_scale=2,interval=0/1e9",
+        "--lddpm-samplers", "ddim:2", "euler:2:grid=logsnr", "ddim:2:guide=0.5,guide_scale=2,interval=0/inf",
         "ddim:2:guide=0.5,guide_scale=2,interval=1e8/1e9"))
     run = report["runs"][0]
     _check_run(run, "lddpm", "recipe", report, marks=(0.02, 0.04), nfe=(2, 2, 4, 2))
     assert [r["sampler"] for r in report["rows"]][:4] == ["ddim:2", "euler:2:grid=logsnr",
-                                                          "ddim:2:guide=0.5,guide_scale=2,interval=0/1e9",
+                                                          "ddim:2:guide=0.5,guide_scale=2,interval=0/inf",
                                                           "ddim:2:guide=0.5,guide_scale=2,interval=1e8/1e9"]
     guided = [mark["samplers"][2] for mark in run["marks"]]
     assert [Path(g["guide_checkpoint"]).name for g in guided] == ["0.01min.pt", "0.02min.pt"]
@@ -107,6 +107,13 @@ def test_quick_lddpm_several_samplers_and_its_own_checkpoint_as_guide(inputs, tm
     assert np.array_equal(images[0], images[3])
     if guided[1]["guide_step"] < mark["steps"]:
         assert not np.array_equal(images[0], images[2])
+
+
+def test_an_open_interval_is_null_in_the_json_and_inf_for_sampling():
+    item = peers.parse_sampler("dpm++2m:25:guide=0.3333,guide_scale=2.5,interval=0.28/inf", ("dpm++2m",))
+    assert item["options"]["interval"] == [0.28, None] and "Infinity" not in json.dumps(item)
+    assert peers.guidance_interval(item["options"]["interval"]) == (0.28, math.inf)
+    assert peers.guidance_interval([0.28, 5.42]) == (0.28, 5.42) and peers.guidance_interval(None) is None
 
 
 def test_a_cooldown_recipe_trains_one_run_per_mark(inputs, tmp_path):
