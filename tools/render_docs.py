@@ -689,16 +689,23 @@ PEERS_SWEEP_RUNS = (
 )
 
 
-@table("guidance-peers-uncond-sweep", *(f"{folder}/guidance.json" for _, _, folder in PEERS_SWEEP_RUNS),
-       PEERS_SAMPLERS)
-def guidance_peers_uncond_sweep() -> str:
-    """Every autoguidance row on the peers' lddpm checkpoints, each against diffusers' best FID at its mark."""
+def _interval_text(interval, unbounded: str = "all") -> str:
+    """A guidance interval of a result JSON as text: [lo, hi], with inf for a null upper bound."""
+    if not interval:
+        return unbounded
+    lo, hi = interval
+    return f"[{lo:g}, {'inf' if hi is None else format(hi, 'g')}]"
+
+
+def _peers_guidance(runs, peers_file: str) -> str:
+    """Autoguidance rows of guidance.py folders on the peers' lddpm checkpoints ((mark, guide, folder) each), each
+    against diffusers' best FID at its mark in `peers_file`."""
     best = {}
-    for r in load(PEERS_SAMPLERS)["rows"]:
+    for r in load(peers_file)["rows"]:
         if r.get("system") == "diffusers" and r.get("fid") is not None:
             best[r["mark_minutes"]] = min(best.get(r["mark_minutes"], float("inf")), r["fid"])
     lines, seen = [], set()
-    for mark, guide, folder in PEERS_SWEEP_RUNS:
+    for mark, guide, folder in runs:
         payload = load(f"{folder}/guidance.json")
         settings, options = payload["settings"], payload.get("sampler_options") or {}
         sampler = f"{settings['sampler']}-{settings['steps']}" + "".join(f", {k} {v}" for k, v in options.items())
@@ -707,13 +714,31 @@ def guidance_peers_uncond_sweep() -> str:
             if key in seen:  # the unguided row of runs that share the checkpoint, sampler and seed
                 continue
             seen.add(key)
-            interval = "[{:g}, {:g}]".format(*r["interval"]) if r["interval"] else "all"
             lines.append([f"{mark} min", sampler, guide if r["guide_scale"] != 1 else "none",
-                          f"{r['guide_scale']:g}", interval if r["guide_scale"] != 1 else "", f"{r['fid']:.2f}",
-                          fmt(x1e3(r.get("kid")), "{:.2f}"), f"{r['nfe']:g}",
+                          f"{r['guide_scale']:g}", _interval_text(r["interval"]) if r["guide_scale"] != 1 else "",
+                          f"{r['fid']:.2f}", fmt(x1e3(r.get("kid")), "{:.2f}"), f"{r['nfe']:g}",
                           f"{r['fid'] / best[float(mark)]:.2f}x" if float(mark) in best else ""])
     return md_table(["lddpm at", "sampler", "guide", "w", "interval (sigma)", "FID (N=1000)", "KID x10^3", "NFE",
                      "vs diffusers' best at the mark"], lines, ["---"] * 5 + ["---:"] * 4)
+
+
+@table("guidance-peers-uncond-sweep", *(f"{folder}/guidance.json" for _, _, folder in PEERS_SWEEP_RUNS),
+       PEERS_SAMPLERS)
+def guidance_peers_uncond_sweep() -> str:
+    """Every autoguidance row on the fourth peers run's lddpm checkpoints, against diffusers' best at its mark."""
+    return _peers_guidance(PEERS_SWEEP_RUNS, PEERS_SAMPLERS)
+
+
+# The sixth peers run's 30-minute lddpm checkpoint guided only above a noise level (its guide: the 10-minute one).
+PEERS_30_INTERVAL = ((30, "its 10-min checkpoint", f"{PEERS_SWEEP}/30min-guide10min-above028"),
+                     (30, "its 10-min checkpoint", f"{PEERS_SWEEP}/30min-guide10min-above028-w3"))
+
+
+@table("guidance-peers-30-interval", *(f"{folder}/guidance.json" for _, _, folder in PEERS_30_INTERVAL),
+       PEERS_COOLDOWN_30)
+def guidance_peers_30_interval() -> str:
+    """The same for the sixth peers run's lddpm checkpoint, against diffusers' best in that run."""
+    return _peers_guidance(PEERS_30_INTERVAL, PEERS_COOLDOWN_30)
 
 
 # DPM-Solver++(3M)-10 with and without autoguidance on the 30-minute ablation's runs: (run, min-SNR gamma, folder).
@@ -814,6 +839,40 @@ def guidance_2m25_variants() -> str:
                     ["---"] * 4 + ["---:"] * (len(GUIDANCE_VARIANT_COLUMNS) + 2))
 
 
+# Where autoguidance applies along DPM-Solver++(2M)-25 (run, the main network's weights, guided sigma range, row-name
+# suffix, result folders; the first folder's row wins, as above): every step, EDM2's interval, each of its bounds
+# alone; then the second training seed, and the main network as a post-hoc EMA of other lengths (the same training).
+GR = "benchmarks/results/guidance"  # the guidance benchmark's result folders
+GUIDANCE_2M25_INTERVALS = (
+    ("cooldown-s0", "EMA", "every step", "", (f"{GR}/cooldown-s0-dpm2m25", f"{GR}/cooldown-s0-dpm2m25-low")),
+    ("cooldown-s0", "EMA", "[0.28, 5.42]", "-interval", (f"{GR}/cooldown-s0-dpm2m25",)),
+    ("cooldown-s0", "EMA", "[0, 5.42]", "-interval", (f"{GR}/cooldown-s0-dpm2m25-below5",)),
+    ("cooldown-s0", "EMA", "[0.28, inf]", "-interval", (f"{GR}/cooldown-s0-dpm2m25-above028",)),
+    ("cooldown-s0", "EMA", "[0.6, inf]", "-interval", (f"{GR}/cooldown-s0-dpm2m25-above06",)),
+    ("cooldown-s1", "EMA", "every step", "", (f"{GR}/cooldown-s1-dpm2m25",)),
+    ("cooldown-s1", "EMA", "[0.28, inf]", "-interval", (f"{GR}/cooldown-s1-dpm2m25-above028",)),
+    ("cooldown-s0", "post-hoc EMA 0.05", "[0.28, inf]", "-interval", (f"{GR}/phema-s0-ema0.050-dpm2m25-above028",)),
+    ("cooldown-s0", "post-hoc EMA 0.15", "[0.28, inf]", "-interval", (f"{GR}/phema-s0-ema0.150-dpm2m25-above028",)),
+)
+GUIDANCE_INTERVAL_SCALES = ("1.75", "2", "2.5", "3")
+
+
+@table("guidance-2m25-interval",
+       *dict.fromkeys(f"{f}/guidance.json" for *_, folders in GUIDANCE_2M25_INTERVALS for f in folders))
+def guidance_2m25_interval() -> str:
+    """Autoguided FID by the guided sigma range and the guide scale, with the evaluations per image it costs."""
+    lines = []
+    for run, weights, where, suffix, folders in GUIDANCE_2M25_INTERVALS:
+        rows = _merged_rows(folders)
+        columns = [(f"ag-w{w}{suffix}", w) for w in GUIDANCE_INTERVAL_SCALES]
+        nfe = {rows[name]["nfe"] for name, _ in columns if name in rows}
+        lines.append([run, weights, where, fmt(rows["none"]["fid"], "{:.2f}")] + _fid_cells(rows, columns)
+                     + ["/".join(f"{n:g}" for n in sorted(nfe))])
+    return md_table(["run", "main weights", "guided where", "FID unguided",
+                     *(f"FID AG w {w}" for w in GUIDANCE_INTERVAL_SCALES), "best", "NFE / image"], lines,
+                    ["---"] * 3 + ["---:"] * (len(GUIDANCE_INTERVAL_SCALES) + 3))
+
+
 # The same solver and protocol on the batch-32 runs, beside the batch-64 cool-down runs of the table above.
 GUIDANCE_BY_BATCH = (
     *((run, 64, folder) for run, _, folder in GUIDANCE_BY_COOLDOWN if run.startswith("cooldown-")),
@@ -874,7 +933,7 @@ def guidance_interval_sweep() -> str:
                 seen_none = True
             elif r["guide_scale"] != 2:
                 continue
-            interval = "[{:g}, {:g}]".format(*r["interval"]) if r["interval"] else DASH
+            interval = _interval_text(r["interval"], DASH)
             lines.append([f"{r['guide_scale']:g}", interval, f"{r['fid']:.2f}", fmt(x1e3(r.get("kid")), "{:.2f}"),
                           fmt(r.get("class_accuracy"), "{:.3f}"), f"{r['nfe']:g}"])
     return md_table(["guide w", "interval (sigma)", "FID", "KID x10^3", "class acc.", "NFE / image"], lines,
