@@ -493,6 +493,7 @@ PEERS_AG = "benchmarks/results/peers-ag.json"
 PEERS_G20 = "benchmarks/results/peers-g20.json"
 PEERS_COOLDOWN = "benchmarks/results/peers-cooldown.json"
 PEERS_COOLDOWN_30 = "benchmarks/results/peers-cooldown-30.json"
+PEERS_INTERVAL = "benchmarks/results/peers-interval.json"
 
 
 def _peers(name: str, path: str):
@@ -522,7 +523,7 @@ def _peers_table(path: str) -> str:
 
 
 PEERS_TABLES = {"peers": PEERS, "peers-samplers": PEERS_SAMPLERS, "peers-ag": PEERS_AG, "peers-g20": PEERS_G20, "peers-cooldown": PEERS_COOLDOWN,
-                "peers-cooldown-30": PEERS_COOLDOWN_30}
+                "peers-cooldown-30": PEERS_COOLDOWN_30, "peers-interval": PEERS_INTERVAL}
 for _name, _path in PEERS_TABLES.items():
     _peers(_name, _path)
 
