@@ -840,20 +840,28 @@ def guidance_2m25_variants() -> str:
                     ["---"] * 4 + ["---:"] * (len(GUIDANCE_VARIANT_COLUMNS) + 2))
 
 
-# Where autoguidance applies along DPM-Solver++(2M)-25 (run, the main network's weights, guided sigma range, row-name
-# suffix, result folders; the first folder's row wins, as above): every step, EDM2's interval, each of its bounds
-# alone; then the second training seed, and the main network as a post-hoc EMA of other lengths (the same training).
+# Where autoguidance applies along DPM-Solver++(2M)-25 (run, the main network's weights, the guide, guided sigma
+# range, row-name suffix, result folders; the first folder's row wins, as above): every step, EDM2's interval, each
+# of its bounds alone; then the second training seed, the main network as a post-hoc EMA of other lengths, and other
+# guides (the same training: runs/phema-s0 is runs/cooldown-s0 with EMA snapshots).
 GR = "benchmarks/results/guidance"  # the guidance benchmark's result folders
+STEP1400 = "step 1,400"
 GUIDANCE_2M25_INTERVALS = (
-    ("cooldown-s0", "EMA", "every step", "", (f"{GR}/cooldown-s0-dpm2m25", f"{GR}/cooldown-s0-dpm2m25-low")),
-    ("cooldown-s0", "EMA", "[0.28, 5.42]", "-interval", (f"{GR}/cooldown-s0-dpm2m25",)),
-    ("cooldown-s0", "EMA", "[0, 5.42]", "-interval", (f"{GR}/cooldown-s0-dpm2m25-below5",)),
-    ("cooldown-s0", "EMA", "[0.28, inf]", "-interval", (f"{GR}/cooldown-s0-dpm2m25-above028",)),
-    ("cooldown-s0", "EMA", "[0.6, inf]", "-interval", (f"{GR}/cooldown-s0-dpm2m25-above06",)),
-    ("cooldown-s1", "EMA", "every step", "", (f"{GR}/cooldown-s1-dpm2m25",)),
-    ("cooldown-s1", "EMA", "[0.28, inf]", "-interval", (f"{GR}/cooldown-s1-dpm2m25-above028",)),
-    ("cooldown-s0", "post-hoc EMA 0.05", "[0.28, inf]", "-interval", (f"{GR}/phema-s0-ema0.050-dpm2m25-above028",)),
-    ("cooldown-s0", "post-hoc EMA 0.15", "[0.28, inf]", "-interval", (f"{GR}/phema-s0-ema0.150-dpm2m25-above028",)),
+    ("cooldown-s0", "EMA", STEP1400, "every step", "", (f"{GR}/cooldown-s0-dpm2m25", f"{GR}/cooldown-s0-dpm2m25-low")),
+    ("cooldown-s0", "EMA", STEP1400, "[0.28, 5.42]", "-interval", (f"{GR}/cooldown-s0-dpm2m25",)),
+    ("cooldown-s0", "EMA", STEP1400, "[0, 5.42]", "-interval", (f"{GR}/cooldown-s0-dpm2m25-below5",)),
+    ("cooldown-s0", "EMA", STEP1400, "[0.28, inf]", "-interval", (f"{GR}/cooldown-s0-dpm2m25-above028",)),
+    ("cooldown-s0", "EMA", STEP1400, "[0.6, inf]", "-interval", (f"{GR}/cooldown-s0-dpm2m25-above06",)),
+    ("cooldown-s1", "EMA", STEP1400, "every step", "", (f"{GR}/cooldown-s1-dpm2m25",)),
+    ("cooldown-s1", "EMA", STEP1400, "[0.28, inf]", "-interval", (f"{GR}/cooldown-s1-dpm2m25-above028",)),
+    ("cooldown-s0", "post-hoc EMA 0.05", STEP1400, "[0.28, inf]", "-interval",
+     (f"{GR}/phema-s0-ema0.050-dpm2m25-above028",)),
+    ("cooldown-s0", "post-hoc EMA 0.15", STEP1400, "[0.28, inf]", "-interval",
+     (f"{GR}/phema-s0-ema0.150-dpm2m25-above028",)),
+    ("cooldown-s0", "EMA", "step 1,400, post-hoc EMA 0.15", "[0.28, inf]", "-interval",
+     (f"{GR}/phema-s0-guide-ema0.150-dpm2m25-above028",)),
+    ("cooldown-s0", "EMA", "step 700", "[0.28, inf]", "-interval", (f"{GR}/phema-s0-guide700-dpm2m25-above028",
+                                                                     f"{GR}/phema-s0-guide700-dpm2m25-above028-w2.5")),
 )
 GUIDANCE_INTERVAL_SCALES = ("1.75", "2", "2.5", "3")
 
@@ -863,15 +871,15 @@ GUIDANCE_INTERVAL_SCALES = ("1.75", "2", "2.5", "3")
 def guidance_2m25_interval() -> str:
     """Autoguided FID by the guided sigma range and the guide scale, with the evaluations per image it costs."""
     lines = []
-    for run, weights, where, suffix, folders in GUIDANCE_2M25_INTERVALS:
+    for run, weights, guide, where, suffix, folders in GUIDANCE_2M25_INTERVALS:
         rows = _merged_rows(folders)
         columns = [(f"ag-w{w}{suffix}", w) for w in GUIDANCE_INTERVAL_SCALES]
         nfe = {rows[name]["nfe"] for name, _ in columns if name in rows}
-        lines.append([run, weights, where, fmt(rows["none"]["fid"], "{:.2f}")] + _fid_cells(rows, columns)
+        lines.append([run, weights, guide, where, fmt(rows["none"]["fid"], "{:.2f}")] + _fid_cells(rows, columns)
                      + ["/".join(f"{n:g}" for n in sorted(nfe))])
-    return md_table(["run", "main weights", "guided where", "FID unguided",
+    return md_table(["run", "main weights", "guide", "guided where", "FID unguided",
                      *(f"FID AG w {w}" for w in GUIDANCE_INTERVAL_SCALES), "best", "NFE / image"], lines,
-                    ["---"] * 3 + ["---:"] * (len(GUIDANCE_INTERVAL_SCALES) + 3))
+                    ["---"] * 4 + ["---:"] * (len(GUIDANCE_INTERVAL_SCALES) + 3))
 
 
 # The same solver and protocol on the batch-32 runs, beside the batch-64 cool-down runs of the table above.
