@@ -854,6 +854,8 @@ GUIDANCE_2M25_INTERVALS = (
     ("cooldown-s0", "EMA", STEP1400, "[0.6, inf]", "-interval", (f"{GR}/cooldown-s0-dpm2m25-above06",)),
     ("cooldown-s1", "EMA", STEP1400, "every step", "", (f"{GR}/cooldown-s1-dpm2m25",)),
     ("cooldown-s1", "EMA", STEP1400, "[0.28, inf]", "-interval", (f"{GR}/cooldown-s1-dpm2m25-above028",)),
+    ("cooldown-s1, sampling seed 1", "EMA", STEP1400, "[0.28, inf]", "-interval",
+     (f"{GR}/cooldown-s1-dpm2m25-above028-seed1",)),
     ("cooldown-s0", "post-hoc EMA 0.05", STEP1400, "[0.28, inf]", "-interval",
      (f"{GR}/phema-s0-ema0.050-dpm2m25-above028",)),
     ("cooldown-s0", "post-hoc EMA 0.15", STEP1400, "[0.28, inf]", "-interval",
