@@ -163,10 +163,12 @@ def summarise(study, study_dir: Path, ema: list[dict]) -> dict:
     for name in study.runs:
         variant = SEED_SUFFIX.sub("", name)
         seed = int(SEED_SUFFIX.search(name).group(1)) if SEED_SUFFIX.search(name) else 0
-        entry = table.setdefault(variant, {"variant": variant, "runs": [], "shares": band_shares(study_dir, name, study),
-                                           "settings": study.runs[name].set,
-                                           "batch_size": run_config(study_dir, name, study).optim.batch_size,
-                                           "fid": {}, "kid": {}, "other": {}})
+        if variant not in table:  # the variant's first run: its settings, bands and batch (every seed shares them)
+            table[variant] = {"variant": variant, "runs": [], "shares": band_shares(study_dir, name, study),
+                              "settings": study.runs[name].set,
+                              "batch_size": run_config(study_dir, name, study).optim.batch_size,
+                              "fid": {}, "kid": {}, "other": {}}
+        entry = table[variant]
         entry["runs"].append(name)
         for row in rows:
             cell = cells.get(row["name"])

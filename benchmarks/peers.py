@@ -97,6 +97,7 @@ import numpy as np
 import torch
 
 from lddpm.errors import LddpmError
+from lddpm.guidance import interval_json
 from lddpm.pipeline import to_uint8
 from lddpm.train.ema import power_ema_decay
 from lddpm.train.utils import lr_at
@@ -204,10 +205,9 @@ def _option_value(text: str):
     if text.count("/") == 1:
         lo, hi = text.split("/")
         try:
-            lo, hi = float(lo), float(hi)
+            return interval_json((float(lo), float(hi)))   # null: no upper bound (JSON has no inf)
         except ValueError:
-            return text
-        return [lo, None if hi == math.inf else hi]   # null: no upper bound (JSON has no inf)
+            pass
     return text
 
 
