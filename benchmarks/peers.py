@@ -355,6 +355,7 @@ def lddpm_overrides(spec: dict) -> list[str]:
         "run.steps=100000000",                # a cap only: run.max_minutes stops the run
         "run.checkpoint_every=100000000",     # one checkpoint per mark (the peers write none)
         "run.keep_checkpoints=1",
+        "run.keep_steps=[]",                  # nor the preset's kept guide step (peers save their guide themselves)
         "run.num_sample_images=1",            # the end-of-run grid (inside lddpm's clock): one image,
         "run.sample_steps=1",                 # one step
         "run.log_every=50",

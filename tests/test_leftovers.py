@@ -98,3 +98,22 @@ def test_sample_and_eval_refuse_a_num_that_cannot_fit_the_free_disk_before_sampl
     assert not calls  # refused before sampling started
     assert main(["sample", str(run), "--num", "4", "--out-dir", str(tmp_path / "png"), "--steps", "2", "--quiet"]) == 0
     assert len(list((tmp_path / "png").glob("*.png"))) == 4
+
+
+def test_keep_steps_pins_checkpoints_that_keep_checkpoints_would_remove(data_dirs, tmp_path):
+    """run.keep_steps: those steps' checkpoints are written (also off the checkpoint_every grid) and never pruned;
+    the newest keep_checkpoints of the others stay as before. Bad values get one error naming the key."""
+    from lddpm.checkpoint import checkpoint_step, list_checkpoints
+    from lddpm.config import validate
+    from lddpm.errors import LddpmError
+
+    config = tiny_config(data_dirs, "run.steps=6", "run.checkpoint_every=2", "run.keep_checkpoints=1",
+                         "run.keep_steps=[3, 4]")
+    train(config, tmp_path / "run", progress=False)
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [3, 4, 6]
+    plain = tiny_config(data_dirs, "run.steps=6", "run.checkpoint_every=2", "run.keep_checkpoints=1")
+    train(plain, tmp_path / "plain", progress=False)
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path / "plain" / "checkpoints")] == [6]
+    for bad in ("[0]", "[2, 2]", "[-5]"):
+        with pytest.raises(LddpmError, match=r"run\.keep_steps"):
+            validate(tiny_config(data_dirs, f"run.keep_steps={bad}"))

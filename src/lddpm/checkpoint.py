@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -248,12 +249,15 @@ def clean_checkpoint_dir(run_dir: str | Path) -> list[Path]:
     return remove_stale_temp_files(Path(run_dir) / "checkpoints")
 
 
-def save_run_checkpoint(run_dir: str | Path, step: int, groups: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
-    """Write `checkpoints/step_XXXXXXX.safetensors`, move the `last` pointer, keep the last `keep`."""
+def save_run_checkpoint(run_dir: str | Path, step: int, groups: dict[str, Any], meta: dict[str, Any], keep: int,
+                        keep_steps: Iterable[int] = ()) -> Path:
+    """Write `checkpoints/step_XXXXXXX.safetensors`, move the `last` pointer, keep the last `keep` and those of
+    `keep_steps` (run.keep_steps)."""
     folder = Path(run_dir) / "checkpoints"
     path = save_checkpoint(folder / checkpoint_name(step), groups, meta)
     write_text(folder / LAST_POINTER, path.name + "\n")
-    for old in list_checkpoints(folder)[:-keep]:
+    pinned = set(keep_steps)
+    for old in [p for p in list_checkpoints(folder) if checkpoint_step(p) not in pinned][:-keep]:
         if old != path:
             old.unlink(missing_ok=True)
     return path

@@ -118,6 +118,9 @@ class RunConfig:
     sample_every: int = 500  # 0 disables grids during training (one is still made at the end)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    # Steps whose checkpoints are also saved and never removed by keep_checkpoints, e.g. [1400] in fashion-30min:
+    # the checkpoint a third of the way that guides the final one (autoguidance, docs/guidance.md). [] = none.
+    keep_steps: list[int] = field(default_factory=list)
     bf16: bool | Literal["auto"] = False  # true, false or "auto": on where the device has native bf16 (AMX/AVX-512 bf16, CUDA)
     max_minutes: float = 0.0  # stop after this much training wall time (summed over resumes); 0 = no limit
     compile: bool = False
@@ -386,6 +389,9 @@ def validate(config: Config) -> Config:
     if any(not 0 < s < max_sigma_rel for s in o.posthoc_ema) or len(set(o.posthoc_ema)) < len(o.posthoc_ema):
         raise LddpmError(f"optim.posthoc_ema = {o.posthoc_ema}: expected distinct relative EMA widths in "
                          f"(0, {max_sigma_rel:.4f}), e.g. [0.05, 0.1]")
+    if any(step <= 0 for step in r.keep_steps) or len(set(r.keep_steps)) < len(r.keep_steps):
+        raise LddpmError(f"run.keep_steps = {r.keep_steps}: expected distinct positive step numbers whose checkpoints "
+                         "are kept, e.g. [1400] (a guide a third of the way through a 4,200-step run)")
     if not 0 <= o.cooldown < 1:
         raise LddpmError(f"optim.cooldown = {o.cooldown}: expected a fraction of the run in [0, 1), e.g. 0.2 "
                          "(0 keeps the learning rate constant after warm-up)")

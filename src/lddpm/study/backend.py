@@ -335,7 +335,8 @@ def checkpoint_at_step(run_dir: Path, step: int, run_name: str) -> Path:
         return folder / checkpoint_name(step)
     steps = [checkpoint_step(p) for p in list_checkpoints(folder)] if folder.is_dir() else []
     raise LddpmError(f"run {run_name}: no checkpoint at step {step} in {folder} (kept: {steps}); give the run "
-                     f"run.checkpoint_every dividing {step} and a run.keep_checkpoints that keeps it, then train it again")
+                     f"run.keep_steps = [{step}] (or a run.checkpoint_every dividing it and a run.keep_checkpoints that keeps "
+                     "it), then train it again")
 
 
 def _config_device(device: str, resolve: bool = False) -> str:

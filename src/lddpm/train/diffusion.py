@@ -225,7 +225,8 @@ class DiffusionTrainer(TrainingLoop):
         count = len(range(o.posthoc_every, self.config.run.steps + 1, o.posthoc_every)) + 1
         size = self.posthoc.snapshot_bytes()
         # the snapshots, plus the tracked EMAs inside each kept checkpoint (the loop checked the rest)
-        check_run_dir(self.run_dir, (count + self.config.run.keep_checkpoints + 1) * size + 20_000_000)
+        kept = self.config.run.keep_checkpoints + len(self.config.run.keep_steps)
+        check_run_dir(self.run_dir, (count + kept + 1) * size + 20_000_000)
         if self.progress:
             widths = ", ".join(f"{s:g} (gamma {g:.2f})" for s, g in zip(self.posthoc.sigma_rels, self.posthoc.gammas))
             print(f"post-hoc EMA: sigma_rel {widths}; a snapshot every {o.posthoc_every} steps, up to {count} x "

@@ -185,7 +185,7 @@ class TrainingLoop:
         if not self.info.is_main:
             return None
         return save_run_checkpoint(self.run_dir, self.step, self.groups(), self.full_meta(),
-                                   keep=self.config.run.keep_checkpoints)
+                                   keep=self.config.run.keep_checkpoints, keep_steps=self.config.run.keep_steps)
 
     def _prepare_run_dir(self) -> None:
         """Check the folder and disk, refuse to clobber an existing run, resume if asked."""
@@ -199,7 +199,8 @@ class TrainingLoop:
                     f"run folder {self.run_dir} already has checkpoints; add --resume to continue it or "
                     "choose another --out"
                 )
-            needed = estimate_checkpoint_bytes(self.model, self.ema.model) * (self.config.run.keep_checkpoints + 1)
+            needed = estimate_checkpoint_bytes(self.model, self.ema.model) * (
+                self.config.run.keep_checkpoints + len(self.config.run.keep_steps) + 1)
             check_run_dir(self.run_dir, needed + 20_000_000)
             clean_checkpoint_dir(self.run_dir)  # a killed save's temporary files
         if self.resume:
@@ -379,7 +380,7 @@ class TrainingLoop:
                         self.stop_minutes is not None and self.step_wall >= 60.0 * self.stop_minutes):
                     stopped = self.step < total
                     break
-                if self.step % c.run.checkpoint_every == 0 and self.step < total:
+                if (self.step % c.run.checkpoint_every == 0 or self.step in c.run.keep_steps) and self.step < total:
                     self.save()
         bar.close()
         if not stopped:
