@@ -494,6 +494,7 @@ PEERS_G20 = "benchmarks/results/peers-g20.json"
 PEERS_COOLDOWN = "benchmarks/results/peers-cooldown.json"
 PEERS_COOLDOWN_30 = "benchmarks/results/peers-cooldown-30.json"
 PEERS_INTERVAL = "benchmarks/results/peers-interval.json"
+PEERS_INTERVAL_30 = "benchmarks/results/peers-interval-30.json"
 
 
 def _peers(name: str, path: str):
@@ -523,7 +524,8 @@ def _peers_table(path: str) -> str:
 
 
 PEERS_TABLES = {"peers": PEERS, "peers-samplers": PEERS_SAMPLERS, "peers-ag": PEERS_AG, "peers-g20": PEERS_G20, "peers-cooldown": PEERS_COOLDOWN,
-                "peers-cooldown-30": PEERS_COOLDOWN_30, "peers-interval": PEERS_INTERVAL}
+                "peers-cooldown-30": PEERS_COOLDOWN_30, "peers-interval": PEERS_INTERVAL,
+                "peers-interval-30": PEERS_INTERVAL_30}
 for _name, _path in PEERS_TABLES.items():
     _peers(_name, _path)
 
@@ -742,6 +744,18 @@ def guidance_peers_30_interval() -> str:
     return _peers_guidance(PEERS_30_INTERVAL, PEERS_COOLDOWN_30)
 
 
+# The same checkpoint and guide setting with other samplers and step counts.
+PEERS_30_SAMPLERS = tuple((30, "its 10-min checkpoint", f"{PEERS_SWEEP}/30min-guide10min-above028-{suffix}")
+                          for suffix in ("2m50", "sde25", "sde50", "3m25"))
+
+
+@table("guidance-peers-30-samplers", *(f"{folder}/guidance.json" for _, _, folder in PEERS_30_SAMPLERS),
+       PEERS_COOLDOWN_30)
+def guidance_peers_30_samplers() -> str:
+    """The open-interval setting on the sixth peers run's lddpm checkpoint with other samplers and step counts."""
+    return _peers_guidance(PEERS_30_SAMPLERS, PEERS_COOLDOWN_30)
+
+
 # DPM-Solver++(3M)-10 with and without autoguidance on the 30-minute ablation's runs: (run, min-SNR gamma, folder).
 GUIDANCE_BY_GAMMA = (
     ("recipe-s0", 5, "benchmarks/results/guidance/fashion-30min-dpm3m10-sweep"),
@@ -850,7 +864,9 @@ GUIDANCE_2M25_INTERVALS = (
     ("cooldown-s0", "EMA", STEP1400, "every step", "", (f"{GR}/cooldown-s0-dpm2m25", f"{GR}/cooldown-s0-dpm2m25-low")),
     ("cooldown-s0", "EMA", STEP1400, "[0.28, 5.42]", "-interval", (f"{GR}/cooldown-s0-dpm2m25",)),
     ("cooldown-s0", "EMA", STEP1400, "[0, 5.42]", "-interval", (f"{GR}/cooldown-s0-dpm2m25-below5",)),
-    ("cooldown-s0", "EMA", STEP1400, "[0.28, inf]", "-interval", (f"{GR}/cooldown-s0-dpm2m25-above028",)),
+    ("cooldown-s0", "EMA", STEP1400, "[0.28, inf]", "-interval", (f"{GR}/cooldown-s0-dpm2m25-above028",
+                                                                  f"{GR}/cooldown-s0-dpm2m25-above028-w2.75")),
+    ("cooldown-s0", "EMA", STEP1400, "[0.28, inf], 50 steps", "-interval", (f"{GR}/cooldown-s0-dpm2m50-above028",)),
     ("cooldown-s0", "EMA", STEP1400, "[0.6, inf]", "-interval", (f"{GR}/cooldown-s0-dpm2m25-above06",)),
     ("cooldown-s1", "EMA", STEP1400, "every step", "", (f"{GR}/cooldown-s1-dpm2m25",)),
     ("cooldown-s1", "EMA", STEP1400, "[0.28, inf]", "-interval", (f"{GR}/cooldown-s1-dpm2m25-above028",)),
@@ -865,7 +881,7 @@ GUIDANCE_2M25_INTERVALS = (
     ("cooldown-s0", "EMA", "step 700", "[0.28, inf]", "-interval", (f"{GR}/phema-s0-guide700-dpm2m25-above028",
                                                                      f"{GR}/phema-s0-guide700-dpm2m25-above028-w2.5")),
 )
-GUIDANCE_INTERVAL_SCALES = ("1.75", "2", "2.5", "3")
+GUIDANCE_INTERVAL_SCALES = ("1.75", "2", "2.5", "2.75", "3")
 
 
 @table("guidance-2m25-interval",
