@@ -872,6 +872,7 @@ GUIDANCE_2M25_INTERVALS = (
     ("cooldown-s1", "EMA", STEP1400, "[0.28, inf]", "-interval", (f"{GR}/cooldown-s1-dpm2m25-above028",)),
     ("cooldown-s1, sampling seed 1", "EMA", STEP1400, "[0.28, inf]", "-interval",
      (f"{GR}/cooldown-s1-dpm2m25-above028-seed1",)),
+    ("cooldown-s2", "EMA", STEP1400, "[0.28, inf]", "-interval", (f"{GR}/cooldown-s2-dpm2m25-above028",)),
     ("cooldown-s0", "post-hoc EMA 0.05", STEP1400, "[0.28, inf]", "-interval",
      (f"{GR}/phema-s0-ema0.050-dpm2m25-above028",)),
     ("cooldown-s0", "post-hoc EMA 0.15", STEP1400, "[0.28, inf]", "-interval",
