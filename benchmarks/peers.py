@@ -97,7 +97,7 @@ import numpy as np
 import torch
 
 from lddpm.errors import LddpmError
-from lddpm.guidance import interval_json
+from lddpm.guidance import interval_from_json, interval_json
 from lddpm.pipeline import to_uint8
 from lddpm.train.ema import power_ema_decay
 from lddpm.train.utils import lr_at
@@ -211,14 +211,6 @@ def _option_value(text: str):
     return text
 
 
-def guidance_interval(interval: list | None) -> tuple[float, float] | None:
-    """A sampler's interval=LO/HI option as the sampling API takes it (a null HI: no upper bound)."""
-    if not interval:
-        return None
-    lo, hi = interval
-    return float(lo), math.inf if hi is None else float(hi)
-
-
 def parse_sampler(text: str, names) -> dict:
     """"NAME:STEPS[:K=V,K=V]" -> {"label", "name", "steps", "options"}; ValueError naming the problem."""
     parts = text.split(":")
@@ -255,7 +247,7 @@ def check_lddpm_sampler(item: dict) -> None:
         raise ValueError(f"sampler {item['label']!r}: interval={interval!r}: expected LO/HI in sigma, e.g. 0.28/5.42")
     try:
         SamplingSpec(sampler=item["name"], num_steps=item["steps"], guide_scale=float(o.get("guide_scale", 1.0)),
-                     guidance_interval=guidance_interval(interval),
+                     guidance_interval=interval_from_json(interval),
                      sampler_options={k: v for k, v in o.items() if k not in LDDPM_GUIDE_KEYS} or None)
     except (LddpmError, TypeError, ValueError) as exc:
         raise ValueError(f"sampler {item['label']!r}: {exc}") from None
@@ -1066,7 +1058,7 @@ def sample_lddpm_mark(spec: dict, run_dir: Path, minutes: float, meta: dict, out
 
         def generate(n, index, item=item, o=o, scale=scale, interval=interval):
             images, _ = pipe.generate(n, sampler=item["name"], num_steps=item["steps"], sampler_options=o or None,
-                                      guide_scale=float(scale), guidance_interval=guidance_interval(interval),
+                                      guide_scale=float(scale), guidance_interval=interval_from_json(interval),
                                       seed=spec["seed"] * 1_000_003 + index, batch_size=n, progress=False)
             return images
 

@@ -16,7 +16,7 @@ import torch
 from lddpm.diffusion import GaussianDiffusion
 from lddpm.errors import LddpmError
 from lddpm.guidance import (ClassifierFreeGuidance, GuidedModel, check_interval, evaluations_per_step, guided_model,
-                            interval_json, mix, timestep_sigma)
+                            interval_from_json, interval_json, mix, timestep_sigma)
 from lddpm.sampling import Denoiser, SamplingSpec, resolve_spec, sample
 from lddpm.schedule import NoiseSchedule
 
@@ -228,6 +228,7 @@ def test_an_interval_needs_one_timestep_per_call():
         model(torch.zeros(2, 1, 2, 2), torch.tensor([10, 20]), y=torch.tensor([0, 1]))
     assert check_interval([0.28, 5.42]) == (0.28, 5.42) and check_interval(None) is None
     assert interval_json((0.28, math.inf)) == [0.28, None] and interval_json(None) is None  # JSON has no inf
+    assert interval_from_json(interval_json((0.28, math.inf))) == (0.28, math.inf) and interval_from_json(None) is None
 
 
 # ---- the sampling spec -------------------------------------------------------------------------------

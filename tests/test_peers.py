@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from lddpm.guidance import interval_from_json
+
 from helpers import ConvFeatures, write_random_idx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,8 +114,8 @@ def test_quick_lddpm_several_samplers_and_its_own_checkpoint_as_guide(inputs, tm
 def test_an_open_interval_is_null_in_the_json_and_inf_for_sampling():
     item = peers.parse_sampler("dpm++2m:25:guide=0.3333,guide_scale=2.5,interval=0.28/inf", ("dpm++2m",))
     assert item["options"]["interval"] == [0.28, None] and "Infinity" not in json.dumps(item)
-    assert peers.guidance_interval(item["options"]["interval"]) == (0.28, math.inf)
-    assert peers.guidance_interval([0.28, 5.42]) == (0.28, 5.42) and peers.guidance_interval(None) is None
+    assert interval_from_json(item["options"]["interval"]) == (0.28, math.inf)
+    assert interval_from_json([0.28, 5.42]) == (0.28, 5.42) and interval_from_json(None) is None
 
 
 def test_a_cooldown_recipe_trains_one_run_per_mark(inputs, tmp_path):

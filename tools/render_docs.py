@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's lddpm, also when another one is installed
 
 from lddpm import report  # noqa: E402
+from lddpm.guidance import interval_from_json  # noqa: E402
 
 MARKER = re.compile(r"<!-- table: (?P<name>[a-z0-9-]+) \(from (?P<files>[^)]*)\) -->\n(?P<body>.*?)<!-- end table -->",
                     re.S)
@@ -694,10 +695,7 @@ PEERS_SWEEP_RUNS = (
 
 def _interval_text(interval, unbounded: str = "all") -> str:
     """A guidance interval of a result JSON as text: [lo, hi], with inf for a null upper bound."""
-    if not interval:
-        return unbounded
-    lo, hi = interval
-    return f"[{lo:g}, {'inf' if hi is None else format(hi, 'g')}]"
+    return "[{:g}, {:g}]".format(*interval_from_json(interval)) if interval else unbounded
 
 
 def _peers_guidance(runs, peers_file: str) -> str:

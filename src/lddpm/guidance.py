@@ -69,6 +69,14 @@ def interval_json(interval: Sequence[float] | None) -> list[float | None] | None
     return [float(v) if math.isfinite(float(v)) else None for v in interval]
 
 
+def interval_from_json(interval: Sequence[float | None] | None) -> Interval | None:
+    """The inverse of `interval_json`: [sigma_lo, sigma_hi] from a JSON file as a tuple, null sigma_hi as inf."""
+    if not interval:
+        return None
+    lo, hi = interval
+    return float(lo), math.inf if hi is None else float(hi)
+
+
 def in_interval(sigma: float, interval: Interval | None) -> bool:
     """Whether guidance applies at noise level sigma: always without an interval, else sigma_lo <= sigma <= sigma_hi."""
     return interval is None or interval[0] <= sigma <= interval[1]
