@@ -1340,11 +1340,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     from lddpm.distributed import resolve_device
     from lddpm.evaluate import load_extractor, real_data_floor, reference_stats
 
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lddpm-peers-"))
+    work = Path(args.work) if args.work else None  # a new temporary folder once the runs need one (--speed does not)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     runs = [("lddpm", "recipe")] if "lddpm" in args.systems else []
     runs += [(s, v) for s in args.systems if s != "lddpm" for v in args.variants]
-    taken = [f"{s}-{v}" for s, v in runs if (work / f"{s}-{v}").exists()]
+    taken = [f"{s}-{v}" for s, v in runs if work is not None and (work / f"{s}-{v}").exists()]
     if taken:
         sys.exit(f"error: {work} already holds run folders {', '.join(taken)}; choose another --work or remove them")
     device = resolve_device(args.device)
@@ -1361,6 +1361,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     base_spec.update(recipe=recipe, hflip=recipe["hflip"], num_train_images=len(open_cache(train_cache)))
     if args.speed:
         return write_speed(args, base_spec)
+    work = work or Path(tempfile.mkdtemp(prefix="lddpm-peers-"))
     env = {**environment(), "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default",
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     versions = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -179,9 +180,12 @@ def test_quick_peer_default_and_tuned(inputs, tmp_path, system):
     assert abs(tuned["params"] - recipe_params) < abs(default["params"] - recipe_params)
 
 
-def test_speed_times_both_training_steps_in_one_process(inputs, tmp_path):
+def test_speed_times_both_training_steps_in_one_process(inputs, tmp_path, monkeypatch):
     """--speed: lddpm's trainer step and diffusers' tuned step in turn, medians and their ratio; nothing sampled."""
     pytest.importorskip("diffusers")
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     out = tmp_path / "speed.json"
     report = peers.main(["--quick", "--speed", "2", "--systems", "lddpm,diffusers", "--data-root", str(inputs["data"]),
                          "--cache-dir", str(inputs["cache"]), "--out", str(out)])
@@ -192,6 +196,7 @@ def test_speed_times_both_training_steps_in_one_process(inputs, tmp_path):
         assert row["images_per_s"] == pytest.approx(report["batch"] / row["wall_s_per_step"])
     lddpm, diffusers = (report["systems"][k]["wall_s_per_step"] for k in ("lddpm", "diffusers"))
     assert report["lddpm_over_diffusers_images_wall"] == pytest.approx(diffusers / lddpm)
+    assert not list(temp.iterdir())  # no run folder is made (nor left behind) when nothing is trained to a mark
     # without --out the timing goes to its own file, never over the peers table's JSON
     assert peers.parse_args(["--speed", "2", "--systems", "lddpm,diffusers"]).out == "benchmarks/results/peers-speed.json"
     assert peers.parse_args(["--systems", "lddpm"]).out == "benchmarks/results/peers.json"
