@@ -496,6 +496,7 @@ PEERS_COOLDOWN = "benchmarks/results/peers-cooldown.json"
 PEERS_COOLDOWN_30 = "benchmarks/results/peers-cooldown-30.json"
 PEERS_INTERVAL = "benchmarks/results/peers-interval.json"
 PEERS_INTERVAL_30 = "benchmarks/results/peers-interval-30.json"
+PEERS_INTERVAL_10 = "benchmarks/results/peers-interval-10.json"
 
 
 def _peers(name: str, path: str):
@@ -526,9 +527,34 @@ def _peers_table(path: str) -> str:
 
 PEERS_TABLES = {"peers": PEERS, "peers-samplers": PEERS_SAMPLERS, "peers-ag": PEERS_AG, "peers-g20": PEERS_G20, "peers-cooldown": PEERS_COOLDOWN,
                 "peers-cooldown-30": PEERS_COOLDOWN_30, "peers-interval": PEERS_INTERVAL,
-                "peers-interval-30": PEERS_INTERVAL_30}
+                "peers-interval-30": PEERS_INTERVAL_30, "peers-interval-10": PEERS_INTERVAL_10}
 for _name, _path in PEERS_TABLES.items():
     _peers(_name, _path)
+
+# The newest peers runs, one per training mark, summarised in README.
+PEERS_LATEST = (PEERS_INTERVAL_10, PEERS_INTERVAL_30)
+
+
+@table("peers-latest", *PEERS_LATEST)
+def peers_latest() -> str:
+    """Per run and mark: each system's best row, and both systems' unguided DPM-Solver++(2M)-25, with the ratio of
+    lddpm's FID to diffusers'."""
+    def cell(row):
+        return f"{fmt(row['fid'], '{:.2f}')} ({row['sampler']}, {row['nfe_per_image']:.0f} NFE)"
+
+    lines = []
+    for path in PEERS_LATEST:
+        rows = [r for r in load(path)["rows"] if r.get("fid") is not None]
+        for mark in sorted({r["mark_minutes"] for r in rows}):
+            at = {s: [r for r in rows if r["system"] == s and r["mark_minutes"] == mark] for s in ("lddpm", "diffusers")}
+            best = {s: min(at[s], key=lambda r: r["fid"]) for s in at}
+            plain = {s: next(r for r in at[s] if r["sampler"] == "dpm++2m:25") for s in at}
+            lines.append([f"{mark:g} min", Path(path).name, cell(best["lddpm"]), cell(best["diffusers"]),
+                          f"{best['lddpm']['fid'] / best['diffusers']['fid']:.3f}",
+                          f"{plain['lddpm']['fid']:.2f} / {plain['diffusers']['fid']:.2f}",
+                          f"{plain['lddpm']['fid'] / plain['diffusers']['fid']:.3f}"])
+    return md_table(["Training", "file", "lddpm best", "diffusers best", "ratio", "dpm++2m:25 unguided, lddpm / diffusers",
+                     "ratio"], lines, ["---"] * 4 + ["---:"] * 3)
 
 
 # ----------------------------------------------------------------------------- text-to-image
