@@ -1,4 +1,4 @@
-"""Where the loss weight goes (issue 28, section 2): the recipe against EDM's log-normal noise levels and a larger
+"""Where the loss weight goes: the recipe against EDM's log-normal noise levels and a larger
 min-SNR gamma at 10 and 30 training minutes, FID at N = 2,000, with the loss weight per sigma band beside it, and
 the post-hoc EMA length swept after training (section 3).
 

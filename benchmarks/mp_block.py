@@ -1,6 +1,6 @@
 """Microbenchmark: EDM2's magnitude-preserving residual block against lddpm's ResBlock, forward + backward on CPU.
 
-The gate of issue 28, section 7: build EDM2's magnitude-preserving U-Net (Karras et al. 2024, "Analyzing and
+A gate: build EDM2's magnitude-preserving U-Net (Karras et al. 2024, "Analyzing and
 improving the training dynamics of diffusion models", Sec. 2, configs E-G) only if its training step would be
 >= 1.2x faster than today's. The MP block has no GroupNorm, whose channels-last bf16 backward is what cancelled
 the faster channels-last convolutions in lddpm's U-Net (docs/recipe.md), so the question is whether it lets

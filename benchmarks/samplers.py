@@ -1,8 +1,8 @@
 """FID against the number of model evaluations (NFE) for every sampler and step grid, and the DDIM step sweep.
 
-    # FID at NFE 5, 8, 10, 15, 20, 25, 50 for every sampler (issue 28, section 5):
+    # FID at NFE 5, 8, 10, 15, 20, 25, 50 for every sampler:
     python benchmarks/samplers.py nfe runs/fashion-30min --num 2000 --out benchmarks/results/samplers/fashion-30min
-    # DDIM 10-200 steps, plain, with a sigma floor and with epsilon scaling (+ DDPM-1000) (section 1):
+    # DDIM 10-200 steps, plain, with a sigma floor and with epsilon scaling (+ DDPM-1000):
     python benchmarks/samplers.py steps runs/fashion-30min --num 2000 --ddpm \
         --floor-timesteps 99 --eps-scalings 1.005 1.01 [--eps-steps 50 200] [--combine] \
         --out benchmarks/results/samplers/fashion-30min
