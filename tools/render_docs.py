@@ -905,6 +905,9 @@ GUIDANCE_2M25_INTERVALS = (
      (f"{GR}/phema-s0-guide-ema0.150-dpm2m25-above028",)),
     ("cooldown-s0", "EMA", "step 700", "[0.28, inf]", "-interval", (f"{GR}/phema-s0-guide700-dpm2m25-above028",
                                                                      f"{GR}/phema-s0-guide700-dpm2m25-above028-w2.5")),
+    *((f"bs32-s{s} (batch 32)", "EMA", "step 2,800", where, suffix, folders) for s in (0, 1) for where, suffix, folders in (
+        ("every step", "", (f"{GR}/bs32-s{s}-dpm2m25", f"{GR}/bs32-s{s}-dpm2m25-w2.5")),
+        ("[0.28, inf]", "-interval", (f"{GR}/bs32-s{s}-dpm2m25-above028",)))),
 )
 GUIDANCE_INTERVAL_SCALES = ("1.75", "2", "2.5", "2.75", "3")
 
