@@ -358,20 +358,12 @@ def test_without_the_serve_extra_the_command_says_how_to_install_it(run_dirs, mo
 def test_a_text_run_takes_a_prompt_and_a_negative_prompt(tmp_path):
     """A tiny text run (frozen MiniLM): the page's prompt fields, and the command with --prompt repeats the grid."""
     pytest.importorskip("transformers")
-    import test_text_train as text_tests
+    from helpers import tiny_text_config, write_captioned_squares
     from lddpm.cli import main
     from lddpm.train import train
 
-    images = tmp_path / "images" / "train"
-    images.mkdir(parents=True)
-    lines = []
-    for i in range(8):
-        kind = "bright" if i % 2 else "dark"
-        Image.fromarray(np.full((16, 16), 230 if kind == "bright" else 90, np.uint8)).save(images / f"{i}.png")
-        lines.append(f'{{"file_name": "{i}.png", "text": "{text_tests.CAPTIONS[kind][0]}"}}')
-    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    train(text_tests.text_config((tmp_path / "images", tmp_path / "cache"), "run.steps=1"), tmp_path / "run",
-          progress=False)
+    captioned = write_captioned_squares(tmp_path, 8, jitter=False)
+    train(tiny_text_config(captioned, "minilm", 8, 1), tmp_path / "run", progress=False)
     app = create_app(load_runs([str(tmp_path / "run")]), allowed_hosts=LOOPBACK)
     with TestClient(app, base_url="http://127.0.0.1") as c:
         run = c.get("/api/runs").json()["runs"][0]
