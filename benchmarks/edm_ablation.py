@@ -1,6 +1,6 @@
 """Where the loss weight goes: the recipe against EDM's log-normal noise levels and a larger
 min-SNR gamma at 10 and 30 training minutes, FID at N = 2,000, with the loss weight per sigma band beside it, and
-the post-hoc EMA length swept after training (section 3).
+the post-hoc EMA length swept after training.
 
 1. Runs the study (default: the packaged `study-edm.toml`) with `lddpm study` into OUT/study (resumable: finished
    runs and cells are reused).
