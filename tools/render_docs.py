@@ -1045,7 +1045,8 @@ def mp_block() -> str:
     load_avg = [payload.get("load_average_before") or [None], payload.get("load_average_after") or [None]]
     text += (f"\nBatch {payload['batch']}, median of {payload['repeats']} repeats of the median of {payload['iters']} "
              f"finely interleaved iterations; 1-minute load average {fmt(load_avg[0][0], '{:.1f}')} at the start and "
-             f"{fmt(load_avg[1][0], '{:.1f}')} at the end, on {payload['default_threads']} cores shared with other jobs.\n")
+             f"{fmt(load_avg[1][0], '{:.1f}')} at the end (the benchmark's own threads count), on "
+             f"{payload['default_threads']} cores.\n")
     for threads, per_net in payload["decision"].items():
         for net, d in per_net.items():
             w, c = d["wall_s"], d["cpu_s"]
