@@ -878,6 +878,26 @@ def guidance_2m25_variants() -> str:
                     ["---"] * 4 + ["---:"] * (len(GUIDANCE_VARIANT_COLUMNS) + 2))
 
 
+@table("guide-cost", "benchmarks/results/guidance/guide-cost.json")
+def guide_cost() -> str:
+    """benchmarks/guide_cost.py: the small guide preset's parameters, steps and CPU times beside the main run's."""
+    d = load("benchmarks/results/guidance/guide-cost.json")
+    main, guide = d["presets"]["main"], d["presets"]["guide"]
+    train, fwd = d["train_step_cpu_seconds"], d["forward_cpu_seconds_per_image"]
+    autocast = str(d["bf16_autocast"]).lower()
+    lines = [["parameters", f"{d['params']['main']:,}", f"{d['params']['guide']:,}",
+              f"{d['params']['guide'] / d['params']['main']:.3f}"],
+             [f"training steps (batch {d['batch']})", f"{d['steps']['main']:,}", f"{d['steps']['guide']:,}",
+              f"{d['steps']['guide'] / d['steps']['main']:.3f}"],
+             [f"training step, CPU s (bf16 autocast: {autocast})", f"{train['main']:.3f}", f"{train['guide']:.3f}",
+              f"{d['guide_train_step_over_main']:.3f}"],
+             [f"sampling forward, CPU s per image (batch {d['sample_batch']})", f"{fwd['main']:.4f}",
+              f"{fwd['guide']:.4f}", f"{d['guide_forward_over_main']:.3f}"],
+             ["training compute", "", "", f"**{100 * d['guide_training_share_of_main']:.1f}%** of the main run's"]]
+    return md_table(["", f"main (`{main}`)", f"guide (`{guide}`)", "guide / main"], lines,
+                    ["---", "---:", "---:", "---:"])
+
+
 # Where autoguidance applies along DPM-Solver++(2M)-25 (run, the main network's weights, the guide, guided sigma
 # range, row-name suffix, result folders; the first folder's row wins, as above): every step, EDM2's interval, each
 # of its bounds alone; then the second training seed, the main network as a post-hoc EMA of other lengths, and other
