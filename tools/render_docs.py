@@ -1035,6 +1035,46 @@ def edm_ablation_30min() -> str:
     return _edm_ablation(EDM_ABLATION_30MIN)
 
 
+EDM_STUDY_10MIN = "benchmarks/results/edm-ablation-10min/study/results.json"
+EDM_STUDY_30MIN = "benchmarks/results/edm-ablation/study/results.json"
+
+
+def _fid_kid(row: dict) -> str:
+    return f"{row['fid']:.2f} / {1e3 * row['kid']:.2f}"
+
+
+@table("cooldown-effect", EDM_STUDY_10MIN, EDM_STUDY_30MIN)
+def cooldown_effect() -> str:
+    """The cool-down rows of both ablation studies beside the constant-rate min-SNR-20 rows of the same seeds."""
+    lines = []
+    for path, mark, step in ((EDM_STUDY_10MIN, "10 min", 1400), (EDM_STUDY_30MIN, "30 min", 4200)):
+        payload = load(path)
+        for seed in (0, 1):
+            plain, cooled = study_rows(payload, [f"minsnr20-s{seed}-at{step}", f"cooldown-s{seed}-at{step}"])
+            lines.append([f"{mark} (step {step:,})", str(seed), _fid_kid(plain), _fid_kid(cooled),
+                          f"{cooled['fid'] - plain['fid']:+.2f}"])
+    return md_table(["mark", "seed", "min-SNR-20, constant rate: FID / KID x10^3", "with the cool-down: FID / KID x10^3",
+                     "FID change"], lines, ["---", "---:", "---", "---", "---:"])
+
+
+# One change each to the 10-minute cool-down recipe (cell, what changed).
+COOLDOWN_SCREEN = (
+    ("cooldown-s0-at1400", "(the recipe at 10 minutes)"),
+    ("cooldown40-s0-at1400", "`optim.cooldown = 0.4`"),
+    ("lr2e3-s0-at1400", "`optim.lr = 2e-3` (peak rate doubled)"),
+    ("sqrt-s0-at1400", '`optim.cooldown_shape = "sqrt"`'),
+    ("bs32-s0-at2800", "`optim.batch_size = 32` for 2,800 steps (the same images), `optim.ema_decay = 0.9995`"),
+)
+
+
+@table("cooldown-screen", EDM_STUDY_10MIN)
+def cooldown_screen() -> str:
+    rows = study_rows(load(EDM_STUDY_10MIN), [cell for cell, _ in COOLDOWN_SCREEN])
+    lines = [[cell.rsplit("-at", 1)[0], change, f"{r['fid']:.2f}", f"{1e3 * r['kid']:.2f}"]
+             for (cell, change), r in zip(COOLDOWN_SCREEN, rows)]
+    return md_table(["row", "change", "FID", "KID x10^3"], lines, ["---", "---", "---:", "---:"])
+
+
 # ----------------------------------------------------------------------------- training (docs/training.md)
 
 LOSS_WEIGHTS = "benchmarks/results/loss-weights.json"
