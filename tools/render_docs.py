@@ -827,6 +827,28 @@ def _guidance_by_run(entries, label: str) -> str:
                     ["---"] * 3 + ["---:"] * (len(columns) + 1))
 
 
+# fashion-30min as it ships, one training seed per folder, autoguided as docs/guidance.md recommends.
+RECIPE_SEEDS = tuple(f"benchmarks/results/guidance/cooldown-s{s}-dpm2m25-above028" for s in (0, 1, 2))
+RECIPE_FLOOR = "benchmarks/results/samplers/fashion-30min/floor.json"
+
+
+@table("recipe-seeds", *(f"{f}/guidance.json" for f in RECIPE_SEEDS), RECIPE_FLOOR)
+def recipe_seeds() -> str:
+    """Unguided and autoguided FID of each training seed of the preset, their mean, and each as a multiple of the
+    real-data floor."""
+    floor = load(RECIPE_FLOOR)["fid"]
+    pairs = []
+    for folder in RECIPE_SEEDS:
+        rows = _guidance_rows(folder)
+        pairs.append((rows["none"]["fid"], rows["ag-w2.5-interval"]["fid"]))
+    lines = [[str(seed), f"{plain:.2f}", f"{guided:.2f}", f"{guided / floor:.3f}x"]
+             for seed, (plain, guided) in enumerate(pairs)]
+    mean_plain, mean_guided = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
+    lines.append(["mean", f"{mean_plain:.2f}", f"{mean_guided:.2f}", f"{mean_guided / floor:.3f}x"])
+    return md_table(["training seed", "FID unguided (25 NFE)", "FID autoguided (46 NFE)",
+                     f"autoguided / floor ({floor:.2f})"], lines, ["---", "---:", "---:", "---:"])
+
+
 # The cool-down runs retrained (runs/cooldown-s{0,1}, the study rows' settings) and autoguided with
 # DPM-Solver++(2M)-25 at every step and inside the interval; a second folder per run holds the lower guide scales.
 GUIDANCE_2M25 = (
