@@ -837,15 +837,17 @@ def recipe_seeds() -> str:
     """Unguided and autoguided FID of each training seed of the preset, their mean, and each as a multiple of the
     real-data floor."""
     floor = load(RECIPE_FLOOR)["fid"]
-    pairs = []
+    pairs, nfe = [], set()
     for folder in RECIPE_SEEDS:
         rows = _guidance_rows(folder)
         pairs.append((rows["none"]["fid"], rows["ag-w2.5-interval"]["fid"]))
+        nfe.add((rows["none"]["nfe"], rows["ag-w2.5-interval"]["nfe"]))
+    (plain_nfe, guided_nfe), = nfe  # the same sampler and interval on every seed
     lines = [[str(seed), f"{plain:.2f}", f"{guided:.2f}", f"{guided / floor:.3f}x"]
              for seed, (plain, guided) in enumerate(pairs)]
     mean_plain, mean_guided = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
     lines.append(["mean", f"{mean_plain:.2f}", f"{mean_guided:.2f}", f"{mean_guided / floor:.3f}x"])
-    return md_table(["training seed", "FID unguided (25 NFE)", "FID autoguided (46 NFE)",
+    return md_table(["training seed", f"FID unguided ({plain_nfe:g} NFE)", f"FID autoguided ({guided_nfe:g} NFE)",
                      f"autoguided / floor ({floor:.2f})"], lines, ["---", "---:", "---:", "---:"])
 
 
