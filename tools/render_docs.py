@@ -1064,7 +1064,7 @@ EDM_STUDY_30MIN = "benchmarks/results/edm-ablation/study/results.json"
 
 
 def _fid_kid(row: dict) -> str:
-    return f"{row['fid']:.2f} / {1e3 * row['kid']:.2f}"
+    return f"{row['fid']:.2f} / {fmt(x1e3(row.get('kid')), '{:.2f}')}"
 
 
 @table("cooldown-effect", EDM_STUDY_10MIN, EDM_STUDY_30MIN)
@@ -1094,7 +1094,7 @@ COOLDOWN_SCREEN = (
 @table("cooldown-screen", EDM_STUDY_10MIN)
 def cooldown_screen() -> str:
     rows = study_rows(load(EDM_STUDY_10MIN), [cell for cell, _ in COOLDOWN_SCREEN])
-    lines = [[cell.rsplit("-at", 1)[0], change, f"{r['fid']:.2f}", f"{1e3 * r['kid']:.2f}"]
+    lines = [[cell.rsplit("-at", 1)[0], change, f"{r['fid']:.2f}", fmt(x1e3(r.get("kid")), "{:.2f}")]
              for (cell, change), r in zip(COOLDOWN_SCREEN, rows)]
     return md_table(["row", "change", "FID", "KID x10^3"], lines, ["---", "---", "---:", "---:"])
 
